@@ -1,0 +1,76 @@
+// Routes each kernel call to the backend of the device it runs on. Validation happens here, once,
+// so both backends see only well-formed parameters.
+#include <ringcast/error.hpp>
+#include <ringcast/kernels/attention.hpp>
+
+#include "cpu/attention_cpu.hpp"
+#if RINGCAST_WITH_CUDA
+#include "cuda/attention_cuda.hpp"
+#endif
+
+namespace ringcast::kernels {
+namespace {
+
+[[noreturn]] void no_cuda() {
+  RINGCAST_THROW("this build of ringcast has no CUDA backend (configure with -DRINGCAST_CUDA=ON)");
+}
+
+}  // namespace
+
+std::size_t attention_forward_workspace_bytes(const AttentionShape& shape, const ExecContext& ctx) {
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::attention_forward_workspace_bytes(shape);
+#if RINGCAST_WITH_CUDA
+  return cuda::attention_forward_workspace_bytes(shape);
+#else
+  no_cuda();
+#endif
+}
+
+std::size_t attention_backward_workspace_bytes(const AttentionShape& shape, const ExecContext& ctx) {
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::attention_backward_workspace_bytes(shape);
+#if RINGCAST_WITH_CUDA
+  return cuda::attention_backward_workspace_bytes(shape);
+#else
+  no_cuda();
+#endif
+}
+
+void attention_forward(const AttentionForwardParams& p, const ExecContext& ctx) {
+  validate(p, ctx.device.kind);
+  RINGCAST_CHECK(p.workspace_bytes >= attention_forward_workspace_bytes(p.shape, ctx),
+                 "attention forward: workspace of {} bytes is smaller than the {} bytes required",
+                 p.workspace_bytes, attention_forward_workspace_bytes(p.shape, ctx));
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::attention_forward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::attention_forward(p, ctx.stream);
+#else
+  no_cuda();
+#endif
+}
+
+void attention_backward(const AttentionBackwardParams& p, const ExecContext& ctx) {
+  validate(p.fwd, ctx.device.kind);
+  RINGCAST_CHECK(p.d_o && p.d_q && p.d_k_pages && p.d_v_pages && p.transposed.offsets,
+                 "attention backward: d_o, d_q, d_k_pages, d_v_pages and the transposed table are required");
+  RINGCAST_CHECK(p.workspace_bytes >= attention_backward_workspace_bytes(p.fwd.shape, ctx),
+                 "attention backward: workspace of {} bytes is smaller than the {} bytes required",
+                 p.workspace_bytes, attention_backward_workspace_bytes(p.fwd.shape, ctx));
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::attention_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::attention_backward(p, ctx.stream);
+#else
+  no_cuda();
+#endif
+}
+
+void merge_by_lse(const MergeParams& p, const ExecContext& ctx) {
+  RINGCAST_CHECK(p.o_acc && p.lse_acc && p.o_part && p.lse_part, "merge_by_lse: null buffer");
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::merge_by_lse(p);
+#if RINGCAST_WITH_CUDA
+  cuda::merge_by_lse(p, ctx.stream);
+#else
+  no_cuda();
+#endif
+}
+
+}  // namespace ringcast::kernels

@@ -1,0 +1,45 @@
+// ringcast::Session: one rank's place in a job -- its communicator, its device and its stream.
+// Created from MPI_COMM_WORLD, from another MPI communicator, or (for frameworks that own the process
+// group, e.g. PyTorch) from an NCCL unique id + rank + size. On a machine with GPUs the local rank
+// picks the device and the communicator is NCCL; without GPUs it is MPI on host memory.
+#pragma once
+
+#include <ringcast/comm/communicator.hpp>
+#include <ringcast/tensor.hpp>
+
+#include <mpi.h>
+
+#include <array>
+#include <memory>
+#include <string>
+
+namespace ringcast {
+
+class Session {
+ public:
+  // Collective over `comm`: every rank must call it. MPI must be initialised.
+  static Session from_mpi(MPI_Comm comm = MPI_COMM_WORLD);
+  // For embedding: the caller made the NCCL unique id (rank 0) and distributed it; `device` is the
+  // CUDA device index this rank uses. `stream` is the caller's cudaStream_t (may be null).
+  static Session from_nccl_id(const std::array<char, 128>& unique_id, int rank, int size, int device,
+                              Stream stream = nullptr);
+
+  Session(Session&&) noexcept;
+  Session& operator=(Session&&) noexcept;
+  ~Session();
+
+  int rank() const;
+  int size() const;
+  const Device& device() const;
+  const std::string& host() const;
+  comm::Communicator& comm() const;
+  // The stream work is enqueued on (null on the CPU backend, or the default stream).
+  Stream stream() const;
+
+ private:
+  struct State;
+  explicit Session(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace ringcast

@@ -1,0 +1,92 @@
+// Session: binds a rank to its communicator, device and stream. Device selection and the choice of
+// communicator (NCCL on GPUs, MPI on host memory) are comm/bootstrap's; the session owns what it
+// creates (the stream, when the caller did not hand one in).
+#include <ringcast/comm/bootstrap.hpp>
+#include <ringcast/error.hpp>
+#include <ringcast/log.hpp>
+#include <ringcast/session.hpp>
+
+#if RINGCAST_WITH_CUDA
+#include <ringcast/comm/nccl_communicator.hpp>
+#include <ringcast/cuda_check.hpp>
+#endif
+
+#include <unistd.h>
+
+#include <utility>
+
+namespace ringcast {
+
+struct Session::State {
+  int rank = 0;
+  int size = 1;
+  Device device{};
+  std::string host;
+  std::unique_ptr<comm::Communicator> comm;
+  Stream stream = nullptr;
+  bool owns_stream = false;
+
+  ~State() {
+#if RINGCAST_WITH_CUDA
+    comm.reset();  // before the stream it may be using
+    if (owns_stream && stream) cudaStreamDestroy(static_cast<cudaStream_t>(stream));
+#endif
+  }
+};
+
+Session::Session(std::unique_ptr<State> state) : state_(std::move(state)) {}
+Session::Session(Session&&) noexcept = default;
+Session& Session::operator=(Session&&) noexcept = default;
+Session::~Session() = default;
+
+Session Session::from_mpi(MPI_Comm mpi_comm) {
+  auto s = std::make_unique<State>();
+  const comm::LocalTopology topo = comm::local_topology(mpi_comm);
+  s->rank = topo.rank;
+  s->size = topo.size;
+  s->host = topo.host;
+  log::set_rank(topo.rank, topo.size, topo.host);
+  s->device = comm::select_device(topo);
+#if RINGCAST_WITH_CUDA
+  if (s->device.kind == DeviceKind::kCuda) {
+    cudaStream_t stream = nullptr;
+    RINGCAST_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    s->stream = stream;
+    s->owns_stream = true;
+  }
+#endif
+  s->comm = comm::make_communicator(mpi_comm, s->device);
+  log::debug("session: rank {}/{} on {} uses {} device {} and the {} communicator", s->rank, s->size, s->host,
+             s->device.kind == DeviceKind::kCuda ? "CUDA" : "CPU", s->device.index, s->comm->backend_name());
+  return Session(std::move(s));
+}
+
+Session Session::from_nccl_id(const std::array<char, 128>& unique_id, int rank, int size, int device,
+                              Stream stream) {
+#if RINGCAST_WITH_CUDA
+  auto s = std::make_unique<State>();
+  s->rank = rank;
+  s->size = size;
+  char host[256] = {};
+  gethostname(host, sizeof(host) - 1);
+  s->host = host;
+  log::set_rank(rank, size, s->host);
+  RINGCAST_CUDA_CHECK(cudaSetDevice(device));
+  s->device = Device{DeviceKind::kCuda, device};
+  s->stream = stream;
+  s->comm = std::make_unique<comm::NcclCommunicator>(unique_id, rank, size);
+  return Session(std::move(s));
+#else
+  (void)unique_id, (void)rank, (void)size, (void)device, (void)stream;
+  RINGCAST_THROW("Session::from_nccl_id needs the CUDA backend; this build has none");
+#endif
+}
+
+int Session::rank() const { return state_->rank; }
+int Session::size() const { return state_->size; }
+const Device& Session::device() const { return state_->device; }
+const std::string& Session::host() const { return state_->host; }
+comm::Communicator& Session::comm() const { return *state_->comm; }
+Stream Session::stream() const { return state_->stream; }
+
+}  // namespace ringcast
