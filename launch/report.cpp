@@ -117,14 +117,18 @@ void Report::print_table(std::FILE* out) const {
 std::string Report::to_csv() const {
   const auto cols = columns();
   std::string out;
-  for (std::size_t c = 0; c < cols.size(); ++c) out += (c ? "," : "") + csv_field(cols[c]);
-  out += "\n";
+  for (std::size_t c = 0; c < cols.size(); ++c) {
+    if (c) out += ',';
+    out += csv_field(cols[c]);
+  }
+  out += '\n';
   for (const auto& row : rows_) {
     for (std::size_t c = 0; c < cols.size(); ++c) {
       const Value* v = find(row, cols[c]);
-      out += (c ? "," : "") + (v ? csv_field(csv_value(*v)) : std::string());
+      if (c) out += ',';
+      if (v) out += csv_field(csv_value(*v));
     }
-    out += "\n";
+    out += '\n';
   }
   return out;
 }

@@ -1,0 +1,17 @@
+// The shape and attention options shared by `plan`, `check` and `run` (--seq-len, --ranks, --heads,
+// --kv-heads, --head-dim, --mode, ... ), registered once and read back into LayerShape and
+// AttentionOptions.
+#pragma once
+
+#include "cli.hpp"
+
+#include <ringcast/attention_options.hpp>
+
+namespace ringcast::launch {
+
+// with_ranks: `plan` takes --ranks (it runs nothing); `check` and `run` use the MPI world size.
+void add_layer_options(po::options_description& desc, bool with_ranks);
+// Throws UsageError for values that do not parse or do not fit together (validate()).
+void read_layer_options(const po::variables_map& vm, int world_size, LayerShape& shape, AttentionOptions& options);
+
+}  // namespace ringcast::launch

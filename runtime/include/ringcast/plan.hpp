@@ -1,0 +1,36 @@
+// The layer plan: what one distributed attention layer costs each rank, from formulas alone (no
+// kernels run). Bytes follow the communicator's counting convention (what this rank puts on the wire;
+// the all-gather and reduce-scatter count (P-1) blocks, the all-to-all (P-1)/P of the buffer). The
+// implementation's byte counters are checked against these figures in the tests, so the formulas
+// here are the specification of what each mode sends:
+//   ring       fwd: K,V shards travel P-1 ring steps. bwd: K,V again, plus fp32 dK,dV accumulators
+//              that travel with them and one last step home (P steps).
+//   ulysses    fwd: all-to-all Q,K,V to head shards and O back. bwd: dO to head shards; fp32 dQ,dK,dV
+//              back. (O, LSE and the head-sharded Q,K,V are kept from the forward.)
+//   allgather  fwd: all-gather K,V. bwd: reduce-scatter of fp32 dK,dV (gathered K,V kept).
+//   clustered  fwd: ring all-gather of coarse summaries (mean key, mean value, min, max, count), halo
+//              (K,V of the neighbours' edge coarse blocks), request lists, and the requested coarse
+//              blocks whole (K, V, page summaries) -- at the cap, an upper bound. bwd: fp32 dK,dV of
+//              fetched blocks and halos back to their owners, fp32 gradients of every remote coarse
+//              summary (mean key, mean value) and of fetched page summaries back to their owners.
+#pragma once
+
+#include <ringcast/attention_options.hpp>
+
+#include <cstdint>
+
+namespace ringcast {
+
+struct LayerPlan {
+  std::int64_t bytes_sent_fwd = 0;
+  std::int64_t bytes_recv_fwd = 0;
+  std::int64_t bytes_sent_bwd = 0;
+  std::int64_t bytes_recv_bwd = 0;
+  double keys_per_query = 0;        // mean over the rank's queries (an upper bound for clustered)
+  double attention_flops_fwd = 0;   // 4 * queries * keys_per_query * head_dim * heads (per batch element x batch)
+  std::int64_t activation_bytes = 0;  // forward working set of the layer on one rank
+};
+
+LayerPlan plan_layer(const LayerShape& shape, const AttentionOptions& options);
+
+}  // namespace ringcast

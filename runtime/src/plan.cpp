@@ -1,0 +1,92 @@
+// Formulas of plan.hpp. Every term names the message it stands for; the figures are per rank and
+// per layer, summed over the batch.
+#include <ringcast/plan.hpp>
+
+#include <algorithm>
+
+namespace ringcast {
+namespace {
+
+constexpr std::int64_t kF32 = 4;
+constexpr std::int64_t kQueryTile = 128;
+
+struct Sizes {
+  std::int64_t p, n, n_loc, b, h, hk, d, e;
+  std::int64_t q() const { return b * n_loc * h * d * e; }             // local Q (or O, dO) shard
+  std::int64_t kv() const { return b * n_loc * hk * d * e; }           // local K (or V) shard
+  std::int64_t q32() const { return b * n_loc * h * d * kF32; }
+  std::int64_t kv32() const { return b * n_loc * hk * d * kF32; }
+  std::int64_t lse() const { return b * n_loc * h * kF32; }
+};
+
+double exact_keys_per_query(const LayerShape& s) {
+  return s.causal ? (static_cast<double>(s.seq_len) + 1) / 2 : static_cast<double>(s.seq_len);
+}
+
+}  // namespace
+
+LayerPlan plan_layer(const LayerShape& shape, const AttentionOptions& o) {
+  validate(shape, o);
+  const Sizes z{shape.ranks, shape.seq_len, shape.local_len(), shape.batch, shape.heads, shape.kv_heads,
+                shape.head_dim, static_cast<std::int64_t>(dtype_size(shape.dtype))};
+  const std::int64_t peers = z.p - 1;
+  LayerPlan plan;
+  const std::int64_t local_io = 2 * z.q() + 2 * z.kv() + z.lse();  // Q, O, K, V, LSE
+
+  switch (o.mode) {
+    case AttentionMode::kRing:
+      plan.bytes_sent_fwd = peers * 2 * z.kv();
+      plan.bytes_sent_bwd = peers * 2 * z.kv() + (z.p > 1 ? z.p * 2 * z.kv32() : 0);
+      plan.keys_per_query = exact_keys_per_query(shape);
+      plan.activation_bytes = local_io + 2 * 2 * z.kv() + z.q32() + z.lse();  // double buffer, fp32 partials
+      break;
+    case AttentionMode::kUlysses:
+      plan.bytes_sent_fwd = peers * (2 * z.q() + 2 * z.kv()) / z.p;
+      plan.bytes_sent_bwd = peers * (z.q() + z.q32() + 2 * z.kv32()) / z.p;
+      plan.keys_per_query = exact_keys_per_query(shape);
+      plan.activation_bytes = 2 * local_io;  // the head-sharded copies are as large as the local ones
+      break;
+    case AttentionMode::kAllGather:
+      plan.bytes_sent_fwd = peers * 2 * z.kv();
+      plan.bytes_sent_bwd = peers * 2 * z.kv32();
+      plan.keys_per_query = exact_keys_per_query(shape);
+      plan.activation_bytes = local_io + z.p * 2 * z.kv() + z.p * 2 * z.kv32();
+      break;
+    case AttentionMode::kClustered: {
+      const std::int64_t block = o.coarse_block();
+      const std::int64_t blocks_total = z.n / block, blocks_loc = z.n_loc / block;
+      const std::int64_t summary = 4 * z.d * z.e + kF32;  // mean k, mean v, min, max; count
+      const std::int64_t block_kv = block * z.d * z.e * 2;
+      const std::int64_t fetch = o.resolved_remote_cap();
+      const std::int64_t cap = z.p > 1 ? std::min<std::int64_t>(shape.causal ? fetch : o.remote_blocks,
+                                                                blocks_total - blocks_loc) : 0;
+      const std::int64_t halo_sides = z.p > 1 ? (shape.causal ? 1 : 2) : 0;
+      const std::int64_t summaries = peers * z.b * blocks_loc * z.hk * summary;
+      const std::int64_t halo = halo_sides * z.b * z.hk * block_kv;
+      const std::int64_t requests = z.p > 1 ? z.b * z.hk * (peers + cap) * 4 : 0;
+      const std::int64_t pages = z.b * z.hk * cap * (block_kv + o.coarse_pages * summary);
+      plan.bytes_sent_fwd = summaries + halo + requests + pages;
+      const std::int64_t block_grad = block * z.d * kF32 * 2;
+      plan.bytes_sent_bwd = z.b * z.hk * (cap + halo_sides) * block_grad +
+                            z.b * z.hk * (blocks_total - blocks_loc) * 2 * z.d * kF32 +
+                            z.b * z.hk * cap * o.coarse_pages * 2 * z.d * kF32;
+      // Window + selected pages + page summaries of the partly selected blocks + coarse summaries.
+      const double window = shape.causal ? o.window_before + kQueryTile / 2.0 : 2.0 * o.window_bidir + kQueryTile;
+      const double selected = static_cast<double>(o.top_k) * o.page_size;
+      const double page_summaries = std::max(0, std::min(o.top_k, o.coarse_k) * o.coarse_pages - o.top_k);
+      const double coarse = static_cast<double>(blocks_total) * (shape.causal ? 0.5 : 1.0);
+      plan.keys_per_query = std::min(window + selected + page_summaries + coarse, exact_keys_per_query(shape));
+      const std::int64_t pages_loc = z.n_loc / o.page_size;
+      plan.activation_bytes = local_io + z.b * z.hk * (blocks_total + pages_loc) * summary + halo + pages +
+                              z.b * (z.n_loc / kQueryTile) * z.hk * (o.top_k + 8) * 48;  // + block tables
+      break;
+    }
+  }
+  // Every mode's exchanges are symmetric over the ranks: what one rank sends, another receives.
+  plan.bytes_recv_fwd = plan.bytes_sent_fwd;
+  plan.bytes_recv_bwd = plan.bytes_sent_bwd;
+  plan.attention_flops_fwd = 4.0 * z.b * z.n_loc * plan.keys_per_query * z.d * z.h;
+  return plan;
+}
+
+}  // namespace ringcast

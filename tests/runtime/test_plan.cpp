@@ -1,0 +1,107 @@
+// The layer plan: exact figures for the exact modes, the clustered mode's budget against ring at 1M
+// tokens on 4 ranks (DESIGN.md §4.1: <= 5% of ring, goal 2%), and the shape checks every rank runs
+// before communicating.
+#include <ringcast/error.hpp>
+#include <ringcast/plan.hpp>
+
+#include <gtest/gtest.h>
+
+namespace ringcast {
+namespace {
+
+LayerShape shape_1m() {
+  LayerShape s;
+  s.seq_len = 1 << 20;
+  s.ranks = 4;
+  s.heads = 16;
+  s.kv_heads = 16;
+  s.head_dim = 128;
+  s.dtype = DType::kBF16;
+  return s;
+}
+
+TEST(RuntimePlan, RingSendsEveryOtherShardOfKAndV) {
+  const LayerShape s = shape_1m();
+  AttentionOptions o;
+  const LayerPlan p = plan_layer(s, o);
+  const std::int64_t kv = std::int64_t{1} * (1 << 18) * 16 * 128 * 2;
+  EXPECT_EQ(p.bytes_sent_fwd, 3 * 2 * kv);
+  EXPECT_EQ(p.bytes_recv_fwd, p.bytes_sent_fwd);
+  EXPECT_EQ(p.bytes_sent_bwd, 3 * 2 * kv + 4 * 2 * 2 * kv);  // K,V again + fp32 dK,dV over P steps
+  EXPECT_DOUBLE_EQ(p.keys_per_query, ((1 << 20) + 1) / 2.0);
+}
+
+TEST(RuntimePlan, UlyssesAndAllGather) {
+  LayerShape s = shape_1m();
+  s.kv_heads = 4;
+  AttentionOptions o;
+  o.mode = AttentionMode::kUlysses;
+  const std::int64_t q = std::int64_t{1} * (1 << 18) * 16 * 128 * 2, kv = q / 4;
+  EXPECT_EQ(plan_layer(s, o).bytes_sent_fwd, 3 * (2 * q + 2 * kv) / 4);
+  o.mode = AttentionMode::kAllGather;
+  EXPECT_EQ(plan_layer(s, o).bytes_sent_fwd, 3 * 2 * kv);
+  EXPECT_EQ(plan_layer(s, o).bytes_sent_bwd, 3 * 2 * 2 * kv);
+}
+
+TEST(RuntimePlan, ClusteredIsAFewPercentOfRingAtOneMillionTokens) {
+  const LayerShape s = shape_1m();
+  AttentionOptions ring, clustered;
+  clustered.mode = AttentionMode::kClustered;
+  const double ratio = static_cast<double>(plan_layer(s, clustered).bytes_sent_fwd) / plan_layer(s, ring).bytes_sent_fwd;
+  EXPECT_LT(ratio, 0.05) << "clustered/ring bytes " << ratio;
+  // Keys per query: window 384ish + 16 pages of 64 + n/1024 summaries (DESIGN.md: about 2.4K at 1M).
+  const double keys = plan_layer(s, clustered).keys_per_query;
+  EXPECT_GT(keys, 1024 + 256);
+  EXPECT_LT(keys, 2600);
+}
+
+TEST(RuntimePlan, OneRankSendsNothing) {
+  LayerShape s = shape_1m();
+  s.ranks = 1;
+  for (auto mode : {AttentionMode::kRing, AttentionMode::kUlysses, AttentionMode::kAllGather, AttentionMode::kClustered}) {
+    AttentionOptions o;
+    o.mode = mode;
+    const LayerPlan p = plan_layer(s, o);
+    EXPECT_EQ(p.bytes_sent_fwd, 0) << name(mode);
+    EXPECT_EQ(p.bytes_sent_bwd, 0) << name(mode);
+  }
+}
+
+TEST(RuntimePlan, ShapesThatDoNotFitAreRefused) {
+  LayerShape s = shape_1m();
+  AttentionOptions o;
+  s.seq_len = (1 << 20) + 2;  // divides by 2 but not by 2P = 8 (zigzag) or P = 4
+  EXPECT_THROW(plan_layer(s, o), Error);
+  s = shape_1m();
+  s.head_dim = 96;
+  EXPECT_THROW(plan_layer(s, o), Error);
+  s = shape_1m();
+  s.kv_heads = 6;
+  EXPECT_THROW(plan_layer(s, o), Error);
+  s = shape_1m();
+  s.heads = s.kv_heads = 6;
+  o.mode = AttentionMode::kUlysses;
+  EXPECT_THROW(plan_layer(s, o), Error);
+  o.mode = AttentionMode::kClustered;
+  o.clusters = ClusterKind::kSurrogate;
+  s = shape_1m();
+  EXPECT_THROW(plan_layer(s, o), Error);  // CAST is bidirectional only
+  try {
+    s.seq_len = 1000;
+    s.ranks = 3;
+    plan_layer(s, AttentionOptions{});
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.message()).find("does not divide evenly over 3 ranks"), std::string::npos) << e.message();
+  }
+}
+
+TEST(RuntimePlan, NamesRoundTrip) {
+  for (auto m : {AttentionMode::kRing, AttentionMode::kUlysses, AttentionMode::kAllGather, AttentionMode::kClustered})
+    EXPECT_EQ(parse_mode(name(m)), m);
+  EXPECT_THROW(parse_mode("dense"), Error);
+  EXPECT_EQ(parse_dtype("bf16"), DType::kBF16);
+}
+
+}  // namespace
+}  // namespace ringcast
