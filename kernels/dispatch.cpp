@@ -2,10 +2,15 @@
 // so both backends see only well-formed parameters.
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/attention.hpp>
+#include <ringcast/kernels/layout.hpp>
+
+#include <cstring>
 
 #include "cpu/attention_cpu.hpp"
+#include "cpu/layout_cpu.hpp"
 #if RINGCAST_WITH_CUDA
 #include "cuda/attention_cuda.hpp"
+#include "cuda/layout_cuda.hpp"
 #endif
 
 namespace ringcast::kernels {
@@ -68,6 +73,29 @@ void merge_by_lse(const MergeParams& p, const ExecContext& ctx) {
   if (ctx.device.kind == DeviceKind::kCpu) return cpu::merge_by_lse(p);
 #if RINGCAST_WITH_CUDA
   cuda::merge_by_lse(p, ctx.stream);
+#else
+  no_cuda();
+#endif
+}
+
+void copy_strided(const StridedCopy& c, const ExecContext& ctx) {
+  RINGCAST_CHECK(c.src && c.dst, "copy_strided: null buffer");
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::copy_strided(c);
+#if RINGCAST_WITH_CUDA
+  cuda::copy_strided(c, ctx.stream);
+#else
+  no_cuda();
+#endif
+}
+
+void fill_zero(void* dst, std::size_t bytes, const ExecContext& ctx) {
+  if (bytes == 0) return;
+  if (ctx.device.kind == DeviceKind::kCpu) {
+    std::memset(dst, 0, bytes);
+    return;
+  }
+#if RINGCAST_WITH_CUDA
+  cuda::fill_zero(dst, bytes, ctx.stream);
 #else
   no_cuda();
 #endif

@@ -30,27 +30,33 @@ LayerPlan plan_layer(const LayerShape& shape, const AttentionOptions& o) {
   const Sizes z{shape.ranks, shape.seq_len, shape.local_len(), shape.batch, shape.heads, shape.kv_heads,
                 shape.head_dim, static_cast<std::int64_t>(dtype_size(shape.dtype))};
   const std::int64_t peers = z.p - 1;
+  // Ring and all-gather move K/V as page pools: each segment of the shard (2 when zigzag) is padded
+  // to whole pages of kExactPageSize keys.
+  constexpr std::int64_t kPage = 64;
+  const std::int64_t segments = o.resolved_placement(shape) == Placement::kZigzag ? 2 : 1;
+  const std::int64_t n_pad = segments * ((z.n_loc / segments + kPage - 1) / kPage) * kPage;
+  const std::int64_t kv_pool = z.b * n_pad * z.hk * z.d * z.e, kv_pool32 = kv_pool / z.e * kF32;
   LayerPlan plan;
   const std::int64_t local_io = 2 * z.q() + 2 * z.kv() + z.lse();  // Q, O, K, V, LSE
 
   switch (o.mode) {
     case AttentionMode::kRing:
-      plan.bytes_sent_fwd = peers * 2 * z.kv();
-      plan.bytes_sent_bwd = peers * 2 * z.kv() + (z.p > 1 ? z.p * 2 * z.kv32() : 0);
+      plan.bytes_sent_fwd = peers * 2 * kv_pool;
+      plan.bytes_sent_bwd = peers * 2 * kv_pool + (z.p > 1 ? z.p * 2 * kv_pool32 : 0);
       plan.keys_per_query = exact_keys_per_query(shape);
       plan.activation_bytes = local_io + 2 * 2 * z.kv() + z.q32() + z.lse();  // double buffer, fp32 partials
       break;
     case AttentionMode::kUlysses:
-      plan.bytes_sent_fwd = peers * (2 * z.q() + 2 * z.kv()) / z.p;
+      plan.bytes_sent_fwd = peers * (2 * z.q() + 2 * z.kv() + z.lse()) / z.p;
       plan.bytes_sent_bwd = peers * (z.q() + z.q32() + 2 * z.kv32()) / z.p;
       plan.keys_per_query = exact_keys_per_query(shape);
       plan.activation_bytes = 2 * local_io;  // the head-sharded copies are as large as the local ones
       break;
     case AttentionMode::kAllGather:
-      plan.bytes_sent_fwd = peers * 2 * z.kv();
-      plan.bytes_sent_bwd = peers * 2 * z.kv32();
+      plan.bytes_sent_fwd = peers * 2 * kv_pool;
+      plan.bytes_sent_bwd = peers * 2 * kv_pool32;
       plan.keys_per_query = exact_keys_per_query(shape);
-      plan.activation_bytes = local_io + z.p * 2 * z.kv() + z.p * 2 * z.kv32();
+      plan.activation_bytes = local_io + z.p * 2 * kv_pool + z.p * 2 * kv_pool32;
       break;
     case AttentionMode::kClustered: {
       const std::int64_t block = o.coarse_block();

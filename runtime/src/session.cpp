@@ -39,14 +39,16 @@ Session::Session(Session&&) noexcept = default;
 Session& Session::operator=(Session&&) noexcept = default;
 Session::~Session() = default;
 
-Session Session::from_mpi(MPI_Comm mpi_comm) {
+Session Session::from_mpi(MPI_Comm mpi_comm, Backend backend) {
   auto s = std::make_unique<State>();
   const comm::LocalTopology topo = comm::local_topology(mpi_comm);
   s->rank = topo.rank;
   s->size = topo.size;
   s->host = topo.host;
   log::set_rank(topo.rank, topo.size, topo.host);
-  s->device = comm::select_device(topo);
+  if (backend != Backend::kCpu) s->device = comm::select_device(topo);
+  RINGCAST_CHECK(backend != Backend::kCuda || s->device.kind == DeviceKind::kCuda,
+                 "the CUDA backend was requested but rank {} on {} sees no CUDA device", topo.rank, topo.host);
 #if RINGCAST_WITH_CUDA
   if (s->device.kind == DeviceKind::kCuda) {
     cudaStream_t stream = nullptr;

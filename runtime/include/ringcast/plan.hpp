@@ -3,9 +3,10 @@
 // the all-gather and reduce-scatter count (P-1) blocks, the all-to-all (P-1)/P of the buffer). The
 // implementation's byte counters are checked against these figures in the tests, so the formulas
 // here are the specification of what each mode sends:
+// Ring and all-gather move K/V as page pools (each shard segment padded to whole 64-key pages).
 //   ring       fwd: K,V shards travel P-1 ring steps. bwd: K,V again, plus fp32 dK,dV accumulators
 //              that travel with them and one last step home (P steps).
-//   ulysses    fwd: all-to-all Q,K,V to head shards and O back. bwd: dO to head shards; fp32 dQ,dK,dV
+//   ulysses    fwd: all-to-all Q,K,V to head shards and O and the LSE back. bwd: dO to head shards; fp32 dQ,dK,dV
 //              back. (O, LSE and the head-sharded Q,K,V are kept from the forward.)
 //   allgather  fwd: all-gather K,V. bwd: reduce-scatter of fp32 dK,dV (gathered K,V kept).
 //   clustered  fwd: ring all-gather of coarse summaries (mean key, mean value, min, max, count), halo

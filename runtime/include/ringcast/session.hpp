@@ -15,10 +15,13 @@
 
 namespace ringcast {
 
+// Which backend a session runs on: kAuto picks CUDA where a device exists, else the CPU.
+enum class Backend { kAuto, kCpu, kCuda };
+
 class Session {
  public:
   // Collective over `comm`: every rank must call it. MPI must be initialised.
-  static Session from_mpi(MPI_Comm comm = MPI_COMM_WORLD);
+  static Session from_mpi(MPI_Comm comm = MPI_COMM_WORLD, Backend backend = Backend::kAuto);
   // For embedding: the caller made the NCCL unique id (rank 0) and distributed it; `device` is the
   // CUDA device index this rank uses. `stream` is the caller's cudaStream_t (may be null).
   static Session from_nccl_id(const std::array<char, 128>& unique_id, int rank, int size, int device,

@@ -1,0 +1,61 @@
+// The distributed attention operator: one attention layer over a sequence sharded across the
+// Session's ranks, forward and backward, in any mode of AttentionOptions (ring, ulysses, allgather;
+// clustered as it lands). Usable without the model stack.
+//
+// Per rank, token layout: q [B, n_loc, h, d]; k, v [B, n_loc, h_kv, d]; o like q; lse [B, h, n_loc]
+// f32. The storage dtype is f32 on the CPU backend and bf16 / f16 on CUDA (shape.dtype); gradients
+// come back in the storage dtype. The rank holds the rows at positions() of the whole sequence
+// (contiguous: [r n_loc, (r+1) n_loc); zigzag: chunks r and 2P-1-r of 2P). Work is enqueued on the
+// session's stream; the operator owns its scratch (allocated once, reported by workspace_bytes()).
+// backward() uses the inputs and outputs of the latest forward() (pass the same views again).
+#pragma once
+
+#include <ringcast/attention_options.hpp>
+#include <ringcast/session.hpp>
+#include <ringcast/tensor.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+namespace ringcast {
+
+// Global positions of rank `rank`'s rows, in the order the rank stores them.
+std::vector<std::int32_t> shard_positions(const LayerShape& shape, const AttentionOptions& options, int rank);
+
+struct AttentionForwardArgs {
+  TensorView q, k, v;  // inputs
+  TensorView o, lse;   // outputs
+};
+
+struct AttentionBackwardArgs {
+  TensorView q, k, v, o, lse, d_o;  // the forward's inputs and outputs, and the output gradient
+  TensorView d_q, d_k, d_v;         // outputs
+};
+
+class DistributedAttention {
+ public:
+  // Collective: every rank constructs it with the same shape and options (validated first, the
+  // same way on every rank, so a bad configuration fails everywhere before any communication).
+  DistributedAttention(const Session& session, const LayerShape& shape, const AttentionOptions& options);
+  ~DistributedAttention();
+  DistributedAttention(const DistributedAttention&) = delete;
+  DistributedAttention& operator=(const DistributedAttention&) = delete;
+
+  const LayerShape& shape() const;
+  const AttentionOptions& options() const;
+  std::span<const std::int32_t> positions() const;
+  std::size_t workspace_bytes() const;
+
+  void forward(const AttentionForwardArgs& args);
+  void backward(const AttentionBackwardArgs& args);
+
+  class Mode;  // one implementation per AttentionMode (runtime/src/attention_*.cpp)
+
+ private:
+  std::unique_ptr<Mode> mode_;
+};
+
+}  // namespace ringcast

@@ -1,0 +1,37 @@
+// A float64 naive attention on whole sequences in token layout, with its gradients: the oracle of the
+// distributed tests (every rank builds the same global inputs and checks its own shard against it).
+// q [B, n, h, d], k and v [B, n, h_kv, d], query head hq uses KV head hq / (h / h_kv); softmax scale
+// 1/sqrt(d); causal: row t sees keys s <= t. lse [B, h, n].
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace ringcast::test {
+
+struct NaiveShape {
+  int batch = 1;
+  std::int64_t seq = 0;
+  int heads = 1;
+  int kv_heads = 1;
+  int head_dim = 64;
+  bool causal = false;
+};
+
+struct NaiveResult {
+  std::vector<double> o, lse;        // forward
+  std::vector<double> d_q, d_k, d_v; // backward (filled when d_o is given)
+};
+
+NaiveResult naive_attention(const NaiveShape& s, std::span<const double> q, std::span<const double> k,
+                            std::span<const double> v, std::span<const double> d_o = {});
+
+// Rows of a token-layout tensor [B, n, heads, d] at the given positions (a rank's shard).
+std::vector<double> take_rows(std::span<const double> x, int batch, std::int64_t seq, int row_elems,
+                              std::span<const std::int32_t> positions);
+// Rows of an LSE [B, h, n] at the given positions: [B, h, positions.size()].
+std::vector<double> take_lse(std::span<const double> lse, int batch, int heads, std::int64_t seq,
+                             std::span<const std::int32_t> positions);
+
+}  // namespace ringcast::test
