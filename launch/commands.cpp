@@ -25,7 +25,6 @@ int not_built(const CommandLine& cmd, std::string_view what) {
 }  // namespace
 
 int train_command(const CommandLine& cmd) { return not_built(cmd, "the model stack and training"); }
-int check_command(const CommandLine& cmd) { return not_built(cmd, "the distributed attention modes"); }
 
 std::span<const Command> commands() {
   static constexpr std::array<Command, 5> kCommands{{

@@ -14,8 +14,9 @@
 namespace ringcast::kernels {
 
 // A forward table that owns its storage. offsets has num_units() + 1 elements (CSR over units
-// u = (b * num_tiles + tile) * kv_heads + kv_head); key_meta may be empty when no entry uses it.
-// view() points into the vectors: it is valid while the table lives and is not resized.
+// u = (b * num_tiles + tile) * kv_heads + kv_head); a new table holds offsets {0}, so units are
+// built in order by appending their entries, then the new entry count. key_meta may be empty when
+// no entry uses it. view() points into the vectors: valid while the table lives and is not resized.
 struct HostBlockTable {
   std::vector<std::int64_t> offsets{0};
   std::vector<BlockEntry> entries;

@@ -1,0 +1,149 @@
+// CPU attention forward: blockwise online softmax (FlashAttention), fp32. OpenMP threads take
+// (batch, query tile, head) items; per entry, S = scale * Q_tile K_page^T and O += P V_page are
+// cblas_sgemm calls over the rows the entry's mask spans, and the masked softmax update between
+// them is a vectorized row loop. Each thread keeps S, the O accumulator and the row statistics in
+// its own slice of the workspace; outputs are written once per item, so no two threads share a row.
+#include "attention_cpu.hpp"
+#include "tile_math.hpp"
+
+#include <cmath>
+
+namespace ringcast::kernels::cpu {
+namespace {
+
+// Per thread: S / P [kQueryTile, page_size], O accumulator [kQueryTile, head_dim], row max, row sum.
+ScratchLayout forward_layout(const AttentionShape& s) {
+  using L = ScratchLayout;
+  ScratchLayout layout;
+  layout.floats_per_thread = L::round_up(std::size_t{kQueryTile} * s.page_size) +
+                             L::round_up(std::size_t{kQueryTile} * s.head_dim) + 2 * L::round_up(kQueryTile);
+  return layout;
+}
+
+struct ForwardScratch {
+  float* s;
+  float* acc;
+  float* row_max;
+  float* row_sum;
+
+  ForwardScratch(float* base, const AttentionShape& shape) {
+    s = base;
+    acc = s + ScratchLayout::round_up(std::size_t{kQueryTile} * shape.page_size);
+    row_max = acc + ScratchLayout::round_up(std::size_t{kQueryTile} * shape.head_dim);
+    row_sum = row_max + ScratchLayout::round_up(kQueryTile);
+  }
+};
+
+// Softmax update of row r with the scores in s[0, key_count): turns them into P (0 for keys the row
+// does not see), rescales the row's accumulator when its running max grows.
+void online_softmax_row(float* s, const BlockEntry& e, const KeyMeta* meta, int r, std::int32_t q_pos,
+                        float& row_max, float& row_sum, float* acc_row, int head_dim) {
+  const int kc = e.key_count;
+  const int n = row_logits(s, e, meta, r, q_pos);
+  float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+  for (int j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  if (mx == kNegInf) {  // the row sees no key of this entry
+    std::fill(s, s + kc, 0.f);
+    return;
+  }
+  const float new_max = std::max(row_max, mx);
+  const float alpha = std::exp(row_max - new_max);  // 0 on the row's first keys (row_max = -inf)
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int j = 0; j < n; ++j) {
+    const float p = fast_exp(s[j] - new_max);
+    s[j] = p;
+    sum += p;
+  }
+  std::fill(s + n, s + kc, 0.f);
+  row_sum = row_sum * alpha + sum;
+  row_max = new_max;
+  if (alpha != 1.f) {
+#pragma omp simd
+    for (int c = 0; c < head_dim; ++c) acc_row[c] *= alpha;
+  }
+}
+
+void forward_item(const Problem& pb, float* o, float* lse, std::int64_t b, std::int64_t tile, int h,
+                  const ForwardScratch& w) {
+  const AttentionShape& s = pb.shape;
+  const int d = s.head_dim;
+  const int ps = s.page_size;
+  const std::int64_t t0 = tile * kQueryTile;
+  const int rows = static_cast<int>(std::min<std::int64_t>(kQueryTile, s.seq_q - t0));
+  const int kvh = h / pb.group;
+  const std::int64_t ld = pb.ld();
+  const float* q = pb.q + pb.row_offset(b, t0, h);
+  const std::int32_t* q_pos = pb.q_pos + t0;
+
+  std::fill(w.acc, w.acc + std::size_t(rows) * d, 0.f);
+  std::fill(w.row_max, w.row_max + rows, kNegInf);
+  std::fill(w.row_sum, w.row_sum + rows, 0.f);
+
+  const std::int64_t u = pb.unit(b, tile, kvh);
+  for (std::int64_t i = pb.table.offsets[u]; i < pb.table.offsets[u + 1]; ++i) {
+    const BlockEntry& e = pb.table.entries[i];
+    const RowSpan span = row_span(e, rows);
+    if (span.size() == 0) continue;
+    const KeyMeta* meta = pb.key_meta(e);
+    const float* k = pb.k + pb.page_offset(kvh, e.page);
+    const float* v = pb.v + pb.page_offset(kvh, e.page);
+    float* s_rows = w.s + std::int64_t{span.begin} * ps;
+    gemm(false, true, span.size(), e.key_count, d, pb.scale, q + span.begin * ld, ld, k, d, 0.f, s_rows, ps);
+    for (int r = span.begin; r < span.end; ++r) {
+      float* s_row = w.s + std::int64_t{r} * ps;
+      if (row_bit(e.row_mask, r)) {
+        online_softmax_row(s_row, e, meta, r, q_pos[r], w.row_max[r], w.row_sum[r], w.acc + std::int64_t{r} * d, d);
+      } else {
+        std::fill(s_row, s_row + e.key_count, 0.f);
+      }
+    }
+    gemm(false, false, span.size(), d, e.key_count, 1.f, s_rows, ps, v, d, 1.f, w.acc + std::int64_t{span.begin} * d, d);
+  }
+
+  float* o_tile = o + pb.row_offset(b, t0, h);
+  float* lse_tile = lse + pb.stat_offset(b, h, t0);
+  for (int r = 0; r < rows; ++r) {
+    float* o_row = o_tile + r * ld;
+    const float* acc_row = w.acc + std::int64_t{r} * d;
+    if (w.row_sum[r] == 0.f) {  // the row saw no key
+      std::fill(o_row, o_row + d, 0.f);
+      lse_tile[r] = kNegInf;
+      continue;
+    }
+    const float inv = 1.f / w.row_sum[r];
+#pragma omp simd
+    for (int c = 0; c < d; ++c) o_row[c] = acc_row[c] * inv;
+    lse_tile[r] = w.row_max[r] + std::log(w.row_sum[r]);
+  }
+}
+
+}  // namespace
+
+std::size_t attention_forward_workspace_bytes(const AttentionShape& shape) {
+  return forward_layout(shape).bytes(omp_get_max_threads());
+}
+
+void attention_forward(const AttentionForwardParams& p) {
+  use_single_threaded_blas();
+  const Problem pb(p);
+  const ScratchLayout layout = forward_layout(p.shape);
+  const int threads = layout.threads(p.workspace_bytes);
+  float* o = static_cast<float*>(p.o);
+  const std::int64_t items = pb.num_tiles * p.shape.batch * p.shape.heads;
+  // Items run head-fastest, so neighbouring items (often on neighbouring threads) share KV pages.
+#pragma omp parallel num_threads(threads)
+  {
+    const ForwardScratch scratch(layout.thread(p.workspace, omp_get_thread_num()), p.shape);
+#pragma omp for schedule(dynamic)
+    for (std::int64_t item = 0; item < items; ++item) {
+      const int h = static_cast<int>(item % p.shape.heads);
+      const std::int64_t tile = (item / p.shape.heads) % pb.num_tiles;
+      const std::int64_t b = item / (std::int64_t{p.shape.heads} * pb.num_tiles);
+      forward_item(pb, o, p.lse, b, tile, h, scratch);
+    }
+  }
+}
+
+}  // namespace ringcast::kernels::cpu

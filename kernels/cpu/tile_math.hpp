@@ -1,0 +1,161 @@
+// Building blocks shared by the CPU attention passes: the problem geometry, per-thread scratch carved
+// from the caller's workspace, row masks, the logits of one (entry, row), a vectorizable exp and
+// thin cblas_sgemm wrappers. All matrices are fp32 row-major; a tile's rows of one head are read in
+// place from [B, n, heads, head_dim] with leading dimension heads * head_dim (no gather).
+#pragma once
+
+#include <ringcast/kernels/attention.hpp>
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <mutex>
+
+namespace ringcast::kernels::cpu {
+
+// Every pass runs its own OpenMP threads and calls BLAS from each of them on small tile products;
+// a threaded BLAS under them would oversubscribe the cores. Set once per process (this also caps
+// OpenBLAS for other callers in the process, who then get their threads from OpenMP too).
+inline void use_single_threaded_blas() {
+  static std::once_flag once;
+  std::call_once(once, [] { openblas_set_num_threads(1); });
+}
+
+// exp(x) to about 1e-7 relative on [-87.3, 88.3], 0 below (so exp(-inf) = 0, a masked key), NaN
+// kept. Plain arithmetic so that the softmax loops vectorize, which libm's expf does not without
+// -ffast-math (the sources that use it build with -fno-trapping-math, see CMakeLists.txt).
+// Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, times 2^n.
+inline float fast_exp(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kRoundToInt = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
+  constexpr float kLo = -87.3f;               // keeps 2^n normal
+  constexpr float kHi = 88.3f;
+  const float xc = std::min(std::max(x, kLo), kHi);
+  const float n = (xc * kLog2e + kRoundToInt) - kRoundToInt;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for exact n ln2
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float two_n = std::bit_cast<float>((static_cast<std::int32_t>(n) + 127) << 23);
+  return x < kLo ? 0.0f : p * two_n;
+}
+
+inline bool row_bit(const std::uint64_t (&mask)[2], int r) { return (mask[r >> 6] >> (r & 63)) & 1u; }
+
+// The rows [begin, end) spanned by an entry's mask within the tile's `rows` valid rows: the tile
+// products of an entry run over this span only (rows inside it that the mask excludes get P = 0).
+struct RowSpan {
+  int begin = 0;
+  int end = 0;
+  int size() const { return end - begin; }
+};
+inline RowSpan row_span(const BlockEntry& e, int rows) {
+  const std::uint64_t lo = rows >= 64 ? e.row_mask[0] : e.row_mask[0] & ((std::uint64_t{1} << rows) - 1);
+  const std::uint64_t hi = rows >= 128 ? e.row_mask[1]
+                           : rows <= 64 ? 0
+                                        : e.row_mask[1] & ((std::uint64_t{1} << (rows - 64)) - 1);
+  if (lo == 0 && hi == 0) return {};
+  const int begin = lo ? std::countr_zero(lo) : 64 + std::countr_zero(hi);
+  const int end = hi ? 128 - std::countl_zero(hi) : 64 - std::countl_zero(lo);
+  return {begin, end};
+}
+
+// Geometry and inputs of one call, and the addressing of tiles, pages and rows.
+struct Problem {
+  const AttentionShape& shape;
+  float scale;
+  const float* q;
+  const float* k;
+  const float* v;
+  const std::int32_t* q_pos;
+  BlockTable table;
+  int group;  // query heads per KV head
+  std::int64_t num_tiles;
+
+  explicit Problem(const AttentionForwardParams& p)
+      : shape(p.shape), scale(p.softmax_scale), q(static_cast<const float*>(p.q)),
+        k(static_cast<const float*>(p.k_pages)), v(static_cast<const float*>(p.v_pages)), q_pos(p.q_pos),
+        table(p.table), group(p.shape.heads / p.shape.kv_heads), num_tiles(p.shape.num_tiles()) {}
+
+  std::int64_t ld() const { return std::int64_t{shape.heads} * shape.head_dim; }
+  // Offset of row t0 of head h in a [B, n, heads, head_dim] tensor.
+  std::int64_t row_offset(std::int64_t b, std::int64_t t0, int h) const {
+    return ((b * shape.seq_q + t0) * shape.heads + h) * shape.head_dim;
+  }
+  // Offset of (b, h, t0) in a [B, heads, n] tensor (LSE, D).
+  std::int64_t stat_offset(std::int64_t b, int h, std::int64_t t0) const {
+    return (b * shape.heads + h) * shape.seq_q + t0;
+  }
+  std::int64_t page_offset(std::int64_t kvh, std::int64_t page) const {
+    return (kvh * shape.num_pages + page) * shape.page_size * shape.head_dim;
+  }
+  std::int64_t unit(std::int64_t b, std::int64_t tile, std::int64_t kvh) const {
+    return (b * num_tiles + tile) * shape.kv_heads + kvh;
+  }
+  const KeyMeta* key_meta(const BlockEntry& e) const { return e.key_meta >= 0 ? table.key_meta + e.key_meta : nullptr; }
+};
+
+// Turns row r's scores s[0, key_count) (already scale * q.k) into logits in place: + the entry's
+// bias (+ the key's bias), -inf for keys the row may not see (KeyMeta row mask). Returns n: the
+// keys [n, key_count) lie past the row's causal limit and are left unwritten.
+inline int row_logits(float* s, const BlockEntry& e, const KeyMeta* meta, int r, std::int32_t q_pos) {
+  int n = e.key_count;
+  if (e.flags & kEntryCausal) {
+    n = static_cast<int>(std::clamp<std::int64_t>(std::int64_t{q_pos} - e.key_pos0 + 1, 0, n));
+  }
+  const float bias = e.bias;
+  if (meta) {
+    constexpr float kMasked = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < n; ++j) s[j] = row_bit(meta[j].row_mask, r) ? s[j] + bias + meta[j].bias : kMasked;
+  } else {
+#pragma omp simd
+    for (int j = 0; j < n; ++j) s[j] += bias;
+  }
+  return n;
+}
+
+// Per-thread scratch: a thread's block of `floats_per_thread` floats, 64-byte aligned, after an
+// optional shared block of `shared_floats`. The workspace query and the pass use the same layout.
+struct ScratchLayout {
+  static constexpr std::size_t kAlignFloats = 16;  // 64 bytes
+  static constexpr std::size_t round_up(std::size_t n) { return (n + kAlignFloats - 1) / kAlignFloats * kAlignFloats; }
+
+  std::size_t shared_floats = 0;
+  std::size_t floats_per_thread = 0;
+
+  std::size_t bytes(int threads) const {
+    return (round_up(shared_floats) + floats_per_thread * static_cast<std::size_t>(threads)) * sizeof(float) + 64;
+  }
+  // As many threads as OpenMP offers and the workspace holds (the query sized it for
+  // omp_get_max_threads(); fewer if that has grown since).
+  int threads(std::size_t workspace_bytes) const {
+    const std::size_t fixed = round_up(shared_floats) * sizeof(float) + 64;
+    const std::size_t fit = workspace_bytes > fixed ? (workspace_bytes - fixed) / (floats_per_thread * sizeof(float)) : 0;
+    return static_cast<int>(std::clamp<std::size_t>(fit, 1, static_cast<std::size_t>(omp_get_max_threads())));
+  }
+  float* shared(void* workspace) const {
+    const auto addr = reinterpret_cast<std::uintptr_t>(workspace);
+    return reinterpret_cast<float*>((addr + 63) / 64 * 64);
+  }
+  float* thread(void* workspace, int t) const {
+    return shared(workspace) + round_up(shared_floats) + floats_per_thread * static_cast<std::size_t>(t);
+  }
+};
+
+// C = alpha * op(A) op(B) + beta * C, row-major, op = transpose when the flag says so.
+inline void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, std::int64_t lda,
+                 const float* b, std::int64_t ldb, float beta, float* c, std::int64_t ldc) {
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, m, n, k,
+              alpha, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+}
+
+}  // namespace ringcast::kernels::cpu

@@ -1,0 +1,224 @@
+// Routes the selection building blocks (summaries, CAST, routing, pooling) to their backend after
+// validating the parameters once. Only the CPU backend implements them so far: on a CUDA device they
+// report "not supported" rather than run somewhere else.
+#include <ringcast/error.hpp>
+#include <ringcast/kernels/cast.hpp>
+#include <ringcast/kernels/pooling.hpp>
+#include <ringcast/kernels/routing.hpp>
+#include <ringcast/kernels/summaries.hpp>
+
+#include "cpu/selection_cpu.hpp"
+
+#include <initializer_list>
+
+namespace ringcast::kernels {
+namespace {
+
+void require_cpu(const ExecContext& ctx, const char* op) {
+  RINGCAST_CHECK(ctx.device.kind == DeviceKind::kCpu,
+                 "{}: not supported on CUDA yet (only the CPU backend implements it)", op);
+}
+
+void require_pointers(const char* op, std::initializer_list<const void*> pointers) {
+  for (const void* ptr : pointers) RINGCAST_CHECK(ptr != nullptr, "{}: a required buffer is null", op);
+}
+
+void validate(const SummaryShape& s, const char* op) {
+  RINGCAST_CHECK(s.batch >= 1 && s.seq >= 1 && s.kv_heads >= 1 && s.head_dim >= 1,
+                 "{}: batch, seq, kv_heads and head_dim must be positive (got {}, {}, {}, {})", op, s.batch, s.seq,
+                 s.kv_heads, s.head_dim);
+  RINGCAST_CHECK(s.page_size >= 1 && s.coarse_pages >= 1, "{}: page_size ({}) and coarse_pages ({}) must be positive",
+                 op, s.page_size, s.coarse_pages);
+}
+
+void validate(const CastShape& s, const char* op) {
+  RINGCAST_CHECK(s.batch >= 1 && s.seq >= 1 && s.head_dim >= 1 && s.clusters >= 1 && s.page_size >= 1,
+                 "{}: batch, seq, head_dim, clusters and page_size must be positive (got {}, {}, {}, {}, {})", op,
+                 s.batch, s.seq, s.head_dim, s.clusters, s.page_size);
+  RINGCAST_CHECK(s.kv_heads >= 1 && s.heads >= s.kv_heads && s.heads % s.kv_heads == 0,
+                 "{}: heads ({}) must be a positive multiple of kv_heads ({})", op, s.heads, s.kv_heads);
+}
+
+void validate_router(int batch, std::int64_t seq, int dim, const char* op) {
+  RINGCAST_CHECK(batch >= 1 && seq >= 1 && dim >= 1, "{}: batch, seq and dim must be positive (got {}, {}, {})", op,
+                 batch, seq, dim);
+}
+
+void validate_soft_topk(int batch, std::int64_t seq, int k, float epsilon, int iterations, const SliceAllReduce& r,
+                        const char* op) {
+  RINGCAST_CHECK(batch >= 1 && seq >= 1, "{}: batch and seq must be positive (got {}, {})", op, batch, seq);
+  RINGCAST_CHECK(epsilon > 0.0f && iterations >= 1, "{}: need epsilon > 0 and iterations >= 1 (got {}, {})", op,
+                 epsilon, iterations);
+  RINGCAST_CHECK(k >= 1 && (r.fn || k <= seq), "{}: k = {} must lie in [1, seq = {}]", op, k, seq);
+}
+
+void validate(const HalvingShape& s, const char* op) {
+  RINGCAST_CHECK(s.batch >= 1 && s.seq >= 1 && s.dim >= 1 && s.rounds >= 1,
+                 "{}: batch, seq, dim and rounds must be positive (got {}, {}, {}, {})", op, s.batch, s.seq, s.dim,
+                 s.rounds);
+  RINGCAST_CHECK(s.beta > 0.0f, "{}: beta must be positive (got {})", op, s.beta);
+}
+
+}  // namespace
+
+void page_summaries(const PageSummaryParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "page_summaries";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.k, p.v, p.pages.key_mean, p.pages.value_mean, p.pages.key_min, p.pages.key_max,
+                         p.pages.count});
+  require_cpu(ctx, kOp);
+  cpu::page_summaries(p);
+}
+
+void coarse_summaries(const CoarseSummaryParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "coarse_summaries";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.page_key_mean, p.page_value_mean, p.page_key_min, p.page_key_max, p.page_count,
+                         p.blocks.key_mean, p.blocks.value_mean, p.blocks.key_min, p.blocks.key_max, p.blocks.count});
+  require_cpu(ctx, kOp);
+  cpu::coarse_summaries(p);
+}
+
+void page_summaries_backward(const PageSummaryBackwardParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "page_summaries_backward";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.d_key_mean, p.d_value_mean, p.d_k, p.d_v});
+  require_cpu(ctx, kOp);
+  cpu::page_summaries_backward(p);
+}
+
+void coarse_summaries_backward(const CoarseSummaryBackwardParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "coarse_summaries_backward";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.d_block_key_mean, p.d_block_value_mean, p.d_page_key_mean, p.d_page_value_mean});
+  require_cpu(ctx, kOp);
+  cpu::coarse_summaries_backward(p);
+}
+
+void cast_affinities(const CastAffinityParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "cast_affinities";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.q, p.k, p.surrogates, p.a_q, p.a_k});
+  require_cpu(ctx, kOp);
+  cpu::cast_affinities(p);
+}
+
+void cast_affinities_backward(const CastAffinityBackwardParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "cast_affinities_backward";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.q, p.k, p.surrogates, p.d_a_q, p.d_a_k, p.d_q, p.d_k, p.d_surrogates});
+  require_cpu(ctx, kOp);
+  cpu::cast_affinities_backward(p);
+}
+
+void cast_assign(const CastAssignParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "cast_assign";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.a_q, p.a_k, p.members, p.counts});
+  require_cpu(ctx, kOp);
+  cpu::cast_assign(p);
+}
+
+void cast_gather(const CastGatherParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "cast_gather";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.members, p.counts, p.q, p.k, p.v, p.q_gathered, p.k_pages, p.v_pages});
+  require_cpu(ctx, kOp);
+  cpu::cast_gather(p);
+}
+
+void cast_gather_backward(const CastGatherBackwardParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "cast_gather_backward";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.members, p.counts, p.d_q_gathered, p.d_k_pages, p.d_v_pages, p.d_q, p.d_k, p.d_v});
+  require_cpu(ctx, kOp);
+  cpu::cast_gather_backward(p);
+}
+
+void cast_summaries(const CastSummaryParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "cast_summaries";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.members, p.counts, p.a_k, p.k, p.v, p.key_summary, p.value_summary});
+  require_cpu(ctx, kOp);
+  cpu::cast_summaries(p);
+}
+
+void cast_summaries_backward(const CastSummaryBackwardParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "cast_summaries_backward";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.members, p.counts, p.a_k, p.k, p.v, p.d_key_summary, p.d_value_summary, p.d_a_k, p.d_k,
+                         p.d_v});
+  require_cpu(ctx, kOp);
+  cpu::cast_summaries_backward(p);
+}
+
+void cast_mix(const CastMixParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "cast_mix";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.members, p.counts, p.a_q, p.intra, p.value_summary, p.o});
+  require_cpu(ctx, kOp);
+  cpu::cast_mix(p);
+}
+
+void cast_mix_backward(const CastMixBackwardParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "cast_mix_backward";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.members, p.counts, p.a_q, p.intra, p.value_summary, p.d_o, p.d_a_q, p.d_intra,
+                         p.d_value_summary});
+  require_cpu(ctx, kOp);
+  cpu::cast_mix_backward(p);
+}
+
+void router_scores(const RouterScoreParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "router_scores";
+  validate_router(p.batch, p.seq, p.dim, kOp);
+  require_pointers(kOp, {p.x, p.u, p.s});
+  require_cpu(ctx, kOp);
+  cpu::router_scores(p);
+}
+
+void router_scores_backward(const RouterScoreBackwardParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "router_scores_backward";
+  validate_router(p.batch, p.seq, p.dim, kOp);
+  require_pointers(kOp, {p.x, p.u, p.d_s, p.d_x, p.d_u});
+  require_cpu(ctx, kOp);
+  cpu::router_scores_backward(p);
+}
+
+void soft_topk(const SoftTopkParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "soft_topk";
+  validate_soft_topk(p.batch, p.seq, p.k, p.epsilon, p.iterations, p.reduce, kOp);
+  require_pointers(kOp, {p.s, p.s_tilde, p.a_history});
+  RINGCAST_CHECK(!(p.top_indices && p.reduce.fn),
+                 "{}: the hard top-k of a sequence split across ranks needs the whole sequence; pass "
+                 "top_indices = nullptr with a reduction and select globally",
+                 kOp);
+  require_cpu(ctx, kOp);
+  cpu::soft_topk(p);
+}
+
+void soft_topk_backward(const SoftTopkBackwardParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "soft_topk_backward";
+  validate_soft_topk(p.batch, p.seq, p.k, p.epsilon, p.iterations, p.reduce, kOp);
+  require_pointers(kOp, {p.s, p.a_history, p.d_s_tilde, p.d_s});
+  require_cpu(ctx, kOp);
+  cpu::soft_topk_backward(p);
+}
+
+void halving_pool(const HalvingParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "halving_pool";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.e, p.s, p.e_out, p.s_out});
+  require_cpu(ctx, kOp);
+  cpu::halving_pool(p);
+}
+
+void halving_pool_backward(const HalvingBackwardParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "halving_pool_backward";
+  validate(p.shape, kOp);
+  require_pointers(kOp, {p.e, p.s, p.d_e_out, p.d_s_out, p.d_e, p.d_s});
+  require_cpu(ctx, kOp);
+  cpu::halving_pool_backward(p);
+}
+
+}  // namespace ringcast::kernels

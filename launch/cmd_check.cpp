@@ -1,0 +1,218 @@
+// `ringcast check`: runs one attention layer distributed over the world's ranks and compares every
+// rank's shard with a single-rank reference of the same layer on the whole sequence (the CPU backend
+// in fp32, on the same inputs rounded to the storage dtype). Prints the relative errors of O, LSE,
+// dQ, dK, dV (worst rank) and exits 1 when one is above its tolerance (fp32: 1e-5; bf16/f16: 1e-2).
+#include "commands.hpp"
+#include "layer_options.hpp"
+#include "report.hpp"
+
+#include <ringcast/attention.hpp>
+#include <ringcast/kernels/layout.hpp>
+#include <ringcast/log.hpp>
+#include <ringcast/memory.hpp>
+
+#include <fmt/format.h>
+#include <mpi.h>
+
+#include <cmath>
+#include <random>
+
+namespace ringcast::launch {
+namespace {
+
+struct Tensors {
+  std::vector<float> q, k, v, o, lse, d_o, d_q, d_k, d_v;
+};
+
+// Rounds through the storage dtype (bf16 and f16 keep 8 and 11 significand bits).
+float round_to(float x, DType t) {
+  if (t == DType::kF32) return x;
+  const int bits = t == DType::kBF16 ? 8 : 11;
+  int e = 0;
+  const float m = std::frexp(x, &e);
+  return std::ldexp(std::nearbyint(std::ldexp(m, bits)), e - bits);
+}
+
+std::vector<float> random_tensor(std::size_t n, std::uint64_t seed, DType t) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  std::vector<float> x(n);
+  for (auto& v : x) v = round_to(dist(rng), t);
+  return x;
+}
+
+std::vector<float> rows(const std::vector<float>& x, int batch, std::int64_t seq, int row,
+                        std::span<const std::int32_t> pos) {
+  std::vector<float> out;
+  for (int b = 0; b < batch; ++b)
+    for (auto t : pos) out.insert(out.end(), x.begin() + (b * seq + t) * row, x.begin() + (b * seq + t + 1) * row);
+  return out;
+}
+
+std::vector<float> lse_rows(const std::vector<float>& x, int batch, int heads, std::int64_t seq,
+                            std::span<const std::int32_t> pos) {
+  std::vector<float> out;
+  for (int b = 0; b < batch; ++b)
+    for (int h = 0; h < heads; ++h)
+      for (auto t : pos) out.push_back(x[(b * heads + h) * seq + t]);
+  return out;
+}
+
+double rel_error(const std::vector<float>& x, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    if (x[i] == ref[i]) continue;  // also equal infinities
+    if (!std::isfinite(x[i]) || !std::isfinite(ref[i])) return INFINITY;
+    num += (double(x[i]) - ref[i]) * (double(x[i]) - ref[i]);
+  }
+  for (float r : ref)
+    if (std::isfinite(r)) den += double(r) * r;
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// Forward and backward of `layer` on host tensors (uploaded to the session's device in its dtype).
+void run(const Session& session, DistributedAttention& layer, Tensors& t) {
+  const LayerShape& s = layer.shape();
+  const std::int64_t n = s.local_len();
+  const Device dev = session.device();
+  const kernels::ExecContext ctx{dev, session.stream()};
+  std::vector<DeviceBuffer> keep;
+  auto make = [&](std::vector<float>* host, std::initializer_list<std::int64_t> dims, DType dtype) {
+    TensorView v = TensorView::contiguous(nullptr, dtype, dims, dev);
+    DeviceBuffer staging(v.numel() * sizeof(float), dev);
+    if (host) staging.copy_from_host(host->data(), host->size() * sizeof(float), 0, session.stream());
+    keep.emplace_back(v.bytes(), dev);
+    v.data = keep.back().data();
+    if (host && dtype != DType::kF32) {
+      kernels::StridedCopy c;
+      c.ndim = 1;
+      c.shape[0] = v.numel();
+      c.src_strides[0] = c.dst_strides[0] = 1;
+      c.src = staging.data();
+      c.dst = v.data;
+      c.dst_dtype = dtype;
+      kernels::copy_strided(c, ctx);
+    } else if (host) {
+      keep.back().copy_from_host(host->data(), host->size() * sizeof(float), 0, session.stream());
+    }
+    keep.push_back(std::move(staging));
+    return v;
+  };
+  const DType dt = s.dtype;
+  TensorView q = make(&t.q, {s.batch, n, s.heads, s.head_dim}, dt);
+  TensorView k = make(&t.k, {s.batch, n, s.kv_heads, s.head_dim}, dt);
+  TensorView v = make(&t.v, {s.batch, n, s.kv_heads, s.head_dim}, dt);
+  TensorView d_o = make(&t.d_o, {s.batch, n, s.heads, s.head_dim}, dt);
+  TensorView o = make(nullptr, {s.batch, n, s.heads, s.head_dim}, dt);
+  TensorView lse = make(nullptr, {s.batch, s.heads, n}, DType::kF32);
+  TensorView d_q = make(nullptr, {s.batch, n, s.heads, s.head_dim}, dt);
+  TensorView d_k = make(nullptr, {s.batch, n, s.kv_heads, s.head_dim}, dt);
+  TensorView d_v = make(nullptr, {s.batch, n, s.kv_heads, s.head_dim}, dt);
+  layer.forward({q, k, v, o, lse});
+  layer.backward({q, k, v, o, lse, d_o, d_q, d_k, d_v});
+  auto fetch = [&](const TensorView& x, std::vector<float>& out) {
+    out.resize(x.numel());
+    if (x.dtype == DType::kF32) {
+      copy_to_host(out.data(), x.data, out.size() * sizeof(float), dev, session.stream());
+      return;
+    }
+    DeviceBuffer f32(x.numel() * sizeof(float), dev);
+    kernels::StridedCopy c;
+    c.ndim = 1;
+    c.shape[0] = x.numel();
+    c.src_strides[0] = c.dst_strides[0] = 1;
+    c.src = x.data;
+    c.src_dtype = x.dtype;
+    c.dst = f32.data();
+    kernels::copy_strided(c, ctx);
+    f32.copy_to_host(out.data(), out.size() * sizeof(float), 0, session.stream());
+  };
+  fetch(o, t.o);
+  fetch(lse, t.lse);
+  fetch(d_q, t.d_q);
+  fetch(d_k, t.d_k);
+  fetch(d_v, t.d_v);
+}
+
+}  // namespace
+
+int check_command(const CommandLine& cmd) {
+  int rank = 0, world = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  po::options_description desc("ringcast check options");
+  add_common_options(desc);
+  add_layer_options(desc, /*with_ranks=*/false);
+  desc.add_options()("seed", po::value<std::uint64_t>()->default_value(1), "seed of the random inputs");
+  po::variables_map vm;
+  if (!parse_options(cmd, desc, vm, "usage: mpirun -np P ringcast check --mode M --seq-len N [options]", rank == 0))
+    return 0;
+  LayerShape shape;
+  AttentionOptions options;
+  read_layer_options(vm, world, shape, options);
+  const OutputSpec output = OutputSpec::parse(vm.count("output") ? vm["output"].as<std::vector<std::string>>()
+                                                                 : std::vector<std::string>{});
+  const std::uint64_t seed = vm["seed"].as<std::uint64_t>();
+
+  Session session = Session::from_mpi(MPI_COMM_WORLD);
+  if (session.device().kind == DeviceKind::kCpu) shape.dtype = DType::kF32;  // the CPU backend computes in fp32
+  DistributedAttention layer(session, shape, options);
+  log::info("ringcast check: {} attention, n = {}, {} ranks, h = {}, h_kv = {}, d = {}, {}, {}", name(options.mode),
+            shape.seq_len, shape.ranks, shape.heads, shape.kv_heads, shape.head_dim,
+            shape.causal ? "causal" : "bidirectional", dtype_name(shape.dtype));
+
+  const auto& s = shape;
+  const std::size_t qn = std::size_t(s.batch) * s.seq_len * s.heads * s.head_dim;
+  const std::size_t kn = std::size_t(s.batch) * s.seq_len * s.kv_heads * s.head_dim;
+  Tensors global;
+  global.q = random_tensor(qn, seed, s.dtype);
+  global.k = random_tensor(kn, seed + 1, s.dtype);
+  global.v = random_tensor(kn, seed + 2, s.dtype);
+  global.d_o = random_tensor(qn, seed + 3, s.dtype);
+  const auto pos = layer.positions();
+  const int qrow = s.heads * s.head_dim, krow = s.kv_heads * s.head_dim;
+  Tensors mine;
+  mine.q = rows(global.q, s.batch, s.seq_len, qrow, pos);
+  mine.k = rows(global.k, s.batch, s.seq_len, krow, pos);
+  mine.v = rows(global.v, s.batch, s.seq_len, krow, pos);
+  mine.d_o = rows(global.d_o, s.batch, s.seq_len, qrow, pos);
+  run(session, layer, mine);
+
+  // The reference: the same layer on one rank, whole sequence, CPU backend in fp32.
+  Session self = Session::from_mpi(MPI_COMM_SELF, Backend::kCpu);
+  LayerShape whole = shape;
+  whole.ranks = 1;
+  whole.dtype = DType::kF32;
+  AttentionOptions exact;
+  exact.mode = AttentionMode::kRing;
+  exact.placement = Placement::kContiguous;
+  DistributedAttention reference(self, whole, exact);
+  run(self, reference, global);
+
+  const std::vector<std::pair<std::string, double>> errors{
+      {"o", rel_error(mine.o, rows(global.o, s.batch, s.seq_len, qrow, pos))},
+      {"lse", rel_error(mine.lse, lse_rows(global.lse, s.batch, s.heads, s.seq_len, pos))},
+      {"d_q", rel_error(mine.d_q, rows(global.d_q, s.batch, s.seq_len, qrow, pos))},
+      {"d_k", rel_error(mine.d_k, rows(global.d_k, s.batch, s.seq_len, krow, pos))},
+      {"d_v", rel_error(mine.d_v, rows(global.d_v, s.batch, s.seq_len, krow, pos))}};
+  const double tolerance = s.dtype == DType::kF32 ? 1e-5 : 1e-2;
+  Report report;
+  bool ok = true;
+  for (const auto& [what, err] : errors) {
+    double worst = 0;
+    MPI_Allreduce(&err, &worst, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    const bool pass = worst <= tolerance;  // NaN fails
+    ok = ok && pass;
+    report.add_row()
+        .set("mode", std::string(name(options.mode)))
+        .set("tensor", what)
+        .set("rel_error", worst)
+        .set("tolerance", tolerance)
+        .set("result", std::string(pass ? "ok" : "FAIL"));
+  }
+  if (rank == 0) emit(report, output);
+  if (!ok) log::error("ringcast check: {} attention differs from the single-rank reference", name(options.mode));
+  return ok ? 0 : 1;
+}
+
+}  // namespace ringcast::launch

@@ -1,0 +1,115 @@
+// Test harness for the CPU attention kernels: one problem's fp32 inputs (seeded, never zeros), its
+// float64 copy for the oracle, and calls through the public dispatcher (validation and workspace
+// queries included), so the tests exercise exactly what a caller gets.
+#pragma once
+
+#include "attention_reference.hpp"
+
+#include <ringcast/kernels/attention.hpp>
+#include <ringcast/kernels/block_table.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+namespace ringcast::test {
+
+struct CpuAttention {
+  kernels::AttentionShape shape;
+  kernels::HostBlockTable table;
+  std::vector<std::int32_t> q_pos;
+  float scale = 0.f;
+  std::vector<float> q, k, v, d_o;
+
+  // Random q, k, v, d_o for `shape`; scale 1 / sqrt(head_dim).
+  CpuAttention(const kernels::AttentionShape& s, kernels::HostBlockTable t, std::vector<std::int32_t> positions,
+               std::uint64_t seed)
+      : shape(s), table(std::move(t)), q_pos(std::move(positions)),
+        scale(1.f / std::sqrt(static_cast<float>(s.head_dim))) {
+    const std::size_t nq = static_cast<std::size_t>(s.batch * s.seq_q * s.heads * s.head_dim);
+    const std::size_t nkv = static_cast<std::size_t>(s.kv_heads * s.num_pages * s.page_size * s.head_dim);
+    q = random_normal(nq, seed);
+    k = random_normal(nkv, seed + 1);
+    v = random_normal(nkv, seed + 2);
+    d_o = random_normal(nq, seed + 3);
+  }
+
+  std::size_t q_size() const { return q.size(); }
+  std::size_t kv_size() const { return k.size(); }
+  std::size_t lse_size() const { return static_cast<std::size_t>(shape.batch * shape.heads * shape.seq_q); }
+
+  kernels::AttentionForwardParams forward_params(const kernels::HostBlockTable& t, float* o, float* lse) const {
+    kernels::AttentionForwardParams p;
+    p.shape = shape;
+    p.softmax_scale = scale;
+    p.q = q.data();
+    p.k_pages = k.data();
+    p.v_pages = v.data();
+    p.q_pos = q_pos.data();
+    p.table = t.view();
+    p.o = o;
+    p.lse = lse;
+    return p;
+  }
+
+  struct Outputs {
+    std::vector<float> o, lse;
+  };
+  // Forward over `t` (this problem's table by default: partial tables share the inputs).
+  Outputs forward(const kernels::HostBlockTable* t = nullptr) const {
+    Outputs out{std::vector<float>(q_size()), std::vector<float>(lse_size())};
+    kernels::AttentionForwardParams p = forward_params(t ? *t : table, out.o.data(), out.lse.data());
+    const kernels::ExecContext ctx{};
+    std::vector<std::byte> ws(kernels::attention_forward_workspace_bytes(shape, ctx));
+    p.workspace = ws.data();
+    p.workspace_bytes = ws.size();
+    kernels::attention_forward(p, ctx);
+    return out;
+  }
+
+  struct Grads {
+    std::vector<float> d_q, d_k, d_v;
+  };
+  // Backward over `t` given the (possibly merged, global) O and LSE, into `g` (overwritten unless
+  // accumulate).
+  void backward(const Outputs& fwd, Grads& g, bool accumulate, const kernels::HostBlockTable* t = nullptr) const {
+    const kernels::HostBlockTable& tab = t ? *t : table;
+    const kernels::HostTransposedTable tt = kernels::transpose(tab, shape);
+    g.d_q.resize(q_size());
+    g.d_k.resize(kv_size());
+    g.d_v.resize(kv_size());
+    kernels::AttentionBackwardParams p;
+    // The backward only reads o and lse; the forward's parameter struct holds them as outputs.
+    p.fwd = forward_params(tab, const_cast<float*>(fwd.o.data()), const_cast<float*>(fwd.lse.data()));
+    p.d_o = d_o.data();
+    p.transposed = tt.view();
+    p.d_q = g.d_q.data();
+    p.d_k_pages = g.d_k.data();
+    p.d_v_pages = g.d_v.data();
+    p.accumulate = accumulate;
+    const kernels::ExecContext ctx{};
+    std::vector<std::byte> ws(kernels::attention_backward_workspace_bytes(shape, ctx));
+    p.workspace = ws.data();
+    p.workspace_bytes = ws.size();
+    kernels::attention_backward(p, ctx);
+  }
+
+  // The same problem in float64 for the oracle (inputs are already fp32-rounded).
+  struct F64 {
+    std::vector<double> q, k, v, d_o;
+  };
+  F64 f64() const { return {to_f64(q), to_f64(k), to_f64(v), to_f64(d_o)}; }
+  ReferenceProblem reference(const F64& x, const kernels::HostBlockTable* t = nullptr) const {
+    return ReferenceProblem{shape, static_cast<double>(scale), t ? t : &table, q_pos, x.q, x.k, x.v};
+  }
+};
+
+// Positions 0, 1, ..., n - 1 offset by `first`.
+inline std::vector<std::int32_t> iota_positions(std::int64_t n, std::int32_t first = 0) {
+  std::vector<std::int32_t> pos(static_cast<std::size_t>(n));
+  std::iota(pos.begin(), pos.end(), first);
+  return pos;
+}
+
+}  // namespace ringcast::test
