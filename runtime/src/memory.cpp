@@ -81,12 +81,9 @@ void DeviceBuffer::release() noexcept {
   bytes_ = 0;
 }
 
-void DeviceBuffer::copy_from_host(const void* src, std::size_t bytes, std::size_t offset, Stream stream) {
-  RINGCAST_CHECK(offset + bytes <= bytes_, "copy of {} bytes at offset {} overruns a buffer of {} bytes", bytes,
-                 offset, bytes_);
+void copy_from_host(void* dst, const void* src, std::size_t bytes, const Device& device, Stream stream) {
   if (bytes == 0) return;
-  auto* dst = static_cast<char*>(data_) + offset;
-  if (device_.kind == DeviceKind::kCpu) {
+  if (device.kind == DeviceKind::kCpu) {
     std::memcpy(dst, src, bytes);
     return;
   }
@@ -95,15 +92,13 @@ void DeviceBuffer::copy_from_host(const void* src, std::size_t bytes, std::size_
   RINGCAST_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
 #else
   (void)stream;
+  RINGCAST_THROW("a CUDA copy was requested but this build has no CUDA backend");
 #endif
 }
 
-void DeviceBuffer::copy_to_host(void* dst, std::size_t bytes, std::size_t offset, Stream stream) const {
-  RINGCAST_CHECK(offset + bytes <= bytes_, "copy of {} bytes at offset {} overruns a buffer of {} bytes", bytes,
-                 offset, bytes_);
+void copy_to_host(void* dst, const void* src, std::size_t bytes, const Device& device, Stream stream) {
   if (bytes == 0) return;
-  const auto* src = static_cast<const char*>(data_) + offset;
-  if (device_.kind == DeviceKind::kCpu) {
+  if (device.kind == DeviceKind::kCpu) {
     std::memcpy(dst, src, bytes);
     return;
   }
@@ -112,7 +107,20 @@ void DeviceBuffer::copy_to_host(void* dst, std::size_t bytes, std::size_t offset
   RINGCAST_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
 #else
   (void)stream;
+  RINGCAST_THROW("a CUDA copy was requested but this build has no CUDA backend");
 #endif
+}
+
+void DeviceBuffer::copy_from_host(const void* src, std::size_t bytes, std::size_t offset, Stream stream) {
+  RINGCAST_CHECK(offset + bytes <= bytes_, "copy of {} bytes at offset {} overruns a buffer of {} bytes", bytes,
+                 offset, bytes_);
+  ringcast::copy_from_host(static_cast<char*>(data_) + offset, src, bytes, device_, stream);
+}
+
+void DeviceBuffer::copy_to_host(void* dst, std::size_t bytes, std::size_t offset, Stream stream) const {
+  RINGCAST_CHECK(offset + bytes <= bytes_, "copy of {} bytes at offset {} overruns a buffer of {} bytes", bytes,
+                 offset, bytes_);
+  ringcast::copy_to_host(dst, static_cast<const char*>(data_) + offset, bytes, device_, stream);
 }
 
 std::size_t peak_allocated_bytes() { return g_peak.load(); }

@@ -42,6 +42,10 @@ class DeviceBuffer {
   Device device_{};
 };
 
+// Synchronous copies between host memory and memory on `device` (the stream is synchronised first).
+void copy_to_host(void* dst, const void* src, std::size_t bytes, const Device& device, Stream stream = nullptr);
+void copy_from_host(void* dst, const void* src, std::size_t bytes, const Device& device, Stream stream = nullptr);
+
 // Peak bytes of device memory this process allocated through DeviceBuffer (host bytes on the CPU
 // backend), and a reset of that high-water mark.
 std::size_t peak_allocated_bytes();
