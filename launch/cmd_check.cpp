@@ -5,11 +5,10 @@
 #include "commands.hpp"
 #include "layer_options.hpp"
 #include "report.hpp"
+#include "tensor_arena.hpp"
 
 #include <ringcast/attention.hpp>
-#include <ringcast/kernels/layout.hpp>
 #include <ringcast/log.hpp>
-#include <ringcast/memory.hpp>
 
 #include <fmt/format.h>
 #include <mpi.h>
@@ -74,64 +73,24 @@ double rel_error(const std::vector<float>& x, const std::vector<float>& ref) {
 void run(const Session& session, DistributedAttention& layer, Tensors& t) {
   const LayerShape& s = layer.shape();
   const std::int64_t n = s.local_len();
-  const Device dev = session.device();
-  const kernels::ExecContext ctx{dev, session.stream()};
-  std::vector<DeviceBuffer> keep;
-  auto make = [&](std::vector<float>* host, std::initializer_list<std::int64_t> dims, DType dtype) {
-    TensorView v = TensorView::contiguous(nullptr, dtype, dims, dev);
-    DeviceBuffer staging(v.numel() * sizeof(float), dev);
-    if (host) staging.copy_from_host(host->data(), host->size() * sizeof(float), 0, session.stream());
-    keep.emplace_back(v.bytes(), dev);
-    v.data = keep.back().data();
-    if (host && dtype != DType::kF32) {
-      kernels::StridedCopy c;
-      c.ndim = 1;
-      c.shape[0] = v.numel();
-      c.src_strides[0] = c.dst_strides[0] = 1;
-      c.src = staging.data();
-      c.dst = v.data;
-      c.dst_dtype = dtype;
-      kernels::copy_strided(c, ctx);
-    } else if (host) {
-      keep.back().copy_from_host(host->data(), host->size() * sizeof(float), 0, session.stream());
-    }
-    keep.push_back(std::move(staging));
-    return v;
-  };
   const DType dt = s.dtype;
-  TensorView q = make(&t.q, {s.batch, n, s.heads, s.head_dim}, dt);
-  TensorView k = make(&t.k, {s.batch, n, s.kv_heads, s.head_dim}, dt);
-  TensorView v = make(&t.v, {s.batch, n, s.kv_heads, s.head_dim}, dt);
-  TensorView d_o = make(&t.d_o, {s.batch, n, s.heads, s.head_dim}, dt);
-  TensorView o = make(nullptr, {s.batch, n, s.heads, s.head_dim}, dt);
-  TensorView lse = make(nullptr, {s.batch, s.heads, n}, DType::kF32);
-  TensorView d_q = make(nullptr, {s.batch, n, s.heads, s.head_dim}, dt);
-  TensorView d_k = make(nullptr, {s.batch, n, s.kv_heads, s.head_dim}, dt);
-  TensorView d_v = make(nullptr, {s.batch, n, s.kv_heads, s.head_dim}, dt);
+  TensorArena arena(session);
+  const TensorView q = arena.make({s.batch, n, s.heads, s.head_dim}, dt, &t.q);
+  const TensorView k = arena.make({s.batch, n, s.kv_heads, s.head_dim}, dt, &t.k);
+  const TensorView v = arena.make({s.batch, n, s.kv_heads, s.head_dim}, dt, &t.v);
+  const TensorView d_o = arena.make({s.batch, n, s.heads, s.head_dim}, dt, &t.d_o);
+  const TensorView o = arena.make({s.batch, n, s.heads, s.head_dim}, dt);
+  const TensorView lse = arena.make({s.batch, s.heads, n}, DType::kF32);
+  const TensorView d_q = arena.make({s.batch, n, s.heads, s.head_dim}, dt);
+  const TensorView d_k = arena.make({s.batch, n, s.kv_heads, s.head_dim}, dt);
+  const TensorView d_v = arena.make({s.batch, n, s.kv_heads, s.head_dim}, dt);
   layer.forward({q, k, v, o, lse});
   layer.backward({q, k, v, o, lse, d_o, d_q, d_k, d_v});
-  auto fetch = [&](const TensorView& x, std::vector<float>& out) {
-    out.resize(x.numel());
-    if (x.dtype == DType::kF32) {
-      copy_to_host(out.data(), x.data, out.size() * sizeof(float), dev, session.stream());
-      return;
-    }
-    DeviceBuffer f32(x.numel() * sizeof(float), dev);
-    kernels::StridedCopy c;
-    c.ndim = 1;
-    c.shape[0] = x.numel();
-    c.src_strides[0] = c.dst_strides[0] = 1;
-    c.src = x.data;
-    c.src_dtype = x.dtype;
-    c.dst = f32.data();
-    kernels::copy_strided(c, ctx);
-    f32.copy_to_host(out.data(), out.size() * sizeof(float), 0, session.stream());
-  };
-  fetch(o, t.o);
-  fetch(lse, t.lse);
-  fetch(d_q, t.d_q);
-  fetch(d_k, t.d_k);
-  fetch(d_v, t.d_v);
+  t.o = arena.download(o);
+  t.lse = arena.download(lse);
+  t.d_q = arena.download(d_q);
+  t.d_k = arena.download(d_k);
+  t.d_v = arena.download(d_v);
 }
 
 }  // namespace

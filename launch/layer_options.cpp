@@ -5,9 +5,9 @@
 
 namespace ringcast::launch {
 
-void add_layer_options(po::options_description& desc, bool with_ranks) {
+void add_layer_options(po::options_description& desc, bool with_ranks, std::int64_t default_seq_len) {
   desc.add_options()
-      ("seq-len", po::value<std::int64_t>()->default_value(1 << 20), "n: tokens in the whole sequence")
+      ("seq-len", po::value<std::int64_t>()->default_value(default_seq_len), "n: tokens in the whole sequence")
       ("batch", po::value<int>()->default_value(1), "sequences per step")
       ("heads", po::value<int>()->default_value(16), "query heads h")
       ("kv-heads", po::value<int>()->default_value(16), "key/value heads h_kv (h % h_kv == 0)")

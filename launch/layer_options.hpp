@@ -10,7 +10,7 @@
 namespace ringcast::launch {
 
 // with_ranks: `plan` takes --ranks (it runs nothing); `check` and `run` use the MPI world size.
-void add_layer_options(po::options_description& desc, bool with_ranks);
+void add_layer_options(po::options_description& desc, bool with_ranks, std::int64_t default_seq_len = 1 << 20);
 // Throws UsageError for values that do not parse or do not fit together (validate()).
 void read_layer_options(const po::variables_map& vm, int world_size, LayerShape& shape, AttentionOptions& options);
 

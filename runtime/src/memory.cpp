@@ -123,6 +123,15 @@ void DeviceBuffer::copy_to_host(void* dst, std::size_t bytes, std::size_t offset
   ringcast::copy_to_host(dst, static_cast<const char*>(data_) + offset, bytes, device_, stream);
 }
 
+void synchronize(const Device& device, Stream stream) {
+  if (device.kind == DeviceKind::kCpu) return;
+#if RINGCAST_WITH_CUDA
+  sync_stream(stream);
+#else
+  (void)stream;
+#endif
+}
+
 std::size_t peak_allocated_bytes() { return g_peak.load(); }
 void reset_peak_allocated_bytes() { g_peak.store(g_current.load()); }
 

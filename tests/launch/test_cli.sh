@@ -21,7 +21,7 @@ for c in run train bench plan check; do grep -qw "$c" "$tmp/out" || fail "--help
 expect_code 0 "--version" "$rc" --version
 grep -q "^ringcast " "$tmp/out" || fail "--version prints no version"
 expect_code 0 "run --help" "$rc" run --help
-grep -q -- "--max-bytes" "$tmp/out" || fail "run --help does not list --max-bytes"
+grep -q -- "--mode" "$tmp/out" || fail "run --help does not list --mode"
 
 # Usage errors: a clear message once (rank 0), exit 2 from every rank, no hang.
 expect_code 2 "unknown option" "$mpiexec" -n 2 "$rc" --no-such-option
@@ -29,19 +29,32 @@ expect_code 2 "unknown option" "$mpiexec" -n 2 "$rc" --no-such-option
 expect_code 2 "unknown command" "$mpiexec" -n 2 "$rc" frobnicate
 expect_code 2 "bad run option" "$mpiexec" -n 4 "$rc" run --no-such-option
 grep -q "unrecognised option\|unrecognized option" "$tmp/err" || fail "bad run option: no message"
-expect_code 2 "bad size" "$mpiexec" -n 2 "$rc" run --max-bytes 12Q
+expect_code 2 "bad size" "$mpiexec" -n 2 "$rc" bench comm --max-bytes 12Q
+expect_code 2 "uneven sequence" "$mpiexec" -n 4 "$rc" run --seq-len 1001
+[ "$(grep -c "does not divide evenly over 4 ranks" "$tmp/err")" -eq 1 ] || fail "uneven sequence: message not printed once"
+expect_code 2 "unknown mode" "$mpiexec" -n 2 "$rc" run --mode dense
 expect_code 2 "bad output format" "$rc" run --output yaml
 expect_code 2 "missing config" "$rc" run --config "$tmp/missing.conf"
 
-# The main job on 1, 2 and 4 ranks.
+# The main job (one attention layer) and the communication test on 1, 2 and 4 ranks.
 for np in 1 2 4; do
-  expect_code 0 "run on $np ranks" "$mpiexec" -n "$np" "$rc" run --max-bytes 64K --iters 2 --output json
-  python3 - "$tmp/out" "$np" <<'PY' || fail "run on $np ranks: bad JSON rows"
+  for mode in ring ulysses allgather; do
+    expect_code 0 "run --mode $mode on $np ranks" "$mpiexec" -n "$np" "$rc" run --mode "$mode" --seq-len 512 \
+      --heads 4 --kv-heads 4 --head-dim 64 --warmup 0 --iters 1 --output json
+    python3 - "$tmp/out" "$mode" "$np" <<'PY' || fail "run --mode $mode on $np ranks: bad JSON"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["mode"] == sys.argv[2] and r["ranks"] == int(sys.argv[3]), r
+assert r["fwd_ms_max"] > 0 and r["fwd_bwd_ms_max"] >= r["fwd_ms_max"] and r["peak_memory_bytes"] > 0, r
+assert r["bytes_sent_fwd"] == r["plan_bytes_sent_fwd"] and r["bytes_sent_bwd"] == r["plan_bytes_sent_bwd"], r
+PY
+  done
+  expect_code 0 "bench comm on $np ranks" "$mpiexec" -n "$np" "$rc" bench comm --max-bytes 64K --iters 2 --output json
+  python3 - "$tmp/out" <<'PY' || fail "bench comm on $np ranks: bad JSON rows"
 import json, sys
 rows = json.load(open(sys.argv[1]))
 assert isinstance(rows, list) and rows, "no rows"
-ops = {r["op"] for r in rows}
-assert ops == {"ring", "allgather"}, ops
+assert {r["op"] for r in rows} == {"ring", "allgather", "alltoall"}, rows
 assert all(r["wrong"] == 0 and r["time_us"] > 0 and r["busbw_GBps"] >= 0 for r in rows), rows
 PY
 done
@@ -55,7 +68,7 @@ head -1 "$tmp/rows.csv" | grep -q "^op,size_B,count,type,time_us,algbw_GBps,busb
 [ "$(wc -l <"$tmp/rows.csv")" -eq 3 ] || fail "expected 2 CSV rows (1K, 4K) from max-bytes in the config"
 
 # A rank that dies mid-run: the job ends (non-zero) instead of leaving the others waiting.
-"$mpiexec" -n 2 "$rc" run --ops ring --min-bytes 4 --max-bytes 4 --warmup 0 --iters 200000000 \
+"$mpiexec" -n 2 "$rc" bench comm --ops ring --min-bytes 4 --max-bytes 4 --warmup 0 --iters 200000000 \
   >"$tmp/long.out" 2>&1 &
 launcher=$!
 victim=""

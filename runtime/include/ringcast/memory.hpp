@@ -46,6 +46,9 @@ class DeviceBuffer {
 void copy_to_host(void* dst, const void* src, std::size_t bytes, const Device& device, Stream stream = nullptr);
 void copy_from_host(void* dst, const void* src, std::size_t bytes, const Device& device, Stream stream = nullptr);
 
+// Waits for the work enqueued on `stream` (nothing to wait for on the CPU backend).
+void synchronize(const Device& device, Stream stream);
+
 // Peak bytes of device memory this process allocated through DeviceBuffer (host bytes on the CPU
 // backend), and a reset of that high-water mark.
 std::size_t peak_allocated_bytes();
