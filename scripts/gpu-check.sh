@@ -5,7 +5,7 @@
 # baselines. Everything is logged to LOG_DIR (default build-gpu/gpu-check), one file per step, and a
 # summary is printed last.
 #   usage: scripts/gpu-check.sh [LOG_DIR]      env: CUDA_ARCH (default 90), JOBS, BENCH=quick|full|off
-# Missing host libraries can travel as Debian packages in .gpu-deps/ (unpacked to /tmp/gpu-deps).
+# Dependencies the machine lacks travel as Debian packages in .gpu-deps/ (scripts/gpu-env.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log_dir=${1:-build-gpu/gpu-check}
@@ -14,7 +14,6 @@ build=build-gpu
 arch=${CUDA_ARCH:-90}
 jobs=${JOBS:-$(nproc)}
 bench=${BENCH:-quick}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 summary=()
 step() {  # step NAME COMMAND...: runs COMMAND, logs it, records ok/FAIL
   local name=$1; shift
@@ -23,23 +22,24 @@ step() {  # step NAME COMMAND...: runs COMMAND, logs it, records ok/FAIL
   else summary+=("FAIL  $name ($((SECONDS - t0)) s): see $log_dir/$name.log"); tail -30 "$log_dir/$name.log"; fi
 }
 
-if [ -d .gpu-deps ] && ! ldconfig -p | grep -q libopenblas; then
-  mkdir -p /tmp/gpu-deps
-  for f in .gpu-deps/*.deb; do dpkg -x "$f" /tmp/gpu-deps; done
-  export CMAKE_PREFIX_PATH=/tmp/gpu-deps/usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}
-  export LD_LIBRARY_PATH=/tmp/gpu-deps/usr/lib/x86_64-linux-gnu:/tmp/gpu-deps/usr/lib/x86_64-linux-gnu/openblas-pthread${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  export CPATH=/tmp/gpu-deps/usr/include/x86_64-linux-gnu/openblas-pthread:/tmp/gpu-deps/usr/include${CPATH:+:$CPATH}
-fi
+source scripts/gpu-env.sh
 
 { nvidia-smi; nvcc --version; mpirun --version; python3 -c 'import torch; print("torch", torch.__version__)'; } \
   >"$log_dir/environment.log" 2>&1
 head -20 "$log_dir/environment.log"
 
-step configure cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DRINGCAST_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch"
+step configure cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DRINGCAST_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" \
+  "${CMAKE_ARGS[@]}"
 step build cmake --build "$build" -j"$jobs"
 step ctest-cpu ctest --test-dir "$build" --output-on-failure -j4 -LE gpu --timeout 600
 step ctest-gpu ctest --test-dir "$build" --output-on-failure -L gpu --timeout 600
-step run-4-nccl-ranks mpirun -np 4 "$build/bin/ringcast" run --max-bytes 64M
+step comm-4-nccl-ranks mpirun -np 4 "$build/bin/ringcast" bench comm --max-bytes 64M
+for mode in ring ulysses allgather; do
+  step check-$mode-4-ranks mpirun -np 4 "$build/bin/ringcast" check --mode $mode --seq-len 8192 --heads 8 \
+    --kv-heads 4 --head-dim 128
+done
+step run-1-rank-64k "$build/bin/ringcast" run --seq-len 65536 --heads 16 --kv-heads 16 --head-dim 128 \
+  --output csv "$log_dir/run-1-rank-64k.csv"
 if [ "$bench" != off ] && [ -f scripts/bench_attention.py ]; then
   step bench-attention python3 scripts/bench_attention.py --ringcast "$build/bin/ringcast" --out "$log_dir" \
     $([ "$bench" = quick ] && echo --quick)
