@@ -26,8 +26,16 @@ if(RINGCAST_WITH_CUDA)
     message(FATAL_ERROR "CMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES}: name the architectures")
   endif()
   enable_language(CUDA)
-  # CMake < 3.27 does not know nvcc's C++20 flag; pass it directly.
-  set(CMAKE_CUDA_FLAGS "${CMAKE_CUDA_FLAGS} -std=c++20")
+  # CMake < 3.27 does not know nvcc's C++20 flag (it rejects CUDA_STANDARD 20 at generate time).
+  if(NOT CMAKE_CUDA20_STANDARD_COMPILE_OPTION)
+    set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+    set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+  endif()
+  set(CMAKE_CUDA_STANDARD 20)
+  set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+  # fmt 9 turns constexpr off under nvcc, which breaks the compile-time format strings of the
+  # RINGCAST_CHECK / RINGCAST_CUDA_CHECK messages in .cu sources; nvcc's front end handles constexpr.
+  add_compile_options($<$<COMPILE_LANGUAGE:CUDA>:-DFMT_USE_CONSTEXPR=1>)
   find_package(CUDAToolkit REQUIRED)
   find_package(NCCL REQUIRED)
   set(CMAKE_CUDA_FLAGS "${CMAKE_CUDA_FLAGS} --expt-relaxed-constexpr -Xcompiler=-Wall")

@@ -14,6 +14,7 @@
 #endif
 
 namespace ringcast::kernels {
+#if !RINGCAST_WITH_CUDA
 namespace {
 
 [[noreturn]] void no_cuda() {
@@ -21,6 +22,7 @@ namespace {
 }
 
 }  // namespace
+#endif
 
 std::size_t attention_forward_workspace_bytes(const AttentionShape& shape, const ExecContext& ctx) {
   if (ctx.device.kind == DeviceKind::kCpu) return cpu::attention_forward_workspace_bytes(shape);

@@ -495,7 +495,7 @@ int bench_kernels(const BenchKernelsOptions& opt) {
              "fwd_ms", "fwd_TF/s", "fwd+bwd_ms", "f+b_TF/s", "error", "check");
   fmt::print("{:<28} {:<13} {:>4} {:>9.1f} {:>10.3f} {:>9.1f} {:>12.3f} {:>9.1f} {:>9.2e} {}\n", shape, opt.pattern,
              opt.k, avg_entries, fwd_ms, fwd_tflops, fb_ms, fb_tflops, err, ok ? "OK" : "WRONG");
-  fmt::print("csv,ringcast,{},{},{},{},{},{},{},{},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.3e},{}\n", opt.pattern,
+  fmt::print("csv,ringcast,{},{},{},{},{},{},{},{},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.3e},{}\n", opt.pattern,
              s.batch, s.seq_q, s.heads, s.kv_heads, s.head_dim, opt.k, opt.dtype, avg_entries, pairs, fwd_ms,
              fwd_tflops, fb_ms, fb_tflops, err, ok ? "OK" : "WRONG");
   return ok ? 0 : 1;

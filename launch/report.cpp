@@ -42,7 +42,7 @@ std::string json_escape(const std::string& s) {
 std::string to_json_value(const Value& v) {
   if (auto* i = std::get_if<std::int64_t>(&v)) return fmt::format("{}", *i);
   if (auto* d = std::get_if<double>(&v)) return std::isfinite(*d) ? fmt::format("{:.9g}", *d) : "null";
-  return "\"" + json_escape(std::get<std::string>(v)) + "\"";
+  return fmt::format("\"{}\"", json_escape(std::get<std::string>(v)));
 }
 
 std::string csv_field(const std::string& s) {

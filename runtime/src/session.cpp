@@ -76,7 +76,7 @@ Session Session::from_nccl_id(const std::array<char, 128>& unique_id, int rank, 
   RINGCAST_CUDA_CHECK(cudaSetDevice(device));
   s->device = Device{DeviceKind::kCuda, device};
   s->stream = stream;
-  s->comm = std::make_unique<comm::NcclCommunicator>(unique_id, rank, size);
+  s->comm = std::make_unique<comm::NcclCommunicator>(unique_id, rank, size, device);
   return Session(std::move(s));
 #else
   (void)unique_id, (void)rank, (void)size, (void)device, (void)stream;
