@@ -34,9 +34,9 @@ if ! have_system_deps && [ -d .gpu-deps ]; then
   export CMAKE_PREFIX_PATH=$d/usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}
   CMAKE_ARGS+=(-DBLAS_LIBRARIES=$lib/openblas-pthread/libopenblas.so
                -DCBLAS_INCLUDE_DIR=$d/usr/include/x86_64-linux-gnu/openblas-pthread
-               -DMPIEXEC_EXECUTABLE=$d/usr/bin/mpiexec)
+               -DMPIEXEC_EXECUTABLE=$d/usr/bin/mpiexec -DMPI_CXX_COMPILER=$d/usr/bin/mpicxx.openmpi)
 fi
-if [ ! -e /usr/local/cuda/include/nccl.h ] && [ ! -e /usr/include/nccl.h ]; then
+if ! ldconfig -p | grep -q 'libnccl\.so' && [ ! -e /usr/local/cuda/lib64/libnccl.so.2 ]; then
   nccl_root=$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null)
   if [ -n "$nccl_root" ]; then
     CMAKE_ARGS+=(-DNCCL_ROOT=$nccl_root)
