@@ -1,9 +1,13 @@
-# Writes OUT (a .cpp defining ringcast::git_commit() and ringcast::version()) from `git describe`,
+# Writes OUT (a .cpp defining ringcast::git_commit() and ringcast::version()) from `git rev-parse`,
 # touching the file only when the text changes so that builds stay incremental.
 execute_process(COMMAND git -C "${SRC}" rev-parse --short=12 HEAD OUTPUT_VARIABLE sha
                 OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET RESULT_VARIABLE rc)
 if(NOT rc EQUAL 0 OR sha STREQUAL "")
+  # A tree copied without .git (e.g. to a GPU machine) may carry the commit in .git-commit.
   set(sha "unknown")
+  if(EXISTS "${SRC}/.git-commit")
+    file(STRINGS "${SRC}/.git-commit" sha LIMIT_COUNT 1)
+  endif()
 else()
   execute_process(COMMAND git -C "${SRC}" status --porcelain --untracked-files=no
                   OUTPUT_VARIABLE dirty OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)

@@ -5,7 +5,8 @@
 # baselines. Everything is logged to LOG_DIR (default build-gpu/gpu-check), one file per step, and a
 # summary is printed last.
 #   usage: scripts/gpu-check.sh [LOG_DIR]      env: CUDA_ARCH (default 90), JOBS, BENCH=quick|full|off
-# Dependencies the machine lacks travel as Debian packages in .gpu-deps/ (scripts/gpu-env.sh).
+# Dependencies the machine lacks travel as Debian packages in .gpu-deps/ (scripts/gpu-env.sh); a tree
+# copied without .git names its commit in .git-commit (git rev-parse --short=12 HEAD > .git-commit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log_dir=${1:-build-gpu/gpu-check}
@@ -46,7 +47,7 @@ if [ "$bench" != off ] && [ -f scripts/bench_attention.py ]; then
 fi
 
 echo
-echo "== gpu-check summary ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short=12 HEAD 2>/dev/null))"
+echo "== gpu-check summary ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short=12 HEAD 2>/dev/null || cat .git-commit 2>/dev/null))"
 grep -E "tests passed|tests failed" "$log_dir/ctest-cpu.log" "$log_dir/ctest-gpu.log" 2>/dev/null
 printf '%s\n' "${summary[@]}"
 ! printf '%s\n' "${summary[@]}" | grep -q '^FAIL'

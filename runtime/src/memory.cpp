@@ -31,6 +31,13 @@ constexpr std::size_t kHostAlignment = 64;
 void sync_stream(Stream stream) {
   RINGCAST_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
 }
+
+// On `stream`, then waited for: a cudaMemcpy from pageable memory may return before its DMA lands, and
+// nothing orders the legacy default stream with the non-blocking streams the runtime uses.
+void copy_on_stream(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind, Stream stream) {
+  RINGCAST_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, static_cast<cudaStream_t>(stream)));
+  sync_stream(stream);
+}
 #endif
 
 }  // namespace
@@ -88,8 +95,7 @@ void copy_from_host(void* dst, const void* src, std::size_t bytes, const Device&
     return;
   }
 #if RINGCAST_WITH_CUDA
-  sync_stream(stream);
-  RINGCAST_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+  copy_on_stream(dst, src, bytes, cudaMemcpyHostToDevice, stream);
 #else
   (void)stream;
   RINGCAST_THROW("a CUDA copy was requested but this build has no CUDA backend");
@@ -103,8 +109,7 @@ void copy_to_host(void* dst, const void* src, std::size_t bytes, const Device& d
     return;
   }
 #if RINGCAST_WITH_CUDA
-  sync_stream(stream);
-  RINGCAST_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+  copy_on_stream(dst, src, bytes, cudaMemcpyDeviceToHost, stream);
 #else
   (void)stream;
   RINGCAST_THROW("a CUDA copy was requested but this build has no CUDA backend");

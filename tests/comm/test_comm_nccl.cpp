@@ -31,11 +31,15 @@ struct NcclBackend {
     return p;
   }
   static void release(void* p) { RINGCAST_CUDA_CHECK(cudaFree(p)); }
-  static void upload(void* dst, const void* src, std::size_t bytes) {
-    if (bytes > 0) RINGCAST_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
-  }
-  static void download(void* dst, const void* src, std::size_t bytes) {
-    if (bytes > 0) RINGCAST_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+  // Copies go on the test's stream and finish before returning: a cudaMemcpy from pageable memory may
+  // return before its DMA lands, and nothing orders the legacy stream with a non-blocking one.
+  static void upload(void* dst, const void* src, std::size_t bytes) { copy(dst, src, bytes, cudaMemcpyHostToDevice); }
+  static void download(void* dst, const void* src, std::size_t bytes) { copy(dst, src, bytes, cudaMemcpyDeviceToHost); }
+  static void copy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind) {
+    if (bytes == 0) return;
+    const auto s = static_cast<cudaStream_t>(stream());
+    RINGCAST_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, s));
+    RINGCAST_CUDA_CHECK(cudaStreamSynchronize(s));
   }
   // One non-blocking stream for the whole run; the legacy default stream would hide ordering bugs.
   static Stream stream() {
