@@ -6,9 +6,11 @@
 // (batch, query tile, KV head) a block table lists entries; each entry names a page and says which of
 // the tile's 128 rows see it (row_mask), whether the causal position mask applies (key position <=
 // query position, positions from q_pos and entry.key_pos0), an additive logit bias, and how many of
-// the page's keys are valid (a valid prefix). An entry with key_meta >= 0 points at page_size KeyMeta
-// records (a page of gathered summary keys): each key then has its own row mask and bias on top of
-// the entry's. Query heads h share KV head h / (heads / kv_heads) (GQA); the table is per KV head.
+// the page's keys are valid (a valid prefix) and which of those take part (key_mask, all by default).
+// Pages of summary keys are shared by many tiles: an entry may take a subset of their keys (key_mask),
+// add the pool's per-key bias (kEntryKeyBias: key_bias[kv_head][page][j], e.g. log(count) of the keys a
+// summary stands for), and, where rows of one tile see different keys of the page, point at page_size
+// KeyMeta records (key_meta >= 0): each key then has its own row mask and bias on top of the entry's. Query heads h share KV head h / (heads / kv_heads) (GQA); the table is per KV head.
 //
 // Forward: O [B, n_q, heads, head_dim] in o_dtype (storage dtype or fp32), LSE [B, heads, n_q] fp32 (natural log of
 // the softmax denominator of scale * q.k + bias). A row that sees no key gets O = 0, LSE = -inf.
@@ -32,7 +34,8 @@ namespace ringcast::kernels {
 inline constexpr int kQueryTile = 128;
 
 enum EntryFlags : std::uint32_t {
-  kEntryCausal = 1u << 0,  // apply the per-row position mask: key_pos0 + j <= q_pos[row]
+  kEntryCausal = 1u << 0,   // apply the per-row position mask: key_pos0 + j <= q_pos[row]
+  kEntryKeyBias = 1u << 1,  // add key_bias[kv_head][page][j] to key j's logit
 };
 
 struct BlockEntry {
@@ -43,6 +46,7 @@ struct BlockEntry {
   std::int32_t key_meta;      // index of the first of page_size KeyMeta records, or -1
   std::int32_t key_count;     // keys [0, key_count) of the page are valid, 1 <= key_count <= page_size
   std::uint32_t flags;        // EntryFlags
+  std::uint64_t key_mask = ~std::uint64_t{0};  // bit j: key j takes part (page_size <= 64 bits used)
 };
 
 // Per-key visibility and bias for pages of gathered summary keys.
@@ -94,6 +98,7 @@ struct AttentionForwardParams {
   const void* k_pages = nullptr;   // [kv_heads, num_pages, page_size, head_dim]
   const void* v_pages = nullptr;
   const std::int32_t* q_pos = nullptr;  // [n_q] global positions of the query rows (causal entries)
+  const float* key_bias = nullptr;      // [kv_heads, num_pages, page_size]; read by kEntryKeyBias entries
   BlockTable table;
   void* o = nullptr;     // [B, n_q, heads, head_dim]
   float* lse = nullptr;  // [B, heads, n_q]
