@@ -19,8 +19,10 @@
 namespace ringcast::launch {
 namespace {
 
+// Inputs and, after run(), the host copies of the outputs.
 struct Tensors {
-  std::vector<float> q, k, v, o, lse, d_o, d_q, d_k, d_v;
+  LayerInputs in;
+  std::vector<float> o, lse, d_q, d_k, d_v;
 };
 
 // Rounds through the storage dtype (bf16 and f16 keep 8 and 11 significand bits).
@@ -71,26 +73,15 @@ double rel_error(const std::vector<float>& x, const std::vector<float>& ref) {
 
 // Forward and backward of `layer` on host tensors (uploaded to the session's device in its dtype).
 void run(const Session& session, DistributedAttention& layer, Tensors& t) {
-  const LayerShape& s = layer.shape();
-  const std::int64_t n = s.local_len();
-  const DType dt = s.dtype;
   TensorArena arena(session);
-  const TensorView q = arena.make({s.batch, n, s.heads, s.head_dim}, dt, &t.q);
-  const TensorView k = arena.make({s.batch, n, s.kv_heads, s.head_dim}, dt, &t.k);
-  const TensorView v = arena.make({s.batch, n, s.kv_heads, s.head_dim}, dt, &t.v);
-  const TensorView d_o = arena.make({s.batch, n, s.heads, s.head_dim}, dt, &t.d_o);
-  const TensorView o = arena.make({s.batch, n, s.heads, s.head_dim}, dt);
-  const TensorView lse = arena.make({s.batch, s.heads, n}, DType::kF32);
-  const TensorView d_q = arena.make({s.batch, n, s.heads, s.head_dim}, dt);
-  const TensorView d_k = arena.make({s.batch, n, s.kv_heads, s.head_dim}, dt);
-  const TensorView d_v = arena.make({s.batch, n, s.kv_heads, s.head_dim}, dt);
-  layer.forward({q, k, v, o, lse});
-  layer.backward({q, k, v, o, lse, d_o, d_q, d_k, d_v});
-  t.o = arena.download(o);
-  t.lse = arena.download(lse);
-  t.d_q = arena.download(d_q);
-  t.d_k = arena.download(d_k);
-  t.d_v = arena.download(d_v);
+  const LayerTensors x = arena.layer(layer.shape(), t.in);
+  layer.forward({x.q, x.k, x.v, x.o, x.lse});
+  layer.backward({x.q, x.k, x.v, x.o, x.lse, x.d_o, x.d_q, x.d_k, x.d_v});
+  t.o = arena.download(x.o);
+  t.lse = arena.download(x.lse);
+  t.d_q = arena.download(x.d_q);
+  t.d_k = arena.download(x.d_k);
+  t.d_v = arena.download(x.d_v);
 }
 
 }  // namespace
@@ -124,17 +115,13 @@ int check_command(const CommandLine& cmd) {
   const std::size_t qn = std::size_t(s.batch) * s.seq_len * s.heads * s.head_dim;
   const std::size_t kn = std::size_t(s.batch) * s.seq_len * s.kv_heads * s.head_dim;
   Tensors global;
-  global.q = random_tensor(qn, seed, s.dtype);
-  global.k = random_tensor(kn, seed + 1, s.dtype);
-  global.v = random_tensor(kn, seed + 2, s.dtype);
-  global.d_o = random_tensor(qn, seed + 3, s.dtype);
+  global.in = {random_tensor(qn, seed, s.dtype), random_tensor(kn, seed + 1, s.dtype),
+               random_tensor(kn, seed + 2, s.dtype), random_tensor(qn, seed + 3, s.dtype)};
   const auto pos = layer.positions();
   const int qrow = s.heads * s.head_dim, krow = s.kv_heads * s.head_dim;
   Tensors mine;
-  mine.q = rows(global.q, s.batch, s.seq_len, qrow, pos);
-  mine.k = rows(global.k, s.batch, s.seq_len, krow, pos);
-  mine.v = rows(global.v, s.batch, s.seq_len, krow, pos);
-  mine.d_o = rows(global.d_o, s.batch, s.seq_len, qrow, pos);
+  mine.in = {rows(global.in.q, s.batch, s.seq_len, qrow, pos), rows(global.in.k, s.batch, s.seq_len, krow, pos),
+             rows(global.in.v, s.batch, s.seq_len, krow, pos), rows(global.in.d_o, s.batch, s.seq_len, qrow, pos)};
   run(session, layer, mine);
 
   // The reference: the same layer on one rank, whole sequence, CPU backend in fp32.

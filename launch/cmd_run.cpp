@@ -110,17 +110,10 @@ int run_command(const CommandLine& cmd) {
   TensorArena arena(session);
   const std::size_t qn = std::size_t(s.batch) * n * s.heads * s.head_dim, kn = std::size_t(s.batch) * n * s.kv_heads * s.head_dim;
   const std::uint64_t seed = 1000 + 17 * static_cast<std::uint64_t>(rank);
-  const auto hq = random_values(qn, seed), hk = random_values(kn, seed + 1), hv = random_values(kn, seed + 2),
-             hdo = random_values(qn, seed + 3);
-  const TensorView q = arena.make({s.batch, n, s.heads, s.head_dim}, s.dtype, &hq);
-  const TensorView k = arena.make({s.batch, n, s.kv_heads, s.head_dim}, s.dtype, &hk);
-  const TensorView v = arena.make({s.batch, n, s.kv_heads, s.head_dim}, s.dtype, &hv);
-  const TensorView d_o = arena.make({s.batch, n, s.heads, s.head_dim}, s.dtype, &hdo);
-  const TensorView o = arena.make({s.batch, n, s.heads, s.head_dim}, s.dtype);
-  const TensorView lse = arena.make({s.batch, s.heads, n}, DType::kF32);
-  const TensorView d_q = arena.make({s.batch, n, s.heads, s.head_dim}, s.dtype);
-  const TensorView d_k = arena.make({s.batch, n, s.kv_heads, s.head_dim}, s.dtype);
-  const TensorView d_v = arena.make({s.batch, n, s.kv_heads, s.head_dim}, s.dtype);
+  const LayerTensors x = arena.layer(shape, {random_values(qn, seed), random_values(kn, seed + 1),
+                                             random_values(kn, seed + 2), random_values(qn, seed + 3)});
+  const AttentionForwardArgs fwd{x.q, x.k, x.v, x.o, x.lse};
+  const AttentionBackwardArgs bwd{x.q, x.k, x.v, x.o, x.lse, x.d_o, x.d_q, x.d_k, x.d_v};
 
   auto& comm = session.comm();
   std::vector<double> fwd_s, total_s;
@@ -131,11 +124,11 @@ int run_command(const CommandLine& cmd) {
     MPI_Barrier(MPI_COMM_WORLD);
     comm.reset_counters();
     const double t0 = MPI_Wtime();
-    layer.forward({q, k, v, o, lse});
+    layer.forward(fwd);
     synchronize(session.device(), session.stream());
     const double t1 = MPI_Wtime();
     sent_fwd = comm.counters().total().bytes_sent;
-    layer.backward({q, k, v, o, lse, d_o, d_q, d_k, d_v});
+    layer.backward(bwd);
     synchronize(session.device(), session.stream());
     const double t2 = MPI_Wtime();
     sent_bwd = comm.counters().total().bytes_sent - sent_fwd;

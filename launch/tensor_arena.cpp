@@ -6,21 +6,6 @@
 #include <ringcast/kernels/layout.hpp>
 
 namespace ringcast::launch {
-namespace {
-
-kernels::StridedCopy convert(const void* src, DType st, void* dst, DType dt, std::int64_t n) {
-  kernels::StridedCopy c;
-  c.ndim = 1;
-  c.shape[0] = n;
-  c.src_strides[0] = c.dst_strides[0] = 1;
-  c.src = src;
-  c.src_dtype = st;
-  c.dst = dst;
-  c.dst_dtype = dt;
-  return c;
-}
-
-}  // namespace
 
 TensorView TensorArena::make(std::initializer_list<std::int64_t> shape, DType dtype, const std::vector<float>* host) {
   const Device dev = session_.device();
@@ -36,7 +21,7 @@ TensorView TensorArena::make(std::initializer_list<std::int64_t> shape, DType dt
   }
   DeviceBuffer staging(host->size() * sizeof(float), dev);
   staging.copy_from_host(host->data(), staging.bytes(), 0, session_.stream());
-  kernels::copy_strided(convert(staging.data(), DType::kF32, v.data, dtype, v.numel()), {dev, session_.stream()});
+  kernels::copy_strided(kernels::StridedCopy::flat(staging.data(), DType::kF32, v.data, dtype, v.numel()), {dev, session_.stream()});
   synchronize(dev, session_.stream());  // the conversion reads staging, which goes out of scope
   return v;
 }
@@ -49,9 +34,24 @@ std::vector<float> TensorArena::download(const TensorView& view) {
     return out;
   }
   DeviceBuffer f32(out.size() * sizeof(float), dev);
-  kernels::copy_strided(convert(view.data, view.dtype, f32.data(), DType::kF32, view.numel()), {dev, session_.stream()});
+  kernels::copy_strided(kernels::StridedCopy::flat(view.data, view.dtype, f32.data(), DType::kF32, view.numel()), {dev, session_.stream()});
   f32.copy_to_host(out.data(), f32.bytes(), 0, session_.stream());
   return out;
+}
+
+LayerTensors TensorArena::layer(const LayerShape& s, const LayerInputs& in) {
+  const std::int64_t n = s.local_len();
+  LayerTensors t;
+  t.q = make({s.batch, n, s.heads, s.head_dim}, s.dtype, &in.q);
+  t.k = make({s.batch, n, s.kv_heads, s.head_dim}, s.dtype, &in.k);
+  t.v = make({s.batch, n, s.kv_heads, s.head_dim}, s.dtype, &in.v);
+  t.d_o = make({s.batch, n, s.heads, s.head_dim}, s.dtype, &in.d_o);
+  t.o = make({s.batch, n, s.heads, s.head_dim}, s.dtype);
+  t.lse = make({s.batch, s.heads, n}, DType::kF32);
+  t.d_q = make({s.batch, n, s.heads, s.head_dim}, s.dtype);
+  t.d_k = make({s.batch, n, s.kv_heads, s.head_dim}, s.dtype);
+  t.d_v = make({s.batch, n, s.kv_heads, s.head_dim}, s.dtype);
+  return t;
 }
 
 }  // namespace ringcast::launch

@@ -78,18 +78,6 @@ void unpack_from_pool(const float* pool, void* tokens, DType dst_dtype, int batc
   kernels::copy_strided(c, ctx);
 }
 
-kernels::StridedCopy flat_copy(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::int64_t n) {
-  kernels::StridedCopy c;
-  c.ndim = 1;
-  c.shape[0] = n;
-  c.src_strides[0] = c.dst_strides[0] = 1;
-  c.src = src;
-  c.src_dtype = src_dtype;
-  c.dst = dst;
-  c.dst_dtype = dst_dtype;
-  return c;
-}
-
 DeviceTables::DeviceTables(const kernels::HostBlockTable& table, const kernels::AttentionShape& shape,
                            const Device& device, Stream stream) {
   const kernels::HostTransposedTable t = kernels::transpose(table, shape);

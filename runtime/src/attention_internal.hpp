@@ -44,8 +44,6 @@ void pack_to_pool(const void* tokens, DType dtype, void* pool, int batch, int he
 void unpack_from_pool(const float* pool, void* tokens, DType dst_dtype, int batch, int heads, int head_dim,
                       const Segments& seg, int page_size, const kernels::ExecContext& ctx, PoolSpan span = {});
 
-// A copy of n contiguous elements with dtype conversion.
-kernels::StridedCopy flat_copy(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::int64_t n);
 
 // A forward table and its transpose, in device memory (host memory on the CPU backend).
 class DeviceTables {

@@ -71,8 +71,8 @@ class SourceBlockMode final : public DistributedAttention::Mode {
       }
     }
     const std::int64_t rows = std::int64_t{shape.batch} * shape.local_len() * shape.heads;
-    kernels::copy_strided(flat_copy(o_acc_.data(), DType::kF32, a.o.data, shape.dtype, rows * shape.head_dim), ctx);
-    kernels::copy_strided(flat_copy(lse_acc_.data(), DType::kF32, a.lse.data, DType::kF32, rows), ctx);
+    kernels::copy_strided(kernels::StridedCopy::flat(o_acc_.data(), DType::kF32, a.o.data, shape.dtype, rows * shape.head_dim), ctx);
+    kernels::copy_strided(kernels::StridedCopy::flat(lse_acc_.data(), DType::kF32, a.lse.data, DType::kF32, rows), ctx);
   }
 
   void backward(const AttentionBackwardArgs& a) override {
@@ -106,7 +106,7 @@ class SourceBlockMode final : public DistributedAttention::Mode {
     unpack_from_pool(dkv + half, a.d_v.data, shape.dtype, shape.batch, shape.kv_heads, shape.head_dim, local_,
                      kExactPageSize, ctx);
     const std::int64_t elems = std::int64_t{shape.batch} * shape.local_len() * shape.heads * shape.head_dim;
-    kernels::copy_strided(flat_copy(dq_acc_.data(), DType::kF32, a.d_q.data, shape.dtype, elems), ctx);
+    kernels::copy_strided(kernels::StridedCopy::flat(dq_acc_.data(), DType::kF32, a.d_q.data, shape.dtype, elems), ctx);
   }
 
  private:

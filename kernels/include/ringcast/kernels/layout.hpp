@@ -24,6 +24,19 @@ struct StridedCopy {
   void* dst = nullptr;
   DType dst_dtype = DType::kF32;
   bool accumulate = false;  // dst += src (dst must be f32) instead of dst = src
+
+  // n contiguous elements, converted from src_dtype to dst_dtype.
+  static StridedCopy flat(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::int64_t n) {
+    StridedCopy c;
+    c.ndim = 1;
+    c.shape[0] = n;
+    c.src_strides[0] = c.dst_strides[0] = 1;
+    c.src = src;
+    c.src_dtype = src_dtype;
+    c.dst = dst;
+    c.dst_dtype = dst_dtype;
+    return c;
+  }
 };
 
 // dst[i] = convert(src[i]) (or +=) for every index i of shape. f32, bf16 and f16 on CUDA; f32 and
