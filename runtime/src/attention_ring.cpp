@@ -4,6 +4,7 @@
 // at a time with the table of that source (causal positions from the placement, zigzag when causal
 // by default) and merge the partial results by LSE in fp32.
 #include "attention_internal.hpp"
+#include "overlap.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/layout.hpp>
@@ -16,7 +17,7 @@ namespace {
 
 class SourceBlockMode final : public DistributedAttention::Mode {
  public:
-  SourceBlockMode(const Session& s, const LayerShape& sh, const AttentionOptions& o) : Mode(s, sh, o) {
+  SourceBlockMode(const Session& s, const LayerShape& sh, const AttentionOptions& o) : Mode(s, sh, o), overlap_(s) {
     p_ = sh.ranks;
     r_ = s.rank();
     gather_ = o.mode == AttentionMode::kAllGather;
@@ -61,11 +62,14 @@ class SourceBlockMode final : public DistributedAttention::Mode {
                                 {kv_.data(), static_cast<std::size_t>(block_elems_ * p_), shape.dtype}, ctx.stream);
       for (int src = 0; src < p_; ++src) attend(a, src, block(kv_, src, elt_), src == 0);
     } else {
+      // The next step's K/V travel while this step's block computes.
       int cur = 0;
       for (int step = 0; step < p_; ++step) {
+        const bool more = step + 1 < p_;
+        if (more) overlap_.start([this, cur](Stream s) { shift_kv(cur, s); });
         attend(a, (r_ - step + p_) % p_, block(kv_, cur, elt_), step == 0);
-        if (step + 1 < p_) {
-          shift({block(kv_, cur, elt_)}, {block(kv_, 1 - cur, elt_)}, shape.dtype, block_elems_);
+        if (more) {
+          overlap_.wait();
           cur = 1 - cur;
         }
       }
@@ -86,18 +90,17 @@ class SourceBlockMode final : public DistributedAttention::Mode {
                                     {dkv_mine_.data(), static_cast<std::size_t>(block_elems_), DType::kF32},
                                     comm::ReduceOp::kSum, ctx.stream);
     } else {
+      // K/V travel while this step computes; the accumulators it wrote follow once it is done.
       pack_local(a.k, a.v, block(kv_, 0, elt_));
       for (int step = 0; step < p_; ++step) {
+        const bool more = step + 1 < p_;
+        if (more) overlap_.start([this, cur](Stream s) { shift_kv(cur, s); });
         attend_backward(a, (r_ - step + p_) % p_, block(kv_, cur, elt_), block(dkv_, cur, sizeof(float)));
-        if (step + 1 < p_) {
-          shift({block(kv_, cur, elt_), block(dkv_, cur, sizeof(float))},
-                {block(kv_, 1 - cur, elt_), block(dkv_, 1 - cur, sizeof(float))}, shape.dtype, block_elems_);
+        if (more) overlap_.wait();
+        if (p_ > 1) {  // after the last step, the accumulators held belong to rank r+1: that shift takes them home
+          shift(block(dkv_, cur, sizeof(float)), block(dkv_, 1 - cur, sizeof(float)), DType::kF32, ctx.stream);
           cur = 1 - cur;
         }
-      }
-      if (p_ > 1) {  // the accumulators held now belong to rank r+1: one last step home
-        shift({block(dkv_, cur, sizeof(float))}, {block(dkv_, 1 - cur, sizeof(float))}, DType::kF32, block_elems_);
-        cur = 1 - cur;
       }
     }
     const auto* dkv = static_cast<const float*>(gather_ ? dkv_mine_.data() : block(dkv_, cur, sizeof(float)));
@@ -124,18 +127,12 @@ class SourceBlockMode final : public DistributedAttention::Mode {
                  ctx);
   }
 
-  // Ring step 1: send these buffers to rank r+1, receive the same sizes from rank r-1. The first
-  // buffer has dtype `dtype`, any second one f32 (the accumulators).
-  void shift(std::initializer_list<void*> send, std::initializer_list<void*> recv, DType dtype, std::int64_t elems) {
-    std::vector<comm::SendOp> sends;
-    std::vector<comm::RecvOp> recvs;
-    const int next = (r_ + 1) % p_, prev = (r_ - 1 + p_) % p_;
-    int i = 0;
-    for (void* b : send) sends.push_back({next, {b, static_cast<std::size_t>(elems), i++ == 0 ? dtype : DType::kF32}});
-    i = 0;
-    for (void* b : recv) recvs.push_back({prev, {b, static_cast<std::size_t>(elems), i++ == 0 ? dtype : DType::kF32}});
-    session.comm().exchange(sends, recvs, ctx.stream);
+  // Ring step 1: send `send` to rank r+1, receive the same number of elements from rank r-1.
+  void shift(const void* send, void* recv, DType dtype, Stream stream) {
+    const auto n = static_cast<std::size_t>(block_elems_);
+    session.comm().ring_shift({send, n, dtype}, {recv, n, dtype}, 1, stream);
   }
+  void shift_kv(int cur, Stream stream) { shift(block(kv_, cur, elt_), block(kv_, 1 - cur, elt_), shape.dtype, stream); }
 
   kernels::AttentionForwardParams params(const TensorView& q, int src, const void* kv, int b) const {
     const std::int64_t n = shape.local_len();
@@ -199,6 +196,7 @@ class SourceBlockMode final : public DistributedAttention::Mode {
   std::size_t elt_ = 4;
   DeviceBuffer q_pos_, send_, kv_, dkv_, dkv_mine_, o_acc_, o_part_, lse_acc_, lse_part_, dq_acc_, fwd_ws_, bwd_ws_;
   std::vector<DeviceTables> tables_;
+  CommOverlap overlap_;
 };
 
 }  // namespace

@@ -1,0 +1,40 @@
+// CommOverlap: runs one communication step concurrently with the compute that follows it. On CUDA
+// the communication goes on a second stream, ordered after the work already on the compute stream
+// (an event) and joined back before the compute that needs its result (another event). On the CPU
+// backend it runs on a helper thread while the calling thread computes; that needs MPI at
+// MPI_THREAD_SERIALIZED or above (only the helper calls MPI meanwhile), else the step runs inline.
+#pragma once
+
+#include <ringcast/session.hpp>
+
+#include <exception>
+#include <functional>
+#include <thread>
+
+namespace ringcast {
+
+class CommOverlap {
+ public:
+  explicit CommOverlap(const Session& session);
+  ~CommOverlap();
+  CommOverlap(const CommOverlap&) = delete;
+  CommOverlap& operator=(const CommOverlap&) = delete;
+
+  // Starts `step(stream)`, which enqueues communication on `stream` (or, on the CPU, performs it).
+  void start(std::function<void(Stream)> step);
+  // Makes the compute stream wait for the step; surfaces its errors (and, on CUDA, the
+  // communicator's asynchronous errors and timeout).
+  void wait();
+
+ private:
+  const Session& session_;
+  bool threaded_ = false;
+  Stream comm_stream_ = nullptr;
+  void* ready_ = nullptr;  // cudaEvent_t: compute work before the step is done
+  void* done_ = nullptr;   // cudaEvent_t: the step is done
+  std::thread thread_;
+  std::exception_ptr error_;
+  bool pending_ = false;
+};
+
+}  // namespace ringcast
