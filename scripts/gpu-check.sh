@@ -4,7 +4,7 @@
 # NCCL_HOSTID), run `ringcast run` on 4 NCCL ranks, and run the attention benchmark beside PyTorch's
 # baselines. Everything is logged to LOG_DIR (default build-gpu/gpu-check), one file per step, and a
 # summary is printed last.
-#   usage: scripts/gpu-check.sh [LOG_DIR]      env: CUDA_ARCH (default 90), JOBS, BENCH=quick|full|off
+#   usage: scripts/gpu-check.sh [LOG_DIR]   env: CUDA_ARCH (default 90), JOBS, BENCH=quick|full|off, PROFILE=1|0
 # Dependencies the machine lacks travel as Debian packages in .gpu-deps/ (scripts/gpu-env.sh); a tree
 # copied without .git names its commit in .git-commit (git rev-parse --short=12 HEAD > .git-commit).
 set -uo pipefail
@@ -41,9 +41,17 @@ for mode in ring ulysses allgather; do
 done
 step run-1-rank-64k "$build/bin/ringcast" run --seq-len 65536 --heads 16 --kv-heads 16 --head-dim 128 \
   --output csv "$log_dir/run-1-rank-64k.csv"
+if command -v ncu >/dev/null && [ "${PROFILE:-1}" = 1 ]; then
+  # Where the forward kernel's time goes (the timed launch after the small correctness check; clocks as
+  # found): speed of light, occupancy,
+  # warp stalls.
+  step profile-attention-fwd ncu --clock-control none --section SpeedOfLight --section Occupancy \
+    --section WarpStateStats --section ComputeWorkloadAnalysis -k regex:attention_fwd --launch-skip 1 -c 1 \
+    "$build/bin/ringcast" bench kernels --seq 16384 --heads 16 --pattern dense --warmup 0 --repeats 1
+fi
 if [ "$bench" != off ] && [ -f scripts/bench_attention.py ]; then
   step bench-attention python3 scripts/bench_attention.py --ringcast "$build/bin/ringcast" --out "$log_dir" \
-    $([ "$bench" = quick ] && echo --quick)
+    $([ "$bench" = quick ] && echo --quick) --repeats 5
 fi
 
 echo
