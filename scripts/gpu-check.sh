@@ -42,9 +42,8 @@ done
 step run-1-rank-64k "$build/bin/ringcast" run --seq-len 65536 --heads 16 --kv-heads 16 --head-dim 128 \
   --output csv "$log_dir/run-1-rank-64k.csv"
 if command -v ncu >/dev/null && [ "${PROFILE:-1}" = 1 ]; then
-  # Where the forward kernel's time goes (the timed launch after the small correctness check; clocks as
-  # found): speed of light, occupancy,
-  # warp stalls.
+  # Where the forward kernel's time goes (the timed launch after the small correctness check; clocks
+  # as found): speed of light, occupancy, warp stalls.
   step profile-attention-fwd ncu --clock-control none --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section ComputeWorkloadAnalysis -k regex:attention_fwd --launch-skip 1 -c 1 \
     "$build/bin/ringcast" bench kernels --seq 16384 --heads 16 --pattern dense --warmup 0 --repeats 1
