@@ -2,14 +2,17 @@
 // so both backends see only well-formed parameters.
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/attention.hpp>
+#include <ringcast/kernels/checks.hpp>
 #include <ringcast/kernels/layout.hpp>
 
 #include <cstring>
 
 #include "cpu/attention_cpu.hpp"
+#include "cpu/checks_cpu.hpp"
 #include "cpu/layout_cpu.hpp"
 #if RINGCAST_WITH_CUDA
 #include "cuda/attention_cuda.hpp"
+#include "cuda/checks_cuda.hpp"
 #include "cuda/layout_cuda.hpp"
 #endif
 
@@ -98,6 +101,16 @@ void fill_zero(void* dst, std::size_t bytes, const ExecContext& ctx) {
   }
 #if RINGCAST_WITH_CUDA
   cuda::fill_zero(dst, bytes, ctx.stream);
+#else
+  no_cuda();
+#endif
+}
+
+void count_nonfinite(const void* x, DType dtype, std::int64_t n, std::int64_t* counter, const ExecContext& ctx) {
+  RINGCAST_CHECK(counter && (x || n == 0), "count_nonfinite: null buffer");
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::count_nonfinite(x, dtype, n, counter);
+#if RINGCAST_WITH_CUDA
+  cuda::count_nonfinite(x, dtype, n, counter, ctx.stream);
 #else
   no_cuda();
 #endif

@@ -24,7 +24,8 @@ void add_layer_options(po::options_description& desc, bool with_ranks, std::int6
       ("top-k", po::value<int>()->default_value(16), "clustered: pages each selection unit keeps")
       ("coarse-k", po::value<int>()->default_value(4), "clustered: coarse blocks each unit keeps")
       ("remote-blocks", po::value<int>()->default_value(8), "clustered: R, remote coarse blocks fetched")
-      ("remote-cap", po::value<int>()->default_value(0), "clustered, causal: fetch cap per rank (0 = 2R)");
+      ("remote-cap", po::value<int>()->default_value(0), "clustered, causal: fetch cap per rank (0 = 2R)")
+      ("check-inputs", po::value<bool>()->default_value(true), "refuse NaN/Inf inputs on every rank (costs a pass)");
   if (with_ranks) desc.add_options()("ranks", po::value<int>()->default_value(4), "P: ranks the sequence is sharded over");
 }
 
@@ -49,6 +50,7 @@ void read_layer_options(const po::variables_map& vm, int world_size, LayerShape&
     o.coarse_k = vm["coarse-k"].as<int>();
     o.remote_blocks = vm["remote-blocks"].as<int>();
     o.remote_cap = vm["remote-cap"].as<int>();
+    o.check_inputs = vm["check-inputs"].as<bool>();
     validate(s, o);
   } catch (const Error& e) {
     throw UsageError(e.message());

@@ -1,5 +1,6 @@
 // The distributed attention operator's common parts: shard positions and segments, page-pool
 // packing, device block tables, argument checks, and the choice of mode.
+#include "agreement.hpp"
 #include "attention_internal.hpp"
 
 #include <ringcast/error.hpp>
@@ -168,6 +169,7 @@ void DistributedAttention::Mode::check_args(const AttentionBackwardArgs& a) cons
 
 DistributedAttention::DistributedAttention(const Session& session, const LayerShape& shape,
                                            const AttentionOptions& options) {
+  require_same_layer_on_all_ranks(session, shape, options);  // before validate(): a disagreement fails everywhere
   validate(shape, options);
   switch (options.mode) {
     case AttentionMode::kRing:
@@ -186,11 +188,19 @@ std::size_t DistributedAttention::workspace_bytes() const { return mode_->worksp
 
 void DistributedAttention::forward(const AttentionForwardArgs& args) {
   mode_->check_args(args);
+  if (mode_->options.check_inputs) {
+    const std::pair<std::string_view, TensorView> inputs[] = {{"q", args.q}, {"k", args.k}, {"v", args.v}};
+    require_finite_on_all_ranks(mode_->session, inputs);
+  }
   mode_->forward(args);
 }
 
 void DistributedAttention::backward(const AttentionBackwardArgs& args) {
   mode_->check_args(args);
+  if (mode_->options.check_inputs) {
+    const std::pair<std::string_view, TensorView> inputs[] = {{"d_o", args.d_o}};
+    require_finite_on_all_ranks(mode_->session, inputs);
+  }
   mode_->backward(args);
 }
 

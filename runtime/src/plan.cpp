@@ -88,6 +88,11 @@ LayerPlan plan_layer(const LayerShape& shape, const AttentionOptions& o) {
       break;
     }
   }
+  // The input checks gather one count per checked tensor from every rank (q, k, v; then d_o).
+  if (o.check_inputs) {
+    plan.bytes_sent_fwd += peers * 3 * 8;
+    plan.bytes_sent_bwd += peers * 1 * 8;
+  }
   // Every mode's exchanges are symmetric over the ranks: what one rank sends, another receives.
   plan.bytes_recv_fwd = plan.bytes_sent_fwd;
   plan.bytes_recv_bwd = plan.bytes_sent_bwd;

@@ -209,5 +209,46 @@ TEST(AttentionShapes, UnevenSequenceFailsOnEveryRankBeforeCommunicating) {
   EXPECT_THROW(DistributedAttention(session, s, AttentionOptions{}), Error);
 }
 
+// A rank given other options than its peers fails, on every rank, before any data moves.
+TEST(AttentionShapes, RanksThatDisagreeFailTogether) {
+  int p = 1, r = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &p);
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
+  Problem pr = make_problem(AttentionMode::kRing, true, 5);
+  if (r == p - 1) pr.options.top_k = 8;  // differs on the last rank (everywhere when P = 1: no error then)
+  if (p == 1) {
+    EXPECT_NO_THROW(DistributedAttention(session, pr.shape, pr.options));
+    return;
+  }
+  try {
+    DistributedAttention layer(session, pr.shape, pr.options);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(e.message().find("top_k is 16 on rank 0 but 8 on rank " + std::to_string(p - 1)), std::string::npos)
+        << e.message();
+  }
+}
+
+// A NaN on one rank is reported, with that rank, by every rank.
+TEST(AttentionShapes, NonFiniteInputsFailOnEveryRank) {
+  int p = 1, r = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &p);
+  MPI_Comm_rank(MPI_COMM_WORLD, &r);
+  Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
+  Problem pr = make_problem(AttentionMode::kUlysses, false, 6);
+  const int bad_rank = p - 1;
+  DistributedAttention layer(session, pr.shape, pr.options);
+  const auto pos = layer.positions();
+  if (r == bad_rank) pr.k[(static_cast<std::size_t>(pos[3]) * pr.shape.kv_heads + 1) * pr.shape.head_dim + 2] = NAN;
+  try {
+    run_layer(session, pr, layer);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(e.message().find("1 non-finite in k on rank " + std::to_string(bad_rank)), std::string::npos)
+        << e.message();
+  }
+}
+
 }  // namespace
 }  // namespace ringcast

@@ -43,6 +43,7 @@ struct AttentionOptions {
   int remote_cap = 0;       // most remote blocks fetched per rank and KV head when causal; 0 = 2R
   int window_before = 256;  // causal window: keys in [t0 - window_before, t1); bidirectional uses 128
   int window_bidir = 128;   // bidirectional window: [t0 - window_bidir, t1 + window_bidir)
+  bool check_inputs = true;  // refuse NaN/Inf inputs on every rank (one pass + a small all-gather per call)
 
   Placement resolved_placement(const LayerShape& s) const;
   SelectionUnit resolved_selection(const LayerShape& s) const;

@@ -14,6 +14,7 @@
 //              blocks whole (K, V, page summaries) -- at the cap, an upper bound. bwd: fp32 dK,dV of
 //              fetched blocks and halos back to their owners, fp32 gradients of every remote coarse
 //              summary (mean key, mean value) and of fetched page summaries back to their owners.
+// With check_inputs, each call also all-gathers one 8-byte count per checked tensor (q, k, v; d_o).
 #pragma once
 
 #include <ringcast/attention_options.hpp>
