@@ -1,14 +1,16 @@
-// Routes the selection building blocks (summaries, CAST, routing, pooling) to their backend after
-// validating the parameters once. Only the CPU backend implements them so far: on a CUDA device they
-// report "not supported" rather than run somewhere else.
+// Routes the selection building blocks (summaries, CAST, routing, pooling, clustered page selection)
+// to their backend after validating the parameters once. Only the CPU backend implements them so far:
+// on a CUDA device they report "not supported" rather than run somewhere else.
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/cast.hpp>
 #include <ringcast/kernels/pooling.hpp>
 #include <ringcast/kernels/routing.hpp>
+#include <ringcast/kernels/selection.hpp>
 #include <ringcast/kernels/summaries.hpp>
 
 #include "cpu/selection_cpu.hpp"
 
+#include <algorithm>
 #include <initializer_list>
 
 namespace ringcast::kernels {
@@ -57,6 +59,28 @@ void validate(const HalvingShape& s, const char* op) {
                  "{}: batch, seq, dim and rounds must be positive (got {}, {}, {}, {})", op, s.batch, s.seq, s.dim,
                  s.rounds);
   RINGCAST_CHECK(s.beta > 0.0f, "{}: beta must be positive (got {})", op, s.beta);
+}
+
+void validate_selection(const ClusteredLayout* layout, const SelectionOptions& o, const SelectionQueries& q,
+                        const char* op) {
+  RINGCAST_CHECK(layout != nullptr, "{}: layout is null", op);
+  layout->validate();
+  RINGCAST_CHECK(o.top_k >= 0 && o.coarse_k >= 0 && o.remote_blocks >= 0 && o.remote_cap >= 0,
+                 "{}: top_k ({}), coarse_k ({}), remote_blocks ({}) and remote_cap ({}) must be >= 0", op, o.top_k,
+                 o.coarse_k, o.remote_blocks, o.remote_cap);
+  // Windows reach at most one block past the shard: that is what the halo holds.
+  RINGCAST_CHECK(o.window >= 0 && o.window <= layout->block_keys(),
+                 "{}: window {} must lie in [0, {}] (one coarse block)", op, o.window, layout->block_keys());
+  RINGCAST_CHECK(q.q && q.head_dim >= 1 && q.kv_heads >= 1 && q.heads % q.kv_heads == 0 && q.kv_head >= 0 &&
+                     q.kv_head < q.kv_heads,
+                 "{}: need queries, head_dim >= 1, heads ({}) a multiple of kv_heads ({}), kv_head ({}) in range",
+                 op, q.heads, q.kv_heads, q.kv_head);
+}
+
+void require_summaries(const SummaryRows& rows, SelectScore score, const char* what, const char* op) {
+  const bool ok = score == SelectScore::kMean ? rows.mean != nullptr : rows.min && rows.max;
+  RINGCAST_CHECK(ok, "{}: {} summaries lack the {} the score needs", op, what,
+                 score == SelectScore::kMean ? "means" : "minima and maxima");
 }
 
 }  // namespace
@@ -219,6 +243,36 @@ void halving_pool_backward(const HalvingBackwardParams& p, const ExecContext& ct
   require_pointers(kOp, {p.e, p.s, p.d_e_out, p.d_s_out, p.d_e, p.d_s});
   require_cpu(ctx, kOp);
   cpu::halving_pool_backward(p);
+}
+
+RemoteSelection select_remote_blocks(const RemoteSelectionParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "select_remote_blocks";
+  validate_selection(p.layout, p.options, p.queries, kOp);
+  require_summaries(p.coarse, p.options.score, "coarse", kOp);
+  require_cpu(ctx, kOp);
+  return cpu::select_remote_blocks(p);
+}
+
+ClusteredSelection select_pages(const SelectionParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "select_pages";
+  validate_selection(p.layout, p.options, p.queries, kOp);
+  require_summaries(p.coarse, p.options.score, "coarse", kOp);
+  require_summaries(p.pages, p.options.score, "page", kOp);
+  const ClusteredLayout& L = *p.layout;
+  if (!p.usable_offsets.empty()) {
+    RINGCAST_CHECK(p.usable_offsets.size() == static_cast<std::size_t>(L.num_tiles()) + 1 &&
+                       p.usable_offsets.front() == 0 &&
+                       p.usable_offsets.back() == static_cast<std::int64_t>(p.usable.size()) &&
+                       std::is_sorted(p.usable_offsets.begin(), p.usable_offsets.end()),
+                   "{}: usable_offsets must be a CSR over the {} tiles of {} blocks", kOp, L.num_tiles(),
+                   p.usable.size());
+  }
+  for (const std::int64_t b : p.usable) {
+    RINGCAST_CHECK(std::find(L.fetched.begin(), L.fetched.end(), b) != L.fetched.end(),
+                   "{}: a tile may use remote block {}, which the layout did not fetch", kOp, b);
+  }
+  require_cpu(ctx, kOp);
+  return cpu::select_pages(p);
 }
 
 }  // namespace ringcast::kernels

@@ -25,8 +25,13 @@ void check_host_table(const AttentionForwardParams& p) {
                    i, e.page, s.num_pages);
     RINGCAST_CHECK(e.key_count >= 1 && e.key_count <= s.page_size,
                    "attention: entry {} has key_count {}, expected 1..{}", i, e.key_count, s.page_size);
-    RINGCAST_CHECK((e.flags & ~std::uint32_t{kEntryCausal}) == 0, "attention: entry {} has unknown flags {:#x}",
-                   i, e.flags);
+    RINGCAST_CHECK((e.flags & ~std::uint32_t{kEntryCausal | kEntryKeyBias}) == 0,
+                   "attention: entry {} has unknown flags {:#x}", i, e.flags);
+    RINGCAST_CHECK(!(e.flags & kEntryKeyBias) || p.key_bias,
+                   "attention: entry {} reads key_bias (kEntryKeyBias) but key_bias is null", i);
+    // key_mask has one bit per key of a page of up to 64 keys; larger pages take all their keys.
+    RINGCAST_CHECK(s.page_size <= 64 || e.key_mask == ~std::uint64_t{0},
+                   "attention: entry {} has a key_mask, which covers 64 keys, but page_size is {}", i, s.page_size);
     RINGCAST_CHECK(e.key_meta >= -1, "attention: entry {} has key_meta {}", i, e.key_meta);
     RINGCAST_CHECK(e.key_meta < 0 || t.key_meta, "attention: entry {} uses key_meta but the table has none", i);
   }

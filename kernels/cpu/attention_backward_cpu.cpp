@@ -73,14 +73,15 @@ void check_transposed(const Problem& pb, const TransposedTable& tt) {
 // Rows of `span` of one (entry, head): P into p and dS into ds (rows of stride page_size, keys
 // [0, key_count)). Rows the entry does not reach, or with LSE = -inf, get P = dS = 0.
 // q, d_o point at the tile's row 0 of the head; lse, delta at its row 0 in [B, heads, n].
-void probs_and_dscores(const Problem& pb, const BlockEntry& e, RowSpan span, const float* k, const float* v,
-                       const float* q, const float* d_o, const float* lse, const float* delta,
+void probs_and_dscores(const Problem& pb, const BlockEntry& e, std::int64_t kvh, RowSpan span, const float* k,
+                       const float* v, const float* q, const float* d_o, const float* lse, const float* delta,
                        const std::int32_t* q_pos, float* p, float* ds) {
   const int d = pb.shape.head_dim;
   const int ps = pb.shape.page_size;
   const int kc = e.key_count;
   const std::int64_t ld = pb.ld();
   const KeyMeta* meta = pb.key_meta(e);
+  const float* key_bias = pb.key_bias_of(e, kvh);
   gemm(false, true, span.size(), kc, d, pb.scale, q + span.begin * ld, ld, k, d, 0.f, p + span.begin * ps, ps);
   gemm(false, true, span.size(), kc, d, 1.f, d_o + span.begin * ld, ld, v, d, 0.f, ds + span.begin * ps, ps);
   for (int r = span.begin; r < span.end; ++r) {
@@ -88,7 +89,7 @@ void probs_and_dscores(const Problem& pb, const BlockEntry& e, RowSpan span, con
     float* ds_row = ds + std::int64_t{r} * ps;
     int n = 0;
     if (row_bit(e.row_mask, r) && lse[r] != kNegInf) {
-      n = row_logits(p_row, e, meta, r, q_pos[r]);
+      n = row_logits(p_row, e, meta, key_bias, r, q_pos[r]);
       const float row_lse = lse[r];
       const float row_delta = delta[r];
 #pragma omp simd
@@ -133,7 +134,7 @@ void d_q_item(const Problem& pb, const Grads& g, float* d_q, std::int64_t b, std
     if (span.size() == 0) continue;
     const float* k = pb.k + pb.page_offset(kvh, e.page);
     const float* v = pb.v + pb.page_offset(kvh, e.page);
-    probs_and_dscores(pb, e, span, k, v, pb.q + row0, g.d_o + row0, g.lse + stat0, g.delta + stat0,
+    probs_and_dscores(pb, e, kvh, span, k, v, pb.q + row0, g.d_o + row0, g.lse + stat0, g.delta + stat0,
                       pb.q_pos + t0, w.p, w.ds);
     // dQ += dS K (the softmax scale is applied once, at the store)
     gemm(false, false, span.size(), d, e.key_count, 1.f, w.ds + std::int64_t{span.begin} * s.page_size,
@@ -169,7 +170,7 @@ void d_kv_item(const Problem& pb, const Grads& g, const TransposedTable& tt, flo
       const int h = static_cast<int>(kvh) * pb.group + gi;
       const std::int64_t row0 = pb.row_offset(b, t0, h);
       const std::int64_t stat0 = pb.stat_offset(b, h, t0);
-      probs_and_dscores(pb, e, span, k, v, pb.q + row0, g.d_o + row0, g.lse + stat0, g.delta + stat0,
+      probs_and_dscores(pb, e, kvh, span, k, v, pb.q + row0, g.d_o + row0, g.lse + stat0, g.delta + stat0,
                         pb.q_pos + t0, w.p, w.ds);
       // dV += P^T dO, dK += dS^T Q (scale applied at the store)
       gemm(true, false, e.key_count, d, span.size(), 1.f, w.p + std::int64_t{span.begin} * ps, ps,

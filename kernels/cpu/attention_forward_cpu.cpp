@@ -36,10 +36,10 @@ struct ForwardScratch {
 
 // Softmax update of row r with the scores in s[0, key_count): turns them into P (0 for keys the row
 // does not see), rescales the row's accumulator when its running max grows.
-void online_softmax_row(float* s, const BlockEntry& e, const KeyMeta* meta, int r, std::int32_t q_pos,
-                        float& row_max, float& row_sum, float* acc_row, int head_dim) {
+void online_softmax_row(float* s, const BlockEntry& e, const KeyMeta* meta, const float* key_bias, int r,
+                        std::int32_t q_pos, float& row_max, float& row_sum, float* acc_row, int head_dim) {
   const int kc = e.key_count;
-  const int n = row_logits(s, e, meta, r, q_pos);
+  const int n = row_logits(s, e, meta, key_bias, r, q_pos);
   float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
   for (int j = 0; j < n; ++j) mx = std::max(mx, s[j]);
@@ -87,6 +87,7 @@ void forward_item(const Problem& pb, float* o, float* lse, std::int64_t b, std::
     const RowSpan span = row_span(e, rows);
     if (span.size() == 0) continue;
     const KeyMeta* meta = pb.key_meta(e);
+    const float* key_bias = pb.key_bias_of(e, kvh);
     const float* k = pb.k + pb.page_offset(kvh, e.page);
     const float* v = pb.v + pb.page_offset(kvh, e.page);
     float* s_rows = w.s + std::int64_t{span.begin} * ps;
@@ -94,7 +95,8 @@ void forward_item(const Problem& pb, float* o, float* lse, std::int64_t b, std::
     for (int r = span.begin; r < span.end; ++r) {
       float* s_row = w.s + std::int64_t{r} * ps;
       if (row_bit(e.row_mask, r)) {
-        online_softmax_row(s_row, e, meta, r, q_pos[r], w.row_max[r], w.row_sum[r], w.acc + std::int64_t{r} * d, d);
+        online_softmax_row(s_row, e, meta, key_bias, r, q_pos[r], w.row_max[r], w.row_sum[r],
+                           w.acc + std::int64_t{r} * d, d);
       } else {
         std::fill(s_row, s_row + e.key_count, 0.f);
       }

@@ -1,11 +1,12 @@
-// CPU backend of the selection building blocks: summaries, CAST, routing and pooling (fp32, OpenMP
-// threads, OpenBLAS for the larger products). Parameters arrive validated (selection_dispatch.cpp).
+// CPU backend of the selection building blocks: summaries, CAST, routing, pooling and the clustered
+// mode's page selection (fp32, OpenMP threads, OpenBLAS for the larger products). Parameters arrive validated (selection_dispatch.cpp).
 // Host scratch is allocated here; a device backend will add workspace queries.
 #pragma once
 
 #include <ringcast/kernels/cast.hpp>
 #include <ringcast/kernels/pooling.hpp>
 #include <ringcast/kernels/routing.hpp>
+#include <ringcast/kernels/selection.hpp>
 #include <ringcast/kernels/summaries.hpp>
 
 namespace ringcast::kernels::cpu {
@@ -32,5 +33,8 @@ void soft_topk_backward(const SoftTopkBackwardParams& p);
 
 void halving_pool(const HalvingParams& p);
 void halving_pool_backward(const HalvingBackwardParams& p);
+
+RemoteSelection select_remote_blocks(const RemoteSelectionParams& p);
+ClusteredSelection select_pages(const SelectionParams& p);
 
 }  // namespace ringcast::kernels::cpu

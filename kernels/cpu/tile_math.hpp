@@ -77,6 +77,7 @@ struct Problem {
   const float* k;
   const float* v;
   const std::int32_t* q_pos;
+  const float* key_bias;  // [kv_heads, num_pages, page_size], read by kEntryKeyBias entries
   BlockTable table;
   int group;  // query heads per KV head
   std::int64_t num_tiles;
@@ -84,7 +85,8 @@ struct Problem {
   explicit Problem(const AttentionForwardParams& p)
       : shape(p.shape), scale(p.softmax_scale), q(static_cast<const float*>(p.q)),
         k(static_cast<const float*>(p.k_pages)), v(static_cast<const float*>(p.v_pages)), q_pos(p.q_pos),
-        table(p.table), group(p.shape.heads / p.shape.kv_heads), num_tiles(p.shape.num_tiles()) {}
+        key_bias(p.key_bias), table(p.table), group(p.shape.heads / p.shape.kv_heads),
+        num_tiles(p.shape.num_tiles()) {}
 
   std::int64_t ld() const { return std::int64_t{shape.heads} * shape.head_dim; }
   // Offset of row t0 of head h in a [B, n, heads, head_dim] tensor.
@@ -102,20 +104,29 @@ struct Problem {
     return (b * num_tiles + tile) * shape.kv_heads + kvh;
   }
   const KeyMeta* key_meta(const BlockEntry& e) const { return e.key_meta >= 0 ? table.key_meta + e.key_meta : nullptr; }
+  // The per-key biases of the entry's page, or null when the entry does not read them.
+  const float* key_bias_of(const BlockEntry& e, std::int64_t kvh) const {
+    return (e.flags & kEntryKeyBias) ? key_bias + (kvh * shape.num_pages + e.page) * shape.page_size : nullptr;
+  }
 };
 
 // Turns row r's scores s[0, key_count) (already scale * q.k) into logits in place: + the entry's
-// bias (+ the key's bias), -inf for keys the row may not see (KeyMeta row mask). Returns n: the
-// keys [n, key_count) lie past the row's causal limit and are left unwritten.
-inline int row_logits(float* s, const BlockEntry& e, const KeyMeta* meta, int r, std::int32_t q_pos) {
+// bias (+ the key's KeyMeta bias, + the pool's key_bias when flagged), -inf for keys the row may not
+// see (key_mask, KeyMeta row mask). Returns n: the keys [n, key_count) lie past the row's causal
+// limit and are left unwritten. key_bias: the page's per-key biases or null.
+inline int row_logits(float* s, const BlockEntry& e, const KeyMeta* meta, const float* key_bias, int r,
+                      std::int32_t q_pos) {
   int n = e.key_count;
   if (e.flags & kEntryCausal) {
     n = static_cast<int>(std::clamp<std::int64_t>(std::int64_t{q_pos} - e.key_pos0 + 1, 0, n));
   }
   const float bias = e.bias;
-  if (meta) {
+  if (meta || key_bias || e.key_mask != ~std::uint64_t{0}) {  // per-key terms: validate() caps masks at 64 keys
     constexpr float kMasked = -std::numeric_limits<float>::infinity();
-    for (int j = 0; j < n; ++j) s[j] = row_bit(meta[j].row_mask, r) ? s[j] + bias + meta[j].bias : kMasked;
+    for (int j = 0; j < n; ++j) {
+      const bool seen = ((e.key_mask >> (j & 63)) & 1u) && (!meta || row_bit(meta[j].row_mask, r));
+      s[j] = seen ? s[j] + bias + (meta ? meta[j].bias : 0.f) + (key_bias ? key_bias[j] : 0.f) : kMasked;
+    }
   } else {
 #pragma omp simd
     for (int j = 0; j < n; ++j) s[j] += bias;

@@ -1,11 +1,12 @@
 // Backward block-sparse paged attention: two passes over the same tables, no atomics, deterministic
 // (FlexAttention's structure, kernel-craft.md §2), after a preprocess D = rowsum(dO * O).
 //   dQ pass:    one CTA per (query tile, head, batch), 8 warps x 16 rows, walking the unit's entries
-//               as the forward does: P = exp2(logit2 - LSE2), dP = dO V^T, dS = P (dP - D),
-//               dQ += dS K; dQ (x scale) is written once.
+//               with the forward's page pipeline and page modes: P = exp2(logit2 - LSE2), dP = dO V^T,
+//               dS = P (dP - D), dQ += dS K; dQ (x scale) is written once.
 //   dK/dV pass: one CTA per (KV head, page), walking the page's refs (transposed table) x the query
 //               heads of the GQA group; per item the tile's Q, dO, LSE, D and positions arrive by
-//               cp.async (2-stage ring, 1 stage where shared memory is short). Warp w owns keys
+//               cp.async (2-stage ring, one __syncthreads per item; 1 stage where shared memory is
+//               short); 32-row chunks that see the whole page skip per-element masking. Warp w owns keys
 //               16 (w % 4).. and query rows 64 (w / 4)..; it computes S^T = K Q^T so that P^T and dS^T
 //               feed dV += P^T dO and dK += dS^T Q straight from registers. The two row halves are
 //               summed through shared memory at the end; dK (x scale) and dV are written once.
@@ -13,6 +14,9 @@
 #pragma once
 
 #include <ringcast/cuda_check.hpp>
+
+#include <climits>
+#include <type_traits>
 
 #include "attention_device.cuh"
 #include "attention_launch.hpp"
@@ -49,6 +53,8 @@ struct BwdDqTraits {
   static constexpr int kWarps = 8;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRowsPerWarp = kQueryTile / kWarps;  // one m16 slab
+  static constexpr std::uint64_t kAllRows = (1ull << kRowsPerWarp) - 1;
+  static constexpr int kMaxStages = 3;
   static constexpr std::size_t smem_bytes(int stages) {
     return (2 * kQueryTile + 2 * stages * kPageSize) * kHeadDim * sizeof(T) +
            stages * kPageSize * sizeof(KeyMeta);
@@ -92,27 +98,28 @@ __global__ void __launch_bounds__(BwdDqTraits<T, kHeadDim>::kThreads, 1)
   const T* k_head = static_cast<const T*>(a.k_pages) + pool_off;
   const T* v_head = static_cast<const T*>(a.v_pages) + pool_off;
 
-  auto issue_page = [&](const BlockEntry& e, int buf) {
+  auto issue_page = [&](const PageLoad& e, int buf) {
     const std::int64_t off = static_cast<std::int64_t>(e.page) * kPageSize * D;
     load_tile<D, kPageSize, kThreads>(sK + buf * kPageSize * D, k_head + off, D, e.key_count, tid);
     load_tile<D, kPageSize, kThreads>(sV + buf * kPageSize * D, v_head + off, D, e.key_count, tid);
     if (e.key_meta >= 0) load_key_meta<kThreads>(sMeta + buf * kPageSize, a.key_meta + e.key_meta, tid);
   };
 
+  // Prologue: Q and dO, then entries [0, L) in groups of their own (the forward's page pipeline).
   load_tile<D, kQueryTile, kThreads>(sQ, static_cast<const T*>(a.q) + head_off, row_stride, valid_rows, tid);
   load_tile<D, kQueryTile, kThreads>(sdO, static_cast<const T*>(a.d_o) + head_off, row_stride, valid_rows, tid);
-  BlockEntry cur{}, nxt{};
-  if (n > 0) {
-    cur = a.entries[e0];
-    issue_page(cur, 0);
+  const int ahead = stages > 1 ? stages - 1 : 1;  // L
+  for (int k = 0; k < ahead; ++k) {
+    if (k < n) issue_page(page_load(a.entries[e0 + k]), k);
+    cp_async_commit();
   }
-  cp_async_commit();
-  if (n > 1) nxt = a.entries[e0 + 1];
+  PageLoad next_load = ahead < n ? page_load(a.entries[e0 + ahead]) : PageLoad{};  // entry i + L
 
   const int wrow0 = warp * Traits::kRowsPerWarp;
   const std::uint64_t wvalid = valid_bits(valid_rows, wrow0, Traits::kRowsPerWarp);
   int qpos[2];
   float lse2[2], delta[2];
+  int wmin_pos = INT_MAX;  // smallest position of the warp's rows: decides causal pages it sees whole
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int r = wrow0 + g + 8 * hh;
@@ -120,18 +127,34 @@ __global__ void __launch_bounds__(BwdDqTraits<T, kHeadDim>::kThreads, 1)
     qpos[hh] = valid ? a.q_pos[row0 + r] : 0;
     lse2[hh] = valid ? lse_to_log2(a.lse[stat_off + r]) : INFINITY;
     delta[hh] = valid ? a.delta[stat_off + r] : 0.f;
+    if (valid) wmin_pos = min(wmin_pos, qpos[hh]);
   }
+  wmin_pos = __reduce_min_sync(0xffffffffu, wmin_pos);
 
   float acc[kDTiles][4];
 #pragma unroll
   for (int dn = 0; dn < kDTiles; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
   const float c = a.scale * kLog2e;
 
-  auto compute_page = [&](auto has_meta, const std::uint64_t bits, const int buf) {
-    constexpr bool kMeta = decltype(has_meta)::value;
+  auto compute_page = [&](auto mode, const BlockEntry& e, const std::uint64_t bits, const int buf) {
+    constexpr int kMode = decltype(mode)::value;
+    constexpr bool kMeta = kMode == kPageMeta;
     const T* sKb = sK + buf * kPageSize * D;
     const T* sVb = sV + buf * kPageSize * D;
     const KeyMeta* meta = sMeta + buf * kPageSize;
+    const float bias2 = e.bias * kLog2e;
+
+    // Masked pages: log2(e) * (entry bias + key_bias[j]) of the thread's keys j = 8 nt + 2 qd + i,
+    // loaded before the mma so that their latency hides behind it.
+    float kbias2[8][2];
+    if constexpr (kMode != kPageFull) {
+      const float* page_bias = (e.flags & kEntryKeyBias) ? a.key_bias + (kvh * a.num_pages + e.page) * kPageSize
+                                                         : nullptr;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) kbias2[nt][i] = bias2 + key_bias2(e, page_bias, nt * 8 + 2 * qd + i);
+    }
 
     float s[8][4], dp[8][4];
 #pragma unroll
@@ -157,19 +180,32 @@ __global__ void __launch_bounds__(BwdDqTraits<T, kHeadDim>::kThreads, 1)
       }
     }
 
-    const float bias2 = cur.bias * kLog2e;
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      const int rl = g + 8 * hh;
-      const int limit = row_key_limit((bits >> rl) & 1u, qpos[hh], cur);
+      if constexpr (kMode == kPageFull) {
+        // P = exp2(c s + bias2 - LSE2): one FFMA + one MUFU per element.
+        const float off = bias2 - lse2[hh];
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
+        for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float t = masked_logit2<kMeta>(s[nt][2 * hh + e], nt * 8 + 2 * qd + e, limit, wrow0 + rl, c,
-                                               bias2, meta);
-          const float p = fast_exp2(t - lse2[hh]);
-          s[nt][2 * hh + e] = p * (dp[nt][2 * hh + e] - delta[hh]);  // dS
+          for (int i = 0; i < 2; ++i) {
+            const float p = fast_exp2(fmaf(s[nt][2 * hh + i], c, off));
+            s[nt][2 * hh + i] = p * (dp[nt][2 * hh + i] - delta[hh]);  // dS
+          }
+        }
+      } else {
+        const int rl = g + 8 * hh;
+        // Bit 8 nt + i of `seen` is the thread's key 8 nt + 2 qd + i: constant shifts below.
+        const std::uint64_t seen = row_key_bits((bits >> rl) & 1u, qpos[hh], e) >> (2 * qd);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const float t = masked_logit2<kMeta>(s[nt][2 * hh + i], (seen >> (nt * 8 + i)) & 1u,
+                                                 nt * 8 + 2 * qd + i, wrow0 + rl, c, kbias2[nt][i], meta);
+            const float p = fast_exp2(t - lse2[hh]);
+            s[nt][2 * hh + i] = p * (dp[nt][2 * hh + i] - delta[hh]);  // dS
+          }
         }
       }
     }
@@ -192,32 +228,35 @@ __global__ void __launch_bounds__(BwdDqTraits<T, kHeadDim>::kThreads, 1)
     }
   };
 
+  int buf = 0;                                  // stage of entry i
+  int issue_buf = stages > 1 ? stages - 1 : 0;  // stage of entry i + L: the one entry i - 1 used
   for (int i = 0; i < n; ++i) {
-    const int buf = stages == 2 ? (i & 1) : 0;
-    if (stages == 2 && i + 1 < n) issue_page(nxt, buf ^ 1);
-    cp_async_commit();
-    // Entry i + 2 is loaded a whole page of compute before its page id is needed.
-    BlockEntry after{};
-    if (i + 2 < n) after = a.entries[e0 + i + 2];
-    if (stages == 2) {
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
+    const BlockEntry cur = a.entries[e0 + i];  // read at its copy's issue: an L1 hit under the barrier
+    wait_page(stages);
+    __syncthreads();  // page i visible to all; every warp is done with page i - 1
+    if (stages > 1) {
+      if (i + ahead < n) issue_page(next_load, issue_buf);
+      cp_async_commit();
+      if (i + ahead + 1 < n) next_load = page_load(a.entries[e0 + i + ahead + 1]);
     }
-    __syncthreads();
     const std::uint64_t bits = mask_bits(cur.row_mask, wrow0, Traits::kRowsPerWarp) & wvalid;
-    if (bits != 0) {
+    if (bits == Traits::kAllRows && page_fully_visible(cur, wmin_pos)) {  // warp-uniform branches
+      compute_page(std::integral_constant<int, kPageFull>{}, cur, bits, buf);
+    } else if (bits != 0) {
       if (cur.key_meta >= 0) {
-        compute_page(std::true_type{}, bits, buf);
+        compute_page(std::integral_constant<int, kPageMeta>{}, cur, bits, buf);
       } else {
-        compute_page(std::false_type{}, bits, buf);
+        compute_page(std::integral_constant<int, kPageMasked>{}, cur, bits, buf);
       }
     }
-    __syncthreads();
-    if (i + 1 < n) {
-      if (stages == 1) issue_page(nxt, 0);
-      cur = nxt;
-      nxt = after;
+    if (stages == 1) {
+      __syncthreads();  // the single buffer is refilled only after every warp is done with it
+      if (i + 1 < n) issue_page(next_load, 0);
+      cp_async_commit();
+      if (i + 2 < n) next_load = page_load(a.entries[e0 + i + 2]);
+    } else {
+      issue_buf = buf;
+      buf = buf + 1 == stages ? 0 : buf + 1;
     }
   }
   cp_async_wait<0>();
@@ -305,17 +344,20 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, kHeadDim>::kThreads, 1)
 
   const std::int64_t row_stride = static_cast<std::int64_t>(a.heads) * D;
 
-  // An item is (ref, query head of the group); its tile geometry comes from the ref's unit.
+  // An item is (ref, query head of the group); its tile geometry comes from the ref's unit. It holds
+  // what its copy needs; the entry itself is read from global memory (L1) when the item is computed.
   struct Item {
-    BlockEntry e;
+    std::int64_t entry;     // index into the forward table's entries
     std::int64_t head_off;  // offset of (b, row0, h) in Q / dO
     std::int64_t stat_off;  // offset of (b, h, row0) in LSE / D
     std::int64_t row0;
     int valid_rows;
+    int key_meta;
   };
-  auto make_item = [&](const PageRef& ref, const BlockEntry& e, int it) {
+  auto make_item = [&](const PageRef& ref, int key_meta, int it) {
     Item item;
-    item.e = e;
+    item.entry = ref.entry;
+    item.key_meta = key_meta;
     const std::int64_t b = ref.unit / (a.num_tiles * a.kv_heads);
     const std::int64_t tile = (ref.unit / a.kv_heads) % a.num_tiles;
     const int h = kvh * group + it % group;
@@ -340,7 +382,7 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, kHeadDim>::kThreads, 1)
                                      : static_cast<const void*>(a.q_pos + item.row0 + r);
       cp_async_4(smem_addr(st.lse + i), valid ? src : a.lse, valid);  // lse, delta, q_pos are consecutive
     }
-    if (item.e.key_meta >= 0) load_key_meta<kThreads>(st.meta, a.key_meta + item.e.key_meta, tid);
+    if (item.key_meta >= 0) load_key_meta<kThreads>(st.meta, a.key_meta + item.key_meta, tid);
   };
 
   float dk[kDTiles][4], dv[kDTiles][4];
@@ -350,53 +392,80 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, kHeadDim>::kThreads, 1)
     for (int i = 0; i < 4; ++i) dk[dn][i] = dv[dn][i] = 0.f;
   const float c = a.scale * kLog2e;
 
-  auto compute_item = [&](auto has_meta, const Item& item, const Stage& st) {
-    constexpr bool kMeta = decltype(has_meta)::value;
-    const std::uint64_t bits64 = mask_bits(item.e.row_mask, rh * 64, 64) & valid_bits(item.valid_rows, rh * 64, 64);
-    const float bias2 = item.e.bias * kLog2e;
+  // log2(e) * key_bias of the thread's two keys kg * 16 + g + 8 hh of this CTA's page, added by the
+  // items whose entry has kEntryKeyBias (key_bias may be null when none has).
+  float page_kbias2[2] = {0.f, 0.f};
+  if (a.key_bias != nullptr) {
 #pragma unroll
-    for (int kc = 0; kc < 2; ++kc) {  // 32-row chunks of the warp's 64 rows keep S^T, dP^T at 16 registers
-      const std::uint32_t bits = static_cast<std::uint32_t>(bits64 >> (kc * 32));
-      if (bits == 0) continue;  // warp-uniform
-      const int rbase = rh * 64 + kc * 32;
-      float st_[4][4], dpt[4][4];
+    for (int hh = 0; hh < 2; ++hh)
+      page_kbias2[hh] = __ldg(a.key_bias + kv_page * kPageSize + kg * 16 + g + 8 * hh) * kLog2e;
+  }
+
+  // One 32-row chunk of an item (S^T, dP^T kept at 16 registers each): rows rbase.. of the tile
+  // whose bits (bit cr: row rbase + cr sees the entry) are not all zero.
+  auto compute_chunk = [&](auto mode, const BlockEntry& ent, const Stage& st, const int rbase,
+                           const std::uint32_t bits) {
+    constexpr int kMode = decltype(mode)::value;
+    constexpr bool kMeta = kMode == kPageMeta;
+    const float bias2 = ent.bias * kLog2e;
+    bool key_on[2];      // masked chunks: key_mask bits of the thread's keys
+    float key_bias2_[2];  // masked chunks: log2(e) * (entry bias + key_bias) of the thread's keys
+    if constexpr (kMode != kPageFull) {
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) st_[nt][i] = dpt[nt][i] = 0.f;
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        std::uint32_t ak[4], av[4];
-        const int aoff = swizzle<D>(kg * 16 + (lane & 15), ks * 2 + (lane >> 4));
-        ldmatrix_x4(ak, smem_addr(sK + aoff));
-        ldmatrix_x4(av, smem_addr(sV + aoff));
-#pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          const int boff =
-              swizzle<D>(rbase + np * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1));
-          std::uint32_t bq[4], bo[4];
-          ldmatrix_x4(bq, smem_addr(st.q + boff));
-          ldmatrix_x4(bo, smem_addr(st.d_o + boff));
-          mma_16816<T>(st_[2 * np], ak, bq[0], bq[1]);
-          mma_16816<T>(st_[2 * np + 1], ak, bq[2], bq[3]);
-          mma_16816<T>(dpt[2 * np], av, bo[0], bo[1]);
-          mma_16816<T>(dpt[2 * np + 1], av, bo[2], bo[3]);
-        }
+      for (int hh = 0; hh < 2; ++hh) {
+        key_on[hh] = (ent.key_mask >> (kg * 16 + g + 8 * hh)) & 1u;
+        key_bias2_[hh] = (ent.flags & kEntryKeyBias) ? bias2 + page_kbias2[hh] : bias2;
       }
-      // Element (nt, 2 hh + e): key kg*16 + g + 8 hh, query row rbase + nt*8 + 2 qd + e.
+    }
+    float st_[4][4], dpt[4][4];
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
+    for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int cr = nt * 8 + 2 * qd + e;  // row within the chunk
-          const int r = rbase + cr;
-          const int limit = row_key_limit((bits >> cr) & 1u, st.q_pos[r], item.e);
-          const float lse2 = lse_to_log2(st.lse[r]);
-          const float delta = st.delta[r];
+      for (int i = 0; i < 4; ++i) st_[nt][i] = dpt[nt][i] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      std::uint32_t ak[4], av[4];
+      const int aoff = swizzle<D>(kg * 16 + (lane & 15), ks * 2 + (lane >> 4));
+      ldmatrix_x4(ak, smem_addr(sK + aoff));
+      ldmatrix_x4(av, smem_addr(sV + aoff));
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        const int boff =
+            swizzle<D>(rbase + np * 16 + (lane & 7) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1));
+        std::uint32_t bq[4], bo[4];
+        ldmatrix_x4(bq, smem_addr(st.q + boff));
+        ldmatrix_x4(bo, smem_addr(st.d_o + boff));
+        mma_16816<T>(st_[2 * np], ak, bq[0], bq[1]);
+        mma_16816<T>(st_[2 * np + 1], ak, bq[2], bq[3]);
+        mma_16816<T>(dpt[2 * np], av, bo[0], bo[1]);
+        mma_16816<T>(dpt[2 * np + 1], av, bo[2], bo[3]);
+      }
+    }
+    // Element (nt, 2 hh + e): key kg*16 + g + 8 hh, query row rbase + nt*8 + 2 qd + e.
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int cr = nt * 8 + 2 * qd + e;  // row within the chunk
+        const int r = rbase + cr;
+        const float lse2 = lse_to_log2(st.lse[r]);
+        const float delta = st.delta[r];
+        if constexpr (kMode == kPageFull) {
+          // Every key of the page is loaded and seen: P = exp2(c s + bias2 - LSE2), no select.
+          const float off = bias2 - lse2;
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
-            const float t = masked_logit2<kMeta>(st_[nt][2 * hh + e], kg * 16 + g + 8 * hh, limit, r, c, bias2,
-                                                 st.meta);
+            const float p = fast_exp2(fmaf(st_[nt][2 * hh + e], c, off));
+            st_[nt][2 * hh + e] = p;
+            dpt[nt][2 * hh + e] = p * (dpt[nt][2 * hh + e] - delta);
+          }
+        } else {
+          const int limit = row_key_limit((bits >> cr) & 1u, st.q_pos[r], ent);
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int j = kg * 16 + g + 8 * hh;
+            const float t = masked_logit2<kMeta>(st_[nt][2 * hh + e], key_seen(j, key_on[hh], limit), j, r, c,
+                                                 key_bias2_[hh], st.meta);
             const float p = fast_exp2(t - lse2);
             st_[nt][2 * hh + e] = p;
             // Keys past key_count are not zero-filled here (refs differ in key_count): select, so
@@ -405,29 +474,48 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, kHeadDim>::kThreads, 1)
           }
         }
       }
+    }
 #pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {
-        std::uint32_t ap[4], ads[4];
-        ap[0] = pack2<T>(st_[2 * kk][0], st_[2 * kk][1]);
-        ap[1] = pack2<T>(st_[2 * kk][2], st_[2 * kk][3]);
-        ap[2] = pack2<T>(st_[2 * kk + 1][0], st_[2 * kk + 1][1]);
-        ap[3] = pack2<T>(st_[2 * kk + 1][2], st_[2 * kk + 1][3]);
-        ads[0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
-        ads[1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
-        ads[2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-        ads[3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+    for (int kk = 0; kk < 2; ++kk) {
+      std::uint32_t ap[4], ads[4];
+      ap[0] = pack2<T>(st_[2 * kk][0], st_[2 * kk][1]);
+      ap[1] = pack2<T>(st_[2 * kk][2], st_[2 * kk][3]);
+      ap[2] = pack2<T>(st_[2 * kk + 1][0], st_[2 * kk + 1][1]);
+      ap[3] = pack2<T>(st_[2 * kk + 1][2], st_[2 * kk + 1][3]);
+      ads[0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
+      ads[1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
+      ads[2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+      ads[3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
 #pragma unroll
-        for (int dp2 = 0; dp2 < D / 16; ++dp2) {
-          const int off =
-              swizzle<D>(rbase + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp2 * 2 + (lane >> 4));
-          std::uint32_t bo[4], bq[4];
-          ldmatrix_x4_trans(bo, smem_addr(st.d_o + off));
-          ldmatrix_x4_trans(bq, smem_addr(st.q + off));
-          mma_16816<T>(dv[2 * dp2], ap, bo[0], bo[1]);
-          mma_16816<T>(dv[2 * dp2 + 1], ap, bo[2], bo[3]);
-          mma_16816<T>(dk[2 * dp2], ads, bq[0], bq[1]);
-          mma_16816<T>(dk[2 * dp2 + 1], ads, bq[2], bq[3]);
-        }
+      for (int dp2 = 0; dp2 < D / 16; ++dp2) {
+        const int off = swizzle<D>(rbase + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp2 * 2 + (lane >> 4));
+        std::uint32_t bo[4], bq[4];
+        ldmatrix_x4_trans(bo, smem_addr(st.d_o + off));
+        ldmatrix_x4_trans(bq, smem_addr(st.q + off));
+        mma_16816<T>(dv[2 * dp2], ap, bo[0], bo[1]);
+        mma_16816<T>(dv[2 * dp2 + 1], ap, bo[2], bo[3]);
+        mma_16816<T>(dk[2 * dp2], ads, bq[0], bq[1]);
+        mma_16816<T>(dk[2 * dp2 + 1], ads, bq[2], bq[3]);
+      }
+    }
+  };
+
+  auto compute_item = [&](const BlockEntry& ent, const int valid_rows, const Stage& st) {
+    const std::uint64_t bits64 = mask_bits(ent.row_mask, rh * 64, 64) & valid_bits(valid_rows, rh * 64, 64);
+#pragma unroll 1  // one copy of each chunk variant
+    for (int kc = 0; kc < 2; ++kc) {
+      const std::uint32_t bits = static_cast<std::uint32_t>(bits64 >> (kc * 32));
+      if (bits == 0) continue;  // warp-uniform
+      const int rbase = rh * 64 + kc * 32;
+      // Smallest position of the chunk's rows (lane l reads row rbase + l): decides causal pages.
+      const int pos = rbase + lane < valid_rows ? st.q_pos[rbase + lane] : INT_MAX;
+      const int min_pos = __reduce_min_sync(0xffffffffu, pos);
+      if (bits == 0xffffffffu && page_fully_visible(ent, min_pos)) {  // warp-uniform branches
+        compute_chunk(std::integral_constant<int, kPageFull>{}, ent, st, rbase, bits);
+      } else if (ent.key_meta >= 0) {
+        compute_chunk(std::integral_constant<int, kPageMeta>{}, ent, st, rbase, bits);
+      } else {
+        compute_chunk(std::integral_constant<int, kPageMasked>{}, ent, st, rbase, bits);
       }
     }
   };
@@ -436,48 +524,46 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, kHeadDim>::kThreads, 1)
     const std::int64_t page_off = kv_page * kPageSize * D;
     load_tile<D, kPageSize, kThreads>(sK, static_cast<const T*>(a.k_pages) + page_off, D, kPageSize, tid);
     load_tile<D, kPageSize, kThreads>(sV, static_cast<const T*>(a.v_pages) + page_off, D, kPageSize, tid);
-    // Items ahead: cur (computing), nxt (its copy in flight or next), and item i + 2, whose ref was
-    // loaded one iteration earlier and whose entry is loaded before the compute: no global load sits
-    // right before its use.
+    // Items ahead: cur (computing), nxt (its copy issued at the top of this iteration), and item
+    // i + 2, whose ref was loaded one iteration earlier and whose key_meta is loaded before the
+    // compute: no global load sits right before its use.
     auto item_ref = [&](int it) { return it < items ? a.refs[ref0 + it / group] : PageRef{}; };
     PageRef ref = item_ref(0);
-    Item cur = make_item(ref, a.entries[ref.entry], 0);
+    Item cur = make_item(ref, a.entries[ref.entry].key_meta, 0);
     issue_item(cur, 0);
     cp_async_commit();
     Item nxt{};
     if (items > 1) {
       ref = item_ref(1);
-      nxt = make_item(ref, a.entries[ref.entry], 1);
+      nxt = make_item(ref, a.entries[ref.entry].key_meta, 1);
     }
     PageRef ref2 = item_ref(2);
+    int buf = 0;
     for (int i = 0; i < items; ++i) {
-      const int buf = stages == 2 ? (i & 1) : 0;
-      if (stages == 2 && i + 1 < items) issue_item(nxt, buf ^ 1);
-      cp_async_commit();
-      const BlockEntry e2 = i + 2 < items ? a.entries[ref2.entry] : BlockEntry{};
-      const PageRef ref3 = item_ref(i + 3);
+      const BlockEntry ent = a.entries[cur.entry];  // read at its copy's issue: an L1 hit under the barrier
+      cp_async_wait<0>();
+      __syncthreads();  // item i (and, at i = 0, the page) visible to all; every warp is done with item i - 1
       if (stages == 2) {
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
+        if (i + 1 < items) issue_item(nxt, buf ^ 1);  // into item i - 1's stage
+        cp_async_commit();
       }
-      __syncthreads();
-      const Stage st = stage(buf);
-      if (cur.e.key_meta >= 0) {
-        compute_item(std::true_type{}, cur, st);
+      const int key_meta2 = i + 2 < items ? a.entries[ref2.entry].key_meta : -1;
+      const PageRef ref3 = item_ref(i + 3);
+      compute_item(ent, cur.valid_rows, stage(buf));
+      if (stages == 1) {
+        __syncthreads();  // the single stage is refilled only after every warp is done with it
+        if (i + 1 < items) issue_item(nxt, 0);
+        cp_async_commit();
       } else {
-        compute_item(std::false_type{}, cur, st);
+        buf ^= 1;
       }
-      __syncthreads();
       if (i + 1 < items) {
-        if (stages == 1) issue_item(nxt, 0);
         cur = nxt;
-        if (i + 2 < items) nxt = make_item(ref2, e2, i + 2);
+        if (i + 2 < items) nxt = make_item(ref2, key_meta2, i + 2);
       }
       ref2 = ref3;
     }
-    cp_async_wait<0>();
-    __syncthreads();
+    __syncthreads();  // the reduction below reuses stage 0
   }
 
   // Sum the two row halves: warps 4..7 park their accumulators in shared memory, warps 0..3 add and store.
@@ -535,7 +621,7 @@ void launch_attention_backward(const AttentionBackwardParams& p, cudaStream_t st
   RINGCAST_CUDA_CHECK_LAUNCH();
 
   using Dq = BwdDqTraits<T, kHeadDim>;
-  const int dq_stages = pick_stages("attention backward (dQ)", &Dq::smem_bytes);
+  const int dq_stages = pick_stages("attention backward (dQ)", &Dq::smem_bytes, Dq::kMaxStages);
   const std::size_t dq_smem = Dq::smem_bytes(dq_stages);
   set_smem_limit(reinterpret_cast<const void*>(attention_bwd_dq_kernel<T, kHeadDim>), dq_smem);
   attention_bwd_dq_kernel<T, kHeadDim>
@@ -543,7 +629,7 @@ void launch_attention_backward(const AttentionBackwardParams& p, cudaStream_t st
   RINGCAST_CUDA_CHECK_LAUNCH();
 
   using Dkv = BwdDkvTraits<T, kHeadDim>;
-  const int dkv_stages = pick_stages("attention backward (dK/dV)", &Dkv::smem_bytes);
+  const int dkv_stages = pick_stages("attention backward (dK/dV)", &Dkv::smem_bytes, 2);
   const std::size_t dkv_smem = Dkv::smem_bytes(dkv_stages);
   set_smem_limit(reinterpret_cast<const void*>(attention_bwd_dkdv_kernel<T, kHeadDim>), dkv_smem);
   attention_bwd_dkdv_kernel<T, kHeadDim>

@@ -29,6 +29,7 @@ AttentionArgs forward_args(const AttentionForwardParams& p) {
   a.offsets = p.table.offsets;
   a.entries = p.table.entries;
   a.key_meta = p.table.key_meta;
+  a.key_bias = p.key_bias;
   a.seq_q = p.shape.seq_q;
   a.num_tiles = p.shape.num_tiles();
   a.num_pages = p.shape.num_pages;
@@ -52,12 +53,14 @@ AttentionArgs backward_args(const AttentionBackwardParams& p) {
   return a;
 }
 
-int pick_stages(const char* kernel, std::size_t (*bytes)(int)) {
+int pick_stages(const char* kernel, std::size_t (*bytes)(int), int max_stages) {
   int device = 0;
   int limit = 0;
   RINGCAST_CUDA_CHECK(cudaGetDevice(&device));
   RINGCAST_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (bytes(2) <= static_cast<std::size_t>(limit)) return 2;
+  for (int stages = max_stages; stages > 1; --stages) {
+    if (bytes(stages) <= static_cast<std::size_t>(limit)) return stages;
+  }
   RINGCAST_CHECK(bytes(1) <= static_cast<std::size_t>(limit),
                  "{}: needs {} bytes of shared memory per block, the device allows {}", kernel, bytes(1),
                  limit);

@@ -185,6 +185,7 @@ struct AttentionArgs {
   const std::int64_t* offsets = nullptr;
   const BlockEntry* entries = nullptr;
   const KeyMeta* key_meta = nullptr;
+  const float* key_bias = nullptr;  // [kv_heads, num_pages, kPageSize], read by kEntryKeyBias entries
   std::int64_t seq_q = 0;
   std::int64_t num_tiles = 0;
   std::int64_t num_pages = 0;
@@ -203,14 +204,43 @@ struct AttentionArgs {
   bool accumulate = false;
 };
 
+// ---- the page pipeline ---------------------------------------------------------------------------
+// Kernels that stream pages (forward, dQ) keep `stages` shared buffers and issue entry i + L while
+// computing entry i, L = max(stages - 1, 1): with 2 or 3 stages one __syncthreads per page both
+// publishes page i and frees the buffer of page i - 1 for the next copy; one stage needs a second.
+
+// What a page copy needs from an entry, loaded one page ahead of its copy so that no global load
+// sits right in front of the cp.async it feeds.
+struct PageLoad {
+  std::int32_t page = 0;
+  std::int32_t key_count = 0;
+  std::int32_t key_meta = -1;
+};
+__device__ __forceinline__ PageLoad page_load(const BlockEntry& e) { return {e.page, e.key_count, e.key_meta}; }
+
+// How a kernel computes a page for a warp: every key visible to every row at hand (no per-element
+// test, see page_fully_visible), masked, or masked with per-key KeyMeta.
+enum PageMode : int { kPageFull, kPageMasked, kPageMeta };
+
+// Waits until entry i's copy has landed: with 3 stages the copy of entry i + 1 may stay in flight.
+__device__ __forceinline__ void wait_page(int stages) {
+  if (stages == 3) {
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+}
+
 // ---- the mask ------------------------------------------------------------------------------------
 // Tile row r sees key j of entry e iff: bit r of e.row_mask (and r is a row of the tile), j <
-// e.key_count, and with kEntryCausal key_pos0 + j <= q_pos[r]; a summary page (key_meta >= 0) adds
-// bit r of its key's row mask. The logit, in log2 units, is scale * log2(e) * q.k + log2(e) *
-// (e.bias + meta.bias). Every kernel goes through row_key_limit + masked_logit2, so forward and
-// backward agree exactly on what a row sees.
+// e.key_count, bit j of e.key_mask, with kEntryCausal key_pos0 + j <= q_pos[r], and for a summary
+// page (key_meta >= 0) bit r of its key's row mask. The logit, in log2 units, is scale * log2(e) * q.k
+// + log2(e) * (e.bias + key_bias[j] (kEntryKeyBias) + meta.bias). Every kernel decides visibility
+// with row_key_limit (as row_key_bits or key_seen) + masked_logit2, or skips both where
+// page_fully_visible proves that every key is visible to every row at hand, so forward and backward
+// agree exactly on what a row sees.
 
-// Keys of the entry that row r may see, as the last visible key index (-1: none); row_on is the
+// The last key of entry e that row r may see by position and key_count (-1: none); row_on is the
 // row's bit of the entry's mask, already restricted to rows that exist.
 __device__ __forceinline__ int row_key_limit(bool row_on, std::int32_t q_pos, const BlockEntry& e) {
   if (!row_on) return -1;
@@ -222,18 +252,42 @@ __device__ __forceinline__ int row_key_limit(bool row_on, std::int32_t q_pos, co
   return limit;
 }
 
-// log2-domain logit of raw score s of key j for a row with limit `limit`, or -inf when masked.
-// c = scale * log2(e), bias2 = entry bias * log2(e). meta: the page's KeyMeta in shared memory, or
-// nullptr (compile-time: kMeta selects the variant so the common path carries no meta test).
+// Row r sees key j (before KeyMeta) iff j <= row_key_limit and bit j of e.key_mask. Kernels whose
+// thread holds many keys of one row test all of them at once with this bit set (bit j: key j)...
+__device__ __forceinline__ std::uint64_t row_key_bits(bool row_on, std::int32_t q_pos, const BlockEntry& e) {
+  const int limit = row_key_limit(row_on, q_pos, e);  // <= kPageSize - 1 = 63
+  return (limit < 0 ? 0 : ~0ull >> (63 - limit)) & e.key_mask;
+}
+
+// ... and kernels whose thread holds few keys of many rows test key j with its key_mask bit taken
+// once per entry: key_on = bit j of e.key_mask.
+__device__ __forceinline__ bool key_seen(int j, bool key_on, int limit) { return key_on && j <= limit; }
+
+// True when row_key_bits is all ones for every row that sees e and has q_pos >= min_pos, and e has
+// no per-key terms (KeyMeta, key_bias): such a page is computed without any per-element test.
+__device__ __forceinline__ bool page_fully_visible(const BlockEntry& e, std::int32_t min_pos) {
+  return e.key_meta < 0 && e.key_count == kPageSize && e.key_mask == ~0ull && !(e.flags & kEntryKeyBias) &&
+         (!(e.flags & kEntryCausal) || static_cast<long long>(min_pos) - e.key_pos0 >= kPageSize - 1);
+}
+
+// log2-domain logit of raw score s of key j for row `row`, or -inf when masked. seen: bit j of the
+// row's row_key_bits (or key_seen); c = scale * log2(e); bias2 = log2(e) * (entry bias + key_bias[j]). meta: the
+// page's KeyMeta in shared memory (compile-time kMeta selects the variant so the common path carries
+// no meta test).
 template <bool kMeta>
-__device__ __forceinline__ float masked_logit2(float s, int j, int limit, int row, float c, float bias2,
+__device__ __forceinline__ float masked_logit2(float s, bool seen, int j, int row, float c, float bias2,
                                                const KeyMeta* meta) {
-  bool visible = j <= limit;
   if constexpr (kMeta) {
-    visible = visible && ((meta[j].row_mask[row >> 6] >> (row & 63)) & 1u);
+    seen = seen && ((meta[j].row_mask[row >> 6] >> (row & 63)) & 1u);
     bias2 = fmaf(meta[j].bias, kLog2e, bias2);
   }
-  return visible ? fmaf(s, c, bias2) : -INFINITY;
+  return seen ? fmaf(s, c, bias2) : -INFINITY;
+}
+
+// log2(e) * key_bias[j] of the entry's page for key j, 0 without kEntryKeyBias. page_bias points at
+// the page's page_size biases of this KV head (read only when flagged, so it may be null otherwise).
+__device__ __forceinline__ float key_bias2(const BlockEntry& e, const float* page_bias, int j) {
+  return (e.flags & kEntryKeyBias) ? __ldg(page_bias + j) * kLog2e : 0.f;
 }
 
 // Row bits [first, first + count) of a 128-bit row mask, count in {16, 32, 64}, first a multiple of count.

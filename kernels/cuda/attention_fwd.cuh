@@ -3,12 +3,16 @@
 // (one m16 slab), so row statistics never leave a warp (4 warps x 32 rows spill at d = 128: 255
 // registers; 8 x 16 need ~230, one CTA of 8 warps per SM). Q stays in shared memory (re-read with
 // ldmatrix per page); the unit's entries are walked in table order, each entry's 64-key K and V page
-// arriving by cp.async into a 2-stage ring (1 stage where shared memory is short, e.g. sm_89) while
-// the previous page is computed. Online softmax in registers in log2 units; P goes from the S
-// accumulators to the PV mma without shared memory. Writes O (o_dtype) and LSE (natural log).
+// arriving by cp.async into a ring of up to 3 stages (2 in flight while one is computed; fewer where
+// shared memory is short, e.g. sm_89), one __syncthreads per page. A page that every row of a warp
+// sees whole takes a path without per-element masking. Online softmax in registers in log2 units; P
+// goes from the S accumulators to the PV mma without shared memory. Writes O (o_dtype) and LSE (ln).
 #pragma once
 
 #include <ringcast/cuda_check.hpp>
+
+#include <climits>
+#include <type_traits>
 
 #include "attention_device.cuh"
 #include "attention_launch.hpp"
@@ -21,11 +25,14 @@ struct FwdTraits {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRowsPerWarp = kQueryTile / kWarps;
   static constexpr int kSlabs = kRowsPerWarp / 16;  // m16 slabs per warp
+  static constexpr std::uint64_t kAllRows = (1ull << kRowsPerWarp) - 1;
+  static constexpr int kMaxStages = 3;
   static constexpr std::size_t smem_bytes(int stages) {
     return (kQueryTile + 2 * stages * kPageSize) * kHeadDim * sizeof(T) +
            stages * kPageSize * sizeof(KeyMeta);
   }
 };
+
 
 template <typename T, int kHeadDim, typename OT>
 __global__ void __launch_bounds__(FwdTraits<T, kHeadDim>::kThreads, 1)
@@ -63,33 +70,36 @@ __global__ void __launch_bounds__(FwdTraits<T, kHeadDim>::kThreads, 1)
   const T* k_head = static_cast<const T*>(a.k_pages) + pool_off;
   const T* v_head = static_cast<const T*>(a.v_pages) + pool_off;
 
-  auto issue_page = [&](const BlockEntry& e, int buf) {
+  auto issue_page = [&](const PageLoad& e, int buf) {
     const std::int64_t off = static_cast<std::int64_t>(e.page) * kPageSize * D;
     load_tile<D, kPageSize, kThreads>(sK + buf * kPageSize * D, k_head + off, D, e.key_count, tid);
     load_tile<D, kPageSize, kThreads>(sV + buf * kPageSize * D, v_head + off, D, e.key_count, tid);
     if (e.key_meta >= 0) load_key_meta<kThreads>(sMeta + buf * kPageSize, a.key_meta + e.key_meta, tid);
   };
 
+  // Prologue: Q, then entries [0, L) in groups of their own (see the page pipeline in attention_device.cuh).
   load_tile<D, kQueryTile, kThreads>(sQ, static_cast<const T*>(a.q) + head_off, row_stride, valid_rows, tid);
-  BlockEntry cur{}, nxt{};
-  if (n > 0) {
-    cur = a.entries[e0];
-    issue_page(cur, 0);
+  const int ahead = stages > 1 ? stages - 1 : 1;  // L
+  for (int k = 0; k < ahead; ++k) {
+    if (k < n) issue_page(page_load(a.entries[e0 + k]), k);
+    cp_async_commit();
   }
-  cp_async_commit();
-  if (n > 1) nxt = a.entries[e0 + 1];
+  PageLoad next_load = ahead < n ? page_load(a.entries[e0 + ahead]) : PageLoad{};  // entry i + L
 
   const int wrow0 = warp * Traits::kRowsPerWarp;
   const std::uint64_t wvalid = valid_bits(valid_rows, wrow0, Traits::kRowsPerWarp);
   int qpos[kSlabs][2];
+  int wmin_pos = INT_MAX;  // smallest position of the warp's rows: decides causal pages it sees whole
 #pragma unroll
   for (int mt = 0; mt < kSlabs; ++mt) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const int r = wrow0 + mt * 16 + g + 8 * hh;
       qpos[mt][hh] = r < valid_rows ? a.q_pos[row0 + r] : 0;
+      if (r < valid_rows) wmin_pos = min(wmin_pos, qpos[mt][hh]);
     }
   }
+  wmin_pos = __reduce_min_sync(0xffffffffu, wmin_pos);
 
   float acc[kSlabs][kDTiles][4];
   float row_max[kSlabs][2];  // log2 units, scale and bias included
@@ -104,11 +114,25 @@ __global__ void __launch_bounds__(FwdTraits<T, kHeadDim>::kThreads, 1)
   const float c = a.scale * kLog2e;
 
   // One page for this warp's rows: S = Q K^T, mask + bias, online softmax, acc += P V.
-  auto compute_page = [&](auto has_meta, const std::uint64_t bits, const int buf) {
-    constexpr bool kMeta = decltype(has_meta)::value;
+  auto compute_page = [&](auto mode, const BlockEntry& e, const std::uint64_t bits, const int buf) {
+    constexpr int kMode = decltype(mode)::value;
+    constexpr bool kMeta = kMode == kPageMeta;
     const T* sKb = sK + buf * kPageSize * D;
     const T* sVb = sV + buf * kPageSize * D;
     const KeyMeta* meta = sMeta + buf * kPageSize;
+    const float bias2 = e.bias * kLog2e;
+
+    // Masked pages: the thread's keys j = 8 nt + 2 qd + i carry log2(e) * (entry bias + key_bias[j]);
+    // loaded before the S mma so that the loads' latency hides behind it.
+    float kbias2[8][2];
+    if constexpr (kMode != kPageFull) {
+      const float* page_bias = (e.flags & kEntryKeyBias) ? a.key_bias + (kvh * a.num_pages + e.page) * kPageSize
+                                                         : nullptr;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) kbias2[nt][i] = bias2 + key_bias2(e, page_bias, nt * 8 + 2 * qd + i);
+    }
 
     float s[kSlabs][8][4];
 #pragma unroll
@@ -134,38 +158,52 @@ __global__ void __launch_bounds__(FwdTraits<T, kHeadDim>::kThreads, 1)
       }
     }
 
-    const float bias2 = cur.bias * kLog2e;
 #pragma unroll
     for (int mt = 0; mt < kSlabs; ++mt) {
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        const int rl = mt * 16 + g + 8 * hh;  // row within the warp's rows
-        const int limit = row_key_limit((bits >> rl) & 1u, qpos[mt][hh], cur);
         float mx = -INFINITY;
+        float m_new, m_use;
+        if constexpr (kMode == kPageFull) {
+          // The max of the raw scores gives the max logit (c > 0, fmaf is monotone in s), and
+          // P = exp2(c s + (bias2 - m)) is one FFMA + one MUFU per element, as in FlashAttention-2.
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
+          for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hh], s[mt][nt][2 * hh + 1]));
+          mx = quad_max(mx);
+          m_new = fmaxf(row_max[mt][hh], fmaf(mx, c, bias2));
+          m_use = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
+          const float off = bias2 - m_use;
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = s[mt][nt][2 * hh + e];
-            x = masked_logit2<kMeta>(x, nt * 8 + 2 * qd + e, limit, wrow0 + rl, c, bias2, meta);
-            mx = fmaxf(mx, x);
+          for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) s[mt][nt][2 * hh + i] = fast_exp2(fmaf(s[mt][nt][2 * hh + i], c, off));
+        } else {
+          const int rl = mt * 16 + g + 8 * hh;  // row within the warp's rows
+          // Bit 8 nt + i of `seen` is the thread's key 8 nt + 2 qd + i: constant shifts below.
+          const std::uint64_t seen = row_key_bits((bits >> rl) & 1u, qpos[mt][hh], e) >> (2 * qd);
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              float& x = s[mt][nt][2 * hh + i];
+              x = masked_logit2<kMeta>(x, (seen >> (nt * 8 + i)) & 1u, nt * 8 + 2 * qd + i, wrow0 + rl, c,
+                                       kbias2[nt][i], meta);
+              mx = fmaxf(mx, x);
+            }
           }
+          mx = quad_max(mx);
+          m_new = fmaxf(row_max[mt][hh], mx);
+          m_use = m_new == -INFINITY ? 0.f : m_new;
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) s[mt][nt][2 * hh + i] = fast_exp2(s[mt][nt][2 * hh + i] - m_use);
         }
-        mx = quad_max(mx);
-        const float m_new = fmaxf(row_max[mt][hh], mx);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no (-inf) - (-inf)
         const float alpha = fast_exp2(row_max[mt][hh] - m_use);
         row_max[mt][hh] = m_new;
         float sum = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = s[mt][nt][2 * hh + e];
-            x = fast_exp2(x - m_use);
-            sum += x;
-          }
-        }
+        for (int nt = 0; nt < 8; ++nt) sum += s[mt][nt][2 * hh] + s[mt][nt][2 * hh + 1];
         row_sum[mt][hh] = row_sum[mt][hh] * alpha + sum;
 #pragma unroll
         for (int dn = 0; dn < kDTiles; ++dn) {
@@ -199,33 +237,37 @@ __global__ void __launch_bounds__(FwdTraits<T, kHeadDim>::kThreads, 1)
     }
   };
 
+  int buf = 0;                                // stage of entry i
+  int issue_buf = stages > 1 ? stages - 1 : 0;  // stage of entry i + L: the one entry i - 1 used
   for (int i = 0; i < n; ++i) {
-    const int buf = stages == 2 ? (i & 1) : 0;
-    // The buffer being refilled was last read in iteration i - 1, which ended with __syncthreads.
-    if (stages == 2 && i + 1 < n) issue_page(nxt, buf ^ 1);
-    cp_async_commit();
-    // Entry i + 2 is loaded a whole page of compute before its page id is needed.
-    BlockEntry after{};
-    if (i + 2 < n) after = a.entries[e0 + i + 2];
-    if (stages == 2) {
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
+    // Entry i's fields are needed right after the barrier; it was read when its copy was issued, so
+    // this load hits L1 while the wait and the barrier run.
+    const BlockEntry cur = a.entries[e0 + i];
+    wait_page(stages);
+    __syncthreads();  // page i visible to all; every warp is done with page i - 1
+    if (stages > 1) {
+      if (i + ahead < n) issue_page(next_load, issue_buf);
+      cp_async_commit();
+      if (i + ahead + 1 < n) next_load = page_load(a.entries[e0 + i + ahead + 1]);
     }
-    __syncthreads();
     const std::uint64_t bits = mask_bits(cur.row_mask, wrow0, Traits::kRowsPerWarp) & wvalid;
-    if (bits != 0) {  // warp-uniform: a warp none of whose rows see the entry skips it
+    if (bits == Traits::kAllRows && page_fully_visible(cur, wmin_pos)) {  // warp-uniform branches
+      compute_page(std::integral_constant<int, kPageFull>{}, cur, bits, buf);
+    } else if (bits != 0) {  // a warp none of whose rows see the entry skips it
       if (cur.key_meta >= 0) {
-        compute_page(std::true_type{}, bits, buf);
+        compute_page(std::integral_constant<int, kPageMeta>{}, cur, bits, buf);
       } else {
-        compute_page(std::false_type{}, bits, buf);
+        compute_page(std::integral_constant<int, kPageMasked>{}, cur, bits, buf);
       }
     }
-    __syncthreads();
-    if (i + 1 < n) {
-      if (stages == 1) issue_page(nxt, 0);
-      cur = nxt;
-      nxt = after;
+    if (stages == 1) {
+      __syncthreads();  // the single buffer is refilled only after every warp is done with it
+      if (i + 1 < n) issue_page(next_load, 0);
+      cp_async_commit();
+      if (i + 2 < n) next_load = page_load(a.entries[e0 + i + 2]);
+    } else {
+      issue_buf = buf;
+      buf = buf + 1 == stages ? 0 : buf + 1;
     }
   }
   cp_async_wait<0>();
@@ -254,7 +296,7 @@ template <typename T, int kHeadDim>
 void launch_attention_forward(const AttentionForwardParams& p, cudaStream_t stream) {
   using Traits = FwdTraits<T, kHeadDim>;
   const AttentionArgs a = forward_args(p);
-  const int stages = pick_stages("attention forward", &Traits::smem_bytes);
+  const int stages = pick_stages("attention forward", &Traits::smem_bytes, Traits::kMaxStages);
   const std::size_t smem = Traits::smem_bytes(stages);
   const auto kernel = p.o_dtype == DType::kF32 ? attention_fwd_kernel<T, kHeadDim, float>
                                                : attention_fwd_kernel<T, kHeadDim, T>;

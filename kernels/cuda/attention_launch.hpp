@@ -16,9 +16,9 @@ namespace ringcast::kernels::cuda::detail {
 AttentionArgs forward_args(const AttentionForwardParams& p);
 AttentionArgs backward_args(const AttentionBackwardParams& p);
 
-// Pipeline depth for a kernel whose shared memory is bytes(stages): 2 where it fits the device's
-// per-block opt-in limit, else 1; throws when even one stage does not fit.
-int pick_stages(const char* kernel, std::size_t (*bytes)(int));
+// Pipeline depth for a kernel whose shared memory is bytes(stages): the largest stages <= max_stages
+// that fits the device's per-block opt-in limit; throws when even one stage does not fit.
+int pick_stages(const char* kernel, std::size_t (*bytes)(int), int max_stages);
 
 // Raises the kernel's dynamic shared memory limit to `bytes` (needed above 48 KB).
 void set_smem_limit(const void* kernel, std::size_t bytes);

@@ -3,7 +3,8 @@
 // the storage dtype before the oracle sees them; every output buffer is poisoned with NaN bytes first,
 // so an unwritten element fails. Forward O must be within 1e-2 relative of float64 and within 2x the
 // error of a same-dtype emulation (float64 softmax, P rounded to the storage dtype before P.V, O
-// rounded to o_dtype). Skips when no CUDA device exists.
+// rounded to o_dtype). Key masks and per-key biases (kEntryKeyBias) are drawn by random_block_table;
+// dense tables exercise the kernels' mask-free path for whole pages. Skips when no CUDA device exists.
 #include "attention_reference.hpp"
 
 #include <ringcast/kernels/attention.hpp>
@@ -137,13 +138,16 @@ std::vector<double> emulate_forward(const ReferenceProblem& pr, const HostBlockT
         const std::int64_t i = tile * kernels::kQueryTile + r;
         for (int j = 0; j < e.key_count; ++j) {
           if ((e.flags & kernels::kEntryCausal) && static_cast<std::int64_t>(e.key_pos0) + j > pr.q_pos[i]) continue;
+          if (!((e.key_mask >> j) & 1u)) continue;  // page_size is 64 here
+          const std::size_t page_key = (static_cast<std::size_t>(kvh) * s.num_pages + e.page) * s.page_size + j;
           double bias = e.bias;
+          if (e.flags & kernels::kEntryKeyBias) bias += pr.key_bias[page_key];
           if (e.key_meta >= 0) {
             const KeyMeta& m = table.key_meta[e.key_meta + j];
             if (!((m.row_mask[r / 64] >> (r % 64)) & 1u)) continue;
             bias += m.bias;
           }
-          const std::size_t kv = ((static_cast<std::size_t>(kvh) * s.num_pages + e.page) * s.page_size + j) * d;
+          const std::size_t kv = page_key * d;
           for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
             const std::size_t qi = ((b * s.seq_q + i) * s.heads + h) * d;
             double dot = 0.0;
@@ -188,6 +192,7 @@ struct Case {
   std::int64_t num_pages = 0;  // kRandom: pool pages per KV head (dense patterns: enough for seq_q keys)
   bool backward = true;
   bool accumulate = false;
+  bool empty_key_masks = false;  // every third entry takes no key (key_mask = 0, with a key bias)
 };
 
 std::vector<double> widen(const std::vector<float>& x) { return {x.begin(), x.end()}; }
@@ -221,6 +226,12 @@ void run_case(const Case& c) {
     case Pattern::kWindow: table = kernels::sliding_window_table(s, {&keys, 1}, q_pos, true, 150, 0); break;
     case Pattern::kRandom: table = random_block_table(s, q_pos, c.random, seed); break;
   }
+  if (c.empty_key_masks) {
+    for (std::size_t i = 0; i < table.entries.size(); i += 3) {
+      table.entries[i].key_mask = 0;
+      table.entries[i].flags |= kernels::kEntryKeyBias;
+    }
+  }
   const kernels::HostTransposedTable transposed = kernels::transpose(table, s);
 
   const std::size_t nq = static_cast<std::size_t>(s.batch * s.seq_q * s.heads * s.head_dim);
@@ -230,9 +241,11 @@ void run_case(const Case& c) {
   const Stored k = store(random_normal(nkv, seed + 2), c.dtype);
   const Stored v = store(random_normal(nkv, seed + 3), c.dtype);
   const Stored d_o = store(random_normal(nq, seed + 4), c.dtype);
+  const std::vector<float> key_bias = random_normal(nkv / static_cast<std::size_t>(s.head_dim), seed + 8);
+  const std::vector<double> key_bias64 = widen(key_bias);
   const float scale = 1.f / std::sqrt(static_cast<float>(s.head_dim));
 
-  DeviceBuffer dq_in(q.bits), dk_in(k.bits), dv_in(v.bits), ddo(d_o.bits), dpos(q_pos);
+  DeviceBuffer dq_in(q.bits), dk_in(k.bits), dv_in(v.bits), ddo(d_o.bits), dpos(q_pos), dkey_bias(key_bias);
   DeviceBuffer doffsets(table.offsets), dentries(table.entries);
   DeviceBuffer dmeta(table.key_meta.empty() ? std::vector<KeyMeta>(1) : table.key_meta);
   DeviceBuffer dtoffsets(transposed.offsets);
@@ -249,6 +262,7 @@ void run_case(const Case& c) {
   p.k_pages = dk_in.get();
   p.v_pages = dv_in.get();
   p.q_pos = dpos.as<std::int32_t>();
+  p.key_bias = dkey_bias.as<float>();
   p.table = {doffsets.as<std::int64_t>(), dentries.as<BlockEntry>(),
              table.key_meta.empty() ? nullptr : dmeta.as<KeyMeta>(), static_cast<std::int64_t>(table.entries.size())};
   p.o = d_out.get();
@@ -257,7 +271,7 @@ void run_case(const Case& c) {
   kernels::attention_forward(p, ctx);
   cuda_ok(cudaDeviceSynchronize(), "forward");
 
-  const ReferenceProblem pr{s, scale, &table, q_pos, q.value, k.value, v.value};
+  const ReferenceProblem pr{s, scale, &table, q_pos, q.value, k.value, v.value, key_bias64};
   const ReferenceOutputs ref = reference_attention_forward(pr);
   const std::vector<double> emu = emulate_forward(pr, table, c.dtype, c.o_dtype);
   const std::vector<double> o = c.o_dtype == DType::kF32 ? widen(d_out.download<float>())
@@ -367,6 +381,44 @@ TEST(AttentionGpu, SummaryPagesWithKeyMeta) {
             .num_pages = 6});
   run_case({.name = "keymeta d128 f16", .seq_q = 140, .heads = 2, .kv_heads = 1, .head_dim = 128,
             .dtype = DType::kF16, .o_dtype = DType::kF16, .random = o, .num_pages = 4});
+}
+
+TEST(AttentionGpu, KeyMasksAndKeyBiases) {
+  SKIP_WITHOUT_DEVICE();
+  RandomTableOptions o = sparse(6, 0.8);
+  o.key_mask_fraction = 0.6;
+  o.key_bias_fraction = 0.6;
+  for (int d : {64, 128}) {
+    run_case({.name = "key masks+bias d" + std::to_string(d), .batch = 2, .seq_q = 230, .heads = 4, .kv_heads = 2,
+              .head_dim = d, .random = o, .num_pages = 6});
+  }
+  o.key_meta_fraction = 0.4;  // with KeyMeta on top
+  run_case({.name = "key masks+bias+meta f16", .seq_q = 170, .heads = 2, .kv_heads = 1, .head_dim = 128,
+            .dtype = DType::kF16, .o_dtype = DType::kF16, .random = o, .num_pages = 5});
+  // Entries that take no key at all contribute nothing (also their key biases).
+  run_case({.name = "empty key masks d64", .seq_q = 200, .heads = 4, .kv_heads = 2, .head_dim = 64,
+            .random = sparse(5, 0.9), .num_pages = 5, .empty_key_masks = true});
+}
+
+// Whole pages seen by every row (the mask-free path) mixed in one unit with masked, causal,
+// partial, key-masked and key-biased pages; every tile row exists (seq_q a multiple of 128) and not.
+TEST(AttentionGpu, WholePagesMixedWithMaskedPages) {
+  SKIP_WITHOUT_DEVICE();
+  RandomTableOptions o;
+  o.min_entries = 2;
+  o.max_entries = 8;
+  o.row_mask_keep = 1.0;
+  o.causal_fraction = 0.2;
+  o.partial_fraction = 0.15;
+  o.bias_stddev = 1.0;
+  o.key_mask_fraction = 0.15;
+  o.key_bias_fraction = 0.15;
+  run_case({.name = "whole+masked d128", .seq_q = 256, .heads = 4, .kv_heads = 1, .head_dim = 128, .random = o,
+            .num_pages = 9});
+  run_case({.name = "whole+masked d64 f16", .batch = 2, .seq_q = 300, .heads = 2, .kv_heads = 2, .head_dim = 64,
+            .dtype = DType::kF16, .o_dtype = DType::kF16, .random = o, .num_pages = 7});
+  run_case({.name = "whole pages d128", .seq_q = 384, .heads = 2, .kv_heads = 1, .head_dim = 128,
+            .random = {.min_entries = 1, .max_entries = 6, .bias_stddev = 1.0}, .num_pages = 8});
 }
 
 TEST(AttentionGpu, EmptyRowsAndEmptyUnits) {

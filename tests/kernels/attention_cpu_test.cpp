@@ -1,7 +1,8 @@
 // The CPU attention kernel, forward and backward, against the float64 oracle on every kind of table
 // the runtime builds (dense, causal, zigzag, windows, random sparse with row masks, KeyMeta summary
-// pages, partial pages, empty rows), GQA ratios 1..8 and head dims 40, 64, 128; plus the oracle's own
-// backward by finite differences, thread-count determinism and the validation errors.
+// pages, key masks and per-key pool biases, partial pages, empty rows), GQA ratios 1..8 and head
+// dims 40, 64, 128; plus the oracle's own backward by finite differences, thread-count determinism
+// and the validation errors.
 //
 // Tolerance: ||x - ref|| / ||ref|| <= 1e-5 (DESIGN.md §7). fp32 rounds at u = 2^-24 = 6e-8; the
 // kernel's sums run over at most a few hundred keys and 128 channels with random signs, so its error
@@ -162,6 +163,82 @@ TEST(AttentionCpu, SummaryPagesWithKeyMeta) {
   opt.bias_stddev = 0.5;
   opt.key_meta_fraction = 0.6;
   expect_matches_reference(CpuAttention(s, random_block_table(s, q_pos, opt, 8), q_pos, 107), "key meta");
+}
+
+TEST(AttentionCpu, KeyMasksAndKeyBiases) {
+  // Summary-page entries as the clustered mode builds them: key subsets, per-key pool biases, on top
+  // of KeyMeta, row masks, causal cuts and partial pages; pages of 64 and 32 keys.
+  RandomTableOptions opt;
+  opt.min_entries = 1;
+  opt.max_entries = 5;
+  opt.row_mask_keep = 0.7;
+  opt.causal_fraction = 0.2;
+  opt.partial_fraction = 0.3;
+  opt.bias_stddev = 0.5;
+  opt.key_meta_fraction = 0.3;
+  opt.key_mask_fraction = 0.7;
+  opt.key_bias_fraction = 0.7;
+  const AttentionShape s64 = make_shape(2, 190, 4, 2, 64, 64, 5);
+  const auto q_pos = iota_positions(s64.seq_q, 100);
+  expect_matches_reference(CpuAttention(s64, random_block_table(s64, q_pos, opt, 12), q_pos, 111), "key mask/bias 64");
+  const AttentionShape s32 = make_shape(1, 140, 3, 1, 40, 32, 6);
+  const auto q_pos32 = iota_positions(s32.seq_q);
+  expect_matches_reference(CpuAttention(s32, random_block_table(s32, q_pos32, opt, 13), q_pos32, 112),
+                           "key mask/bias 32");
+}
+
+TEST(AttentionCpu, EntryWithEmptyKeyMaskContributesNothing) {
+  const AttentionShape s = make_shape(1, 200, 4, 2, 64, 64, 3);
+  const auto q_pos = iota_positions(s.seq_q);
+  RandomTableOptions opt;
+  opt.min_entries = 1;
+  opt.max_entries = 3;
+  opt.row_mask_keep = 0.8;
+  opt.key_bias_fraction = 0.5;
+  HostBlockTable base = random_block_table(make_shape(1, 200, 4, 2, 64, 64, 2), q_pos, opt, 14);
+  // The same table with one more entry per unit: page 2 (no other entry names it), every row, no key.
+  HostBlockTable with_empty;
+  for (std::size_t u = 0; u + 1 < base.offsets.size(); ++u) {
+    with_empty.entries.insert(with_empty.entries.end(), base.entries.begin() + base.offsets[u],
+                              base.entries.begin() + base.offsets[u + 1]);
+    BlockEntry e{};
+    e.row_mask[0] = e.row_mask[1] = ~std::uint64_t{0};
+    e.page = 2;
+    e.key_count = 64;
+    e.key_meta = -1;
+    e.flags = kernels::kEntryKeyBias;
+    e.key_mask = 0;
+    with_empty.entries.push_back(e);
+    with_empty.offsets.push_back(static_cast<std::int64_t>(with_empty.entries.size()));
+  }
+  // Rows past the last tile's end must have no bit: trim the masks of the partial tile.
+  const int last_rows = kernels::tile_rows(s, s.num_tiles() - 1);
+  const auto last_mask = kernels::full_row_mask(last_rows);
+  for (std::int64_t u = (s.num_tiles() - 1) * s.kv_heads; u < s.num_units(); ++u) {
+    BlockEntry& e = with_empty.entries[with_empty.offsets[u + 1] - 1];
+    e.row_mask[0] = last_mask[0];
+    e.row_mask[1] = last_mask[1];
+  }
+  const CpuAttention a(s, with_empty, q_pos, 113);
+  expect_matches_reference(a, "empty key mask");
+  const CpuAttention::Outputs with = a.forward();
+  const CpuAttention::Outputs without = a.forward(&base);
+  CpuAttention::Grads g_with, g_without;
+  a.backward(with, g_with, false);
+  a.backward(without, g_without, false, &base);
+  EXPECT_EQ(with.o, without.o);
+  EXPECT_EQ(with.lse, without.lse);
+  EXPECT_EQ(g_with.d_q, g_without.d_q);
+  EXPECT_EQ(g_with.d_k, g_without.d_k);
+  EXPECT_EQ(g_with.d_v, g_without.d_v);
+  const std::int64_t page_elems = std::int64_t{s.page_size} * s.head_dim;
+  for (int kvh = 0; kvh < s.kv_heads; ++kvh) {
+    const std::int64_t page2 = (kvh * s.num_pages + 2) * page_elems;
+    for (std::int64_t j = 0; j < page_elems; ++j) {
+      ASSERT_EQ(g_with.d_k[page2 + j], 0.f);
+      ASSERT_EQ(g_with.d_v[page2 + j], 0.f);
+    }
+  }
 }
 
 TEST(AttentionCpu, OneRowOnePartialPage) {
@@ -390,6 +467,20 @@ TEST_F(AttentionValidate, RejectsNullPointersAndBrokenTables) {
   t.entries[0].key_meta = 0;
   p.table = t.view();
   expect_error(p, DeviceKind::kCpu, "uses key_meta but the table has none");
+  t = a_.table;
+  t.entries[0].flags |= kernels::kEntryKeyBias;
+  p.table = t.view();
+  p.key_bias = nullptr;
+  expect_error(p, DeviceKind::kCpu, "reads key_bias (kEntryKeyBias) but key_bias is null");
+  p.key_bias = a_.key_bias.data();
+  t.entries[0].flags = 1u << 5;
+  expect_error(p, DeviceKind::kCpu, "unknown flags");
+  t = a_.table;
+  t.entries[0].key_mask = 0xff;
+  p.table = t.view();
+  p.shape.page_size = 128;
+  expect_error(p, DeviceKind::kCpu, "key_mask, which covers 64 keys, but page_size is 128");
+  p.shape.page_size = 64;
   t = a_.table;
   t.offsets.back() += 1;
   p.table = t.view();

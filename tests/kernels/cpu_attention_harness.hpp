@@ -21,8 +21,9 @@ struct CpuAttention {
   std::vector<std::int32_t> q_pos;
   float scale = 0.f;
   std::vector<float> q, k, v, d_o;
+  std::vector<float> key_bias;  // [kv_heads, num_pages, page_size], read by kEntryKeyBias entries
 
-  // Random q, k, v, d_o for `shape`; scale 1 / sqrt(head_dim).
+  // Random q, k, v, d_o and key_bias for `shape`; scale 1 / sqrt(head_dim).
   CpuAttention(const kernels::AttentionShape& s, kernels::HostBlockTable t, std::vector<std::int32_t> positions,
                std::uint64_t seed)
       : shape(s), table(std::move(t)), q_pos(std::move(positions)),
@@ -33,6 +34,7 @@ struct CpuAttention {
     k = random_normal(nkv, seed + 1);
     v = random_normal(nkv, seed + 2);
     d_o = random_normal(nq, seed + 3);
+    key_bias = random_normal(nkv / static_cast<std::size_t>(s.head_dim), seed + 4);
   }
 
   std::size_t q_size() const { return q.size(); }
@@ -47,6 +49,7 @@ struct CpuAttention {
     p.k_pages = k.data();
     p.v_pages = v.data();
     p.q_pos = q_pos.data();
+    p.key_bias = key_bias.data();
     p.table = t.view();
     p.o = o;
     p.lse = lse;
@@ -97,11 +100,11 @@ struct CpuAttention {
 
   // The same problem in float64 for the oracle (inputs are already fp32-rounded).
   struct F64 {
-    std::vector<double> q, k, v, d_o;
+    std::vector<double> q, k, v, d_o, key_bias;
   };
-  F64 f64() const { return {to_f64(q), to_f64(k), to_f64(v), to_f64(d_o)}; }
+  F64 f64() const { return {to_f64(q), to_f64(k), to_f64(v), to_f64(d_o), to_f64(key_bias)}; }
   ReferenceProblem reference(const F64& x, const kernels::HostBlockTable* t = nullptr) const {
-    return ReferenceProblem{shape, static_cast<double>(scale), t ? t : &table, q_pos, x.q, x.k, x.v};
+    return ReferenceProblem{shape, static_cast<double>(scale), t ? t : &table, q_pos, x.q, x.k, x.v, x.key_bias};
   }
 };
 

@@ -37,15 +37,18 @@ std::vector<VisibleKey> visible_keys(const ReferenceProblem& pr, std::int64_t b,
   for (std::int64_t idx = t.offsets[unit]; idx < t.offsets[unit + 1]; ++idx) {
     const BlockEntry& e = t.entries[idx];
     if (!has_row(e.row_mask, r)) continue;
+    const std::int64_t page_key0 = (kvh * s.num_pages + e.page) * s.page_size;
     for (int j = 0; j < e.key_count; ++j) {
       if ((e.flags & kernels::kEntryCausal) && std::int64_t{e.key_pos0} + j > pr.q_pos[i]) continue;
+      if (j < 64 && !((e.key_mask >> j) & 1u)) continue;
       double bias = e.bias;
+      if (e.flags & kernels::kEntryKeyBias) bias += pr.key_bias[page_key0 + j];
       if (e.key_meta >= 0) {
         const KeyMeta& m = t.key_meta[e.key_meta + j];
         if (!has_row(m.row_mask, r)) continue;
         bias += m.bias;
       }
-      keys.push_back({(kvh * s.num_pages + e.page) * s.page_size + j, bias});
+      keys.push_back({page_key0 + j, bias});
     }
   }
   return keys;
@@ -60,6 +63,10 @@ void check_problem(const ReferenceProblem& pr) {
   RINGCAST_CHECK(pr.q.size() == q_size && pr.k.size() == kv_size && pr.v.size() == kv_size &&
                      pr.q_pos.size() == static_cast<std::size_t>(s.seq_q),
                  "reference attention: input sizes do not match the shape");
+  const bool reads_key_bias = std::any_of(pr.table->entries.begin(), pr.table->entries.end(),
+                                          [](const BlockEntry& e) { return e.flags & kernels::kEntryKeyBias; });
+  RINGCAST_CHECK(!reads_key_bias || pr.key_bias.size() == kv_size / static_cast<std::size_t>(s.head_dim),
+                 "reference attention: kEntryKeyBias entries need key_bias [kv_heads, num_pages, page_size]");
 }
 
 double dot(const double* a, const double* b, int n) {
@@ -189,6 +196,8 @@ kernels::HostBlockTable random_block_table(const AttentionShape& shape, std::spa
                                            const RandomTableOptions& opt, std::uint64_t seed) {
   RINGCAST_CHECK(q_pos.size() == static_cast<std::size_t>(shape.seq_q) && shape.num_pages > 0,
                  "random_block_table: q_pos size or num_pages does not fit the shape");
+  RINGCAST_CHECK(opt.key_mask_fraction == 0.0 || shape.page_size <= 64,
+                 "random_block_table: key masks cover pages of up to 64 keys");
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<double> unit(0.0, 1.0);
   std::normal_distribution<double> normal(0.0, 1.0);
@@ -217,6 +226,14 @@ kernels::HostBlockTable random_block_table(const AttentionShape& shape, std::spa
         e.key_pos0 = static_cast<std::int32_t>(row_pos - uniform_int(0, e.key_count - 1));
         e.flags = kernels::kEntryCausal;
       }
+      // Draw only for the options in use, so tables of the other options stay as they were.
+      if (opt.key_mask_fraction > 0.0 && unit(rng) < opt.key_mask_fraction) {
+        e.key_mask = 0;
+        for (int j = 0; j < shape.page_size; ++j) {
+          if (unit(rng) < 0.5) e.key_mask |= std::uint64_t{1} << j;
+        }
+      }
+      if (opt.key_bias_fraction > 0.0 && unit(rng) < opt.key_bias_fraction) e.flags |= kernels::kEntryKeyBias;
       if (unit(rng) < opt.key_meta_fraction) {
         e.key_meta = static_cast<std::int32_t>(t.key_meta.size());
         for (int j = 0; j < shape.page_size; ++j) {

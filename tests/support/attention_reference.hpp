@@ -1,7 +1,8 @@
 // The float64 attention oracle and the helpers that tests use around it: seeded random inputs,
 // relative errors, random block tables. The oracle is naive on purpose: for every query row it lists
-// the keys the block table lets it see (entry and KeyMeta row masks, causal positions, key_count),
-// with their biases, and applies the textbook softmax formulas; no tiling, no online softmax.
+// the keys the block table lets it see (entry and KeyMeta row masks, key_mask, causal positions,
+// key_count), with their biases (entry, KeyMeta, the pool's key_bias), and applies the textbook
+// softmax formulas; no tiling, no online softmax.
 // Layouts are those of attention.hpp: Q, O [B, n_q, heads, d]; K, V pools [kv_heads, pages, ps, d];
 // LSE [B, heads, n_q].
 #pragma once
@@ -26,6 +27,7 @@ struct ReferenceProblem {
   std::span<const double> q;
   std::span<const double> k;
   std::span<const double> v;
+  std::span<const double> key_bias = {};  // [kv_heads, num_pages, page_size]; for kEntryKeyBias entries
 };
 
 struct ReferenceOutputs {
@@ -65,6 +67,8 @@ struct RandomTableOptions {
   double partial_fraction = 0.0;  // entries with key_count < page_size
   double bias_stddev = 0.0;     // entry bias ~ N(0, bias_stddev^2)
   double key_meta_fraction = 0.0;  // entries with per-key row masks (keep 1/2) and biases
+  double key_mask_fraction = 0.0;  // entries with a random key_mask (keep 1/2; page_size <= 64)
+  double key_bias_fraction = 0.0;  // entries flagged kEntryKeyBias (the problem then needs key_bias)
 };
 kernels::HostBlockTable random_block_table(const kernels::AttentionShape& shape, std::span<const std::int32_t> q_pos,
                                            const RandomTableOptions& options, std::uint64_t seed);

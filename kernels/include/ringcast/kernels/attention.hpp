@@ -46,7 +46,7 @@ struct BlockEntry {
   std::int32_t key_meta;      // index of the first of page_size KeyMeta records, or -1
   std::int32_t key_count;     // keys [0, key_count) of the page are valid, 1 <= key_count <= page_size
   std::uint32_t flags;        // EntryFlags
-  std::uint64_t key_mask = ~std::uint64_t{0};  // bit j: key j takes part (page_size <= 64 bits used)
+  std::uint64_t key_mask = ~std::uint64_t{0};  // bit j: key j takes part; 64 keys: all ones when page_size > 64
 };
 
 // Per-key visibility and bias for pages of gathered summary keys.

@@ -1,0 +1,161 @@
+// The clustered block table (selection.hpp, DESIGN.md §4.1 step 6 and "Visibility rules"): per tile
+// and KV head, entries for the window, the selected pages, the page summaries and the coarse
+// summaries, so that each key a row may see is counted once, at one resolution. Summary entries are
+// built per summary page from per-key row masks: one entry with a key_mask when every taken key is
+// seen by the same rows, KeyMeta row masks otherwise. Host code, backend-independent.
+#include <ringcast/error.hpp>
+#include <ringcast/kernels/selection.hpp>
+
+#include <array>
+#include <map>
+
+namespace ringcast::kernels {
+namespace {
+
+using RowMask = std::array<std::uint64_t, 2>;
+
+void add_row(RowMask& m, int r) { m[r >> 6] |= std::uint64_t{1} << (r & 63); }
+bool none(const RowMask& m) { return (m[0] | m[1]) == 0; }
+RowMask minus(const RowMask& a, const RowMask& b) { return {a[0] & ~b[0], a[1] & ~b[1]}; }
+
+BlockEntry make_entry(std::int64_t page, const RowMask& rows, int page_size) {
+  BlockEntry e{};
+  e.row_mask[0] = rows[0];
+  e.row_mask[1] = rows[1];
+  e.page = static_cast<std::int32_t>(page);
+  e.key_meta = -1;
+  e.key_count = page_size;
+  return e;
+}
+
+// The entry of summary page `page` whose key j is seen by the rows key_rows[j] (none: not taken).
+void add_summary_entry(HostBlockTable& t, std::int64_t page, const std::vector<RowMask>& key_rows, int page_size) {
+  BlockEntry e = make_entry(page, {0, 0}, page_size);
+  e.flags = kEntryKeyBias;
+  e.key_mask = 0;
+  bool uniform = true;
+  for (int j = 0; j < page_size; ++j) {
+    const RowMask& m = key_rows[static_cast<std::size_t>(j)];
+    if (none(m)) continue;
+    if (e.key_mask != 0) uniform = uniform && m[0] == e.row_mask[0] && m[1] == e.row_mask[1];
+    e.key_mask |= std::uint64_t{1} << j;
+    e.row_mask[0] |= m[0];
+    e.row_mask[1] |= m[1];
+  }
+  if (e.key_mask == 0) return;
+  if (!uniform) {
+    e.key_meta = static_cast<std::int32_t>(t.key_meta.size());
+    for (const RowMask& m : key_rows) t.key_meta.push_back(KeyMeta{{m[0], m[1]}, 0.f, 0});
+  }
+  t.entries.push_back(e);
+}
+
+void append_tile(HostBlockTable& t, const ClusteredLayout& L, const SelectionOptions& opt,
+                 const ClusteredSelection& sel, std::int64_t tile) {
+  const TileGeometry g = tile_geometry(L, opt, tile);
+  const int ps = L.page_size;
+  const int rows = static_cast<int>(g.t1 - g.t0);
+  const std::array<std::uint64_t, 2> full = full_row_mask(rows);
+  const bool row_units = sel.unit == SelectUnit::kRow;
+
+  // Window: every row, the causal mask cuts it per row.
+  std::map<std::int64_t, bool> window_blocks;  // blocks holding window pages (ordered set)
+  for (std::int64_t page = g.window_lo / ps; page * ps < g.window_hi; ++page) {
+    const std::int64_t pool = L.page_pool_page(page);
+    RINGCAST_CHECK(pool >= 0, "clustered table: window page {} of tile {} is not resident (halo missing?)", page, tile);
+    BlockEntry e = make_entry(pool, full, ps);
+    e.key_pos0 = static_cast<std::int32_t>(page * ps);
+    e.flags = opt.causal ? kEntryCausal : 0u;
+    t.entries.push_back(e);
+    window_blocks[page / L.coarse_pages] = true;
+  }
+
+  // Selected pages (global page -> pool page, rows) and the rows that chose from each block.
+  std::map<std::int64_t, std::pair<std::int64_t, RowMask>> selected;
+  std::map<std::int64_t, RowMask> chose_from;
+  for (int r = 0; r < (row_units ? rows : 1); ++r) {
+    const std::int64_t u = row_units ? tile * kQueryTile + r : tile;
+    for (std::int64_t i = sel.page_offsets[u]; i < sel.page_offsets[u + 1]; ++i) {
+      const std::int64_t global = L.pool_page_global(sel.pages[i]);
+      RINGCAST_CHECK(global >= 0 && g.page_eligible(global, ps), "clustered table: unit {} selected pool page {}, "
+                     "which is not an eligible resident page", u, sel.pages[i]);
+      auto& [pool, mask] = selected[global];
+      pool = sel.pages[i];
+      RowMask& block_rows = chose_from[global / L.coarse_pages];
+      if (row_units) {
+        add_row(mask, r);
+        add_row(block_rows, r);
+      } else {
+        mask = full;
+        block_rows = full;
+      }
+    }
+  }
+  for (const auto& [global, entry] : selected) t.entries.push_back(make_entry(entry.first, entry.second, ps));
+
+  // Page summaries: eligible pages, not selected, of blocks that are not eligible (they hold window
+  // pages) for every row, or that the row chose pages from. Grouped per summary page.
+  std::map<std::int64_t, std::vector<RowMask>> summary_keys;
+  const auto add_page_summaries = [&](std::int64_t block, const RowMask& block_rows) {
+    for (std::int64_t page = block * L.coarse_pages; page < (block + 1) * L.coarse_pages; ++page) {
+      if (!g.page_eligible(page, ps)) continue;
+      const auto it = selected.find(page);
+      const RowMask seen = it == selected.end() ? block_rows : minus(block_rows, it->second.second);
+      if (none(seen)) continue;
+      const std::int64_t pool = L.page_pool_page(page);
+      RINGCAST_CHECK(pool >= 0, "clustered table: page {} needs its page summary but is not resident", page);
+      auto& keys = summary_keys[L.page_summary_first_page() + pool / ps];
+      keys.resize(static_cast<std::size_t>(ps), RowMask{0, 0});
+      keys[static_cast<std::size_t>(pool % ps)] = seen;
+    }
+  };
+  for (const auto& [block, unused] : window_blocks) add_page_summaries(block, full);
+  for (const auto& [block, block_rows] : chose_from) {
+    if (!window_blocks.contains(block)) add_page_summaries(block, block_rows);
+  }
+  for (const auto& [page, keys] : summary_keys) add_summary_entry(t, page, keys, ps);
+
+  // Coarse summaries: eligible blocks, for the rows that chose no page of them.
+  std::vector<RowMask> keys(static_cast<std::size_t>(ps));
+  for (std::int64_t first = 0; first < L.num_blocks(); first += ps) {
+    std::fill(keys.begin(), keys.end(), RowMask{0, 0});
+    for (std::int64_t block = first; block < std::min(first + ps, L.num_blocks()); ++block) {
+      if (!g.block_eligible(block, L.block_keys())) continue;
+      const auto it = chose_from.find(block);
+      keys[static_cast<std::size_t>(block - first)] = it == chose_from.end() ? full : minus(full, it->second);
+    }
+    add_summary_entry(t, L.coarse_summary_first_page() + first / ps, keys, ps);
+  }
+}
+
+}  // namespace
+
+HostBlockTable build_clustered_table(std::span<const ClusteredLayout> layouts, const SelectionOptions& options,
+                                     std::span<const ClusteredSelection> selections) {
+  RINGCAST_CHECK(!layouts.empty() && layouts.size() == selections.size(),
+                 "clustered table: need one layout and one selection per KV head (got {} and {})", layouts.size(),
+                 selections.size());
+  const ClusteredLayout& first = layouts[0];
+  for (std::size_t g = 0; g < layouts.size(); ++g) {
+    const ClusteredLayout& L = layouts[g];
+    L.validate();
+    RINGCAST_CHECK(L.n == first.n && L.first_pos == first.first_pos && L.n_loc == first.n_loc &&
+                       L.page_size == first.page_size && L.coarse_pages == first.coarse_pages &&
+                       L.num_pages() == first.num_pages(),
+                   "clustered table: the layout of KV head {} has another pool shape than KV head 0", g);
+    const std::int64_t units = selections[g].unit == SelectUnit::kRow ? L.n_loc : L.num_tiles();
+    RINGCAST_CHECK(selections[g].page_offsets.size() == static_cast<std::size_t>(units) + 1,
+                   "clustered table: the selection of KV head {} has {} units, expected {}", g,
+                   selections[g].page_offsets.size() - 1, units);
+  }
+  HostBlockTable t;
+  for (std::int64_t tile = 0; tile < first.num_tiles(); ++tile) {
+    for (std::size_t g = 0; g < layouts.size(); ++g) {
+      append_tile(t, layouts[g], options, selections[g], tile);
+      t.offsets.push_back(static_cast<std::int64_t>(t.entries.size()));
+    }
+  }
+  return t;
+}
+
+}  // namespace ringcast::kernels
