@@ -17,7 +17,7 @@ have_system_deps() {
   command -v mpirun >/dev/null && [ -e /usr/include/boost/program_options.hpp ] && ldconfig -p | grep -q libopenblas &&
     { [ -e /usr/include/fmt/format.h ] || [ -e /usr/local/include/fmt/format.h ]; }
 }
-if ! have_system_deps && [ -d .gpu-deps ]; then
+if [ -d .gpu-deps ]; then  # one known set, whatever the image has (images differ between machines)
   d=/tmp/gpu-deps
   mkdir -p $d
   for f in .gpu-deps/*.deb; do dpkg -x "$f" $d; done
@@ -32,7 +32,8 @@ if ! have_system_deps && [ -d .gpu-deps ]; then
   export LD_LIBRARY_PATH=$lib:$lib/openmpi/lib:$lib/openblas-pthread${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   export OPAL_PREFIX=$d/usr PMIX_MCA_preg=native
   export CMAKE_PREFIX_PATH=$d/usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}
-  CMAKE_ARGS+=(-DBLAS_LIBRARIES=$lib/openblas-pthread/libopenblas.so
+  CMAKE_ARGS+=(-DBoost_DIR=$(echo $lib/cmake/Boost-*) -Dfmt_DIR=$lib/cmake/fmt -DGTest_DIR=$lib/cmake/GTest
+               -DBLAS_LIBRARIES=$lib/openblas-pthread/libopenblas.so
                -DCBLAS_INCLUDE_DIR=$d/usr/include/x86_64-linux-gnu/openblas-pthread
                -DMPIEXEC_EXECUTABLE=$d/usr/bin/mpiexec -DMPI_CXX_COMPILER=$d/usr/bin/mpicxx.openmpi)
 fi
