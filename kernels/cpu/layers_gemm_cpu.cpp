@@ -3,9 +3,8 @@
 // single-threaded sgemm, so no two threads write the same element and nothing is reduced across
 // threads (dW = dYᵀ X splits over the rows of dW, each summing over every token itself).
 #include "cpu/layers_cpu.hpp"
-#include "cpu/tile_math.hpp"
+#include "cpu/blas.hpp"
 
-#include <cblas.h>
 #include <omp.h>
 
 #include <algorithm>

@@ -4,9 +4,10 @@
 // place from [B, n, heads, head_dim] with leading dimension heads * head_dim (no gather).
 #pragma once
 
+#include "blas.hpp"
+
 #include <ringcast/kernels/attention.hpp>
 
-#include <cblas.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -14,17 +15,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
-#include <mutex>
 
 namespace ringcast::kernels::cpu {
-
-// Every pass runs its own OpenMP threads and calls BLAS from each of them on small tile products;
-// a threaded BLAS under them would oversubscribe the cores. Set once per process (this also caps
-// OpenBLAS for other callers in the process, who then get their threads from OpenMP too).
-inline void use_single_threaded_blas() {
-  static std::once_flag once;
-  std::call_once(once, [] { openblas_set_num_threads(1); });
-}
 
 // exp(x) to about 1e-7 relative on [-87.3, 88.3], 0 below (so exp(-inf) = 0, a masked key), NaN
 // kept. Plain arithmetic so that the softmax loops vectorize, which libm's expf does not without
