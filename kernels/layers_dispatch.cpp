@@ -4,6 +4,7 @@
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/layers.hpp>
 
+#include "dispatch_checks.hpp"
 #include "cpu/layers_cpu.hpp"
 
 #include <climits>
@@ -11,15 +12,6 @@
 
 namespace ringcast::kernels {
 namespace {
-
-void require_cpu(const ExecContext& ctx, const char* op) {
-  RINGCAST_CHECK(ctx.device.kind == DeviceKind::kCpu,
-                 "{}: not supported on CUDA yet (only the CPU backend implements it)", op);
-}
-
-void require_pointers(const char* op, std::initializer_list<const void*> pointers) {
-  for (const void* ptr : pointers) RINGCAST_CHECK(ptr != nullptr, "{}: a required buffer is null", op);
-}
 
 // Matrix sizes go to BLAS as int.
 void require_matrix(const char* op, std::int64_t rows, std::int64_t cols) {

@@ -8,6 +8,7 @@
 #include <ringcast/kernels/selection.hpp>
 #include <ringcast/kernels/summaries.hpp>
 
+#include "dispatch_checks.hpp"
 #include "cpu/selection_cpu.hpp"
 
 #include <algorithm>
@@ -15,15 +16,6 @@
 
 namespace ringcast::kernels {
 namespace {
-
-void require_cpu(const ExecContext& ctx, const char* op) {
-  RINGCAST_CHECK(ctx.device.kind == DeviceKind::kCpu,
-                 "{}: not supported on CUDA yet (only the CPU backend implements it)", op);
-}
-
-void require_pointers(const char* op, std::initializer_list<const void*> pointers) {
-  for (const void* ptr : pointers) RINGCAST_CHECK(ptr != nullptr, "{}: a required buffer is null", op);
-}
 
 void validate(const SummaryShape& s, const char* op) {
   RINGCAST_CHECK(s.batch >= 1 && s.seq >= 1 && s.kv_heads >= 1 && s.head_dim >= 1,
