@@ -175,8 +175,7 @@ DistributedAttention::DistributedAttention(const Session& session, const LayerSh
     case AttentionMode::kRing:
     case AttentionMode::kAllGather: mode_ = make_ring_mode(session, shape, options); break;
     case AttentionMode::kUlysses: mode_ = make_ulysses_mode(session, shape, options); break;
-    case AttentionMode::kClustered:
-      RINGCAST_THROW("attention mode 'clustered' is not built yet (selection kernels and block tables come first)");
+    case AttentionMode::kClustered: mode_ = make_clustered_mode(session, shape, options); break;
   }
 }
 

@@ -84,5 +84,6 @@ class DistributedAttention::Mode {
 
 std::unique_ptr<DistributedAttention::Mode> make_ring_mode(const Session&, const LayerShape&, const AttentionOptions&);
 std::unique_ptr<DistributedAttention::Mode> make_ulysses_mode(const Session&, const LayerShape&, const AttentionOptions&);
+std::unique_ptr<DistributedAttention::Mode> make_clustered_mode(const Session&, const LayerShape&, const AttentionOptions&);
 
 }  // namespace ringcast

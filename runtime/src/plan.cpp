@@ -59,23 +59,27 @@ LayerPlan plan_layer(const LayerShape& shape, const AttentionOptions& o) {
       plan.activation_bytes = local_io + z.p * 2 * kv_pool + z.p * 2 * kv_pool32;
       break;
     case AttentionMode::kClustered: {
+      // Figures at the cap: an upper bound of the mean over ranks (every fetched block is sent by one
+      // rank and received by another; a rank whose blocks are popular sends more than the mean).
       const std::int64_t block = o.coarse_block();
       const std::int64_t blocks_total = z.n / block, blocks_loc = z.n_loc / block;
-      const std::int64_t summary = 4 * z.d * z.e + kF32;  // mean k, mean v, min, max; count
+      const std::int64_t summary = 4 * z.d * z.e;  // mean k, mean v, min, max (blocks are whole: no counts)
       const std::int64_t block_kv = block * z.d * z.e * 2;
       const std::int64_t fetch = o.resolved_remote_cap();
       const std::int64_t cap = z.p > 1 ? std::min<std::int64_t>(shape.causal ? fetch : o.remote_blocks,
                                                                 blocks_total - blocks_loc) : 0;
-      const std::int64_t halo_sides = z.p > 1 ? (shape.causal ? 1 : 2) : 0;
+      const std::int64_t halo_sides = z.p > 1 ? (shape.causal ? 1 : 2) : 0;  // an interior rank's; edges send less
       const std::int64_t summaries = peers * z.b * blocks_loc * z.hk * summary;
       const std::int64_t halo = halo_sides * z.b * z.hk * block_kv;
+      // One count per (element, KV head) per ring step, then the ids of the blocks wanted.
       const std::int64_t requests = z.p > 1 ? z.b * z.hk * (peers + cap) * 4 : 0;
-      const std::int64_t pages = z.b * z.hk * cap * (block_kv + o.coarse_pages * summary);
+      const std::int64_t pages = z.b * z.hk * cap * block_kv;  // page summaries are recomputed on arrival
       plan.bytes_sent_fwd = summaries + halo + requests + pages;
+      // fp32 dK,dV of fetched and halo blocks home (page-summary gradients folded in), and the
+      // reduce-scatter of every coarse summary's (mean key, mean value) gradient.
       const std::int64_t block_grad = block * z.d * kF32 * 2;
       plan.bytes_sent_bwd = z.b * z.hk * (cap + halo_sides) * block_grad +
-                            z.b * z.hk * (blocks_total - blocks_loc) * 2 * z.d * kF32 +
-                            z.b * z.hk * cap * o.coarse_pages * 2 * z.d * kF32;
+                            z.b * z.hk * (blocks_total - blocks_loc) * 2 * z.d * kF32;
       // Window + selected pages + page summaries of the partly selected blocks + coarse summaries.
       const double window = shape.causal ? o.window_before + kQueryTile / 2.0 : 2.0 * o.window_bidir + kQueryTile;
       const double selected = static_cast<double>(o.top_k) * o.page_size;
@@ -93,7 +97,8 @@ LayerPlan plan_layer(const LayerShape& shape, const AttentionOptions& o) {
     plan.bytes_sent_fwd += peers * 3 * 8;
     plan.bytes_sent_bwd += peers * 1 * 8;
   }
-  // Every mode's exchanges are symmetric over the ranks: what one rank sends, another receives.
+  // Every mode's exchanges are symmetric over the ranks: what one rank sends, another receives
+  // (clustered: on the mean over ranks).
   plan.bytes_recv_fwd = plan.bytes_sent_fwd;
   plan.bytes_recv_bwd = plan.bytes_sent_bwd;
   plan.attention_flops_fwd = 4.0 * z.b * z.n_loc * plan.keys_per_query * z.d * z.h;

@@ -9,11 +9,12 @@
 //   ulysses    fwd: all-to-all Q,K,V to head shards and O and the LSE back. bwd: dO to head shards; fp32 dQ,dK,dV
 //              back. (O, LSE and the head-sharded Q,K,V are kept from the forward.)
 //   allgather  fwd: all-gather K,V. bwd: reduce-scatter of fp32 dK,dV (gathered K,V kept).
-//   clustered  fwd: ring all-gather of coarse summaries (mean key, mean value, min, max, count), halo
-//              (K,V of the neighbours' edge coarse blocks), request lists, and the requested coarse
-//              blocks whole (K, V, page summaries) -- at the cap, an upper bound. bwd: fp32 dK,dV of
-//              fetched blocks and halos back to their owners, fp32 gradients of every remote coarse
-//              summary (mean key, mean value) and of fetched page summaries back to their owners.
+//   clustered  fwd: ring all-gather of coarse summaries (mean key, mean value, min, max), halo (K,V
+//              of the neighbours' edge coarse blocks), request counts and ids, and the requested
+//              coarse blocks' K,V (their page summaries are recomputed on arrival). bwd: fp32 dK,dV of
+//              fetched and halo blocks back to their owners, and the reduce-scatter of the fp32
+//              gradients of every coarse summary (mean key, mean value). Fetches at the cap: the
+//              figures bound the mean over ranks, not every rank (see plan.cpp).
 // With check_inputs, each call also all-gathers one 8-byte count per checked tensor (q, k, v; d_o).
 #pragma once
 

@@ -1,0 +1,403 @@
+// The `clustered` attention mode (DESIGN.md §4.1-4.2, docs/clustered-design.md), `clusters = blocks`,
+// contiguous placement. Forward, per layer: summarise the local K/V, all-gather the coarse summaries,
+// pick remote coarse blocks (top-R) per (batch element, KV head), fetch them and the halo whole, build
+// one page pool per batch element in ClusteredLayout order (every KV head of an element shares its
+// shape), select pages, attend. The pools, layouts and tables stay for the backward, which folds the
+// page summaries' gradients into their pages, returns halo and fetched pages' gradients to their
+// owners and reduce-scatters the coarse summaries' gradients. Selection and summaries are host code,
+// so the mode runs on the CPU backend only. Pool buffers hold every batch element at the largest
+// capacity; element b's pool is [2 (K, V)][kv_heads][num_pages_b][page_size][head_dim] at its start.
+#include "attention_internal.hpp"
+#include "clustered_internal.hpp"
+
+#include <ringcast/error.hpp>
+#include <ringcast/kernels/selection.hpp>
+#include <ringcast/kernels/summaries.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+
+namespace ringcast {
+namespace {
+
+// What the forward of one batch element leaves for the backward.
+struct ElementPool {
+  std::vector<kernels::ClusteredLayout> layouts;  // per KV head
+  std::vector<kernels::RemoteSelection> remote;   // per KV head
+  kernels::AttentionShape shape;                  // batch 1, num_pages of this element
+  std::optional<DeviceTables> tables;             // rebuilt by every forward (sizes follow the selections)
+};
+
+// The summary fields that travel and that selection reads, in this order.
+enum Field { kMeanK, kMeanV, kMin, kMax, kFields };
+
+class ClusteredMode final : public DistributedAttention::Mode {
+ public:
+  ClusteredMode(const Session& s, const LayerShape& sh, const AttentionOptions& o) : Mode(s, sh, o) {
+    RINGCAST_CHECK(s.device().kind == DeviceKind::kCpu,
+                   "clustered mode: CUDA backend not built yet (run it on the "
+                   "CPU backend: selection and summaries are host code for now)");
+    RINGCAST_CHECK(o.clusters == ClusterKind::kBlocks,
+                   "clustered mode: clusters = {} is not supported yet (blocks only)", name(o.clusters));
+    RINGCAST_CHECK(o.resolved_placement(sh) == Placement::kContiguous,
+                   "clustered mode: placement must be contiguous (its cost per query is flat), got {}",
+                   name(o.resolved_placement(sh)));
+    RINGCAST_CHECK(o.page_size <= 64,
+                   "clustered mode: page size {} is not supported (at most 64: summary entries "
+                   "pick keys with a 64-bit mask)",
+                   o.page_size);
+    const std::int64_t window = sh.causal ? o.window_before : o.window_bidir;
+    RINGCAST_CHECK(window >= 0 && window <= o.coarse_block(),
+                   "clustered mode: the {} window ({}) must lie in [0, {}] "
+                   "(one coarse block: a window reaches at most into the halo)",
+                   sh.causal ? "causal" : "bidirectional", window, o.coarse_block());
+    g_.p = sh.ranks;
+    g_.r = s.rank();
+    g_.batch = sh.batch;
+    g_.kv_heads = sh.kv_heads;
+    g_.block_elems = o.coarse_block() * sh.head_dim;
+    g_.page_elems = std::int64_t{o.page_size} * sh.head_dim;
+    g_.coarse_pages = o.coarse_pages;
+    g_.local_blocks = sh.local_len() / o.coarse_block();
+    g_.first_block = g_.r * g_.local_blocks;
+    g_.causal = sh.causal;
+
+    sel_.causal = sh.causal;
+    sel_.unit =
+        o.resolved_selection(sh) == SelectionUnit::kRow ? kernels::SelectUnit::kRow : kernels::SelectUnit::kTile;
+    sel_.score = o.score == ScoreKind::kBound ? kernels::SelectScore::kBound : kernels::SelectScore::kMean;
+    sel_.top_k = o.top_k;
+    sel_.coarse_k = o.coarse_k;
+    sel_.window = static_cast<int>(sh.causal ? window : 2 * window);
+    sel_.remote_blocks = o.remote_blocks;
+    sel_.remote_cap = o.resolved_remote_cap();
+
+    base_.page_size = o.page_size;
+    base_.coarse_pages = o.coarse_pages;
+    base_.n = sh.seq_len;
+    base_.first_pos = positions.front();
+    base_.n_loc = sh.local_len();
+    base_.halo_before = g_.r > 0 ? base_.first_block() - 1 : -1;
+    base_.halo_after = !sh.causal && g_.r + 1 < g_.p ? base_.first_block() + base_.local_blocks() : -1;
+    const std::int64_t remote = base_.num_blocks() - base_.local_blocks() - base_.halo_pages() / o.coarse_pages;
+    const std::int64_t limit = sh.causal ? sel_.remote_cap : sel_.remote_blocks;
+    base_.fetch_capacity = std::min(limit, remote);  // the most any KV head can fetch: sizes the buffers
+    base_.validate();
+    local_seg_ = shard_segments(sh, o, g_.r, o.page_size);
+    summary_ = {sh.batch, sh.local_len(), sh.kv_heads, sh.head_dim, o.page_size, o.coarse_pages};
+
+    const std::int64_t max_pages = base_.num_pages();
+    g_.pool_elems = sh.kv_heads * max_pages * g_.page_elems;
+    pools_ = allocate(sh.batch * 2 * g_.pool_elems * sizeof(float));
+    d_pools_ = allocate(sh.batch * 2 * g_.pool_elems * sizeof(float));
+    key_bias_ = allocate(sh.batch * sh.kv_heads * max_pages * o.page_size * sizeof(float));
+    const std::int64_t d = sh.head_dim, loc_rows = sh.batch * g_.local_blocks;
+    page_sums_ = allocate(kFields * sh.kv_heads * summary_.page_rows() * d * sizeof(float));
+    page_counts_ = allocate(summary_.batch * summary_.num_pages() * sizeof(std::int32_t));
+    block_sums_ = allocate(kFields * sh.kv_heads * summary_.block_rows() * d * sizeof(float));
+    block_counts_ = allocate(loc_rows * sizeof(std::int32_t));
+    gather_send_ = allocate(kFields * sh.kv_heads * loc_rows * d * sizeof(float));
+    gather_recv_ = allocate(g_.p * gather_send_.bytes());
+    coarse_ = allocate(sh.batch * sh.kv_heads * kFields * base_.num_blocks() * d * sizeof(float));
+    bounds_ = allocate(2 * base_.page_summary_pages() * g_.page_elems * sizeof(float));
+    resident_counts_ = allocate(base_.page_summary_pages() * o.page_size * sizeof(std::int32_t));
+    block_key_counts_.assign(static_cast<std::size_t>(base_.num_blocks()), static_cast<std::int32_t>(o.coarse_block()));
+    // Gradients received in one step: a requester fetched at most min(limit, local_blocks) of this
+    // rank's blocks per (element, KV head); the halo step returns at most two.
+    const std::int64_t stage_blocks = g_.p > 1 ? std::max<std::int64_t>(std::min(limit, g_.local_blocks), 2) : 0;
+    stage_ = allocate(sh.batch * sh.kv_heads * stage_blocks * 2 * g_.block_elems * sizeof(float));
+    d_tokens_ = allocate(2 * sh.batch * sh.local_len() * sh.kv_heads * d * sizeof(float));
+    d_q_ = allocate(sh.batch * sh.local_len() * sh.heads * d * sizeof(float));
+    d_block_sums_ = allocate(2 * sh.kv_heads * summary_.block_rows() * d * sizeof(float));
+    d_page_sums_ = allocate(2 * sh.kv_heads * summary_.page_rows() * d * sizeof(float));
+    scatter_send_ = allocate(g_.p * 2 * sh.kv_heads * loc_rows * d * sizeof(float));
+    scatter_recv_ = allocate(2 * sh.kv_heads * loc_rows * d * sizeof(float));
+    q_pos_ = allocate(positions.size() * sizeof(std::int32_t));
+    q_pos_.copy_from_host(positions.data(), positions.size() * sizeof(std::int32_t), 0, ctx.stream);
+    const kernels::AttentionShape widest{1, sh.local_len(), sh.heads, sh.kv_heads, sh.head_dim, o.page_size, max_pages};
+    fwd_ws_ = allocate(kernels::attention_forward_workspace_bytes(widest, ctx));
+    bwd_ws_ = allocate(kernels::attention_backward_workspace_bytes(widest, ctx));
+    elements_.resize(static_cast<std::size_t>(sh.batch));
+  }
+
+  void forward(const AttentionForwardArgs& a) override {
+    summarize_local(a.k.as<const float>(), a.v.as<const float>());
+    gather_coarse();
+    for (int b = 0; b < shape.batch; ++b) plan_element(a, b);
+    ClusteredTransfer t(session.comm(), g_, pool_view(pools_));
+    t.exchange_halo(elements_layouts());
+    t.fetch_blocks(elements_layouts(), served_);
+    for (int b = 0; b < shape.batch; ++b) attend(a, b);
+  }
+
+  void backward(const AttentionBackwardArgs& a) override {
+    RINGCAST_CHECK(elements_.front().tables.has_value(), "clustered mode: backward() needs a forward() first");
+    for (int b = 0; b < shape.batch; ++b) attend_backward(a, b);
+    ClusteredTransfer t(session.comm(), g_, pool_view(d_pools_));
+    const std::span<float> stage(stage_.as<float>(), stage_.bytes() / sizeof(float));
+    t.return_halo_gradients(elements_layouts(), stage, ctx);
+    t.return_fetched_gradients(elements_layouts(), served_, stage, ctx);
+    const std::int64_t tokens = std::int64_t{shape.batch} * shape.local_len() * shape.kv_heads * shape.head_dim;
+    float* d_k = d_tokens_.as<float>();
+    float* d_v = d_k + tokens;
+    for (int b = 0; b < shape.batch; ++b) {
+      const std::int64_t offset = b * shape.local_len() * shape.kv_heads * shape.head_dim;
+      const kernels::AttentionShape& s = elements_[b].shape;
+      unpack_from_pool(pool(d_pools_, b, 0, 0), d_k + offset, DType::kF32, 1, shape.kv_heads, shape.head_dim,
+                       local_seg_, options.page_size, ctx, {s.num_pages, 0});
+      unpack_from_pool(pool(d_pools_, b, 0, 1), d_v + offset, DType::kF32, 1, shape.kv_heads, shape.head_dim,
+                       local_seg_, options.page_size, ctx, {s.num_pages, 0});
+    }
+    coarse_backward(d_k, d_v);
+    const std::int64_t q_elems = std::int64_t{shape.batch} * shape.local_len() * shape.heads * shape.head_dim;
+    kernels::copy_strided(kernels::StridedCopy::flat(d_q_.data(), DType::kF32, a.d_q.data, shape.dtype, q_elems), ctx);
+    kernels::copy_strided(kernels::StridedCopy::flat(d_k, DType::kF32, a.d_k.data, shape.dtype, tokens), ctx);
+    kernels::copy_strided(kernels::StridedCopy::flat(d_v, DType::kF32, a.d_v.data, shape.dtype, tokens), ctx);
+  }
+
+ private:
+  // Head g's K (kv = 0) or V (kv = 1) pages of element b in a pool buffer.
+  float* pool(const DeviceBuffer& buf, int b, int g, int kv) const {
+    return buf.as<float>() + (2 * b + kv) * g_.pool_elems + g * elements_[b].shape.num_pages * g_.page_elems;
+  }
+  PoolView pool_view(const DeviceBuffer& buf) const {
+    return [this, &buf](int b, int g, int kv) { return pool(buf, b, g, kv); };
+  }
+  std::vector<std::span<const kernels::ClusteredLayout>> elements_layouts() const {
+    std::vector<std::span<const kernels::ClusteredLayout>> out;
+    for (const ElementPool& e : elements_) out.emplace_back(e.layouts);
+    return out;
+  }
+  float* field(const DeviceBuffer& buf, std::int64_t rows, int f) const {
+    return buf.as<float>() + f * shape.kv_heads * rows * shape.head_dim;
+  }
+  // The whole sequence's coarse summaries of (element, KV head): [kFields][num_blocks][d].
+  float* coarse(int b, int g, int f) const {
+    return coarse_.as<float>() +
+           ((std::int64_t{b} * shape.kv_heads + g) * kFields + f) * base_.num_blocks() * shape.head_dim;
+  }
+
+  // Step 1: page and coarse summaries of the local K/V ([kv_heads, rows, d] pools, slot b * units + u).
+  void summarize_local(const float* k, const float* v) {
+    const std::int64_t pr = summary_.page_rows(), br = summary_.block_rows();
+    const kernels::SummaryPools pages{field(page_sums_, pr, kMeanK), field(page_sums_, pr, kMeanV),
+                                      field(page_sums_, pr, kMin), field(page_sums_, pr, kMax),
+                                      page_counts_.as<std::int32_t>()};
+    kernels::page_summaries({summary_, k, v, pages}, ctx);
+    kernels::coarse_summaries(
+        {summary_,
+         pages.key_mean,
+         pages.value_mean,
+         pages.key_min,
+         pages.key_max,
+         pages.count,
+         {field(block_sums_, br, kMeanK), field(block_sums_, br, kMeanV), field(block_sums_, br, kMin),
+          field(block_sums_, br, kMax), block_counts_.as<std::int32_t>()}},
+        ctx);
+  }
+
+  // Step 2: every rank's coarse summaries. Sent as [kFields][kv_heads][B * local_blocks][d]; counts do
+  // not travel (every block is whole: block_keys() keys).
+  void gather_coarse() {
+    const std::int64_t d = shape.head_dim, rows = std::int64_t{shape.batch} * g_.local_blocks;
+    const std::int64_t br = summary_.block_rows();
+    for (int f = 0; f < kFields; ++f)
+      strided_copy(ctx, field(block_sums_, br, f), field(gather_send_, rows, f),
+                   {{shape.kv_heads, br * d, rows * d}, {rows * d, 1, 1}});
+    const std::size_t count = gather_send_.bytes() / sizeof(float);
+    session.comm().all_gather({gather_send_.data(), count, DType::kF32},
+                              {gather_recv_.data(), g_.p * count, DType::kF32}, ctx.stream);
+    const std::int64_t per_rank = static_cast<std::int64_t>(count), lb = g_.local_blocks;
+    for (int b = 0; b < shape.batch; ++b)
+      for (int g = 0; g < shape.kv_heads; ++g)
+        strided_copy(
+            ctx, gather_recv_.as<float>() + (g * rows + b * lb) * d, coarse(b, g, 0),
+            {{kFields, shape.kv_heads * rows * d, base_.num_blocks() * d}, {g_.p, per_rank, lb * d}, {lb * d, 1, 1}});
+  }
+
+  // Step 4 (choice) and the pool's shape: top-R per KV head, fetch capacity = the most any head
+  // fetches, local pages packed, everything else zero until the transfers fill it.
+  void plan_element(const AttentionForwardArgs& a, int b) {
+    ElementPool& e = elements_[b];
+    e.remote.clear();
+    e.layouts.clear();
+    e.tables.reset();
+    const float* q = query(a.q, b);
+    std::int64_t capacity = 0;
+    for (int g = 0; g < shape.kv_heads; ++g) {
+      const kernels::SummaryRows rows{coarse(b, g, kMeanK), coarse(b, g, kMin), coarse(b, g, kMax)};
+      e.remote.push_back(kernels::select_remote_blocks(
+          {&base_, sel_, {q, shape.heads, shape.kv_heads, shape.head_dim, g}, rows}, ctx));
+      capacity = std::max<std::int64_t>(capacity, static_cast<std::int64_t>(e.remote.back().fetch.size()));
+    }
+    for (int g = 0; g < shape.kv_heads; ++g) {
+      kernels::ClusteredLayout L = base_;
+      L.fetched = e.remote[g].fetch;
+      L.fetch_capacity = capacity;
+      e.layouts.push_back(std::move(L));
+    }
+    const kernels::ClusteredLayout& L0 = e.layouts.front();
+    e.shape = {1, shape.local_len(), shape.heads, shape.kv_heads, shape.head_dim, options.page_size, L0.num_pages()};
+    kernels::fill_zero(pool(pools_, b, 0, 0), 2 * g_.pool_elems * sizeof(float), ctx);
+    const std::int64_t tokens = shape.local_len() * shape.kv_heads * shape.head_dim;
+    for (int kv = 0; kv < 2; ++kv)
+      pack_to_pool((kv ? a.v : a.k).as<const float>() + b * tokens, DType::kF32, pool(pools_, b, 0, kv), 1,
+                   shape.kv_heads, shape.head_dim, local_seg_, options.page_size, ctx, {e.shape.num_pages, 0});
+  }
+
+  const float* query(const TensorView& q, int b) const {
+    return q.as<const float>() + std::int64_t{b} * shape.local_len() * shape.heads * shape.head_dim;
+  }
+
+  // Step 5 for element b: summaries into the pool, key bias, page selection, table, attention.
+  void attend(const AttentionForwardArgs& a, int b) {
+    ElementPool& e = elements_[b];
+    const float* q = query(a.q, b);
+    const int ps = options.page_size;
+    const std::int64_t d = shape.head_dim, pages = e.shape.num_pages;
+    std::vector<kernels::ClusteredSelection> selections;
+    for (int g = 0; g < shape.kv_heads; ++g) {
+      const kernels::ClusteredLayout& L = e.layouts[g];
+      float* k = pool(pools_, b, g, 0);
+      float* v = pool(pools_, b, g, 1);
+      // Page summaries of every resident page, from the pool itself, written where the pool keeps them.
+      const std::int64_t summary_rows = L.page_summary_pages() * ps;
+      float* k_min = bounds_.as<float>();
+      float* k_max = k_min + summary_rows * d;
+      auto* counts = resident_counts_.as<std::int32_t>();
+      kernels::page_summaries({resident_shape(L),
+                               k,
+                               v,
+                               {k + L.page_summary_first_page() * g_.page_elems,
+                                v + L.page_summary_first_page() * g_.page_elems, k_min, k_max, counts}},
+                              ctx);
+      for (std::int64_t pp = 0; pp < L.resident_pages(); ++pp)
+        if (L.pool_page_global(pp) < 0) counts[pp] = 0;  // padding of the fetched region
+      for (int kv = 0; kv < 2; ++kv)
+        strided_copy(ctx, coarse(b, g, kv ? kMeanV : kMeanK),
+                     (kv ? v : k) + L.coarse_summary_first_page() * g_.page_elems, {{L.num_blocks() * d, 1, 1}});
+      kernels::fill_summary_key_bias(L, {counts, static_cast<std::size_t>(L.resident_pages())}, block_key_counts_,
+                                     {key_bias(b) + g * pages * ps, static_cast<std::size_t>(pages * ps)});
+      kernels::SelectionParams sp;
+      sp.layout = &L;
+      sp.options = sel_;
+      sp.queries = {q, shape.heads, shape.kv_heads, shape.head_dim, g};
+      sp.coarse = {coarse(b, g, kMeanK), coarse(b, g, kMin), coarse(b, g, kMax)};
+      sp.pages = {k + L.page_summary_first_page() * g_.page_elems, k_min, k_max};
+      sp.usable_offsets = e.remote[g].usable_offsets;
+      sp.usable = e.remote[g].usable;
+      selections.push_back(kernels::select_pages(sp, ctx));
+    }
+    e.tables.emplace(kernels::build_clustered_table(e.layouts, sel_, selections), e.shape, session.device(),
+                     ctx.stream);
+    kernels::AttentionForwardParams p = params(a.q, b);
+    const std::int64_t rows = shape.local_len() * shape.heads;
+    p.o_dtype = shape.dtype;
+    p.o = static_cast<char*>(a.o.data) + b * rows * d * dtype_size(shape.dtype);
+    p.lse = a.lse.as<float>() + b * rows;
+    p.workspace = fwd_ws_.data();
+    p.workspace_bytes = fwd_ws_.bytes();
+    kernels::attention_forward(p, ctx);
+  }
+
+  // The resident pages of one KV head's pool, read as a sequence of whole pages of one head.
+  kernels::SummaryShape resident_shape(const kernels::ClusteredLayout& L) const {
+    return {1, L.resident_pages() * options.page_size, 1, shape.head_dim, options.page_size, options.coarse_pages};
+  }
+
+  float* key_bias(int b) const { return key_bias_.as<float>() + std::int64_t{b} * g_.pool_elems / shape.head_dim; }
+
+  kernels::AttentionForwardParams params(const TensorView& q, int b) const {
+    const ElementPool& e = elements_[b];
+    kernels::AttentionForwardParams p;
+    p.shape = e.shape;
+    p.dtype = shape.dtype;
+    p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
+    p.q = query(q, b);
+    p.k_pages = pool(pools_, b, 0, 0);
+    p.v_pages = pool(pools_, b, 0, 1);
+    p.q_pos = q_pos_.as<const std::int32_t>();
+    p.key_bias = key_bias(b);
+    p.table = e.tables->table();
+    return p;
+  }
+
+  // Attention backward over element b's pool, then page-summary gradients folded into their pages
+  // (a summary's gradient reaches each of its keys divided by the count), so that a page's gradient
+  // is complete before it leaves for its owner.
+  void attend_backward(const AttentionBackwardArgs& a, int b) {
+    const ElementPool& e = elements_[b];
+    const std::int64_t rows = shape.local_len() * shape.heads, d = shape.head_dim;
+    const std::size_t elt = dtype_size(shape.dtype);
+    kernels::AttentionBackwardParams p;
+    p.fwd = params(a.q, b);
+    p.fwd.o_dtype = shape.dtype;
+    p.fwd.o = static_cast<char*>(a.o.data) + b * rows * d * elt;
+    p.fwd.lse = a.lse.as<float>() + b * rows;
+    p.d_o = static_cast<const char*>(a.d_o.data) + b * rows * d * elt;
+    p.transposed = e.tables->transposed();
+    p.d_q = d_q_.as<float>() + b * rows * d;
+    p.d_k_pages = pool(d_pools_, b, 0, 0);
+    p.d_v_pages = pool(d_pools_, b, 0, 1);
+    p.accumulate = false;  // writes every page of the pool
+    p.workspace = bwd_ws_.data();
+    p.workspace_bytes = bwd_ws_.bytes();
+    kernels::attention_backward(p, ctx);
+    for (int g = 0; g < shape.kv_heads; ++g) {
+      const kernels::ClusteredLayout& L = e.layouts[g];
+      float* dk = pool(d_pools_, b, g, 0);
+      float* dv = pool(d_pools_, b, g, 1);
+      const std::int64_t first = L.page_summary_first_page() * g_.page_elems;
+      kernels::page_summaries_backward({resident_shape(L), dk + first, dv + first, dk, dv}, ctx);
+    }
+  }
+
+  // Coarse summaries' gradients: every rank holds them for every block; each owner receives the sum
+  // for its own blocks (reduce-scatter), then back through coarse and page summaries to its keys.
+  void coarse_backward(float* d_k, float* d_v) {
+    const std::int64_t d = shape.head_dim, lb = g_.local_blocks, rows = std::int64_t{shape.batch} * lb;
+    const std::int64_t block = 2 * shape.kv_heads * rows * d;  // one rank's part: [2][kv_heads][rows][d]
+    for (int b = 0; b < shape.batch; ++b)
+      for (int g = 0; g < shape.kv_heads; ++g)
+        for (int kv = 0; kv < 2; ++kv) {
+          const float* src =
+              pool(d_pools_, b, g, kv) + elements_[b].layouts[g].coarse_summary_first_page() * g_.page_elems;
+          strided_copy(ctx, src, scatter_send_.as<float>() + ((kv * shape.kv_heads + g) * rows + b * lb) * d,
+                       {{g_.p, lb * d, block}, {lb * d, 1, 1}});
+        }
+    session.comm().reduce_scatter({scatter_send_.data(), static_cast<std::size_t>(g_.p * block), DType::kF32},
+                                  {scatter_recv_.data(), static_cast<std::size_t>(block), DType::kF32},
+                                  comm::ReduceOp::kSum, ctx.stream);
+    const std::int64_t br = summary_.block_rows(), pr = summary_.page_rows();
+    kernels::fill_zero(d_block_sums_.data(), d_block_sums_.bytes(), ctx);
+    kernels::fill_zero(d_page_sums_.data(), d_page_sums_.bytes(), ctx);
+    strided_copy(ctx, scatter_recv_.as<float>(), d_block_sums_.as<float>(),
+                 {{2 * shape.kv_heads, rows * d, br * d}, {rows * d, 1, 1}});
+    kernels::coarse_summaries_backward({summary_, field(d_block_sums_, br, 0), field(d_block_sums_, br, 1),
+                                        field(d_page_sums_, pr, 0), field(d_page_sums_, pr, 1)},
+                                       ctx);
+    kernels::page_summaries_backward({summary_, field(d_page_sums_, pr, 0), field(d_page_sums_, pr, 1), d_k, d_v}, ctx);
+  }
+
+  ClusterGeometry g_;
+  kernels::SelectionOptions sel_;
+  kernels::ClusteredLayout base_;  // this rank's layout with no fetched block and the largest capacity
+  Segments local_seg_;
+  kernels::SummaryShape summary_;  // the local K/V: [B, n_loc, kv_heads, d]
+  std::vector<std::int32_t> block_key_counts_;
+  std::vector<ElementPool> elements_;
+  std::vector<ServedRequests> served_;  // per ring step: the blocks the rank r - s fetched from this rank
+  DeviceBuffer pools_, d_pools_, key_bias_, page_sums_, page_counts_, block_sums_, block_counts_, gather_send_,
+      gather_recv_, coarse_, bounds_, resident_counts_, stage_, d_tokens_, d_q_, d_block_sums_, d_page_sums_,
+      scatter_send_, scatter_recv_, q_pos_, fwd_ws_, bwd_ws_;
+};
+
+}  // namespace
+
+std::unique_ptr<DistributedAttention::Mode> make_clustered_mode(const Session& s, const LayerShape& sh,
+                                                                const AttentionOptions& o) {
+  return std::make_unique<ClusteredMode>(s, sh, o);
+}
+
+}  // namespace ringcast

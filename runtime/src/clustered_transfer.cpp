@@ -1,0 +1,156 @@
+// The clustered mode's transfers (clustered_internal.hpp). Messages between two ranks match in the
+// order both sides list them: (element, KV head) order, then fetch order, K before V; a requester's
+// fetch order is the layout's, and the owner answers in the order the request ids arrived.
+#include "clustered_internal.hpp"
+
+#include <ringcast/error.hpp>
+#include <ringcast/kernels/layout.hpp>
+
+#include <numeric>
+
+namespace ringcast {
+
+void strided_copy(const kernels::ExecContext& ctx, const float* src, float* dst, std::initializer_list<CopyDim> dims,
+                  bool accumulate) {
+  kernels::StridedCopy c;
+  RINGCAST_CHECK(dims.size() <= kernels::StridedCopy::kMaxDims, "strided_copy: {} dimensions", dims.size());
+  for (const CopyDim& dim : dims) {
+    c.shape[c.ndim] = dim.size;
+    c.src_strides[c.ndim] = dim.src_stride;
+    c.dst_strides[c.ndim] = dim.dst_stride;
+    ++c.ndim;
+  }
+  c.src = src;
+  c.dst = dst;
+  c.accumulate = accumulate;
+  kernels::copy_strided(c, ctx);
+}
+
+void ClusteredTransfer::send_block(std::vector<comm::SendOp>& ops, int peer, int b, int g, std::int64_t page) const {
+  const auto n = static_cast<std::size_t>(g_.block_elems);
+  for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {pools_(b, g, kv) + page * g_.page_elems, n, DType::kF32}});
+}
+
+void ClusteredTransfer::recv_block(std::vector<comm::RecvOp>& ops, int peer, int b, int g, std::int64_t page) const {
+  const auto n = static_cast<std::size_t>(g_.block_elems);
+  for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {pools_(b, g, kv) + page * g_.page_elems, n, DType::kF32}});
+}
+
+void ClusteredTransfer::recv_to_stage(std::vector<comm::RecvOp>& ops, std::vector<Landing>& landings,
+                                      std::span<float> stage, int peer, int b, int g, std::int64_t page) const {
+  const std::size_t slot = landings.size() * 2 * static_cast<std::size_t>(g_.block_elems);
+  RINGCAST_CHECK(slot + 2 * g_.block_elems <= stage.size(), "clustered mode: gradient stage too small ({} floats)",
+                 stage.size());
+  const auto n = static_cast<std::size_t>(g_.block_elems);
+  for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {stage.data() + slot + kv * n, n, DType::kF32}});
+  landings.push_back({b, g, page});
+}
+
+void ClusteredTransfer::add_landed(const std::vector<Landing>& landings, std::span<const float> stage,
+                                   const kernels::ExecContext& ctx) const {
+  for (std::size_t i = 0; i < landings.size(); ++i) {
+    const Landing& l = landings[i];
+    for (int kv = 0; kv < 2; ++kv)
+      strided_copy(ctx, stage.data() + (2 * i + kv) * g_.block_elems, pools_(l.b, l.g, kv) + l.page * g_.page_elems,
+                   {{g_.block_elems, 1, 1}}, /*accumulate=*/true);
+  }
+}
+
+void ClusteredTransfer::exchange_halo(const ElementLayouts& layouts) {
+  std::vector<comm::SendOp> sends;
+  std::vector<comm::RecvOp> recvs;
+  for (int b = 0; b < g_.batch; ++b)
+    for (int g = 0; g < g_.kv_heads; ++g) {
+      const kernels::ClusteredLayout& L = layouts[b][g];
+      if (g_.r + 1 < g_.p) send_block(sends, g_.r + 1, b, g, (g_.local_blocks - 1) * g_.coarse_pages);
+      if (!g_.causal && g_.r > 0) send_block(sends, g_.r - 1, b, g, 0);
+      if (L.halo_before >= 0) recv_block(recvs, g_.r - 1, b, g, L.block_pool_page(L.halo_before));
+      if (L.halo_after >= 0) recv_block(recvs, g_.r + 1, b, g, L.block_pool_page(L.halo_after));
+    }
+  comm_.exchange(sends, recvs);
+}
+
+void ClusteredTransfer::fetch_blocks(const ElementLayouts& layouts, std::vector<ServedRequests>& served) {
+  served.assign(static_cast<std::size_t>(g_.p - 1), {});
+  const std::size_t units = static_cast<std::size_t>(g_.batch) * g_.kv_heads;
+  for (int s = 1; s < g_.p; ++s) {
+    const int to = (g_.r + s) % g_.p, from = (g_.r - s + g_.p) % g_.p;
+    std::vector<std::int32_t> want_counts(units, 0), want_ids;
+    for (int b = 0; b < g_.batch; ++b)
+      for (int g = 0; g < g_.kv_heads; ++g)
+        for (const std::int64_t id : layouts[b][g].fetched)
+          if (g_.owner(id) == to) {
+            ++want_counts[b * g_.kv_heads + g];
+            want_ids.push_back(static_cast<std::int32_t>(id));
+          }
+    ServedRequests& sv = served[s - 1];
+    sv.counts.assign(units, 0);
+    comm_.ring_shift(comm::buffer(std::span<const std::int32_t>(want_counts)), comm::buffer(std::span(sv.counts)), s);
+    sv.ids.assign(static_cast<std::size_t>(std::accumulate(sv.counts.begin(), sv.counts.end(), std::int64_t{0})), 0);
+    const comm::SendOp request{to, comm::buffer(std::span<const std::int32_t>(want_ids))};
+    const comm::RecvOp incoming{from, comm::buffer(std::span(sv.ids))};
+    comm_.exchange({&request, 1}, {&incoming, 1});
+
+    std::vector<comm::SendOp> sends;
+    std::vector<comm::RecvOp> recvs;
+    std::size_t next = 0;
+    for (int b = 0; b < g_.batch; ++b)
+      for (int g = 0; g < g_.kv_heads; ++g) {
+        for (std::int32_t i = 0; i < sv.counts[b * g_.kv_heads + g]; ++i) {
+          const std::int64_t local = sv.ids[next++] - g_.first_block;
+          RINGCAST_CHECK(local >= 0 && local < g_.local_blocks,
+                         "clustered mode: rank {} asked rank {} for block {}, "
+                         "which it does not hold",
+                         from, g_.r, local + g_.first_block);
+          send_block(sends, from, b, g, local * g_.coarse_pages);
+        }
+        const kernels::ClusteredLayout& L = layouts[b][g];
+        for (const std::int64_t id : L.fetched)
+          if (g_.owner(id) == to) recv_block(recvs, to, b, g, L.block_pool_page(id));
+      }
+    comm_.exchange(sends, recvs);
+  }
+}
+
+void ClusteredTransfer::return_halo_gradients(const ElementLayouts& layouts, std::span<float> stage,
+                                              const kernels::ExecContext& ctx) {
+  std::vector<comm::SendOp> sends;
+  std::vector<comm::RecvOp> recvs;
+  std::vector<Landing> landings;
+  for (int b = 0; b < g_.batch; ++b)
+    for (int g = 0; g < g_.kv_heads; ++g) {
+      const kernels::ClusteredLayout& L = layouts[b][g];
+      if (L.halo_before >= 0) send_block(sends, g_.r - 1, b, g, L.block_pool_page(L.halo_before));
+      if (L.halo_after >= 0) send_block(sends, g_.r + 1, b, g, L.block_pool_page(L.halo_after));
+      if (g_.r + 1 < g_.p)
+        recv_to_stage(recvs, landings, stage, g_.r + 1, b, g, (g_.local_blocks - 1) * g_.coarse_pages);
+      if (!g_.causal && g_.r > 0) recv_to_stage(recvs, landings, stage, g_.r - 1, b, g, 0);
+    }
+  comm_.exchange(sends, recvs);
+  add_landed(landings, stage, ctx);
+}
+
+void ClusteredTransfer::return_fetched_gradients(const ElementLayouts& layouts,
+                                                 const std::vector<ServedRequests>& served, std::span<float> stage,
+                                                 const kernels::ExecContext& ctx) {
+  for (int s = 1; s < g_.p; ++s) {
+    const int to = (g_.r + s) % g_.p, from = (g_.r - s + g_.p) % g_.p;
+    const ServedRequests& sv = served[s - 1];
+    std::vector<comm::SendOp> sends;
+    std::vector<comm::RecvOp> recvs;
+    std::vector<Landing> landings;
+    std::size_t next = 0;
+    for (int b = 0; b < g_.batch; ++b)
+      for (int g = 0; g < g_.kv_heads; ++g) {
+        const kernels::ClusteredLayout& L = layouts[b][g];
+        for (const std::int64_t id : L.fetched)
+          if (g_.owner(id) == to) send_block(sends, to, b, g, L.block_pool_page(id));
+        for (std::int32_t i = 0; i < sv.counts[b * g_.kv_heads + g]; ++i)
+          recv_to_stage(recvs, landings, stage, from, b, g, (sv.ids[next++] - g_.first_block) * g_.coarse_pages);
+      }
+    comm_.exchange(sends, recvs);
+    add_landed(landings, stage, ctx);
+  }
+}
+
+}  // namespace ringcast
