@@ -5,6 +5,7 @@
 // filled by repeating one random chunk: timing does not depend on the values; the correctness check
 // runs on a small shape with fully random inputs against the CPU backend (fp32, same rounded inputs).
 #include "bench_kernels.hpp"
+#include "npy.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/attention.hpp>
@@ -26,7 +27,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
@@ -172,25 +172,6 @@ double attended_pairs(const HostBlockTable& t, const AttentionShape& s, const st
 
 // ---- .npy dumps ----------------------------------------------------------------------------------
 
-void write_npy_i32(const std::string& path, const std::vector<std::int32_t>& data,
-                   const std::vector<std::int64_t>& shape) {
-  std::string dims = fmt::format("{}", fmt::join(shape, ", "));
-  if (shape.size() == 1) dims += ",";  // a one-element Python tuple
-  std::string header = fmt::format("{{'descr': '<i4', 'fortran_order': False, 'shape': ({}), }}", dims);
-  const std::size_t total = 10 + header.size() + 1;
-  header.append((64 - total % 64) % 64, ' ');
-  header.push_back('\n');
-  std::ofstream f(path, std::ios::binary);
-  RINGCAST_CHECK(f.good(), "bench kernels: cannot write {}", path);
-  const char magic[8] = {'\x93', 'N', 'U', 'M', 'P', 'Y', 1, 0};
-  f.write(magic, 8);
-  const std::uint16_t len = static_cast<std::uint16_t>(header.size());
-  f.write(reinterpret_cast<const char*>(&len), 2);
-  f.write(header.data(), static_cast<std::streamsize>(header.size()));
-  f.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size() * 4));
-  RINGCAST_CHECK(f.good(), "bench kernels: error writing {}", path);
-}
-
 void dump_tables(const std::string& dir, const Tables& t, const AttentionShape& s, int k) {
   const HostBlockTable& table = t.table;
   std::int64_t width = 0;
@@ -200,8 +181,8 @@ void dump_tables(const std::string& dir, const Tables& t, const AttentionShape& 
     for (std::int64_t i = table.offsets[u]; i < table.offsets[u + 1]; ++i)
       pages[u * width + (i - table.offsets[u])] = table.entries[i].page;
   }
-  write_npy_i32(dir + "/pages.npy", pages, {s.num_units(), width});
-  if (!t.row_pages.empty()) write_npy_i32(dir + "/rows.npy", t.row_pages, {s.kv_heads, s.seq_q, k});
+  write_npy(dir + "/pages.npy", pages, {s.num_units(), width});
+  if (!t.row_pages.empty()) write_npy(dir + "/rows.npy", t.row_pages, {s.kv_heads, s.seq_q, k});
 }
 
 // ---- device side -----------------------------------------------------------------------------------

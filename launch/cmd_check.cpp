@@ -7,18 +7,24 @@
 // top-k, coarse-k, remote-blocks and remote-cap to cover every page (the other options as given:
 // summaries, halo, fetches and their gradients all run) and compares with exact attention. The
 // clustered mode at sparse budgets is checked against a single-process simulation by the test suite.
+// --dump DIR writes every rank's inputs, outputs and (clustered) attended entries as .npy files with
+// a README.txt that documents them (write_dump), for references outside the code base.
 #include "commands.hpp"
 #include "layer_options.hpp"
+#include "npy.hpp"
 #include "report.hpp"
 #include "tensor_arena.hpp"
 
 #include <ringcast/attention.hpp>
+#include <ringcast/error.hpp>
 #include <ringcast/log.hpp>
 
 #include <fmt/format.h>
 #include <mpi.h>
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <random>
 
 namespace ringcast::launch {
@@ -100,6 +106,95 @@ void cover_every_page(const LayerShape& shape, AttentionOptions& o) {
             "remote-cap {}), where the mode is exact", o.top_k, blocks);
 }
 
+// The README of a dump: every file, its shape, dtype and columns, and the options as run.
+std::string dump_readme(const LayerShape& s, const AttentionOptions& o, std::uint64_t seed) {
+  const bool clustered = o.mode == AttentionMode::kClustered;
+  std::string t = fmt::format(
+      "ringcast check --dump: one attention layer, forward and backward, as `ringcast check` ran it.\n"
+      "\n"
+      "Options as run: mode {}, seq_len n = {}, ranks P = {}, batch B = {}, heads h = {}, kv_heads h_kv = {},\n"
+      "head_dim d = {}, {}, dtype {}, placement {}, seed {}.\n",
+      name(o.mode), s.seq_len, s.ranks, s.batch, s.heads, s.kv_heads, s.head_dim,
+      s.causal ? "causal" : "bidirectional", dtype_name(s.dtype), name(o.resolved_placement(s)), seed);
+  if (clustered)
+    t += fmt::format(
+        "Clustered: selection {}, score {}, page_size {}, coarse_pages {} (coarse block {} keys), top_k {},\n"
+        "coarse_k {}, remote_blocks {}, remote_cap {}, window {} ({}).\n"
+        "check widens top_k, coarse_k, remote_blocks and remote_cap to cover every page and compares with\n"
+        "exact attention; the dump holds what the layer attended with these options as run.\n",
+        name(o.resolved_selection(s)), name(o.score), o.page_size, o.coarse_pages, o.coarse_block(), o.top_k,
+        o.coarse_k, o.remote_blocks, o.resolved_remote_cap(), s.causal ? o.window_before : o.window_bidir,
+        s.causal ? "causal: keys [t0 - window, t1)" : "bidirectional: keys [t0 - window, t1 + window)");
+  t += fmt::format(
+      "\n"
+      "Every rank r writes rank{{r}}_NAME.npy (little-endian, C order); n_loc = n / P = {} rows per rank.\n"
+      "Values of q, k, v, d_o are the exact inputs (already rounded to the storage dtype); outputs are\n"
+      "those of the distributed layer, converted to float32.\n"
+      "  positions  int32   [n_loc]                  global position of each local row (row i of every\n"
+      "                                               tensor below)\n"
+      "  q, d_o     float32 [B, n_loc, h, d]          queries, output gradient\n"
+      "  k, v       float32 [B, n_loc, h_kv, d]       keys, values (query head i uses KV head i / (h / h_kv))\n"
+      "  o          float32 [B, n_loc, h, d]          output\n"
+      "  lse        float32 [B, h, n_loc]             natural log of the softmax denominator of\n"
+      "                                               q.k / sqrt(d) (+ log(count) on summary keys)\n"
+      "  d_q        float32 [B, n_loc, h, d]          gradients\n"
+      "  d_k, d_v   float32 [B, n_loc, h_kv, d]\n",
+      s.local_len());
+  if (!clustered) return t + "(entries.npy is written in the clustered mode only: the exact modes attend every visible key.)\n";
+  t += fmt::format(
+      "  entries    int64   [num_entries, 9]         what the forward attended, per (batch, tile, KV head)\n"
+      "\n"
+      "entries.npy columns: 0 batch, 1 tile (rank-local, 128 rows: local rows [128 tile, 128 tile + 128)),\n"
+      "2 first_row_pos (global position of the tile's first row; contiguous placement: row i of the tile\n"
+      "is at first_row_pos + i), 3 kv_head, 4 kind, 5 global_id, 6 row_mask_lo, 7 row_mask_hi, 8 causal.\n"
+      "Masks are uint64 stored bit for bit in int64 (view as uint64): tile row i sees the record iff bit\n"
+      "i % 64 of (i < 64 ? row_mask_lo : row_mask_hi) is set. Kinds:\n"
+      "  0 window          global page global_id: its {ps} keys [{ps} id, {ps} id + {ps}), exact\n"
+      "  1 selected        global page global_id, exact (chosen by top-k)\n"
+      "  2 page_summary    one summary key standing for global page global_id ({ps} keys): mean key,\n"
+      "                    mean value, logit bias + log({ps})\n"
+      "  3 coarse_summary  one summary key standing for global block global_id ({bk} keys\n"
+      "                    [{bk} id, {bk} id + {bk})): mean key, mean value, logit bias + log({bk})\n"
+      "causal = 1: row at position t sees only the page's keys at positions <= t (window pages when\n"
+      "causal); 0: all of them. Every key a row may see is counted exactly once over its records\n"
+      "(DESIGN.md section 4.1, Visibility rules).\n",
+      fmt::arg("ps", o.page_size), fmt::arg("bk", o.coarse_block()));
+  return t;
+}
+
+// Writes this rank's files of a --dump (and, on rank 0, the README).
+void write_dump(const std::string& dir, int rank, const DistributedAttention& layer, const Tensors& t,
+                std::uint64_t seed) {
+  const LayerShape& s = layer.shape();
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);  // every rank: the directory may be rank-local
+  RINGCAST_CHECK(std::filesystem::is_directory(dir), "ringcast check: cannot create the dump directory {}", dir);
+  const auto path = [&](const char* what) { return fmt::format("{}/rank{}_{}.npy", dir, rank, what); };
+  const std::int64_t b = s.batch, n = s.local_len(), h = s.heads, g = s.kv_heads, d = s.head_dim;
+  write_npy(path("positions"), layer.positions(), {n});
+  using Named = std::pair<const char*, const std::vector<float>*>;
+  for (const auto& [what, x] : {Named{"q", &t.in.q}, Named{"d_o", &t.in.d_o}, Named{"o", &t.o}, Named{"d_q", &t.d_q}})
+    write_npy(path(what), *x, {b, n, h, d});
+  for (const auto& [what, x] : {Named{"k", &t.in.k}, Named{"v", &t.in.v}, Named{"d_k", &t.d_k}, Named{"d_v", &t.d_v}})
+    write_npy(path(what), *x, {b, n, g, d});
+  write_npy(path("lse"), t.lse, {b, h, n});
+  if (layer.options().mode == AttentionMode::kClustered) {
+    std::vector<std::int64_t> rows;
+    const std::vector<AttendedEntry> entries = layer.attended_entries();
+    for (const AttendedEntry& e : entries)
+      rows.insert(rows.end(), {e.batch, e.tile, e.first_row_pos, e.kv_head, static_cast<std::int64_t>(e.kind),
+                               e.global_id, static_cast<std::int64_t>(e.row_mask[0]),
+                               static_cast<std::int64_t>(e.row_mask[1]), e.causal});
+    write_npy(path("entries"), rows, {static_cast<std::int64_t>(entries.size()), 9});
+  }
+  if (rank == 0) {
+    std::ofstream f(dir + "/README.txt");
+    f << dump_readme(s, layer.options(), seed);
+    RINGCAST_CHECK(f.good(), "ringcast check: error writing {}/README.txt", dir);
+  }
+  log::info("ringcast check: rank {} dumped its shard to {}", rank, dir);
+}
+
 }  // namespace
 
 int check_command(const CommandLine& cmd) {
@@ -109,7 +204,8 @@ int check_command(const CommandLine& cmd) {
   po::options_description desc("ringcast check options");
   add_common_options(desc);
   add_layer_options(desc, /*with_ranks=*/false);
-  desc.add_options()("seed", po::value<std::uint64_t>()->default_value(1), "seed of the random inputs");
+  desc.add_options()("seed", po::value<std::uint64_t>()->default_value(1), "seed of the random inputs")(
+      "dump", po::value<std::string>(), "write every rank's inputs, outputs and attended entries as .npy to DIR");
   po::variables_map vm;
   if (!parse_options(cmd, desc, vm,
                      "usage: mpirun -np P ringcast check --mode M --seq-len N [options]\n"
@@ -145,6 +241,7 @@ int check_command(const CommandLine& cmd) {
   mine.in = {rows(global.in.q, s.batch, s.seq_len, qrow, pos), rows(global.in.k, s.batch, s.seq_len, krow, pos),
              rows(global.in.v, s.batch, s.seq_len, krow, pos), rows(global.in.d_o, s.batch, s.seq_len, qrow, pos)};
   run(session, layer, mine);
+  if (vm.count("dump")) write_dump(vm["dump"].as<std::string>(), rank, layer, mine, seed);
 
   // The reference: the same layer on one rank, whole sequence, CPU backend in fp32.
   Session self = Session::from_mpi(MPI_COMM_SELF, Backend::kCpu);

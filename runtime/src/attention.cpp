@@ -121,6 +121,12 @@ DistributedAttention::Mode::Mode(const Session& s, const LayerShape& sh, const A
                  "dtype {} on the {} backend (CPU: f32; CUDA: bf16 or f16)", dtype_name(sh.dtype), cpu ? "CPU" : "CUDA");
 }
 
+std::vector<AttendedEntry> DistributedAttention::Mode::attended_entries() const {
+  RINGCAST_THROW("attended_entries() is not available for mode {} (clustered mode only: the exact modes attend "
+                 "every key a row may see)",
+                 name(options.mode));
+}
+
 DeviceBuffer DistributedAttention::Mode::allocate(std::size_t bytes) {
   workspace_bytes += bytes;
   return DeviceBuffer(bytes, session.device());
@@ -184,6 +190,7 @@ const LayerShape& DistributedAttention::shape() const { return mode_->shape; }
 const AttentionOptions& DistributedAttention::options() const { return mode_->options; }
 std::span<const std::int32_t> DistributedAttention::positions() const { return mode_->positions; }
 std::size_t DistributedAttention::workspace_bytes() const { return mode_->workspace_bytes; }
+std::vector<AttendedEntry> DistributedAttention::attended_entries() const { return mode_->attended_entries(); }
 
 void DistributedAttention::forward(const AttentionForwardArgs& args) {
   mode_->check_args(args);

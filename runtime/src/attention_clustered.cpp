@@ -26,7 +26,8 @@ struct ElementPool {
   std::vector<kernels::ClusteredLayout> layouts;  // per KV head
   std::vector<kernels::RemoteSelection> remote;   // per KV head
   kernels::AttentionShape shape;                  // batch 1, num_pages of this element
-  std::optional<DeviceTables> tables;             // rebuilt by every forward (sizes follow the selections)
+  kernels::HostBlockTable table;                  // rebuilt by every forward (sizes follow the selections)
+  std::optional<DeviceTables> tables;             // `table` on the session's device
 };
 
 // The summary fields that travel and that selection reads, in this order.
@@ -154,6 +155,56 @@ class ClusteredMode final : public DistributedAttention::Mode {
     kernels::copy_strided(kernels::StridedCopy::flat(d_q_.data(), DType::kF32, a.d_q.data, shape.dtype, q_elems), ctx);
     kernels::copy_strided(kernels::StridedCopy::flat(d_k, DType::kF32, a.d_k.data, shape.dtype, tokens), ctx);
     kernels::copy_strided(kernels::StridedCopy::flat(d_v, DType::kF32, a.d_v.data, shape.dtype, tokens), ctx);
+  }
+
+  // The host tables translated from pool pages to global pages and blocks: exact entries on resident
+  // pages are window pages when the tile's window overlaps them (selected pages are eligible, hence
+  // outside it); summary entries become one record per key taken, with its KeyMeta row mask if any.
+  std::vector<AttendedEntry> attended_entries() const override {
+    RINGCAST_CHECK(elements_.front().tables.has_value(), "clustered mode: attended_entries() needs a forward() first");
+    const std::int64_t ps = options.page_size;
+    std::vector<AttendedEntry> out;
+    for (int b = 0; b < shape.batch; ++b) {
+      const ElementPool& e = elements_[b];
+      const std::int64_t tiles = e.layouts.front().num_tiles();
+      for (std::int64_t tile = 0; tile < tiles; ++tile)
+        for (int g = 0; g < shape.kv_heads; ++g) {
+          const kernels::ClusteredLayout& L = e.layouts[g];
+          const kernels::TileGeometry geo = kernels::tile_geometry(L, sel_, tile);
+          const std::int64_t unit = tile * shape.kv_heads + g;
+          AttendedEntry a;
+          a.batch = b;
+          a.tile = tile;
+          a.first_row_pos = positions[static_cast<std::size_t>(tile * kernels::kQueryTile)];
+          a.kv_head = g;
+          for (std::int64_t i = e.table.offsets[unit]; i < e.table.offsets[unit + 1]; ++i) {
+            const kernels::BlockEntry& x = e.table.entries[i];
+            a.causal = (x.flags & kernels::kEntryCausal) != 0;
+            if (x.page < L.resident_pages()) {
+              a.global_id = L.pool_page_global(x.page);
+              const bool window = a.global_id * ps < geo.window_hi && (a.global_id + 1) * ps > geo.window_lo;
+              a.kind = window ? AttendedKind::kWindow : AttendedKind::kSelected;
+              a.row_mask[0] = x.row_mask[0];
+              a.row_mask[1] = x.row_mask[1];
+              out.push_back(a);
+              continue;
+            }
+            const bool coarse = x.page >= L.coarse_summary_first_page();
+            a.kind = coarse ? AttendedKind::kCoarseSummary : AttendedKind::kPageSummary;
+            const std::int64_t first_key =
+                (x.page - (coarse ? L.coarse_summary_first_page() : L.page_summary_first_page())) * ps;
+            for (int j = 0; j < ps; ++j) {
+              if (!((x.key_mask >> j) & 1u)) continue;
+              a.global_id = coarse ? first_key + j : L.pool_page_global(first_key + j);
+              const std::uint64_t* rows = x.key_meta >= 0 ? e.table.key_meta[x.key_meta + j].row_mask : x.row_mask;
+              a.row_mask[0] = rows[0] & x.row_mask[0];
+              a.row_mask[1] = rows[1] & x.row_mask[1];
+              out.push_back(a);
+            }
+          }
+        }
+    }
+    return out;
   }
 
  private:
@@ -289,8 +340,8 @@ class ClusteredMode final : public DistributedAttention::Mode {
       sp.usable = e.remote[g].usable;
       selections.push_back(kernels::select_pages(sp, ctx));
     }
-    e.tables.emplace(kernels::build_clustered_table(e.layouts, sel_, selections), e.shape, session.device(),
-                     ctx.stream);
+    e.table = kernels::build_clustered_table(e.layouts, sel_, selections);
+    e.tables.emplace(e.table, e.shape, session.device(), ctx.stream);
     kernels::AttentionForwardParams p = params(a.q, b);
     const std::int64_t rows = shape.local_len() * shape.heads;
     p.o_dtype = shape.dtype;

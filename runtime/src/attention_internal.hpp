@@ -65,6 +65,8 @@ class DistributedAttention::Mode {
   virtual ~Mode() = default;
   virtual void forward(const AttentionForwardArgs& args) = 0;
   virtual void backward(const AttentionBackwardArgs& args) = 0;
+  // DistributedAttention::attended_entries(); the exact modes keep the default, which throws.
+  virtual std::vector<AttendedEntry> attended_entries() const;
 
   const Session& session;
   const LayerShape shape;

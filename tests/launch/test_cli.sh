@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end checks of the `ringcast` executable: help, version, usage errors (exit 2 on every rank,
 # never a hang), `run` on 1, 2 and 4 ranks with JSON and CSV output, --config with command-line
-# override, and the not-yet-built commands. Usage: test_cli.sh RINGCAST MPIEXEC
+# override, `check --dump` (files and the coverage invariant), and the not-yet-built commands.
+# Usage: test_cli.sh RINGCAST MPIEXEC
 set -uo pipefail
 rc=$1
 mpiexec=$2
@@ -92,6 +93,56 @@ else
     [ "$code" -ne 0 ] || fail "rank death: the job exited 0"
   fi
 fi
+
+# check --dump: every rank's files with the documented shapes, and the coverage invariant (DESIGN.md
+# §4.1) from the entries: each key a row may see counted exactly once, nothing else.
+expect_code 0 "check --dump" "$mpiexec" -n 2 "$rc" check --mode clustered --seq-len 4096 --heads 4 --kv-heads 2 \
+  --head-dim 64 --dump "$tmp/dump"
+numpy_python=""
+for py in python3 /usr/bin/python3; do "$py" -c "import numpy" 2>/dev/null && { numpy_python=$py; break; }; done
+[ -n "$numpy_python" ] || fail "check --dump: no python3 with numpy to read the dump"
+"${numpy_python:-python3}" - "$tmp/dump" <<'PY' || fail "check --dump: bad files or coverage"
+import os, sys
+import numpy as np
+d, P, B, n, h, g, hd = sys.argv[1], 2, 1, 4096, 4, 2, 64
+n_loc, ps, bk = n // P, 64, 1024
+assert os.path.getsize(os.path.join(d, "README.txt")) > 0
+for r in range(P):
+    f = lambda name: np.load(os.path.join(d, f"rank{r}_{name}.npy"))
+    pos = f("positions")
+    assert pos.dtype == np.int32 and (pos == np.arange(r * n_loc, (r + 1) * n_loc)).all()
+    for name, shape in [("q", (B, n_loc, h, hd)), ("d_o", (B, n_loc, h, hd)), ("o", (B, n_loc, h, hd)),
+                        ("d_q", (B, n_loc, h, hd)), ("k", (B, n_loc, g, hd)), ("v", (B, n_loc, g, hd)),
+                        ("d_k", (B, n_loc, g, hd)), ("d_v", (B, n_loc, g, hd)), ("lse", (B, h, n_loc))]:
+        x = f(name)
+        assert x.dtype == np.float32 and x.shape == shape and np.isfinite(x).all(), (r, name, x.dtype, x.shape)
+    e = f("entries")
+    assert e.dtype == np.int64 and e.ndim == 2 and e.shape[1] == 9 and len(e), e.shape
+    assert set(np.unique(e[:, 4])) <= {0, 1, 2, 3} and (e[:, 4] == 0).any(), "kinds"
+    masks = e[:, 6:8].view(np.uint64)
+    bits = np.arange(128)
+    for b in range(B):
+        for tile in range(n_loc // 128):
+            rows = pos[tile * 128:(tile + 1) * 128]
+            for kv in range(g):
+                u = e[(e[:, 0] == b) & (e[:, 1] == tile) & (e[:, 3] == kv)]
+                m = masks[(e[:, 0] == b) & (e[:, 1] == tile) & (e[:, 3] == kv)]
+                assert len(u) and (u[:, 2] == rows[0]).all(), (r, tile, kv)
+                cover = np.zeros((128, n), np.int64)
+                for x, (lo_m, hi_m) in zip(u, m):
+                    word = np.where(bits < 64, lo_m, hi_m)
+                    sel = ((word >> (bits % 64).astype(np.uint64)) & np.uint64(1)).astype(bool)
+                    size = bk if x[4] == 3 else ps
+                    keys = np.arange(x[5] * size, (x[5] + 1) * size)
+                    seen = np.ones((sel.sum(), size), bool)
+                    if x[8]:
+                        seen = keys[None, :] <= rows[sel][:, None]
+                    cover[sel, keys[0]:keys[-1] + 1] += seen
+                want = np.arange(n)[None, :] <= rows[:, None]  # causal
+                bad = np.argwhere(cover != want)
+                assert not len(bad), f"rank {r} tile {tile} kv {kv}: row {bad[0][0]} key {bad[0][1]} counted " \
+                                     f"{cover[tuple(bad[0])]} times"
+PY
 
 # Commands whose issues have not landed say so and fail.
 expect_code 3 "train (not built)" "$rc" train

@@ -8,6 +8,7 @@
 // (contiguous: [r n_loc, (r+1) n_loc); zigzag: chunks r and 2P-1-r of 2P). Work is enqueued on the
 // session's stream; the operator owns its scratch (allocated once, reported by workspace_bytes()).
 // backward() uses the inputs and outputs of the latest forward() (pass the same views again).
+// attended_entries() lists, in global terms, what the latest forward() attended (clustered mode).
 #pragma once
 
 #include <ringcast/attention_options.hpp>
@@ -35,6 +36,25 @@ struct AttentionBackwardArgs {
   TensorView d_q, d_k, d_v;         // outputs
 };
 
+// The resolution at which a tile's rows see keys (DESIGN.md §4.1 "Visibility rules"): exact window
+// or selected pages, or one summary key standing for a page or a coarse block. The values are the
+// kind codes of `ringcast check --dump`.
+enum class AttendedKind : std::int32_t { kWindow = 0, kSelected = 1, kPageSummary = 2, kCoarseSummary = 3 };
+
+// One thing a (batch element, tile, KV head) attended: a whole global page (window, selected), or one
+// summary key, named by the global page or block it stands for. Bit r of row_mask[r / 64]: tile row r
+// (position first_row_pos + r) sees it; causal: row t sees only the page's keys at positions <= t.
+struct AttendedEntry {
+  int batch = 0;
+  std::int64_t tile = 0;           // rank-local tile of kQueryTile (128) rows
+  std::int64_t first_row_pos = 0;  // global position of the tile's first row
+  int kv_head = 0;
+  AttendedKind kind = AttendedKind::kWindow;
+  std::int64_t global_id = 0;  // global page (window, selected, page summary) or global block (coarse)
+  std::uint64_t row_mask[2] = {0, 0};
+  bool causal = false;
+};
+
 class DistributedAttention {
  public:
   // Collective: every rank constructs it with the same shape and options (validated first, the
@@ -51,6 +71,11 @@ class DistributedAttention {
 
   void forward(const AttentionForwardArgs& args);
   void backward(const AttentionBackwardArgs& args);
+
+  // What the latest forward() attended, in (batch, tile, KV head) order, per unit in table order.
+  // Clustered mode only (the exact modes attend every visible key, page for page): throws Error for
+  // the others, and before the first forward().
+  std::vector<AttendedEntry> attended_entries() const;
 
   class Mode;  // one implementation per AttentionMode (runtime/src/attention_*.cpp)
 
