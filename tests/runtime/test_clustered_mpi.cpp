@@ -484,6 +484,66 @@ TEST(ClusteredGradients, MatchFiniteDifferences) {
     }
 }
 
+// The attended entries (what `check --dump` writes), read in global terms at sparse budgets: every
+// key a row may see is covered exactly once (window or selected page, page summary, coarse summary)
+// and no other key is; summaries of both kinds are in use on some rank.
+TEST_P(Clustered, AttendedEntriesCoverEveryVisibleKeyOnce) {
+  const Problem pr = make_problem(GetParam(), 71);
+  const auto& s = pr.shape;
+  Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
+  DistributedAttention layer(session, s, pr.options);
+  const auto pos = layer.positions();
+  const std::int64_t n_loc = s.local_len(), ps = pr.options.page_size, bk = pr.options.coarse_block();
+  auto rows = [&](const std::vector<double>& x, int heads) {
+    const auto r = test::take_rows(x, s.batch, s.seq_len, heads * s.head_dim, pos);
+    return std::vector<float>(r.begin(), r.end());
+  };
+  std::vector<float> q = rows(pr.q, s.heads), k = rows(pr.k, s.kv_heads), v = rows(pr.v, s.kv_heads);
+  std::vector<float> o(q.size()), lse(std::size_t(s.batch) * s.heads * n_loc);
+  auto view = [&](std::vector<float>& x, int heads) {
+    return TensorView::contiguous(x.data(), DType::kF32, {s.batch, n_loc, heads, s.head_dim}, session.device());
+  };
+  layer.forward({view(q, s.heads), view(k, s.kv_heads), view(v, s.kv_heads), view(o, s.heads),
+                 TensorView::contiguous(lse.data(), DType::kF32, {s.batch, s.heads, n_loc}, session.device())});
+  const auto entries = layer.attended_entries();
+  // coverage[(b, tile, kv_head)][row][key position]
+  const std::int64_t tiles = (n_loc + kernels::kQueryTile - 1) / kernels::kQueryTile;
+  std::vector<std::uint8_t> cover(std::size_t(s.batch) * tiles * s.kv_heads * kernels::kQueryTile * s.seq_len, 0);
+  bool page_summaries = false, coarse_summaries = false;
+  for (const auto& e : entries) {
+    std::int64_t first = e.global_id * ps, count = ps;
+    if (e.kind == AttendedKind::kCoarseSummary) first = e.global_id * bk, count = bk;
+    page_summaries |= e.kind == AttendedKind::kPageSummary;
+    coarse_summaries |= e.kind == AttendedKind::kCoarseSummary;
+    for (int r = 0; r < kernels::kQueryTile; ++r) {
+      if (!((e.row_mask[r / 64] >> (r % 64)) & 1)) continue;
+      const std::int64_t row_pos = e.first_row_pos + r;
+      for (std::int64_t key = first; key < first + count; ++key) {
+        if (e.causal && key > row_pos) continue;  // the per-row position mask of window pages
+        ++cover[((std::size_t(e.batch) * tiles + e.tile) * s.kv_heads + e.kv_head) * kernels::kQueryTile * s.seq_len +
+                std::size_t(r) * s.seq_len + key];
+      }
+    }
+  }
+  for (int b = 0; b < s.batch; ++b)
+    for (std::int64_t t = 0; t < tiles; ++t)
+      for (int g = 0; g < s.kv_heads; ++g)
+        for (int r = 0; r < kernels::kQueryTile && t * kernels::kQueryTile + r < n_loc; ++r) {
+          const std::int64_t row_pos = pos[t * kernels::kQueryTile + r];
+          for (std::int64_t key = 0; key < s.seq_len; ++key) {
+            const int want = !s.causal || key <= row_pos ? 1 : 0;
+            const int got = cover[((std::size_t(b) * tiles + t) * s.kv_heads + g) * kernels::kQueryTile * s.seq_len +
+                                  std::size_t(r) * s.seq_len + key];
+            ASSERT_EQ(got, want) << "batch " << b << " tile " << t << " kv head " << g << " row " << row_pos << " key "
+                                 << key;
+          }
+        }
+  int used[2] = {page_summaries, coarse_summaries}, anywhere[2] = {0, 0};  // some rank, not every rank
+  MPI_Allreduce(used, anywhere, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  EXPECT_TRUE(anywhere[0]) << "no page summary attended: budgets not sparse enough";
+  EXPECT_TRUE(anywhere[1]) << "no coarse summary attended: budgets not sparse enough";
+}
+
 TEST(ClusteredShapes, WhatItCannotRunFailsOnEveryRankWithAClearMessage) {
   Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
   const Config bidir{false, SelectionUnit::kTile, ScoreKind::kBound, "bidirectional_tile"};
