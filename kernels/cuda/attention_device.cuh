@@ -218,6 +218,17 @@ struct PageLoad {
 };
 __device__ __forceinline__ PageLoad page_load(const BlockEntry& e) { return {e.page, e.key_count, e.key_meta}; }
 
+// Issues the cp.async copies of one entry's K and V page (and its KeyMeta records) into pipeline
+// buffer `buf`; k_head / v_head are the KV head's pools. Shared by the forward and the dQ pass.
+template <int D, int kThreads, typename T>
+__device__ __forceinline__ void issue_page_copy(T* sK, T* sV, KeyMeta* sMeta, const T* k_head, const T* v_head,
+                                                const KeyMeta* key_meta, const PageLoad& e, int buf, int tid) {
+  const std::int64_t off = static_cast<std::int64_t>(e.page) * kPageSize * D;
+  load_tile<D, kPageSize, kThreads>(sK + buf * kPageSize * D, k_head + off, D, e.key_count, tid);
+  load_tile<D, kPageSize, kThreads>(sV + buf * kPageSize * D, v_head + off, D, e.key_count, tid);
+  if (e.key_meta >= 0) load_key_meta<kThreads>(sMeta + buf * kPageSize, key_meta + e.key_meta, tid);
+}
+
 // How a kernel computes a page for a warp: every key visible to every row at hand (no per-element
 // test, see page_fully_visible), masked, or masked with per-key KeyMeta.
 enum PageMode : int { kPageFull, kPageMasked, kPageMeta };

@@ -71,10 +71,7 @@ __global__ void __launch_bounds__(FwdTraits<T, kHeadDim>::kThreads, 1)
   const T* v_head = static_cast<const T*>(a.v_pages) + pool_off;
 
   auto issue_page = [&](const PageLoad& e, int buf) {
-    const std::int64_t off = static_cast<std::int64_t>(e.page) * kPageSize * D;
-    load_tile<D, kPageSize, kThreads>(sK + buf * kPageSize * D, k_head + off, D, e.key_count, tid);
-    load_tile<D, kPageSize, kThreads>(sV + buf * kPageSize * D, v_head + off, D, e.key_count, tid);
-    if (e.key_meta >= 0) load_key_meta<kThreads>(sMeta + buf * kPageSize, a.key_meta + e.key_meta, tid);
+    issue_page_copy<D, kThreads>(sK, sV, sMeta, k_head, v_head, a.key_meta, e, buf, tid);
   };
 
   // Prologue: Q, then entries [0, L) in groups of their own (see the page pipeline in attention_device.cuh).

@@ -403,21 +403,7 @@ TEST_P(ClusteredCausal, LeakCheck) {
   });
   const Shard ra = run_layer(session, a), rb = run_layer(session, b);
   const auto pos = positions(a);
-  const std::int64_t n = s.local_len();
-  for (int bb = 0; bb < s.batch; ++bb)
-    for (std::int64_t i = 0; i < n; ++i) {
-      if (pos[i] > t) continue;
-      for (int c = 0; c < s.heads * s.head_dim; ++c) {
-        const std::size_t at = (bb * n + i) * s.heads * s.head_dim + c;
-        ASSERT_EQ(ra.o[at], rb.o[at]) << "O row " << pos[i];
-        ASSERT_EQ(ra.d_q[at], rb.d_q[at]) << "dQ row " << pos[i];
-      }
-      for (int c = 0; c < s.kv_heads * s.head_dim; ++c) {
-        const std::size_t at = (bb * n + i) * s.kv_heads * s.head_dim + c;
-        ASSERT_EQ(ra.d_k[at], rb.d_k[at]) << "dK row " << pos[i];
-        ASSERT_EQ(ra.d_v[at], rb.d_v[at]) << "dV row " << pos[i];
-      }
-    }
+  test::expect_same_rows_up_to(ra, rb, pos, t, s.batch, s.heads, s.kv_heads, s.head_dim);
 }
 
 INSTANTIATE_TEST_SUITE_P(Attention, Clustered,

@@ -4,6 +4,8 @@
 // 1/sqrt(d); causal: row t sees keys s <= t. lse [B, h, n].
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -33,5 +35,27 @@ std::vector<double> take_rows(std::span<const double> x, int batch, std::int64_t
 // Rows of an LSE [B, h, n] at the given positions: [B, h, positions.size()].
 std::vector<double> take_lse(std::span<const double> lse, int batch, int heads, std::int64_t seq,
                              std::span<const std::int32_t> positions);
+
+// The causal leak check's verdict: the rows of a rank's shard at positions <= t hold bitwise the same
+// O, dQ, dK and dV in two runs (any type with those fp32 vectors in token layout).
+template <typename Shard>
+void expect_same_rows_up_to(const Shard& a, const Shard& b, std::span<const std::int32_t> positions, std::int64_t t,
+                            int batch, int heads, int kv_heads, int head_dim) {
+  const auto n = static_cast<std::int64_t>(positions.size());
+  for (int bb = 0; bb < batch; ++bb)
+    for (std::int64_t i = 0; i < n; ++i) {
+      if (positions[i] > t) continue;
+      for (int c = 0; c < heads * head_dim; ++c) {
+        const std::size_t at = (bb * n + i) * heads * head_dim + c;
+        ASSERT_EQ(a.o[at], b.o[at]) << "O row " << positions[i];
+        ASSERT_EQ(a.d_q[at], b.d_q[at]) << "dQ row " << positions[i];
+      }
+      for (int c = 0; c < kv_heads * head_dim; ++c) {
+        const std::size_t at = (bb * n + i) * kv_heads * head_dim + c;
+        ASSERT_EQ(a.d_k[at], b.d_k[at]) << "dK row " << positions[i];
+        ASSERT_EQ(a.d_v[at], b.d_v[at]) << "dV row " << positions[i];
+      }
+    }
+}
 
 }  // namespace ringcast::test
