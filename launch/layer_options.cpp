@@ -1,19 +1,24 @@
-// Shape and attention options of one layer, for plan/check/run.
+// Shape and attention options of one layer, for plan/check/run/train.
 #include "layer_options.hpp"
 
 #include <ringcast/error.hpp>
 
 namespace ringcast::launch {
 
-void add_layer_options(po::options_description& desc, bool with_ranks, std::int64_t default_seq_len) {
+namespace {
+
+void add_shape_options(po::options_description& desc, std::int64_t default_seq_len, int default_heads,
+                       int default_head_dim) {
   desc.add_options()
       ("seq-len", po::value<std::int64_t>()->default_value(default_seq_len), "n: tokens in the whole sequence")
       ("batch", po::value<int>()->default_value(1), "sequences per step")
-      ("heads", po::value<int>()->default_value(16), "query heads h")
-      ("kv-heads", po::value<int>()->default_value(16), "key/value heads h_kv (h % h_kv == 0)")
-      ("head-dim", po::value<int>()->default_value(128), "head dim d (64 or 128)")
-      ("dtype", po::value<std::string>()->default_value("bf16"), "storage dtype on GPUs: bf16|f16 (CPU computes f32)")
-      ("causal", po::value<bool>()->default_value(true), "causal (decoder) or bidirectional (encoder) attention")
+      ("heads", po::value<int>()->default_value(default_heads), "query heads h")
+      ("kv-heads", po::value<int>()->default_value(default_heads), "key/value heads h_kv (h % h_kv == 0)")
+      ("head-dim", po::value<int>()->default_value(default_head_dim), "head dim d (64 or 128)");
+}
+
+void add_attention_options(po::options_description& desc) {
+  desc.add_options()
       ("mode", po::value<std::string>()->default_value("ring"), "ring|ulysses|allgather|clustered")
       ("placement", po::value<std::string>()->default_value("auto"), "auto|contiguous|zigzag")
       ("clusters", po::value<std::string>()->default_value("blocks"), "clustered: blocks|surrogate")
@@ -26,7 +31,23 @@ void add_layer_options(po::options_description& desc, bool with_ranks, std::int6
       ("remote-blocks", po::value<int>()->default_value(8), "clustered: R, remote coarse blocks fetched")
       ("remote-cap", po::value<int>()->default_value(0), "clustered, causal: fetch cap per rank (0 = 2R)")
       ("check-inputs", po::value<bool>()->default_value(true), "refuse NaN/Inf inputs on every rank (costs a pass)");
+}
+
+}  // namespace
+
+void add_layer_options(po::options_description& desc, bool with_ranks, std::int64_t default_seq_len) {
+  add_shape_options(desc, default_seq_len, 16, 128);
+  desc.add_options()
+      ("dtype", po::value<std::string>()->default_value("bf16"), "storage dtype on GPUs: bf16|f16 (CPU computes f32)")
+      ("causal", po::value<bool>()->default_value(true), "causal (decoder) or bidirectional (encoder) attention");
+  add_attention_options(desc);
   if (with_ranks) desc.add_options()("ranks", po::value<int>()->default_value(4), "P: ranks the sequence is sharded over");
+}
+
+void add_model_layer_options(po::options_description& desc, std::int64_t default_seq_len, int default_heads,
+                             int default_head_dim) {
+  add_shape_options(desc, default_seq_len, default_heads, default_head_dim);
+  add_attention_options(desc);
 }
 
 void read_layer_options(const po::variables_map& vm, int world_size, LayerShape& s, AttentionOptions& o) {
@@ -37,8 +58,8 @@ void read_layer_options(const po::variables_map& vm, int world_size, LayerShape&
     s.heads = vm["heads"].as<int>();
     s.kv_heads = vm["kv-heads"].as<int>();
     s.head_dim = vm["head-dim"].as<int>();
-    s.dtype = parse_dtype(vm["dtype"].as<std::string>());
-    s.causal = vm["causal"].as<bool>();
+    s.dtype = vm.count("dtype") ? parse_dtype(vm["dtype"].as<std::string>()) : DType::kF32;
+    s.causal = vm.count("causal") ? vm["causal"].as<bool>() : true;
     o.mode = parse_mode(vm["mode"].as<std::string>());
     o.placement = parse_placement(vm["placement"].as<std::string>());
     o.clusters = parse_clusters(vm["clusters"].as<std::string>());

@@ -163,6 +163,10 @@ OutputSpec OutputSpec::parse(const std::vector<std::string>& tokens) {
 void emit(const Report& report, const OutputSpec& output) {
   const bool machine_on_stdout = output.format != OutputSpec::Format::kNone && output.path.empty();
   report.print_table(machine_on_stdout ? stderr : stdout);
+  write_output(report, output);
+}
+
+void write_output(const Report& report, const OutputSpec& output) {
   if (output.format == OutputSpec::Format::kNone) return;
   const std::string text = output.format == OutputSpec::Format::kCsv ? report.to_csv() : report.to_json();
   if (output.path.empty()) {

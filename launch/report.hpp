@@ -48,6 +48,9 @@ struct OutputSpec {
 // Prints the table (stdout, or stderr when the machine-readable form goes to stdout) and writes the
 // requested output. Call on rank 0 only.
 void emit(const Report& report, const OutputSpec& output);
+// Only the machine-readable part of emit(), for commands whose table and rows differ (`train`: a
+// summary table, a row per step).
+void write_output(const Report& report, const OutputSpec& output);
 
 std::string format_bytes(double bytes);  // "64 KiB", "1.5 MiB"
 

@@ -60,6 +60,7 @@ struct Model::State {
   std::int64_t steps = 0;
   double grad_norm = 0.0;
   double loss = 0.0;
+  TargetCounts targets;
   bool have_gradients = false;
 
   // One layer's tensors: their offsets in the flat buffers, or pointers into params or grads.
@@ -281,6 +282,7 @@ std::span<const std::int32_t> Model::positions() const { return state_->attentio
 std::int64_t Model::local_len() const { return state_->attn_shape.local_len(); }
 std::int64_t Model::steps_taken() const { return state_->steps; }
 double Model::last_grad_norm() const { return state_->grad_norm; }
+TargetCounts Model::last_targets() const { return state_->targets; }
 std::int64_t Model::num_parameters() const { return state_->params.count; }
 std::span<const ParameterInfo> Model::parameter_table() const { return state_->table; }
 std::span<float> Model::parameters() { return state_->params.span(); }
@@ -341,9 +343,11 @@ double Model::forward_backward(std::span<const std::int32_t> tokens, std::span<c
   ce.d_h = s.d_xn.data();
   ce.d_w = s.grads.data() + s.index.lm_head;
   kernels::linear_cross_entropy(ce, s.ctx);
-  double loss_sum = totals.loss_sum;
-  comm.all_reduce({&loss_sum, 1, DType::kF64}, {&loss_sum, 1, DType::kF64}, comm::ReduceOp::kSum);
-  s.loss = loss_sum / static_cast<double>(meta[0]);
+  // The correct count rides along in the loss sum's all-reduce (exact in a double up to 2^53).
+  double sums[2] = {totals.loss_sum, static_cast<double>(totals.correct)};
+  comm.all_reduce({sums, 2, DType::kF64}, {sums, 2, DType::kF64}, comm::ReduceOp::kSum);
+  s.loss = sums[0] / static_cast<double>(meta[0]);
+  s.targets = {meta[0], static_cast<std::int64_t>(sums[1])};
   // A non-finite loss (the same on every rank) has no gradient worth computing: step() refuses it.
   if (!std::isfinite(s.loss)) {
     s.have_gradients = true;

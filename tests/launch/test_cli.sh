@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end checks of the `ringcast` executable: help, version, usage errors (exit 2 on every rank,
 # never a hang), `run` on 1, 2 and 4 ranks with JSON and CSV output, --config with command-line
-# override, `check --dump` (files and the coverage invariant), and the not-yet-built commands.
+# override, `check --dump` (files and the coverage invariant), and short `train` runs.
 # Usage: test_cli.sh RINGCAST MPIEXEC
 set -uo pipefail
 rc=$1
@@ -144,9 +144,32 @@ for r in range(P):
                                      f"{cover[tuple(bad[0])]} times"
 PY
 
-# Commands whose issues have not landed say so and fail.
-expect_code 3 "train (not built)" "$rc" train
-grep -q "not built yet" "$tmp/err" || fail "train does not say it is not built"
+# train: a short run on 2 ranks (config file, command-line override), one finite CSV row per step;
+# bad options and an unreadable --data file are usage errors on every rank.
+printf 'seq-len = 64\nbatch = 2\ndim = 32\nlayers = 1\nheads = 2\nkv-heads = 1\nhead-dim = 64\nffn-hidden = 48\nsteps = 5\n' \
+  >"$tmp/train.conf"
+expect_code 0 "train" "$mpiexec" -n 2 "$rc" train --config "$tmp/train.conf" --steps 20 --warmup-steps 4 \
+  --eval-every 10 --eval-batches 1 --output csv "$tmp/train.csv"
+python3 - "$tmp/train.csv" <<'PY' || fail "train: bad CSV rows"
+import csv, math, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+assert len(rows) == 20 and [int(r["step"]) for r in rows] == list(range(1, 21)), len(rows)
+for r in rows:
+    for c in ("loss", "accuracy", "tokens_per_s", "step_ms", "peak_memory_bytes"):
+        assert math.isfinite(float(r[c])), (c, r)
+    assert 0 <= float(r["accuracy"]) <= 1 and float(r["tokens_per_s"]) > 0 and int(r["peak_memory_bytes"]) > 0, r
+assert [r["step"] for r in rows if r["eval_loss"]] == ["10", "20"], "eval rows"
+assert all(math.isfinite(float(r["eval_loss"])) for r in rows if r["eval_loss"])
+PY
+printf 'ringcast trains on its own bytes. %.0s' $(seq 20) >"$tmp/text.txt"
+expect_code 0 "train --task bytes" "$mpiexec" -n 2 "$rc" train --config "$tmp/train.conf" --task bytes \
+  --data "$tmp/text.txt" --output json
+python3 -c "import json, math, sys; r = json.load(open(sys.argv[1])); assert len(r) == 5 and all(math.isfinite(x['loss']) for x in r)" \
+  "$tmp/out" || fail "train --task bytes: bad JSON rows"
+expect_code 2 "bad train option" "$mpiexec" -n 2 "$rc" train --no-such-option
+expect_code 2 "train --task bytes without --data" "$mpiexec" -n 2 "$rc" train --task bytes
+expect_code 2 "train: unreadable --data" "$mpiexec" -n 2 "$rc" train --task bytes --data "$tmp/missing.txt"
+[ "$(grep -c "cannot read data file" "$tmp/err")" -eq 1 ] || fail "unreadable --data: message not printed once"
 
 [ "$failures" -eq 0 ] && echo "all CLI checks passed"
 exit $((failures > 0))

@@ -58,6 +58,13 @@ struct ParameterInfo {
   std::int64_t numel() const { return rows * cols; }
 };
 
+// The counted targets (>= 0) of one forward_backward(), summed over ranks, and how many of them the
+// argmax of the logits got right (lowest index on ties).
+struct TargetCounts {
+  std::int64_t count = 0;
+  std::int64_t correct = 0;
+};
+
 class Model {
  public:
   // Collective (builds the attention operator). Throws Error on a configuration that does not fit
@@ -76,6 +83,8 @@ class Model {
   // targets < 0 are ignored. Writes the gradient of the global mean loss over every rank's counted
   // targets, summed over ranks (so identical everywhere), and returns that global mean loss.
   double forward_backward(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets);
+  // The target counts of the latest forward_backward() (identical on every rank).
+  TargetCounts last_targets() const;
 
   // One optimizer step on the gradients of the latest forward_backward(): global-norm clipping,
   // then AdamW. Throws Error naming the step (and the first tensor with a non-finite gradient) when
