@@ -218,8 +218,7 @@ int check_command(const CommandLine& cmd) {
   AttentionOptions options;
   read_layer_options(vm, world, shape, options);
   if (options.mode == AttentionMode::kClustered) cover_every_page(shape, options);
-  const OutputSpec output = OutputSpec::parse(vm.count("output") ? vm["output"].as<std::vector<std::string>>()
-                                                                 : std::vector<std::string>{});
+  const OutputSpec output = OutputSpec::from_options(vm);
   const std::uint64_t seed = vm["seed"].as<std::uint64_t>();
 
   Session session = Session::from_mpi(MPI_COMM_WORLD);

@@ -26,8 +26,7 @@ int plan_command(const CommandLine& cmd) {
   LayerShape shape;
   AttentionOptions options;
   read_layer_options(vm, 1, shape, options);
-  const OutputSpec output = OutputSpec::parse(vm.count("output") ? vm["output"].as<std::vector<std::string>>()
-                                                                 : std::vector<std::string>{});
+  const OutputSpec output = OutputSpec::from_options(vm);
   const LayerPlan plan = plan_layer(shape, options);
   AttentionOptions ring = options;
   ring.mode = AttentionMode::kRing;

@@ -61,8 +61,7 @@ int comm_test_main(const CommandLine& cmd, const std::string& default_ops) {
   if (!parse_options(cmd, desc, vm, fmt::format("usage: mpirun -np P ringcast {} [options]", cmd.command), rank == 0))
     return 0;
   const CommBenchOptions opt = read_comm_bench_options(vm);
-  const OutputSpec output = OutputSpec::parse(vm.count("output") ? vm["output"].as<std::vector<std::string>>()
-                                                                 : std::vector<std::string>{});
+  const OutputSpec output = OutputSpec::from_options(vm);
   Session session = Session::from_mpi(MPI_COMM_WORLD);
   log::info("ringcast {} ({}): communication test, {}", version(), git_commit(), backend_label(session));
   std::int64_t wrong = 0;
@@ -94,8 +93,7 @@ int run_command(const CommandLine& cmd) {
   read_layer_options(vm, world, shape, options);
   const int warmup = vm["warmup"].as<int>(), iters = vm["iters"].as<int>();
   if (warmup < 0 || iters < 1) throw UsageError("--warmup must be >= 0 and --iters >= 1");
-  const OutputSpec output = OutputSpec::parse(vm.count("output") ? vm["output"].as<std::vector<std::string>>()
-                                                                 : std::vector<std::string>{});
+  const OutputSpec output = OutputSpec::from_options(vm);
 
   Session session = Session::from_mpi(MPI_COMM_WORLD);
   if (session.device().kind == DeviceKind::kCpu) shape.dtype = DType::kF32;

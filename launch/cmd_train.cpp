@@ -168,8 +168,7 @@ int train_command(const CommandLine& cmd) {
     throw UsageError("--data FILE goes with --task bytes, and only with it");
   if (t.task == "recall" && shape.seq_len < 4)
     throw UsageError(fmt::format("--task recall needs --seq-len >= 4 (one pair and one query), got {}", shape.seq_len));
-  const OutputSpec output = OutputSpec::parse(vm.count("output") ? vm["output"].as<std::vector<std::string>>()
-                                                                 : std::vector<std::string>{});
+  const OutputSpec output = OutputSpec::from_options(vm);
   const Datasets data = make_datasets(t, config.seed, shape.seq_len);
 
   Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);

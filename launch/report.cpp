@@ -160,6 +160,10 @@ OutputSpec OutputSpec::parse(const std::vector<std::string>& tokens) {
   return spec;
 }
 
+OutputSpec OutputSpec::from_options(const po::variables_map& vm) {
+  return parse(vm.count("output") ? vm["output"].as<std::vector<std::string>>() : std::vector<std::string>{});
+}
+
 void emit(const Report& report, const OutputSpec& output) {
   const bool machine_on_stdout = output.format != OutputSpec::Format::kNone && output.path.empty();
   report.print_table(machine_on_stdout ? stderr : stdout);

@@ -3,6 +3,8 @@
 // order in which they first appear; units go in the column name (time_us, algbw_GBps).
 #pragma once
 
+#include "cli.hpp"
+
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -43,6 +45,7 @@ struct OutputSpec {
   enum class Format { kNone, kCsv, kJson } format = Format::kNone;
   std::string path;  // empty: stdout (and the table then goes to stderr)
   static OutputSpec parse(const std::vector<std::string>& tokens);  // throws UsageError
+  static OutputSpec from_options(const po::variables_map& vm);       // the --output option, if given
 };
 
 // Prints the table (stdout, or stderr when the machine-readable form goes to stdout) and writes the

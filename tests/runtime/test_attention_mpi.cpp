@@ -2,6 +2,7 @@
 // every rank builds the same seeded global Q, K, V, runs its shard, and checks O, LSE and dQ, dK, dV
 // of its own rows against a float64 whole-sequence oracle; the causal leak check; the communicator's
 // byte counters against plan_layer(); and shapes that must fail on every rank before communicating.
+#include "attention_reference.hpp"
 #include "naive_attention.hpp"
 
 #include <ringcast/attention.hpp>
@@ -12,18 +13,12 @@
 #include <mpi.h>
 
 #include <cmath>
-#include <random>
 
 namespace ringcast {
 namespace {
 
-std::vector<double> random_values(std::size_t n, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> dist(0.0, 1.0);
-  std::vector<double> x(n);
-  for (auto& v : x) v = static_cast<float>(dist(rng));  // representable in the f32 storage
-  return x;
-}
+// Seeded N(0, 1) values representable in the f32 storage.
+std::vector<double> random_values(std::size_t n, std::uint64_t seed) { return test::to_f64(test::random_normal(n, seed)); }
 
 double rel_error(const std::vector<float>& x, const std::vector<double>& ref) {
   double num = 0, den = 0;

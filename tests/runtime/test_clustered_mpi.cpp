@@ -30,13 +30,8 @@ int world_size() {
   return p;
 }
 
-std::vector<double> random_values(std::size_t n, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> dist(0.0, 1.0);
-  std::vector<double> x(n);
-  for (auto& v : x) v = static_cast<float>(dist(rng));  // representable in the f32 storage
-  return x;
-}
+// Seeded N(0, 1) values representable in the f32 storage.
+std::vector<double> random_values(std::size_t n, std::uint64_t seed) { return test::to_f64(test::random_normal(n, seed)); }
 
 struct Config {
   bool causal;
