@@ -1,12 +1,15 @@
-// The decoder-only model: parameters in one flat host buffer (decayed tensors, then norm gains), the
-// pre-norm blocks built from the per-token kernels (kernels/layers.hpp) around DistributedAttention,
-// per-layer recomputation, the one gradient all-reduce and the AdamW step. Activations are [R, ·]
-// token matrices with R = batch · n_loc rows in positions() order; every backward kernel adds into
-// its outputs, so each gradient scratch is zeroed right before the calls that fill it.
-#include <ringcast/attention.hpp>
+// ringcast::Model: assembles the stack of model_parts.hpp layers from the ModelConfig (pre-norm
+// blocks with standard or CoLT5 branches, VCC blocks, Pyramidion pooling stages), runs the embedding,
+// the layers, the final norm and the head (LM: chunked cross-entropy over every rank's rows; encoder:
+// mean pooling over the whole sequence and a classification head), the one gradient all-reduce and the
+// AdamW step. Layer inputs are the only activations kept; every layer recomputes itself in backward.
+#include "checkpoint.hpp"
+#include "model_mixers.hpp"
+#include "model_parts.hpp"
+
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/layers.hpp>
-#include <ringcast/memory.hpp>
+#include <ringcast/kernels/layout.hpp>
 #include <ringcast/model.hpp>
 
 #include <algorithm>
@@ -14,6 +17,11 @@
 
 namespace ringcast {
 namespace {
+
+using model::Geometry;
+using model::Init;
+using model::Layer;
+using model::ParamRef;
 
 // splitmix64: a counter-based generator, so each tensor's values depend only on (seed, tensor index)
 // and are the same on every rank and every platform.
@@ -38,11 +46,30 @@ struct HostFloats {
   DeviceBuffer buf;
   std::int64_t count = 0;
   HostFloats() = default;
-  HostFloats(std::int64_t n, const Device& device) : buf(static_cast<std::size_t>(n) * sizeof(float), device), count(n) {}
+  HostFloats(std::int64_t n, const Device& device)
+      : buf(static_cast<std::size_t>(std::max<std::int64_t>(n, 1)) * sizeof(float), device), count(n) {}
   float* data() const { return buf.as<float>(); }
   std::span<float> span() const { return {data(), static_cast<std::size_t>(count)}; }
   void zero() const { std::fill_n(data(), count, 0.0f); }
 };
+
+void validate_config(const ModelConfig& c, const SequenceShape& shape) {
+  RINGCAST_CHECK(c.vocab > 0 && c.dim > 0 && c.layers > 0 && c.ffn_hidden > 0 && c.ce_chunk > 0,
+                 "Model: vocab ({}), dim ({}), layers ({}), ffn_hidden ({}) and ce_chunk ({}) must be positive",
+                 c.vocab, c.dim, c.layers, c.ffn_hidden, c.ce_chunk);
+  RINGCAST_CHECK(shape.batch > 0 && shape.seq_len > 0, "Model: batch ({}) and seq_len ({}) must be positive",
+                 shape.batch, shape.seq_len);
+  const bool encoder = c.kind == ModelKind::kEncoder;
+  RINGCAST_CHECK(!encoder || c.num_classes > 0, "Model: an encoder needs num_classes > 0 (got {})", c.num_classes);
+  RINGCAST_CHECK(encoder || c.num_classes == 0, "Model: num_classes ({}) is for encoders; a decoder has an LM head",
+                 c.num_classes);
+  const bool seed_options = c.colt5.enabled || c.vcc.enabled || !c.pyramidion.pool_after.empty();
+  RINGCAST_CHECK(encoder || !seed_options,
+                 "Model: CoLT5, Pyramidion and VCC are encoder (bidirectional) options; set the model kind to encoder");
+  RINGCAST_CHECK(c.pyramidion.pool_after.size() == c.pyramidion.pool_to.size(),
+                 "Model: pyramidion pool_after ({} entries) and pool_to ({} entries) must pair up",
+                 c.pyramidion.pool_after.size(), c.pyramidion.pool_to.size());
+}
 
 }  // namespace
 
@@ -51,210 +78,219 @@ struct Model::State {
   const ModelConfig config;
   const SequenceShape seq;
   const kernels::ExecContext ctx;
-  LayerShape attn_shape;
-  std::unique_ptr<DistributedAttention> attention;
+  const bool encoder;
 
-  std::vector<ParameterInfo> table;
-  std::int64_t decayed = 0;  // the decayed tensors are elements [0, decayed) of the flat buffers
-  HostFloats params, grads, adam_m, adam_v;
+  model::ParameterTable table;
+  model::Scratch scratch;
+  ParamRef embedding, final_norm, head_w, head_b;
+  std::vector<std::unique_ptr<Layer>> layers;
+  Geometry input;  // the embedding's rows
+
+  HostFloats params, grads, adam_m, adam_v, head_sink;
   std::int64_t steps = 0;
   double grad_norm = 0.0;
   double loss = 0.0;
   TargetCounts targets;
-  bool have_gradients = false;
+  bool have_forward = false, have_gradients = false;
 
-  // One layer's tensors: their offsets in the flat buffers, or pointers into params or grads.
-  template <typename T> struct LayerTensors {
-    T attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2;
-  };
-  struct Index {
-    std::int64_t embedding = 0, final_norm = 0, lm_head = 0;
-    std::vector<LayerTensors<std::int64_t>> layers;
-  } index;
-
-  // Activations: layer inputs [L + 1][R, D] (the last is the final hidden state) and one layer's
-  // recomputed intermediates, shared by all layers.
-  std::int64_t rows = 0;
-  HostFloats layer_in, xn, q, k, v, o, lse, mid, a, b, hh, final_norm_out;
-  HostFloats d_x, d_xn, d_q, d_k, d_v, d_o, d_a, d_b, d_hh;
+  // Layer inputs: layer l reads activations + in_offset[l]; the final hidden state sits at
+  // in_offset[L]. d_a, d_b ping-pong the residual-stream gradient between layers.
+  std::vector<std::int64_t> in_offset;
+  HostFloats activations, final_out, d_final, d_a, d_b, pooled, d_pooled;
+  std::vector<std::int32_t> tokens;  // of the latest forward, for the embedding backward
 
   State(const Session& s, const ModelConfig& c, const SequenceShape& sh)
-      : session(s), config(c), seq(sh), ctx{s.device(), s.stream()} {}
+      : session(s), config(c), seq(sh), ctx{s.device(), s.stream()}, encoder(c.kind == ModelKind::kEncoder) {}
 
-  LayerTensors<float*> layer(const HostFloats& flat, int l) const {
-    const auto& o = index.layers[static_cast<std::size_t>(l)];
-    float* p = flat.data();
-    return {p + o.attn_norm, p + o.wq, p + o.wk, p + o.wv, p + o.wo, p + o.ffn_norm, p + o.w1, p + o.w3, p + o.w2};
+  const Geometry& output() const { return layers.back()->out_geometry(); }
+  model::RunContext run_context(bool training) {
+    return {session, ctx, table, params.data(), grads.data(), scratch, static_cast<std::uint64_t>(steps), training};
   }
 
-  const ParameterInfo& find(std::string_view name) const {
-    for (const auto& t : table)
-      if (t.name == name) return t;
-    RINGCAST_THROW("Model: no parameter named '{}'", name);
-  }
-
-  void build_table();
+  void build();
   void init_parameters();
-  void embed(const std::int32_t* tokens);
-  void layer_forward(int l, const float* in, float* out);
-  void layer_backward(int l, const float* in);
+  void forward_layers(const model::RunContext& rc, std::span<const std::int32_t> ids);
+  double head(std::span<const std::int32_t> targets, bool with_gradient);
+  void check_ids(std::span<const std::int32_t> ids, std::span<const std::int32_t> targets);
 };
 
-void Model::State::build_table() {
+void Model::State::build() {
   const ModelConfig& c = config;
-  const std::int64_t D = c.dim, qd = std::int64_t{c.heads} * c.head_dim, kd = std::int64_t{c.kv_heads} * c.head_dim;
-  const std::int64_t F = c.ffn_hidden;
-  std::int64_t offset = 0;
-  auto add = [&](std::string name, std::int64_t out_dim, std::int64_t in_dim, bool decay) {
-    table.push_back({std::move(name), offset, out_dim, in_dim, decay});
-    offset += out_dim * in_dim;
-    return table.back().offset;
-  };
-  // Decayed tensors first, so each AdamW call covers one contiguous range.
-  index.embedding = add("embedding", c.vocab, D, true);
-  index.layers.resize(static_cast<std::size_t>(c.layers));
+  input.batch = seq.batch;
+  input.seq_len = seq.seq_len;
+  input.causal = !encoder;
+  LayerShape shape;
+  shape.seq_len = seq.seq_len;
+  shape.ranks = session.size();
+  shape.batch = seq.batch;
+  shape.heads = c.heads;
+  shape.kv_heads = c.kv_heads;
+  shape.head_dim = c.head_dim;
+  shape.dtype = DType::kF32;
+  shape.causal = input.causal;
+  validate(shape, c.attention);
+  input.local_len = shape.local_len();
+  input.positions = shard_positions(shape, c.attention, session.rank());
+
+  embedding = table.add("embedding", c.vocab, c.dim, true, Init::kUnit);
+  const Geometry* g = &input;
   for (int l = 0; l < c.layers; ++l) {
-    auto& off = index.layers[static_cast<std::size_t>(l)];
-    const std::string p = fmt::format("layers.{}.", l);
-    off.wq = add(p + "wq", qd, D, true);
-    off.wk = add(p + "wk", kd, D, true);
-    off.wv = add(p + "wv", kd, D, true);
-    off.wo = add(p + "wo", D, qd, true);
-    off.w1 = add(p + "w1", F, D, true);
-    off.w3 = add(p + "w3", F, D, true);
-    off.w2 = add(p + "w2", D, F, true);
+    const std::string prefix = fmt::format("layers.{}.", l);
+    auto block = std::make_unique<model::PreNormBlock>(table, scratch, prefix, c, *g);
+    const Geometry& bg = block->in_geometry();
+    block->set_branches(std::make_unique<model::SelfAttention>(session, table, scratch, prefix, c, bg),
+                        std::make_unique<model::SwiGluFfn>(table, scratch, prefix, "ffn", c.dim, c.ffn_hidden, bg.rows()));
+    layers.push_back(std::move(block));
+    g = &layers.back()->out_geometry();
   }
-  index.lm_head = add("lm_head", c.vocab, D, true);
-  decayed = offset;
-  for (int l = 0; l < c.layers; ++l) {
-    auto& off = index.layers[static_cast<std::size_t>(l)];
-    off.attn_norm = add(fmt::format("layers.{}.attn_norm", l), 1, D, false);
-    off.ffn_norm = add(fmt::format("layers.{}.ffn_norm", l), 1, D, false);
+  final_norm = table.add("final_norm", 1, c.dim, false, Init::kOnes);
+  if (encoder) {
+    head_w = table.add("classifier", c.num_classes, c.dim, true, Init::kFanIn);
+    head_b = table.add("classifier_bias", 1, c.num_classes, false, Init::kZeros);
+  } else {
+    head_w = table.add("lm_head", c.vocab, c.dim, true, Init::kFanIn);
   }
-  index.final_norm = add("final_norm", 1, D, false);
+  table.finalize();
+  scratch.bind(session.device());
 }
 
 void Model::State::init_parameters() {
-  // Linear weights U(±1/sqrt(fan_in)) (PyTorch's Linear default), embedding U(±1), norm gains 1.
-  for (std::size_t t = 0; t < table.size(); ++t) {
-    const ParameterInfo& info = table[t];
+  for (std::size_t t = 0; t < table.infos().size(); ++t) {
+    const ParameterInfo& info = table.infos()[t];
     std::span<float> x = params.span().subspan(static_cast<std::size_t>(info.offset), static_cast<std::size_t>(info.numel()));
-    if (!info.decay) {
-      std::fill(x.begin(), x.end(), 1.0f);
-      continue;
+    switch (table.init(t)) {
+      case Init::kOnes: std::fill(x.begin(), x.end(), 1.0f); break;
+      case Init::kZeros: std::fill(x.begin(), x.end(), 0.0f); break;
+      case Init::kUnit: fill_uniform(x, 1.0f, config.seed * 0x100000001B3ull + t); break;
+      case Init::kFanIn:
+        fill_uniform(x, 1.0f / std::sqrt(static_cast<float>(info.cols)), config.seed * 0x100000001B3ull + t);
+        break;
     }
-    const float bound = info.name == "embedding" ? 1.0f : 1.0f / std::sqrt(static_cast<float>(info.cols));
-    fill_uniform(x, bound, config.seed * 0x100000001B3ull + t);
   }
 }
 
-void Model::State::embed(const std::int32_t* tokens) {
-  kernels::embedding_forward({rows, config.dim, config.vocab, tokens, params.data() + index.embedding, layer_in.data()},
+// One all-reduce agrees on the target count and on whether any rank got an id out of range (or, for
+// an encoder, labels that differ between ranks), so a bad batch fails on every rank before any layer.
+void Model::State::check_ids(std::span<const std::int32_t> ids, std::span<const std::int32_t> labels) {
+  const ModelConfig& c = config;
+  const std::int64_t R = input.rows();
+  const std::int64_t want = encoder ? seq.batch : R;
+  RINGCAST_CHECK(static_cast<std::int64_t>(ids.size()) == R && static_cast<std::int64_t>(labels.size()) == want,
+                 "Model: tokens ({}) must hold batch * local_len = {} ids and targets ({}) {} ids", ids.size(), R,
+                 labels.size(), want);
+  std::int64_t meta[4] = {0, 0, 0, 0};  // counted targets, bad ids, Σ labels, -Σ labels
+  for (const std::int32_t t : ids) meta[1] += t < 0 || t >= c.vocab;
+  const int classes = encoder ? c.num_classes : c.vocab;
+  for (const std::int32_t t : labels) {
+    meta[0] += t >= 0;
+    meta[1] += t >= classes || (encoder && t < 0);
+    meta[2] += t;
+  }
+  meta[3] = -meta[2];
+  std::int64_t sums[2] = {meta[0], meta[1]}, extremes[2] = {meta[2], meta[3]};
+  auto& comm = session.comm();
+  comm.all_reduce({sums, 2, DType::kI64}, {sums, 2, DType::kI64}, comm::ReduceOp::kSum);
+  comm.all_reduce({extremes, 2, DType::kI64}, {extremes, 2, DType::kI64}, comm::ReduceOp::kMax);
+  if (encoder)
+    RINGCAST_CHECK(sums[1] == 0, "Model: {} token ids outside [0, {}) or class labels outside [0, {})", sums[1],
+                   c.vocab, c.num_classes);
+  else
+    RINGCAST_CHECK(sums[1] == 0, "Model: {} token or target ids outside [0, {}) (targets may be < 0)", sums[1], c.vocab);
+  RINGCAST_CHECK(!encoder || extremes[0] == -extremes[1], "Model: the class labels differ between ranks");
+  RINGCAST_CHECK(sums[0] > 0, "Model: no targets >= 0 on any rank");
+  targets.count = encoder ? seq.batch : sums[0];
+}
+
+void Model::State::forward_layers(const model::RunContext& rc, std::span<const std::int32_t> ids) {
+  const int D = config.dim;
+  kernels::embedding_forward({input.rows(), D, config.vocab, ids.data(), params.data() + table.info(embedding).offset,
+                              activations.data() + in_offset[0]},
                              ctx);
+  for (std::size_t l = 0; l < layers.size(); ++l)
+    layers[l]->forward(rc, activations.data() + in_offset[l], activations.data() + in_offset[l + 1]);
 }
 
-// out = in + Wo·Attn(RoPE(Wq·rms(in)), RoPE(Wk·rms(in)), Wv·rms(in)); out += W2·(silu(W1·rms(out)) ⊙ W3·rms(out)).
-// Leaves every intermediate the backward needs in the shared scratch (mid holds the first residual sum);
-// out == nullptr (the recompute in backward) skips the W2 product, which nothing downstream reads.
-void Model::State::layer_forward(int l, const float* in, float* out) {
+// The final norm and the head on the output of the last layer: sets loss and targets, and with
+// with_gradient adds the head's parameter gradients into grads and leaves dL/d(hidden) in d_final.
+double Model::State::head(std::span<const std::int32_t> labels, bool with_gradient) {
   const ModelConfig& c = config;
-  const auto w = layer(params, l);
-  const int D = c.dim, qd = c.heads * c.head_dim, kd = c.kv_heads * c.head_dim;
-  const std::int64_t n = attn_shape.local_len();
-  const std::int32_t* pos = attention->positions().data();
-
-  kernels::rms_norm_forward({rows, D, c.norm_eps, in, w.attn_norm, xn.data()}, ctx);
-  kernels::linear_forward({rows, D, qd, xn.data(), w.wq, q.data()}, ctx);
-  kernels::linear_forward({rows, D, kd, xn.data(), w.wk, k.data()}, ctx);
-  kernels::linear_forward({rows, D, kd, xn.data(), w.wv, v.data()}, ctx);
-  // Rows are [B][n_loc]: each batch element's rows carry the same positions.
-  for (int bi = 0; bi < seq.batch; ++bi) {
-    kernels::rope_forward({n, c.heads, c.head_dim, c.rope_theta, pos, q.data() + bi * n * qd}, ctx);
-    kernels::rope_forward({n, c.kv_heads, c.head_dim, c.rope_theta, pos, k.data() + bi * n * kd}, ctx);
+  const Geometry& out = output();
+  const std::int64_t R = out.rows();
+  const float* hidden = activations.data() + in_offset[layers.size()];
+  const float* gain = params.data() + table.info(final_norm).offset;
+  kernels::rms_norm_forward({R, c.dim, c.norm_eps, hidden, gain, final_out.data()}, ctx);
+  auto& comm = session.comm();
+  kernels::CrossEntropyTotals totals;
+  kernels::LinearCrossEntropyParams ce;
+  ce.dim = c.dim;
+  ce.chunk_rows = c.ce_chunk;
+  ce.w = params.data() + table.info(head_w).offset;
+  ce.targets = labels.data();
+  ce.totals = &totals;
+  ce.loss_scale = static_cast<float>(1.0 / static_cast<double>(targets.count));
+  if (!encoder) {
+    ce.rows = R;
+    ce.vocab = c.vocab;
+    ce.h = final_out.data();
+    if (with_gradient) {
+      d_pooled.zero();  // d_pooled doubles as dL/d(final_out) of the decoder
+      ce.d_h = d_pooled.data();
+      ce.d_w = grads.data() + table.info(head_w).offset;
+    }
+    kernels::linear_cross_entropy(ce, ctx);
+    // The correct count rides along in the loss sum's all-reduce (exact in a double up to 2^53).
+    double sums[2] = {totals.loss_sum, static_cast<double>(totals.correct)};
+    comm.all_reduce({sums, 2, DType::kF64}, {sums, 2, DType::kF64}, comm::ReduceOp::kSum);
+    loss = sums[0] / static_cast<double>(targets.count);
+    targets.correct = static_cast<std::int64_t>(sums[1]);
+  } else {
+    // Mean over the whole sequence: local sums scaled by 1/n, then summed over ranks.
+    const float scale = static_cast<float>(1.0 / static_cast<double>(out.seq_len));
+    kernels::token_pool_forward({out.batch, out.local_len, c.dim, scale, final_out.data(), pooled.data()}, ctx);
+    comm.all_reduce({pooled.data(), static_cast<std::size_t>(pooled.count), DType::kF32},
+                    {pooled.data(), static_cast<std::size_t>(pooled.count), DType::kF32}, comm::ReduceOp::kSum);
+    ce.rows = out.batch;
+    ce.vocab = c.num_classes;
+    ce.h = pooled.data();
+    ce.bias = params.data() + table.info(head_b).offset;
+    // The head runs replicated: rank 0 alone adds its parameter gradients, so the all-reduce counts
+    // them once; every rank needs d_pooled.
+    if (with_gradient) {
+      d_pooled.zero();
+      head_sink.zero();
+      const bool mine = session.rank() == 0;
+      ce.d_h = d_pooled.data();
+      ce.d_w = mine ? grads.data() + table.info(head_w).offset : head_sink.data();
+      ce.d_bias = mine ? grads.data() + table.info(head_b).offset : head_sink.data() + table.info(head_w).numel();
+    }
+    kernels::linear_cross_entropy(ce, ctx);
+    loss = totals.loss_sum / static_cast<double>(targets.count);
+    targets.correct = totals.correct;
   }
-  auto view = [&](const HostFloats& x, int heads) {
-    return TensorView::contiguous(x.data(), DType::kF32, {seq.batch, n, heads, c.head_dim}, session.device());
-  };
-  attention->forward({view(q, c.heads), view(k, c.kv_heads), view(v, c.kv_heads), view(o, c.heads),
-                      TensorView::contiguous(lse.data(), DType::kF32, {seq.batch, c.heads, n}, session.device())});
-  std::copy_n(in, rows * D, mid.data());
-  kernels::linear_forward({rows, qd, D, o.data(), w.wo, mid.data(), true}, ctx);
-
-  kernels::rms_norm_forward({rows, D, c.norm_eps, mid.data(), w.ffn_norm, xn.data()}, ctx);
-  kernels::linear_forward({rows, D, c.ffn_hidden, xn.data(), w.w1, a.data()}, ctx);
-  kernels::linear_forward({rows, D, c.ffn_hidden, xn.data(), w.w3, b.data()}, ctx);
-  kernels::swiglu_forward({rows * c.ffn_hidden, a.data(), b.data(), hh.data()}, ctx);
-  if (out == nullptr) return;
-  std::copy_n(mid.data(), rows * D, out);
-  kernels::linear_forward({rows, c.ffn_hidden, D, hh.data(), w.w2, out, true}, ctx);
-}
-
-// With d_x = dL/d(out) on entry, recomputes the layer from `in` and leaves dL/d(in) in d_x (the
-// residual paths are the adds into d_x), adding the layer's parameter gradients into grads.
-void Model::State::layer_backward(int l, const float* in) {
-  const ModelConfig& c = config;
-  layer_forward(l, in, nullptr);
-  const auto w = layer(params, l), g = layer(grads, l);
-  const int D = c.dim, F = c.ffn_hidden, qd = c.heads * c.head_dim, kd = c.kv_heads * c.head_dim;
-  const std::int64_t n = attn_shape.local_len();
-  const std::int32_t* pos = attention->positions().data();
-
-  // FFN branch. xn holds rms(mid) from the recompute.
-  d_hh.zero();
-  kernels::linear_backward({rows, F, D, hh.data(), w.w2, d_x.data(), d_hh.data(), g.w2}, ctx);
-  d_a.zero();
-  d_b.zero();
-  kernels::swiglu_backward({rows * F, a.data(), b.data(), d_hh.data(), d_a.data(), d_b.data()}, ctx);
-  d_xn.zero();
-  kernels::linear_backward({rows, D, F, xn.data(), w.w1, d_a.data(), d_xn.data(), g.w1}, ctx);
-  kernels::linear_backward({rows, D, F, xn.data(), w.w3, d_b.data(), d_xn.data(), g.w3}, ctx);
-  kernels::rms_norm_backward({rows, D, c.norm_eps, mid.data(), w.ffn_norm, d_xn.data(), d_x.data(), g.ffn_norm}, ctx);
-
-  // Attention branch; d_x now holds dL/d(mid). xn is overwritten with rms(in) again.
-  kernels::rms_norm_forward({rows, D, c.norm_eps, in, w.attn_norm, xn.data()}, ctx);
-  d_o.zero();
-  kernels::linear_backward({rows, qd, D, o.data(), w.wo, d_x.data(), d_o.data(), g.wo}, ctx);
-  auto view = [&](const HostFloats& x, int heads) {
-    return TensorView::contiguous(x.data(), DType::kF32, {seq.batch, n, heads, c.head_dim}, session.device());
-  };
-  attention->backward({view(q, c.heads), view(k, c.kv_heads), view(v, c.kv_heads), view(o, c.heads),
-                       TensorView::contiguous(lse.data(), DType::kF32, {seq.batch, c.heads, n}, session.device()),
-                       view(d_o, c.heads), view(d_q, c.heads), view(d_k, c.kv_heads), view(d_v, c.kv_heads)});
-  for (int bi = 0; bi < seq.batch; ++bi) {
-    kernels::rope_backward({n, c.heads, c.head_dim, c.rope_theta, pos, d_q.data() + bi * n * qd}, ctx);
-    kernels::rope_backward({n, c.kv_heads, c.head_dim, c.rope_theta, pos, d_k.data() + bi * n * kd}, ctx);
+  if (!with_gradient || !std::isfinite(loss)) return loss;
+  const float* d_out = d_pooled.data();
+  if (encoder) {
+    d_final.zero();
+    const float scale = static_cast<float>(1.0 / static_cast<double>(out.seq_len));
+    kernels::token_pool_backward({out.batch, out.local_len, c.dim, scale, d_pooled.data(), d_final.data()}, ctx);
+    d_out = d_final.data();
   }
-  d_xn.zero();
-  kernels::linear_backward({rows, D, qd, xn.data(), w.wq, d_q.data(), d_xn.data(), g.wq}, ctx);
-  kernels::linear_backward({rows, D, kd, xn.data(), w.wk, d_k.data(), d_xn.data(), g.wk}, ctx);
-  kernels::linear_backward({rows, D, kd, xn.data(), w.wv, d_v.data(), d_xn.data(), g.wv}, ctx);
-  kernels::rms_norm_backward({rows, D, c.norm_eps, in, w.attn_norm, d_xn.data(), d_x.data(), g.attn_norm}, ctx);
+  float* d_hidden = d_a.data();
+  std::fill_n(d_hidden, R * c.dim, 0.0f);
+  kernels::rms_norm_backward({R, c.dim, c.norm_eps, hidden, gain, d_out, d_hidden, grads.data() + table.info(final_norm).offset},
+                             ctx);
+  return loss;
 }
 
 Model::Model(const Session& session, const ModelConfig& config, const SequenceShape& shape)
     : state_(std::make_unique<State>(session, config, shape)) {
   State& s = *state_;
-  const ModelConfig& c = config;
   RINGCAST_CHECK(session.device().kind == DeviceKind::kCpu,
                  "Model: only the CPU backend is implemented (the per-token layer kernels are host code)");
-  RINGCAST_CHECK(c.vocab > 0 && c.dim > 0 && c.layers > 0 && c.ffn_hidden > 0 && c.ce_chunk > 0,
-                 "Model: vocab ({}), dim ({}), layers ({}), ffn_hidden ({}) and ce_chunk ({}) must be positive",
-                 c.vocab, c.dim, c.layers, c.ffn_hidden, c.ce_chunk);
-  RINGCAST_CHECK(shape.batch > 0 && shape.seq_len > 0, "Model: batch ({}) and seq_len ({}) must be positive",
-                 shape.batch, shape.seq_len);
-  s.attn_shape.seq_len = shape.seq_len;
-  s.attn_shape.ranks = session.size();
-  s.attn_shape.batch = shape.batch;
-  s.attn_shape.heads = c.heads;
-  s.attn_shape.kv_heads = c.kv_heads;
-  s.attn_shape.head_dim = c.head_dim;
-  s.attn_shape.dtype = DType::kF32;
-  s.attn_shape.causal = true;
-  s.attention = std::make_unique<DistributedAttention>(session, s.attn_shape, c.attention);
-
-  s.build_table();
+  validate_config(config, shape);
+  s.build();
   const Device dev = session.device();
-  const std::int64_t total = s.table.back().offset + s.table.back().numel();
+  const std::int64_t total = s.table.total();
   s.params = HostFloats(total, dev);
   s.grads = HostFloats(total, dev);
   s.adam_m = HostFloats(total, dev);
@@ -264,115 +300,106 @@ Model::Model(const Session& session, const ModelConfig& config, const SequenceSh
   s.adam_v.zero();
   s.init_parameters();
 
-  const std::int64_t R = s.rows = std::int64_t{shape.batch} * s.attn_shape.local_len();
-  const std::int64_t D = c.dim, F = c.ffn_hidden;
-  const std::int64_t qd = std::int64_t{c.heads} * c.head_dim, kd = std::int64_t{c.kv_heads} * c.head_dim;
-  s.layer_in = HostFloats((c.layers + 1) * R * D, dev);
-  for (HostFloats* x : {&s.xn, &s.mid, &s.final_norm_out, &s.d_x, &s.d_xn}) *x = HostFloats(R * D, dev);
-  for (HostFloats* x : {&s.q, &s.o, &s.d_q, &s.d_o}) *x = HostFloats(R * qd, dev);
-  for (HostFloats* x : {&s.k, &s.v, &s.d_k, &s.d_v}) *x = HostFloats(R * kd, dev);
-  for (HostFloats* x : {&s.a, &s.b, &s.hh, &s.d_a, &s.d_b, &s.d_hh}) *x = HostFloats(R * F, dev);
-  s.lse = HostFloats(R * c.heads, dev);
+  const std::int64_t D = config.dim;
+  std::int64_t offset = 0, max_rows = s.input.rows();
+  for (const auto& layer : s.layers) {
+    s.in_offset.push_back(offset);
+    offset += layer->in_geometry().rows() * D;
+    max_rows = std::max(max_rows, layer->in_geometry().rows());
+  }
+  s.in_offset.push_back(offset);
+  offset += s.output().rows() * D;
+  s.activations = HostFloats(offset, dev);
+  const std::int64_t out_rows = s.output().rows();
+  s.final_out = HostFloats(out_rows * D, dev);
+  s.d_a = HostFloats(max_rows * D, dev);
+  s.d_b = HostFloats(max_rows * D, dev);
+  if (s.encoder) {
+    s.d_final = HostFloats(out_rows * D, dev);
+    s.pooled = HostFloats(shape.batch * D, dev);
+    s.d_pooled = HostFloats(shape.batch * D, dev);
+    s.head_sink = HostFloats(s.table.info(s.head_w).numel() + config.num_classes, dev);
+  } else {
+    s.d_pooled = HostFloats(out_rows * D, dev);
+  }
 }
 
 Model::~Model() = default;
 
 const ModelConfig& Model::config() const { return state_->config; }
-std::span<const std::int32_t> Model::positions() const { return state_->attention->positions(); }
-std::int64_t Model::local_len() const { return state_->attn_shape.local_len(); }
+std::span<const std::int32_t> Model::positions() const { return state_->input.positions; }
+std::int64_t Model::local_len() const { return state_->input.local_len; }
+std::int64_t Model::target_count() const {
+  return state_->encoder ? state_->seq.batch : state_->input.rows();
+}
 std::int64_t Model::steps_taken() const { return state_->steps; }
 double Model::last_grad_norm() const { return state_->grad_norm; }
 TargetCounts Model::last_targets() const { return state_->targets; }
 std::int64_t Model::num_parameters() const { return state_->params.count; }
-std::span<const ParameterInfo> Model::parameter_table() const { return state_->table; }
+std::span<const ParameterInfo> Model::parameter_table() const { return state_->table.infos(); }
 std::span<float> Model::parameters() { return state_->params.span(); }
 std::span<float> Model::gradients() { return state_->grads.span(); }
 
 std::span<float> Model::parameter(std::string_view name) {
-  const ParameterInfo& t = state_->find(name);
+  const ParameterInfo& t = state_->table.find(name);
   return parameters().subspan(static_cast<std::size_t>(t.offset), static_cast<std::size_t>(t.numel()));
 }
 
 std::span<float> Model::gradient(std::string_view name) {
-  const ParameterInfo& t = state_->find(name);
+  const ParameterInfo& t = state_->table.find(name);
   return gradients().subspan(static_cast<std::size_t>(t.offset), static_cast<std::size_t>(t.numel()));
 }
 
-double Model::forward_backward(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets) {
+double Model::forward(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets) {
   State& s = *state_;
-  const ModelConfig& c = s.config;
-  const std::int64_t R = s.rows, D = c.dim;
-  RINGCAST_CHECK(static_cast<std::int64_t>(tokens.size()) == R && static_cast<std::int64_t>(targets.size()) == R,
-                 "Model::forward_backward: tokens ({}) and targets ({}) must hold batch * local_len = {} ids",
-                 tokens.size(), targets.size(), R);
-  s.have_gradients = false;
-
-  // One all-reduce agrees on the target count (for the mean) and on whether any rank got an id out
-  // of range, so a bad batch fails on every rank before the first collective of the pass.
-  std::int64_t meta[2] = {0, 0};
-  for (std::int64_t i = 0; i < R; ++i) {
-    meta[0] += targets[i] >= 0;
-    meta[1] += tokens[i] < 0 || tokens[i] >= c.vocab || targets[i] >= c.vocab;
-  }
-  auto& comm = s.session.comm();
-  comm.all_reduce({meta, 2, DType::kI64}, {meta, 2, DType::kI64}, comm::ReduceOp::kSum);
-  RINGCAST_CHECK(meta[1] == 0, "Model::forward_backward: {} token or target ids outside [0, {}) (targets may be < 0)",
-                 meta[1], c.vocab);
-  RINGCAST_CHECK(meta[0] > 0, "Model::forward_backward: no targets >= 0 on any rank");
-
-  s.embed(tokens.data());
-  for (int l = 0; l < c.layers; ++l)
-    s.layer_forward(l, s.layer_in.data() + l * R * D, s.layer_in.data() + (l + 1) * R * D);
-
+  s.have_forward = s.have_gradients = false;
+  s.check_ids(tokens, targets);
+  s.tokens.assign(tokens.begin(), tokens.end());
+  const model::RunContext rc = s.run_context(true);
+  s.forward_layers(rc, tokens);
   s.grads.zero();
-  const float* hidden = s.layer_in.data() + c.layers * R * D;
-  const float* final_g = s.params.data() + s.index.final_norm;
-  kernels::rms_norm_forward({R, c.dim, c.norm_eps, hidden, final_g, s.final_norm_out.data()}, s.ctx);
-  kernels::CrossEntropyTotals totals;
-  kernels::LinearCrossEntropyParams ce;
-  ce.rows = R;
-  ce.dim = c.dim;
-  ce.vocab = c.vocab;
-  ce.chunk_rows = c.ce_chunk;
-  ce.loss_scale = static_cast<float>(1.0 / static_cast<double>(meta[0]));
-  ce.h = s.final_norm_out.data();
-  ce.w = s.params.data() + s.index.lm_head;
-  ce.targets = targets.data();
-  ce.totals = &totals;
-  s.d_xn.zero();
-  ce.d_h = s.d_xn.data();
-  ce.d_w = s.grads.data() + s.index.lm_head;
-  kernels::linear_cross_entropy(ce, s.ctx);
-  // The correct count rides along in the loss sum's all-reduce (exact in a double up to 2^53).
-  double sums[2] = {totals.loss_sum, static_cast<double>(totals.correct)};
-  comm.all_reduce({sums, 2, DType::kF64}, {sums, 2, DType::kF64}, comm::ReduceOp::kSum);
-  s.loss = sums[0] / static_cast<double>(meta[0]);
-  s.targets = {meta[0], static_cast<std::int64_t>(sums[1])};
-  // A non-finite loss (the same on every rank) has no gradient worth computing: step() refuses it.
-  if (!std::isfinite(s.loss)) {
-    s.have_gradients = true;
-    return s.loss;
-  }
-  s.d_x.zero();
-  kernels::rms_norm_backward({R, c.dim, c.norm_eps, hidden, final_g, s.d_xn.data(), s.d_x.data(),
-                              s.grads.data() + s.index.final_norm},
-                             s.ctx);
-
-  for (int l = c.layers - 1; l >= 0; --l) s.layer_backward(l, s.layer_in.data() + l * R * D);
-  kernels::embedding_backward({R, c.dim, c.vocab, tokens.data(), s.d_x.data(), s.grads.data() + s.index.embedding},
-                              s.ctx);
-
-  // Parameters are replicated: one bucketed sum makes every rank's gradient the global one.
-  comm.all_reduce({s.grads.data(), static_cast<std::size_t>(s.grads.count), DType::kF32},
-                  {s.grads.data(), static_cast<std::size_t>(s.grads.count), DType::kF32}, comm::ReduceOp::kSum);
-  s.have_gradients = true;
+  s.head(targets, true);
+  s.have_forward = true;
   return s.loss;
+}
+
+double Model::evaluate(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets) {
+  State& s = *state_;
+  s.have_forward = s.have_gradients = false;
+  s.check_ids(tokens, targets);
+  const model::RunContext rc = s.run_context(false);
+  s.forward_layers(rc, tokens);
+  return s.head(targets, false);
+}
+
+void Model::backward() {
+  State& s = *state_;
+  RINGCAST_CHECK(s.have_forward, "Model::backward: no training forward() to differentiate");
+  s.have_forward = false;
+  const ModelConfig& c = s.config;
+  // A non-finite loss (the same on every rank) has no gradient worth computing: step() refuses it.
+  if (std::isfinite(s.loss)) {
+    const model::RunContext rc = s.run_context(true);
+    float *d_out = s.d_a.data(), *d_in = s.d_b.data();
+    for (std::size_t l = s.layers.size(); l-- > 0;) {
+      s.layers[l]->backward(rc, s.activations.data() + s.in_offset[l], d_out, d_in);
+      std::swap(d_out, d_in);
+    }
+    kernels::embedding_backward({s.input.rows(), c.dim, c.vocab, s.tokens.data(), d_out,
+                                 s.grads.data() + s.table.info(s.embedding).offset},
+                                s.ctx);
+    // Parameters are replicated: one bucketed sum makes every rank's gradient the global one.
+    auto& comm = s.session.comm();
+    comm.all_reduce({s.grads.data(), static_cast<std::size_t>(s.grads.count), DType::kF32},
+                    {s.grads.data(), static_cast<std::size_t>(s.grads.count), DType::kF32}, comm::ReduceOp::kSum);
+  }
+  s.have_gradients = true;
 }
 
 void Model::step(const AdamWConfig& config) {
   State& s = *state_;
   const std::int64_t step = s.steps + 1;
-  RINGCAST_CHECK(s.have_gradients, "Model::step {}: no gradients (call forward_backward first)", step);
+  RINGCAST_CHECK(s.have_gradients, "Model::step {}: no gradients (call forward and backward first)", step);
   RINGCAST_CHECK(std::isfinite(s.loss), "Model::step {}: the loss is not finite ({})", step, s.loss);
   const std::int64_t total = s.grads.count;
   // The gradients are already global and identical on every rank, so is their norm: no all-reduce.
@@ -380,7 +407,7 @@ void Model::step(const AdamWConfig& config) {
   kernels::sum_of_squares(total, s.grads.data(), &sum_sq, s.ctx);
   const double norm = std::sqrt(sum_sq);
   if (!std::isfinite(norm)) {
-    for (const ParameterInfo& t : s.table) {
+    for (const ParameterInfo& t : s.table.infos()) {
       std::int32_t found = 0;
       kernels::find_non_finite(t.numel(), s.grads.data() + t.offset, &found, s.ctx);
       RINGCAST_CHECK(!found, "Model::step {}: non-finite gradient in '{}'", step, t.name);
@@ -397,22 +424,47 @@ void Model::step(const AdamWConfig& config) {
   p.beta1 = config.beta1;
   p.beta2 = config.beta2;
   p.eps = config.eps;
-  p.count = s.decayed;
+  p.count = s.table.decayed();
   p.weight_decay = config.weight_decay;
   p.param = s.params.data();
   p.grad = s.grads.data();
   p.m = s.adam_m.data();
   p.v = s.adam_v.data();
   kernels::adamw_step(p, s.ctx);
-  p.count = total - s.decayed;
+  const std::int64_t decayed = s.table.decayed();
+  p.count = total - decayed;
   p.weight_decay = 0.0f;
-  p.param += s.decayed;
-  p.grad += s.decayed;
-  p.m += s.decayed;
-  p.v += s.decayed;
+  p.param += decayed;
+  p.grad += decayed;
+  p.m += decayed;
+  p.v += decayed;
   kernels::adamw_step(p, s.ctx);
   s.steps = step;
   s.have_gradients = false;
+}
+
+void Model::save(const std::string& path, std::span<const std::byte> user_state) const {
+  const State& s = *state_;
+  model::CheckpointData data;
+  data.fingerprint = model::fingerprint(s.config, s.table);
+  data.steps = s.steps;
+  data.params = s.params.span();
+  data.adam_m = s.adam_m.span();
+  data.adam_v = s.adam_v.span();
+  data.user_state = user_state;
+  model::save_checkpoint(s.session, path, data);
+}
+
+std::vector<std::byte> Model::load(const std::string& path) {
+  State& s = *state_;
+  model::LoadedCheckpoint loaded =
+      model::load_checkpoint(s.session, path, model::fingerprint(s.config, s.table), s.params.count);
+  std::copy(loaded.params.begin(), loaded.params.end(), s.params.data());
+  std::copy(loaded.adam_m.begin(), loaded.adam_m.end(), s.adam_m.data());
+  std::copy(loaded.adam_v.begin(), loaded.adam_v.end(), s.adam_v.data());
+  s.steps = loaded.steps;
+  s.have_forward = s.have_gradients = false;
+  return std::move(loaded.user_state);
 }
 
 }  // namespace ringcast

@@ -1,14 +1,17 @@
-// ringcast::Model: a decoder-only (causal) transformer whose attention is the distributed operator,
-// trained data-parallel over nothing but the sequence: every rank holds the same fp32 parameters and
-// its n_loc = n / P rows of each sequence, in the operator's placement order (positions()).
-// Parameters live in one flat buffer (decayed tensors first, then the norm gains), gradients in a
-// matching one, so a step is one all-reduce and two AdamW calls. Only each layer's input is kept;
-// backward recomputes the layer. CPU backend only for now (the per-token layer kernels are host code).
+// ringcast::Model: a transformer whose attention is the distributed operator, trained data-parallel
+// over nothing but the sequence: every rank holds the same fp32 parameters and its n_loc = n / P rows
+// of each sequence, in the operator's placement order (positions()). A decoder (causal, LM head with a
+// chunked cross-entropy) or an encoder (bidirectional, mean-pooled classification head). The seed
+// methods are options of the stack: CAST through attention.clusters, CoLT5, Pyramidion and VCC
+// through their configs below (encoder stacks). Parameters live in one flat buffer (decayed tensors
+// first, then norm gains and the like), gradients in a matching one, so a step is one all-reduce and
+// two AdamW calls. Only each layer's input is kept; backward recomputes the layer. CPU backend.
 #pragma once
 
 #include <ringcast/attention_options.hpp>
 #include <ringcast/session.hpp>
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -18,7 +21,49 @@
 
 namespace ringcast {
 
+enum class ModelKind { kDecoder, kEncoder };
+
+// CoLT5 conditional computation (ALGORITHMS.md §3), per layer: FFN_light on every token plus
+// s̃·FFN_heavy on the top-m routed tokens; light window attention on `light_heads` heads plus heavy
+// attention of the top-q routed queries over the top-v routed keys/values on the others.
+struct Colt5Config {
+  bool enabled = false;
+  double ffn_fraction = 1.0 / 16;   // m = fraction · n (global, per sequence)
+  double query_fraction = 1.0 / 16; // q
+  double kv_fraction = 1.0 / 8;     // v
+  int light_heads = 0;              // 0: heads / 4
+  int window_radius = 127;          // light attention sees |i - j| <= radius
+  int light_ffn_hidden = 0;         // 0: ffn_hidden / 2
+  int heavy_ffn_hidden = 0;         // 0: ffn_hidden * 4
+  float epsilon = 1.0f;             // soft top-k
+  int iterations = 50;
+};
+
+// Pyramidion (ALGORITHMS.md §2): after layer i (pool_after[j] = i) a scorer and the successive-halving
+// soft top-k shrink the sequence to pool_to[j] tokens (global), rebalanced so that every rank keeps
+// pool_to[j] / P of them. Each target must halve the length a whole number of times.
+struct PyramidionConfig {
+  std::vector<int> pool_after;
+  std::vector<std::int64_t> pool_to;
+  float beta = 20.0f;
+};
+
+// VCC (ALGORITHMS.md §1): the first `vip_tokens` positions of each sequence are VIP tokens; from layer
+// `first_layer` on, every layer keeps the `fine_blocks` blocks of `block` tokens the VIP tokens attend
+// to most at full resolution and runs on block means (+log(block) logit bias) for the rest, then
+// broadcasts the coarse updates back to their tokens.
+struct VccConfig {
+  bool enabled = false;
+  int vip_tokens = 16;
+  int block = 16;
+  int fine_blocks = 8;
+  int first_layer = 0;
+  float explore_prob = 0.1f;  // training: a random block ranking instead of the VIP scores
+};
+
 struct ModelConfig {
+  ModelKind kind = ModelKind::kDecoder;
+  int num_classes = 0;  // encoders: the classification head's classes (> 0)
   int vocab = 256;
   int dim = 512;          // D, the residual stream
   int layers = 4;
@@ -31,6 +76,9 @@ struct ModelConfig {
   std::int64_t ce_chunk = 1024;  // rows of logits the LM head materialises at once
   std::uint64_t seed = 0;        // parameter initialisation, identical on every rank
   AttentionOptions attention;
+  Colt5Config colt5;
+  PyramidionConfig pyramidion;
+  VccConfig vcc;
 };
 
 // The sequences one forward_backward() sees: batch sequences of seq_len tokens (the global n).
@@ -44,13 +92,14 @@ struct AdamWConfig {
   float beta1 = 0.9f;
   float beta2 = 0.95f;
   float eps = 1e-8f;
-  float weight_decay = 0.1f;  // not applied to norm gains
+  float weight_decay = 0.1f;  // not applied to norm gains and biases
   float max_norm = 1.0f;      // global gradient-norm clip; <= 0 disables it
 };
 
 // One named tensor of the flat buffers: elements [offset, offset + rows * cols).
 struct ParameterInfo {
-  std::string name;  // "embedding", "layers.{i}.{attn_norm,wq,wk,wv,wo,ffn_norm,w1,w3,w2}", "final_norm", "lm_head"
+  std::string name;  // "embedding", "layers.{i}.{attn_norm,wq,wk,wv,wo,ffn_norm,w1,w3,w2}", "final_norm",
+                     // "lm_head" (decoder) or "classifier", "classifier_bias" (encoder), and the options' own
   std::int64_t offset = 0;
   std::int64_t rows = 0;
   std::int64_t cols = 0;
@@ -79,12 +128,26 @@ class Model {
   std::span<const std::int32_t> positions() const;
   std::int64_t local_len() const;
 
-  // Collective. tokens and targets are [batch, local_len()] of this rank (positions() order);
-  // targets < 0 are ignored. Writes the gradient of the global mean loss over every rank's counted
-  // targets, summed over ranks (so identical everywhere), and returns that global mean loss.
-  double forward_backward(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets);
-  // The target counts of the latest forward_backward() (identical on every rank).
+  // Collective. tokens are [batch, local_len()] of this rank (positions() order). Decoder: targets
+  // are [batch, local_len()], < 0 ignored, and the loss is the mean over every rank's counted targets.
+  // Encoder: targets are the [batch] class labels (the same on every rank), the loss their mean
+  // cross-entropy. forward() returns that global loss (identical on every rank) and keeps what
+  // backward() needs; backward() writes the gradient of that loss, summed over ranks.
+  double forward(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets);
+  void backward();
+  double forward_backward(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets) {
+    const double loss = forward(tokens, targets);
+    backward();
+    return loss;
+  }
+  // Collective. A forward-only pass (evaluation: no gradients, no randomness, nothing kept for
+  // backward()); returns the loss as forward() would and sets last_targets().
+  double evaluate(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets);
+  // The target counts of the latest forward() or evaluate() (identical on every rank): counted tokens (decoder) or
+  // sequences (encoder), and how many the argmax got right (lowest index on ties).
   TargetCounts last_targets() const;
+  // The number of ids targets must hold: batch * local_len() (decoder) or batch (encoder).
+  std::int64_t target_count() const;
 
   // One optimizer step on the gradients of the latest forward_backward(): global-norm clipping,
   // then AdamW. Throws Error naming the step (and the first tensor with a non-finite gradient) when
@@ -102,6 +165,15 @@ class Model {
   // One tensor of the flat buffers; throws Error on an unknown name.
   std::span<float> parameter(std::string_view name);
   std::span<float> gradient(std::string_view name);
+
+  // Collective. Writes parameters, optimizer state, the step count and `user_state` (the trainer's
+  // data position, RNG state...) to `path` from rank 0, atomically: a temporary file in the same
+  // folder, fsync, rename, fsync of the folder, so a crash leaves the old file or the new one.
+  void save(const std::string& path, std::span<const std::byte> user_state = {}) const;
+  // Collective. Rank 0 reads and checks the file (magic, version, the model configuration it was
+  // written for, size, checksum) and broadcasts it; a missing, truncated, corrupt or mismatched file
+  // throws Error on every rank. Returns the user state it was saved with.
+  std::vector<std::byte> load(const std::string& path);
 
  private:
   struct State;

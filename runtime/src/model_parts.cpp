@@ -1,0 +1,62 @@
+// ParameterTable layout and the shared Scratch buffers of the model stack (model_parts.hpp).
+#include "model_parts.hpp"
+
+#include <ringcast/error.hpp>
+
+namespace ringcast::model {
+
+ParamRef ParameterTable::add(std::string name, std::int64_t rows, std::int64_t cols, bool decay, Init init) {
+  RINGCAST_CHECK(!final_, "ParameterTable: '{}' declared after the table was laid out", name);
+  RINGCAST_CHECK(rows > 0 && cols > 0, "ParameterTable: '{}' has shape [{}, {}]", name, rows, cols);
+  for (const ParameterInfo& t : infos_) RINGCAST_CHECK(t.name != name, "ParameterTable: '{}' declared twice", name);
+  infos_.push_back({std::move(name), -1, rows, cols, decay});
+  inits_.push_back(init);
+  return {static_cast<std::int32_t>(infos_.size() - 1)};
+}
+
+void ParameterTable::finalize() {
+  RINGCAST_CHECK(!final_, "ParameterTable: laid out twice");
+  std::int64_t offset = 0;
+  for (const bool decay : {true, false}) {
+    for (ParameterInfo& t : infos_) {
+      if (t.decay != decay) continue;
+      t.offset = offset;
+      offset += t.numel();
+    }
+    if (decay) decayed_ = offset;
+  }
+  total_ = offset;
+  final_ = true;
+}
+
+const ParameterInfo& ParameterTable::find(std::string_view name) const {
+  for (const ParameterInfo& t : infos_)
+    if (t.name == name) return t;
+  RINGCAST_THROW("Model: no parameter named '{}'", name);
+}
+
+void Scratch::reserve(const std::string& key, std::int64_t floats) {
+  RINGCAST_CHECK(buffers_.empty(), "Scratch: '{}' reserved after binding", key);
+  std::int64_t& size = sizes_[key];
+  size = std::max(size, floats);
+}
+
+void Scratch::bind(const Device& device) {
+  RINGCAST_CHECK(buffers_.empty(), "Scratch: bound twice");
+  for (const auto& [key, floats] : sizes_)
+    buffers_.emplace(key, DeviceBuffer(static_cast<std::size_t>(std::max<std::int64_t>(floats, 1)) * sizeof(float), device));
+}
+
+float* Scratch::get(std::string_view key) const {
+  const auto it = buffers_.find(key);
+  RINGCAST_CHECK(it != buffers_.end(), "Scratch: no buffer '{}' (reserve it while building, bind before use)", key);
+  return it->second.as<float>();
+}
+
+std::int64_t Scratch::floats(std::string_view key) const {
+  const auto it = sizes_.find(key);
+  RINGCAST_CHECK(it != sizes_.end(), "Scratch: no buffer '{}'", key);
+  return it->second;
+}
+
+}  // namespace ringcast::model

@@ -1,0 +1,116 @@
+// The pieces the model stack is assembled from (runtime-internal). A Layer maps the residual stream
+// of one geometry to the next (a pre-norm block, a VCC block, a Pyramidion pooling stage); a Mixer is
+// one residual branch of a block (attention, FFN) and adds f(x) into its output. Parameters are
+// declared while the stack is built (ParameterTable), scratch is reserved per key and shared by every
+// layer (only layer inputs are kept: backward recomputes each layer right before differentiating it),
+// and both are bound to memory once, before the first pass. Activations are [rows, D] fp32 host
+// matrices, rows = batch * local_len in the geometry's row order.
+#pragma once
+
+#include <ringcast/kernels/attention.hpp>
+#include <ringcast/memory.hpp>
+#include <ringcast/model.hpp>
+#include <ringcast/session.hpp>
+
+#include <cstdint>
+#include <map>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace ringcast::model {
+
+// How a tensor starts: U(±1/sqrt(cols)) (PyTorch's Linear default), U(±1), ones, zeros.
+enum class Init { kFanIn, kUnit, kOnes, kZeros };
+
+// A declared tensor; resolves to pointers once the table is bound to the flat buffers.
+struct ParamRef {
+  std::int32_t index = -1;
+};
+
+// Names are unique. finalize() lays the tensors out decayed first (in declaration order), then the
+// rest, so AdamW covers each group with one contiguous call.
+class ParameterTable {
+ public:
+  ParamRef add(std::string name, std::int64_t rows, std::int64_t cols, bool decay, Init init);
+  void finalize();
+  std::int64_t total() const { return total_; }
+  std::int64_t decayed() const { return decayed_; }
+  // In declaration order; offsets are valid after finalize().
+  const std::vector<ParameterInfo>& infos() const { return infos_; }
+  const ParameterInfo& info(ParamRef r) const { return infos_[static_cast<std::size_t>(r.index)]; }
+  Init init(std::size_t index) const { return inits_[index]; }
+  const ParameterInfo& find(std::string_view name) const;  // throws Error on an unknown name
+
+ private:
+  std::vector<ParameterInfo> infos_;
+  std::vector<Init> inits_;
+  std::int64_t total_ = 0, decayed_ = 0;
+  bool final_ = false;
+};
+
+// Named host buffers shared by every layer: reserve() while building (the largest request per key
+// wins), bind() once, get() at run time. A pointer from get() stays valid for the model's lifetime.
+class Scratch {
+ public:
+  void reserve(const std::string& key, std::int64_t floats);
+  void bind(const Device& device);
+  float* get(std::string_view key) const;  // throws Error for a key never reserved
+  std::int64_t floats(std::string_view key) const;
+
+ private:
+  std::map<std::string, std::int64_t, std::less<>> sizes_;
+  std::map<std::string, DeviceBuffer, std::less<>> buffers_;
+};
+
+// The rows a layer works on: batch sequences of seq_len tokens (global), local_len of them on this
+// rank, at the global positions `positions` (RoPE; the same for every batch element). Pooling stages
+// change seq_len and positions between layers.
+struct Geometry {
+  int batch = 1;
+  std::int64_t seq_len = 0;
+  std::int64_t local_len = 0;
+  bool causal = true;
+  std::vector<std::int32_t> positions;  // [local_len]
+  std::int64_t rows() const { return std::int64_t{batch} * local_len; }
+};
+
+// What a pass needs besides its inputs: the session, the parameter and gradient buffers, scratch.
+struct RunContext {
+  const Session& session;
+  kernels::ExecContext exec;
+  const ParameterTable& table;
+  const float* params;
+  float* grads;
+  const Scratch& scratch;
+  std::uint64_t step;  // the optimizer step this pass belongs to (seeds per-step randomness)
+  bool training;       // false for forward-only passes (evaluation)
+
+  const float* p(ParamRef r) const { return params + table.info(r).offset; }
+  float* g(ParamRef r) const { return grads + table.info(r).offset; }
+};
+
+// One residual branch: forward adds f(x) into y; backward, after a forward on the same x (nothing
+// else may run in between but the other branch of the same block), adds (∂f/∂x)ᵀ dy into dx and the
+// parameter gradients into rc.grads. x, y, dx, dy are [rows, D] of the block's geometry.
+class Mixer {
+ public:
+  virtual ~Mixer() = default;
+  virtual void forward(const RunContext& rc, const float* x, float* y) = 0;
+  virtual void backward(const RunContext& rc, const float* x, const float* dy, float* dx) = 0;
+};
+
+// One step of the stack: out = f(in), in [in_geometry rows, D], out [out_geometry rows, D].
+// backward recomputes from `in` and writes d_in = (∂out/∂in)ᵀ d_out (overwriting), adding parameter
+// gradients into rc.grads. Collective wherever the layer communicates: every rank calls alike.
+class Layer {
+ public:
+  virtual ~Layer() = default;
+  virtual const Geometry& in_geometry() const = 0;
+  virtual const Geometry& out_geometry() const = 0;
+  virtual void forward(const RunContext& rc, const float* in, float* out) = 0;
+  virtual void backward(const RunContext& rc, const float* in, const float* d_out, float* d_in) = 0;
+};
+
+}  // namespace ringcast::model
