@@ -3,6 +3,8 @@
 
 #include <ringcast/error.hpp>
 
+#include <algorithm>
+
 namespace ringcast::model {
 
 ParamRef ParameterTable::add(std::string name, std::int64_t rows, std::int64_t cols, bool decay, Init init) {
@@ -11,6 +13,7 @@ ParamRef ParameterTable::add(std::string name, std::int64_t rows, std::int64_t c
   for (const ParameterInfo& t : infos_) RINGCAST_CHECK(t.name != name, "ParameterTable: '{}' declared twice", name);
   infos_.push_back({std::move(name), -1, rows, cols, decay});
   inits_.push_back(init);
+  slot_.push_back(static_cast<std::int32_t>(slot_.size()));
   return {static_cast<std::int32_t>(infos_.size() - 1)};
 }
 
@@ -26,6 +29,19 @@ void ParameterTable::finalize() {
     if (decay) decayed_ = offset;
   }
   total_ = offset;
+  // Reorder into layout order; slot_ keeps every ParamRef pointing at its tensor.
+  std::vector<std::int32_t> order(infos_.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<std::int32_t>(i);
+  std::sort(order.begin(), order.end(), [&](std::int32_t a, std::int32_t b) { return infos_[a].offset < infos_[b].offset; });
+  std::vector<ParameterInfo> infos;
+  std::vector<Init> inits;
+  for (std::size_t i = 0; i < order.size(); ++i) {
+    infos.push_back(std::move(infos_[static_cast<std::size_t>(order[i])]));
+    inits.push_back(inits_[static_cast<std::size_t>(order[i])]);
+    slot_[static_cast<std::size_t>(order[i])] = static_cast<std::int32_t>(i);
+  }
+  infos_ = std::move(infos);
+  inits_ = std::move(inits);
   final_ = true;
 }
 

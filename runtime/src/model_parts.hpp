@@ -30,22 +30,25 @@ struct ParamRef {
 };
 
 // Names are unique. finalize() lays the tensors out decayed first (in declaration order), then the
-// rest, so AdamW covers each group with one contiguous call.
+// rest, so AdamW covers each group with one contiguous call; infos() is then in layout order.
 class ParameterTable {
  public:
   ParamRef add(std::string name, std::int64_t rows, std::int64_t cols, bool decay, Init init);
   void finalize();
   std::int64_t total() const { return total_; }
   std::int64_t decayed() const { return decayed_; }
-  // In declaration order; offsets are valid after finalize().
+  // In layout order once finalized.
   const std::vector<ParameterInfo>& infos() const { return infos_; }
-  const ParameterInfo& info(ParamRef r) const { return infos_[static_cast<std::size_t>(r.index)]; }
-  Init init(std::size_t index) const { return inits_[index]; }
+  const ParameterInfo& info(ParamRef r) const {
+    return infos_[static_cast<std::size_t>(slot_[static_cast<std::size_t>(r.index)])];
+  }
+  Init init(std::size_t index) const { return inits_[index]; }  // of infos()[index]
   const ParameterInfo& find(std::string_view name) const;  // throws Error on an unknown name
 
  private:
   std::vector<ParameterInfo> infos_;
   std::vector<Init> inits_;
+  std::vector<std::int32_t> slot_;  // ParamRef::index -> index into infos_
   std::int64_t total_ = 0, decayed_ = 0;
   bool final_ = false;
 };

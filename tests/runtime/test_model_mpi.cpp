@@ -1,9 +1,9 @@
-// The decoder-only model on the CPU backend over 1, 2 and 4 ranks: its loss and all-reduced
-// gradients against a float64 whole-sequence reference model (same parameters, naive causal
-// attention) and its central finite differences; loss trajectories under AdamW equal to a
+// The model (decoder and encoder) on the CPU backend over 1, 2 and 4 ranks: its loss and all-reduced
+// gradients against a float64 whole-sequence reference model (same parameters, naive attention)
+// and its central finite differences; loss trajectories under AdamW equal to a
 // single-process run (ring and ulysses); a memorisable sequence being learnt; non-finite values
 // stopping the step on every rank. Every rank builds the same global tokens and takes its rows.
-#include "naive_attention.hpp"
+#include "reference_model.hpp"
 #include "test_util.hpp"
 
 #include <ringcast/error.hpp>
@@ -22,7 +22,8 @@
 namespace ringcast {
 namespace {
 
-using Params = std::map<std::string, test::Vec>;
+using test::Params;
+using test::parameters_of;
 
 int world_size() {
   int p = 1;
@@ -55,97 +56,6 @@ std::vector<std::int32_t> local_rows(const std::vector<std::int32_t>& global, in
   for (int bi = 0; bi < batch; ++bi)
     for (const std::int32_t p : pos) out.push_back(global[static_cast<std::size_t>(bi * n + p)]);
   return out;
-}
-
-// --- The float64 reference: the same architecture on whole sequences. ---
-void ref_linear(const test::Vec& x, const test::Vec& w, std::int64_t rows, int in, int out, test::Vec& y) {
-  y.assign(static_cast<std::size_t>(rows * out), 0.0);
-  for (std::int64_t r = 0; r < rows; ++r)
-    for (int o = 0; o < out; ++o) {
-      double s = 0;
-      for (int i = 0; i < in; ++i) s += x[r * in + i] * w[static_cast<std::size_t>(o) * in + i];
-      y[r * out + o] = s;
-    }
-}
-
-test::Vec ref_rms(const test::Vec& x, const test::Vec& g, std::int64_t rows, int dim, double eps) {
-  test::Vec y(x.size());
-  for (std::int64_t r = 0; r < rows; ++r) {
-    double ss = 0;
-    for (int i = 0; i < dim; ++i) ss += x[r * dim + i] * x[r * dim + i];
-    const double inv = 1.0 / std::sqrt(ss / dim + eps);
-    for (int i = 0; i < dim; ++i) y[r * dim + i] = x[r * dim + i] * inv * g[i];
-  }
-  return y;
-}
-
-void ref_rope(test::Vec& x, int batch, std::int64_t n, int heads, int d, double theta) {
-  const int half = d / 2;
-  for (int bi = 0; bi < batch; ++bi)
-    for (std::int64_t t = 0; t < n; ++t)
-      for (int h = 0; h < heads; ++h) {
-        double* row = &x[static_cast<std::size_t>(((bi * n + t) * heads + h) * d)];
-        for (int i = 0; i < half; ++i) {
-          const double ang = static_cast<double>(t) * std::pow(theta, -2.0 * i / d);
-          const double c = std::cos(ang), s = std::sin(ang), a = row[i], b = row[i + half];
-          row[i] = a * c - b * s;
-          row[i + half] = b * c + a * s;
-        }
-      }
-}
-
-double reference_loss(const ModelConfig& c, const Params& p, int batch, std::int64_t n, const Batch& data) {
-  const std::int64_t R = batch * n;
-  const int D = c.dim, F = c.ffn_hidden, qd = c.heads * c.head_dim, kd = c.kv_heads * c.head_dim;
-  test::Vec x(static_cast<std::size_t>(R * D));
-  const test::Vec& emb = p.at("embedding");
-  for (std::int64_t r = 0; r < R; ++r)
-    for (int i = 0; i < D; ++i) x[r * D + i] = emb[static_cast<std::size_t>(data.tokens[r]) * D + i];
-  test::Vec q, k, v, proj, a, b;
-  for (int l = 0; l < c.layers; ++l) {
-    const std::string pre = "layers." + std::to_string(l) + ".";
-    const test::Vec xn = ref_rms(x, p.at(pre + "attn_norm"), R, D, c.norm_eps);
-    ref_linear(xn, p.at(pre + "wq"), R, D, qd, q);
-    ref_linear(xn, p.at(pre + "wk"), R, D, kd, k);
-    ref_linear(xn, p.at(pre + "wv"), R, D, kd, v);
-    ref_rope(q, batch, n, c.heads, c.head_dim, c.rope_theta);
-    ref_rope(k, batch, n, c.kv_heads, c.head_dim, c.rope_theta);
-    const test::NaiveShape ns{batch, n, c.heads, c.kv_heads, c.head_dim, true};
-    const test::NaiveResult att = test::naive_attention(ns, q, k, v);
-    ref_linear(att.o, p.at(pre + "wo"), R, qd, D, proj);
-    for (std::size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
-    const test::Vec xn2 = ref_rms(x, p.at(pre + "ffn_norm"), R, D, c.norm_eps);
-    ref_linear(xn2, p.at(pre + "w1"), R, D, F, a);
-    ref_linear(xn2, p.at(pre + "w3"), R, D, F, b);
-    for (std::size_t i = 0; i < a.size(); ++i) a[i] = a[i] / (1.0 + std::exp(-a[i])) * b[i];
-    ref_linear(a, p.at(pre + "w2"), R, F, D, proj);
-    for (std::size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
-  }
-  const test::Vec hn = ref_rms(x, p.at("final_norm"), R, D, c.norm_eps);
-  test::Vec logits;
-  ref_linear(hn, p.at("lm_head"), R, D, c.vocab, logits);
-  double sum = 0;
-  std::int64_t count = 0;
-  for (std::int64_t r = 0; r < R; ++r) {
-    if (data.targets[r] < 0) continue;
-    const double* z = &logits[static_cast<std::size_t>(r * c.vocab)];
-    double m = z[0];
-    for (int j = 1; j < c.vocab; ++j) m = std::max(m, z[j]);
-    double se = 0;
-    for (int j = 0; j < c.vocab; ++j) se += std::exp(z[j] - m);
-    sum += m + std::log(se) - z[data.targets[r]];
-    ++count;
-  }
-  return sum / static_cast<double>(count);
-}
-
-Params parameters_of(Model& model) {
-  Params p;
-  for (const ParameterInfo& t : model.parameter_table()) {
-    const auto s = model.parameter(t.name);
-    p[t.name] = test::Vec(s.begin(), s.end());
-  }
-  return p;
 }
 
 // A tiny model: D and F not powers of two, GQA, LM head chunks that do not divide the rows.
@@ -190,17 +100,16 @@ TEST(Model, ParameterTableIsOneFlatBuffer) {
 
 // Loss and every tensor's gradient (a few elements each) against the float64 reference. The
 // finite differences are spread over the ranks and summed, so the test costs the same at any P.
-TEST(Model, GradientsMatchFiniteDifferencesOfTheFloat64Reference) {
+// targets: [batch, n] (decoder; this rank's rows are taken) or the [batch] labels (encoder).
+void expect_gradients_match_reference(const ModelConfig& c, int batch, std::int64_t n,
+                                      const std::vector<std::int32_t>& tokens, const std::vector<std::int32_t>& targets) {
   Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
-  const ModelConfig c = tiny_config(AttentionMode::kRing, 2, 1);
-  const int batch = 2;
-  const std::int64_t n = 192;
   Model model(session, c, {n, batch});
-  const Batch data = make_batch(c.vocab, batch, n, 77);
-  const double loss = model.forward_backward(local_rows(data.tokens, batch, n, model.positions()),
-                                             local_rows(data.targets, batch, n, model.positions()));
+  const bool encoder = c.kind == ModelKind::kEncoder;
+  const double loss = model.forward_backward(local_rows(tokens, batch, n, model.positions()),
+                                             encoder ? targets : local_rows(targets, batch, n, model.positions()));
   Params ref = parameters_of(model);
-  const double ref_loss = reference_loss(c, ref, batch, n, data);
+  const double ref_loss = test::reference_loss(c, ref, batch, n, tokens, targets);
   const double loss_err = std::abs(loss - ref_loss) / ref_loss;
   std::printf("    loss %.8f, reference %.8f, relative error %.2e\n", loss, ref_loss, loss_err);
   EXPECT_LE(loss_err, 1e-5);
@@ -221,9 +130,9 @@ TEST(Model, GradientsMatchFiniteDifferencesOfTheFloat64Reference) {
     double& x = ref[table[e / kPerTensor].name][static_cast<std::size_t>(element[e])];
     const double x0 = x;
     x = x0 + kStep;
-    const double up = reference_loss(c, ref, batch, n, data);
+    const double up = test::reference_loss(c, ref, batch, n, tokens, targets);
     x = x0 - kStep;
-    const double down = reference_loss(c, ref, batch, n, data);
+    const double down = test::reference_loss(c, ref, batch, n, tokens, targets);
     x = x0;
     fd[e] = (up - down) / (2 * kStep);
   }
@@ -241,8 +150,29 @@ TEST(Model, GradientsMatchFiniteDifferencesOfTheFloat64Reference) {
   }
 }
 
+TEST(Model, GradientsMatchFiniteDifferencesOfTheFloat64Reference) {
+  const ModelConfig c = tiny_config(AttentionMode::kRing, 2, 1);
+  const Batch data = make_batch(c.vocab, 2, 192, 77);
+  expect_gradients_match_reference(c, 2, 192, data.tokens, data.targets);
+}
+
+// The encoder: bidirectional attention, mean pooling over every rank's rows, the classifier.
+ModelConfig tiny_encoder(AttentionMode mode) {
+  ModelConfig c = tiny_config(mode, 4, 2);
+  c.kind = ModelKind::kEncoder;
+  c.num_classes = 5;
+  return c;
+}
+
+TEST(Model, EncoderGradientsMatchFiniteDifferencesOfTheFloat64Reference) {
+  const ModelConfig c = tiny_encoder(AttentionMode::kAllGather);
+  const int batch = 3;
+  const Batch data = make_batch(c.vocab, batch, 192, 78);
+  expect_gradients_match_reference(c, batch, 192, data.tokens, {4, 0, 2});
+}
+
 // The loss trajectory under AdamW over P ranks equals a single-process run of the same model.
-class Trajectory : public ::testing::TestWithParam<std::tuple<AttentionMode, int, int>> {};
+class Trajectory : public ::testing::TestWithParam<std::tuple<AttentionMode, int, int, ModelKind>> {};
 
 std::vector<double> train(const Session& session, const ModelConfig& c, int batch, std::int64_t n, int steps) {
   Model model(session, c, {n, batch});
@@ -252,8 +182,11 @@ std::vector<double> train(const Session& session, const ModelConfig& c, int batc
   std::vector<double> losses;
   for (int s = 0; s < steps; ++s) {
     const Batch data = make_batch(c.vocab, batch, n, 100 + s);
-    losses.push_back(model.forward_backward(local_rows(data.tokens, batch, n, model.positions()),
-                                            local_rows(data.targets, batch, n, model.positions())));
+    std::vector<std::int32_t> labels;
+    for (int b = 0; b < batch; ++b) labels.push_back((s + 3 * b) % std::max(1, c.num_classes));
+    losses.push_back(model.forward_backward(
+        local_rows(data.tokens, batch, n, model.positions()),
+        c.kind == ModelKind::kEncoder ? labels : local_rows(data.targets, batch, n, model.positions())));
     model.step(opt);
   }
   EXPECT_EQ(model.steps_taken(), steps);
@@ -261,8 +194,9 @@ std::vector<double> train(const Session& session, const ModelConfig& c, int batc
 }
 
 TEST_P(Trajectory, EqualsTheSingleProcessRun) {
-  const auto [mode, heads, kv_heads] = GetParam();
-  const ModelConfig c = tiny_config(mode, heads, kv_heads);
+  const auto [mode, heads, kv_heads, kind] = GetParam();
+  ModelConfig c = tiny_config(mode, heads, kv_heads);
+  if (kind == ModelKind::kEncoder) c = tiny_encoder(mode);
   const int batch = 2;
   const std::int64_t n = 256;  // divisible by 2P (zigzag) at P = 4
   Session world = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
@@ -278,9 +212,13 @@ TEST_P(Trajectory, EqualsTheSingleProcessRun) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, Trajectory,
-                         ::testing::Values(std::make_tuple(AttentionMode::kRing, 4, 2),
-                                           std::make_tuple(AttentionMode::kUlysses, 4, 4)),
-                         [](const auto& info) { return std::string(name(std::get<0>(info.param))); });
+                         ::testing::Values(std::make_tuple(AttentionMode::kRing, 4, 2, ModelKind::kDecoder),
+                                           std::make_tuple(AttentionMode::kUlysses, 4, 4, ModelKind::kDecoder),
+                                           std::make_tuple(AttentionMode::kRing, 4, 2, ModelKind::kEncoder)),
+                         [](const auto& info) {
+                           return std::string(name(std::get<0>(info.param))) +
+                                  (std::get<3>(info.param) == ModelKind::kEncoder ? "_encoder" : "_decoder");
+                         });
 
 TEST(Model, LearnsAMemorisableSequence) {
   Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
