@@ -1,11 +1,14 @@
-// `ringcast train`: trains the decoder (ringcast::Model, CPU backend) on associative recall or on a
-// file's bytes, sharded over the ranks by sequence. Every rank builds the same global batches and keeps
-// its rows (data.hpp). Rank 0 prints a progress line every --log-every steps and a summary table;
-// --output writes one row per step. Step times and peak memory are the maximum over ranks; evaluation
-// (a fixed held-out set, outside the step timing) runs forward_backward and discards the gradients,
-// since the model has no forward-only pass.
+// `ringcast train`: trains a ringcast::Model (CPU backend) sharded over the ranks by sequence: a
+// decoder on associative recall, needle retrieval or a file's bytes, or an encoder with a
+// classification head on ListOps or prefix retrieval, with the seed methods as options. Every rank
+// builds the same global batches and keeps its rows (data.hpp). Rank 0 prints a progress line every
+// --log-every steps and a summary table; --output writes one row per step. Step times and peak memory
+// are the maximum over ranks; evaluation (a fixed held-out set, forward only) is outside the timing.
+// --checkpoint writes the model, the optimizer and the data position every --checkpoint-every steps
+// and at the end; --resume continues from such a file bit-exactly (the same losses as one long run).
 #include "commands.hpp"
 #include "layer_options.hpp"
+#include "model_options.hpp"
 #include "report.hpp"
 
 #include <ringcast/data.hpp>
@@ -20,6 +23,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <numbers>
 #include <numeric>
@@ -38,7 +42,62 @@ struct TrainOptions {
   int log_every = 0;
   std::string task;
   std::string data;
+  int listops_depth = 0, listops_args = 0, prefix = 0;
+  std::string checkpoint;  // "{step}" in the name is replaced by the step
+  int checkpoint_every = 0;
+  std::string resume;
 };
+
+bool classification_task(const std::string& task) { return task == "listops" || task == "prefix-recall"; }
+
+// What a checkpoint carries besides the model: enough to refuse a resume with other data. The data
+// position is the model's step count (batch i uses sequences i * batch, ...), so nothing else moves.
+struct TrainerState {
+  static constexpr std::uint32_t kVersion = 1;
+  std::uint32_t version = kVersion;
+  std::int32_t batch = 0;
+  std::int64_t seq_len = 0;
+  std::int64_t steps = 0;
+  std::uint64_t seed = 0;
+  char task[24] = {};
+  char data[232] = {};  // the --data path's last 231 bytes
+
+  static TrainerState of(const TrainOptions& t, const SequenceShape& shape, std::uint64_t seed) {
+    TrainerState s;
+    s.batch = shape.batch;
+    s.seq_len = shape.seq_len;
+    s.steps = t.steps;
+    s.seed = seed;
+    std::strncpy(s.task, t.task.c_str(), sizeof(s.task) - 1);
+    const std::size_t keep = std::min(t.data.size(), sizeof(s.data) - 1);
+    std::memcpy(s.data, t.data.data() + t.data.size() - keep, keep);
+    return s;
+  }
+  std::span<const std::byte> bytes() const { return std::as_bytes(std::span<const TrainerState>(this, 1)); }
+};
+
+std::string checkpoint_path(const std::string& pattern, std::int64_t step) {
+  const auto at = pattern.find("{step}");
+  return at == std::string::npos ? pattern
+                                 : pattern.substr(0, at) + fmt::format("{:06d}", step) + pattern.substr(at + 6);
+}
+
+// The checkpoint's trainer state must describe this run; the user state of the file is identical on
+// every rank (broadcast by load), so every rank decides alike.
+void check_resumable(const std::vector<std::byte>& saved, const TrainerState& now, const std::string& path) {
+  TrainerState was;
+  if (saved.size() != sizeof(TrainerState) || (std::memcpy(&was, saved.data(), sizeof was), was.version != now.version))
+    throw UsageError(fmt::format("--resume {}: not a checkpoint of `ringcast train` (or of another version)", path));
+  const auto differs = [&](const char* what, auto a, auto b) {
+    if (a != b) throw UsageError(fmt::format("--resume {}: written with {} {}, this run has {}", path, what, a, b));
+  };
+  differs("--task", std::string(was.task), std::string(now.task));
+  differs("--data", std::string(was.data), std::string(now.data));
+  differs("--seq-len", was.seq_len, now.seq_len);
+  differs("--batch", was.batch, now.batch);
+  differs("--seed", was.seed, now.seed);
+  differs("--steps", was.steps, now.steps);
+}
 
 // Linear warm-up to the peak rate, then a cosine down to min_lr at the last step (a run no longer
 // than its warm-up never leaves it).
@@ -58,11 +117,17 @@ struct Datasets {
 Datasets make_datasets(const TrainOptions& t, std::uint64_t seed, std::int64_t seq_len) {
   constexpr std::uint64_t kHeldOutSeed = 0x5eed0f4e1d0ull;
   Datasets d;
-  if (t.task == "recall") {
-    d.train = std::make_unique<RecallDataset>(seed);
-    if (t.eval_every > 0) d.held_out = std::make_unique<RecallDataset>(seed ^ kHeldOutSeed);
-    return d;
-  }
+  const auto synthetic = [&](auto make) {
+    d.train = make(seed);
+    if (t.eval_every > 0) d.held_out = make(seed ^ kHeldOutSeed);
+    return std::move(d);
+  };
+  if (t.task == "recall") return synthetic([](std::uint64_t s) { return std::make_unique<RecallDataset>(s); });
+  if (t.task == "needle") return synthetic([](std::uint64_t s) { return std::make_unique<NeedleDataset>(s); });
+  if (t.task == "listops")
+    return synthetic([&](std::uint64_t s) { return std::make_unique<ListOpsDataset>(s, t.listops_depth, t.listops_args); });
+  if (t.task == "prefix-recall")
+    return synthetic([&](std::uint64_t s) { return std::make_unique<PrefixRecallDataset>(s, t.prefix); });
   std::shared_ptr<const std::vector<std::uint8_t>> bytes;
   try {
     bytes = read_file_bytes(t.data);
@@ -91,7 +156,7 @@ Evaluation evaluate(Model& model, const Dataset& held_out, const TrainOptions& t
   for (int e = 0; e < t.eval_batches; ++e) {
     local_batch(held_out, static_cast<std::uint64_t>(e) * shape.batch, shape.batch, shape.seq_len, model.positions(),
                 batch);
-    const double loss = model.forward_backward(batch.tokens, batch.targets);
+    const double loss = model.evaluate(batch.tokens, batch.targets);
     const TargetCounts c = model.last_targets();
     loss_sum += loss * static_cast<double>(c.count);
     total.count += c.count;
@@ -110,37 +175,37 @@ int train_command(const CommandLine& cmd) {
   po::options_description desc("ringcast train options");
   add_common_options(desc);
   add_model_layer_options(desc, /*default_seq_len=*/1024, /*default_heads=*/4, /*default_head_dim=*/64);
+  add_model_options(desc);
   desc.add_options()
       ("steps", po::value<int>()->default_value(200), "optimizer steps")
-      ("dim", po::value<int>()->default_value(256), "D: the residual stream width")
-      ("layers", po::value<int>()->default_value(2), "decoder blocks")
-      ("ffn-hidden", po::value<int>()->default_value(768), "F: the SwiGLU FFN's hidden width")
       ("lr", po::value<float>()->default_value(1e-3f), "peak learning rate (after warm-up)")
       ("warmup-steps", po::value<int>()->default_value(20), "linear warm-up steps")
       ("min-lr", po::value<float>()->default_value(1e-4f), "learning rate the cosine decay ends at")
       ("weight-decay", po::value<float>()->default_value(0.1f), "AdamW decoupled weight decay (not on norm gains)")
       ("max-norm", po::value<float>()->default_value(1.0f), "global gradient-norm clip (<= 0: none)")
-      ("seed", po::value<std::uint64_t>()->default_value(0), "parameters and training data")
-      ("task", po::value<std::string>()->default_value("recall"), "recall (synthetic associative recall)|bytes")
+      ("task", po::value<std::string>()->default_value("recall"),
+       "decoder: recall|needle|bytes; encoder (classification): listops|prefix-recall")
       ("data", po::value<std::string>(), "bytes: the file to model, byte by byte")
+      ("listops-depth", po::value<int>()->default_value(2), "listops: deepest nesting")
+      ("listops-args", po::value<int>()->default_value(6), "listops: most arguments per operator")
+      ("prefix", po::value<int>()->default_value(8), "prefix-recall: tokens of the question prefix")
       ("eval-every", po::value<int>()->default_value(0), "evaluate on held-out data every N steps and at the end "
                                                           "(0: never)")
       ("eval-batches", po::value<int>()->default_value(2), "batches in the held-out set")
-      ("log-every", po::value<int>()->default_value(10), "progress line every N steps");
+      ("log-every", po::value<int>()->default_value(10), "progress line every N steps")
+      ("checkpoint", po::value<std::string>()->default_value(""), "checkpoint file; {step} in the name is replaced "
+                                                                  "by the step")
+      ("checkpoint-every", po::value<int>()->default_value(0), "write the checkpoint every N steps (0: only at the end)")
+      ("resume", po::value<std::string>()->default_value(""), "continue from this checkpoint");
   po::variables_map vm;
   if (!parse_options(cmd, desc, vm, "usage: mpirun -np P ringcast train [--config FILE] [options]", rank == 0))
     return 0;
 
   LayerShape layer;
   ModelConfig config;
-  read_layer_options(vm, world, layer, config.attention);
-  config.dim = vm["dim"].as<int>();
-  config.layers = vm["layers"].as<int>();
-  config.heads = layer.heads;
-  config.kv_heads = layer.kv_heads;
-  config.head_dim = layer.head_dim;
-  config.ffn_hidden = vm["ffn-hidden"].as<int>();
-  config.seed = vm["seed"].as<std::uint64_t>();
+  AttentionOptions attention;
+  read_layer_options(vm, world, layer, attention);
+  read_model_options(vm, layer, attention, config);
   const SequenceShape shape{layer.seq_len, layer.batch};
   AdamWConfig adam;
   adam.weight_decay = vm["weight-decay"].as<float>();
@@ -155,30 +220,58 @@ int train_command(const CommandLine& cmd) {
   t.log_every = vm["log-every"].as<int>();
   t.task = vm["task"].as<std::string>();
   t.data = vm.count("data") ? vm["data"].as<std::string>() : "";
-  if (config.dim < 1 || config.layers < 1 || config.ffn_hidden < 1)
-    throw UsageError("--dim, --layers and --ffn-hidden must be positive");
+  t.listops_depth = vm["listops-depth"].as<int>();
+  t.listops_args = vm["listops-args"].as<int>();
+  t.prefix = vm["prefix"].as<int>();
+  t.checkpoint = vm["checkpoint"].as<std::string>();
+  t.checkpoint_every = vm["checkpoint-every"].as<int>();
+  t.resume = vm["resume"].as<std::string>();
   if (t.steps < 1 || t.warmup_steps < 0) throw UsageError("--steps must be positive and --warmup-steps >= 0");
   if (!(t.lr > 0) || !(t.min_lr >= 0 && t.min_lr <= t.lr) || !(adam.weight_decay >= 0))
     throw UsageError("--lr must be positive, --min-lr in [0, lr] and --weight-decay >= 0");
   if (t.log_every < 1 || t.eval_every < 0 || t.eval_batches < 1)
     throw UsageError("--log-every and --eval-batches must be positive, --eval-every >= 0");
-  if (t.task != "recall" && t.task != "bytes")
-    throw UsageError(fmt::format("--task: unknown task '{}' (recall|bytes)", t.task));
+  if (t.task != "recall" && t.task != "needle" && t.task != "bytes" && !classification_task(t.task))
+    throw UsageError(fmt::format("--task: unknown task '{}' (recall|needle|bytes|listops|prefix-recall)", t.task));
   if ((t.task == "bytes") != !t.data.empty())
     throw UsageError("--data FILE goes with --task bytes, and only with it");
   if (t.task == "recall" && shape.seq_len < 4)
     throw UsageError(fmt::format("--task recall needs --seq-len >= 4 (one pair and one query), got {}", shape.seq_len));
+  if (t.task == "needle" && shape.seq_len < 16)
+    throw UsageError(fmt::format("--task needle needs --seq-len >= 16, got {}", shape.seq_len));
+  if (t.task == "listops" && (shape.seq_len < 5 || t.listops_depth < 1 || t.listops_args < 2))
+    throw UsageError("--task listops needs --seq-len >= 5, --listops-depth >= 1 and --listops-args >= 2");
+  if (t.task == "prefix-recall" && (t.prefix < 2 || shape.seq_len < t.prefix + 8))
+    throw UsageError(fmt::format("--task prefix-recall needs --prefix >= 2 and --seq-len >= prefix + 8 (prefix {}, "
+                                 "seq-len {})", t.prefix, shape.seq_len));
+  if (t.checkpoint_every < 0) throw UsageError("--checkpoint-every must be >= 0");
+  if (t.checkpoint_every > 0 && t.checkpoint.empty()) throw UsageError("--checkpoint-every needs --checkpoint FILE");
   const OutputSpec output = OutputSpec::from_options(vm);
   const Datasets data = make_datasets(t, config.seed, shape.seq_len);
+  if (classification_task(t.task)) {
+    config.kind = ModelKind::kEncoder;
+    config.num_classes = data.train->classes();
+  }
+  const bool encoder = config.kind == ModelKind::kEncoder;
 
   Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
   reset_peak_allocated_bytes();
   Model model(session, config, shape);
-  log::info("ringcast {} ({}): training a {}-layer decoder (D = {}, h = {}, h_kv = {}, d = {}, F = {}; {} parameters) "
+  const TrainerState trainer = TrainerState::of(t, shape, config.seed);
+  if (!t.resume.empty()) {
+    check_resumable(model.load(t.resume), trainer, t.resume);
+    if (model.steps_taken() >= t.steps)
+      throw UsageError(fmt::format("--resume {}: already at step {} of --steps {}", t.resume, model.steps_taken(), t.steps));
+    log::info("resumed from {} after step {}", t.resume, model.steps_taken());
+  }
+  log::info("ringcast {} ({}): training a {}-layer {} (D = {}, h = {}, h_kv = {}, d = {}, F = {}; {} parameters{}) "
             "on {}, n = {}, batch = {}, {} attention, {} rank(s) on the CPU backend",
-            version(), git_commit(), config.layers, config.dim, config.heads, config.kv_heads, config.head_dim,
-            config.ffn_hidden, model.num_parameters(), t.task == "recall" ? "associative recall" : t.data,
-            shape.seq_len, shape.batch, name(config.attention.mode), world);
+            version(), git_commit(), config.layers, encoder ? "encoder" : "decoder", config.dim, config.heads,
+            config.kv_heads, config.head_dim, config.ffn_hidden, model.num_parameters(),
+            std::string(config.colt5.enabled ? ", CoLT5" : "") + (config.vcc.enabled ? ", VCC" : "") +
+                (config.pyramidion.pool_after.empty() ? "" : ", Pyramidion pooling") +
+                (config.attention.clusters == ClusterKind::kSurrogate ? ", CAST clusters" : ""),
+            t.task == "bytes" ? t.data : t.task, shape.seq_len, shape.batch, name(config.attention.mode), world);
 
   auto& comm = session.comm();
   Report steps;
@@ -187,7 +280,8 @@ int train_command(const CommandLine& cmd) {
   std::vector<double> losses, accuracies;
   double train_s = 0.0, peak_bytes = 0.0;
   const double tokens_per_step = static_cast<double>(shape.seq_len) * shape.batch;
-  for (int step = 1; step <= t.steps; ++step) {
+  const int first_step = static_cast<int>(model.steps_taken()) + 1;
+  for (int step = first_step; step <= t.steps; ++step) {
     const double t0 = MPI_Wtime();
     local_batch(*data.train, static_cast<std::uint64_t>(step - 1) * shape.batch, shape.batch, shape.seq_len,
                 model.positions(), batch);
@@ -218,7 +312,10 @@ int train_command(const CommandLine& cmd) {
       last_eval = evaluate(model, *data.held_out, t, shape);
       row.set("eval_loss", last_eval.loss).set("eval_accuracy", last_eval.accuracy);
     }
-    if (step == 1 || step % t.log_every == 0 || step == t.steps)
+    const bool checkpoint_now =
+        !t.checkpoint.empty() && ((t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || step == t.steps);
+    if (checkpoint_now) model.save(checkpoint_path(t.checkpoint, step), trainer.bytes());
+    if (step == first_step || step % t.log_every == 0 || step == t.steps)
       log::info("step {:>{}}/{}  loss {:.4f}  accuracy {:.3f}  lr {:.2e}  {:.0f} tokens/s  {:.1f} ms  peak {}{}", step,
                 fmt::formatted_size("{}", t.steps), t.steps, loss, accuracy, adam.lr, tokens_per_step / slowest[0],
                 1e3 * slowest[0], format_bytes(slowest[1]),
@@ -242,7 +339,7 @@ int train_command(const CommandLine& cmd) {
                          .set("loss_last_10pct", mean(losses.end() - tenth, losses.end()))
                          .set("accuracy_last_10pct", mean(accuracies.end() - tenth, accuracies.end()));
   if (data.held_out) row.set("eval_loss", last_eval.loss).set("eval_accuracy", last_eval.accuracy);
-  row.set("tokens_per_s", tokens_per_step * t.steps / train_s)
+  row.set("tokens_per_s", tokens_per_step * static_cast<double>(losses.size()) / train_s)
       .set("train_s", train_s)
       .set("peak_memory_bytes", static_cast<std::int64_t>(peak_bytes))
       .set("commit", std::string(git_commit()));

@@ -171,5 +171,29 @@ expect_code 2 "train --task bytes without --data" "$mpiexec" -n 2 "$rc" train --
 expect_code 2 "train: unreadable --data" "$mpiexec" -n 2 "$rc" train --task bytes --data "$tmp/missing.txt"
 [ "$(grep -c "cannot read data file" "$tmp/err")" -eq 1 ] || fail "unreadable --data: message not printed once"
 
+
+# Checkpoints: a run resumed from its step-10 checkpoint repeats steps 11..20 of the uninterrupted run
+# bit for bit; a truncated checkpoint and one of another run are refused on every rank (exit 1, 2).
+for task in needle listops; do
+  expect_code 0 "train --task $task with checkpoints" "$mpiexec" -n 2 "$rc" train --config "$tmp/train.conf" \
+    --task $task --seq-len 32 --steps 20 --checkpoint "$tmp/$task-{step}.ckpt" --checkpoint-every 10 \
+    --output csv "$tmp/$task-full.csv"
+  expect_code 0 "train --task $task --resume" "$mpiexec" -n 2 "$rc" train --config "$tmp/train.conf" --task $task \
+    --seq-len 32 --steps 20 --resume "$tmp/$task-000010.ckpt" --output csv "$tmp/$task-resumed.csv"
+  python3 - "$tmp/$task-full.csv" "$tmp/$task-resumed.csv" <<'PY' || fail "train --task $task: resumed losses differ"
+import csv, sys
+full = {r["step"]: r["loss"] for r in csv.DictReader(open(sys.argv[1]))}
+resumed = [(r["step"], r["loss"]) for r in csv.DictReader(open(sys.argv[2]))]
+assert [s for s, _ in resumed] == [str(s) for s in range(11, 21)], resumed
+assert all(full[s] == loss for s, loss in resumed), [(s, full[s], loss) for s, loss in resumed]
+PY
+done
+head -c 1000 "$tmp/needle-000010.ckpt" >"$tmp/truncated.ckpt"
+expect_code 1 "train --resume truncated" "$mpiexec" -n 2 "$rc" train --config "$tmp/train.conf" --task needle \
+  --seq-len 32 --steps 20 --resume "$tmp/truncated.ckpt"
+grep -q "checkpoint.*truncated" "$tmp/err" || fail "truncated checkpoint: no clear error"
+expect_code 2 "train --resume of another run" "$mpiexec" -n 2 "$rc" train --config "$tmp/train.conf" --task needle \
+  --seq-len 32 --steps 30 --resume "$tmp/needle-000010.ckpt"
+
 [ "$failures" -eq 0 ] && echo "all CLI checks passed"
 exit $((failures > 0))
