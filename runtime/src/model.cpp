@@ -4,8 +4,11 @@
 // mean pooling over the whole sequence and a classification head), the one gradient all-reduce and the
 // AdamW step. Layer inputs are the only activations kept; every layer recomputes itself in backward.
 #include "checkpoint.hpp"
+#include "colt5.hpp"
 #include "model_mixers.hpp"
 #include "model_parts.hpp"
+#include "pyramidion.hpp"
+#include "vcc.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/layers.hpp>
@@ -69,6 +72,15 @@ void validate_config(const ModelConfig& c, const SequenceShape& shape) {
   RINGCAST_CHECK(c.pyramidion.pool_after.size() == c.pyramidion.pool_to.size(),
                  "Model: pyramidion pool_after ({} entries) and pool_to ({} entries) must pair up",
                  c.pyramidion.pool_after.size(), c.pyramidion.pool_to.size());
+  for (std::size_t j = 0; j < c.pyramidion.pool_after.size(); ++j) {
+    const int after = c.pyramidion.pool_after[j];
+    RINGCAST_CHECK(after >= 0 && after < c.layers - 1 && (j == 0 || after > c.pyramidion.pool_after[j - 1]),
+                   "Model: pyramidion pool_after must list increasing layers in [0, {}) (pooling after the last layer "
+                   "has no layer to serve); got {}", c.layers - 1, after);
+  }
+  // Pooled sequences are contiguous per rank (pyramidion.hpp): later layers must place rows so too.
+  RINGCAST_CHECK(c.pyramidion.pool_after.empty() || c.attention.placement != Placement::kZigzag,
+                 "Model: Pyramidion pooling needs contiguous placement (the pooled sequence is contiguous per rank)");
 }
 
 }  // namespace
@@ -119,15 +131,7 @@ void Model::State::build() {
   input.batch = seq.batch;
   input.seq_len = seq.seq_len;
   input.causal = !encoder;
-  LayerShape shape;
-  shape.seq_len = seq.seq_len;
-  shape.ranks = session.size();
-  shape.batch = seq.batch;
-  shape.heads = c.heads;
-  shape.kv_heads = c.kv_heads;
-  shape.head_dim = c.head_dim;
-  shape.dtype = DType::kF32;
-  shape.causal = input.causal;
+  const LayerShape shape = model::attention_shape(c, input, session.size());
   validate(shape, c.attention);
   input.local_len = shape.local_len();
   input.positions = shard_positions(shape, c.attention, session.rank());
@@ -136,12 +140,28 @@ void Model::State::build() {
   const Geometry* g = &input;
   for (int l = 0; l < c.layers; ++l) {
     const std::string prefix = fmt::format("layers.{}.", l);
-    auto block = std::make_unique<model::PreNormBlock>(table, scratch, prefix, c, *g);
-    const Geometry& bg = block->in_geometry();
-    block->set_branches(std::make_unique<model::SelfAttention>(session, table, scratch, prefix, c, bg),
-                        std::make_unique<model::SwiGluFfn>(table, scratch, prefix, "ffn", c.dim, c.ffn_hidden, bg.rows()));
-    layers.push_back(std::move(block));
+    if (c.vcc.enabled && l >= c.vcc.first_layer) {
+      layers.push_back(std::make_unique<model::VccBlock>(session, table, scratch, prefix, c, *g));
+    } else {
+      auto block = std::make_unique<model::PreNormBlock>(table, scratch, prefix, c, *g);
+      const Geometry& bg = block->in_geometry();
+      if (c.colt5.enabled)
+        block->set_branches(std::make_unique<model::Colt5Attention>(session, table, scratch, prefix, c, bg),
+                            std::make_unique<model::Colt5Ffn>(session, table, scratch, prefix, c, bg));
+      else
+        block->set_branches(std::make_unique<model::SelfAttention>(session, table, scratch, prefix, c, bg),
+                            std::make_unique<model::SwiGluFfn>(table, scratch, prefix, "ffn", c.dim, c.ffn_hidden,
+                                                               bg.rows()));
+      layers.push_back(std::move(block));
+    }
     g = &layers.back()->out_geometry();
+    // Pyramidion: pooling stages after the layers the config names.
+    for (std::size_t j = 0; j < c.pyramidion.pool_after.size(); ++j)
+      if (c.pyramidion.pool_after[j] == l) {
+        layers.push_back(std::make_unique<model::PyramidionPool>(session, table, scratch, fmt::format("pool.{}.", l), c,
+                                                                 *g, c.pyramidion.pool_to[j]));
+        g = &layers.back()->out_geometry();
+      }
   }
   final_norm = table.add("final_norm", 1, c.dim, false, Init::kOnes);
   if (encoder) {

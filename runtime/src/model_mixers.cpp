@@ -54,19 +54,23 @@ void AttentionProjections::project_backward(const RunContext& rc, const Geometry
   kernels::linear_backward({rows, dim, static_cast<int>(kd), x, rc.p(wv), d_v, dx, rc.g(wv)}, rc.exec);
 }
 
-SelfAttention::SelfAttention(const Session& session, ParameterTable& table, Scratch& scratch,
-                             const std::string& prefix, const ModelConfig& c, const Geometry& g)
-    : proj_(table, prefix, c), geom_(g) {
+LayerShape attention_shape(const ModelConfig& c, const Geometry& g, int ranks) {
   LayerShape shape;
   shape.seq_len = g.seq_len;
-  shape.ranks = session.size();
+  shape.ranks = ranks;
   shape.batch = g.batch;
   shape.heads = c.heads;
   shape.kv_heads = c.kv_heads;
   shape.head_dim = c.head_dim;
   shape.dtype = DType::kF32;
   shape.causal = g.causal;
-  attention_ = std::make_unique<DistributedAttention>(session, shape, c.attention);
+  return shape;
+}
+
+SelfAttention::SelfAttention(const Session& session, ParameterTable& table, Scratch& scratch,
+                             const std::string& prefix, const ModelConfig& c, const Geometry& g)
+    : proj_(table, prefix, c), geom_(g) {
+  attention_ = std::make_unique<DistributedAttention>(session, attention_shape(c, g, session.size()), c.attention);
   const std::int64_t rows = g.rows();
   for (const char* key : {"attn.q", "attn.o", "attn.d_q", "attn.d_o"}) scratch.reserve(key, rows * proj_.q_width());
   for (const char* key : {"attn.k", "attn.v", "attn.d_k", "attn.d_v"}) scratch.reserve(key, rows * proj_.kv_width());

@@ -12,6 +12,9 @@
 
 namespace ringcast::model {
 
+// The distributed attention operator's shape for a layer of geometry g (fp32: the CPU model).
+LayerShape attention_shape(const ModelConfig& c, const Geometry& g, int ranks);
+
 // The Q/K/V/O weights and RoPE of one attention branch, shared by every attention core.
 struct AttentionProjections {
   int dim = 0, heads = 0, kv_heads = 0, head_dim = 0;

@@ -1,0 +1,643 @@
+// CoLT5 mixers on the CPU backend (colt5.hpp). Activations are host [rows, ·] matrices, rows =
+// batch * n_loc in position order. Light attention: the rank's window keys (its own rows plus halos
+// of up to window_radius positions from the ranks around it, one grouped exchange) in page pools, and
+// one kernel call over all heads whose table gives the light KV heads the exact band |i - j| <= r
+// (KeyMeta row masks on the pages that straddle its edges) and the heavy KV heads nothing; the heavy
+// heads' slots of O are then filled from one GatheredAttention call for the whole batch. Gradients of
+// halo keys go back to their owners by the reverse exchange; every sum runs in a fixed order.
+#include "colt5.hpp"
+
+#include <ringcast/error.hpp>
+#include <ringcast/kernels/layers.hpp>
+#include <ringcast/kernels/layout.hpp>
+#include <ringcast/kernels/routing.hpp>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdlib>
+#include <numeric>
+#include <utility>
+
+namespace ringcast::model {
+namespace {
+
+constexpr int kWindowPageSize = 64;
+
+void zero(float* x, std::int64_t count, const RunContext& rc) {
+  kernels::fill_zero(x, static_cast<std::size_t>(count) * sizeof(float), rc.exec);
+}
+
+std::int64_t floats_for(std::size_t bytes) {
+  return static_cast<std::int64_t>((bytes + sizeof(float) - 1) / sizeof(float));
+}
+
+// The soft top-k's cross-rank reduction: user is the Session whose ranks hold the slices.
+void all_reduce_slices(float* values, int count, kernels::ReduceOp op, void* user) {
+  const Session& session = *static_cast<const Session*>(user);
+  const comm::Buffer buf{values, static_cast<std::size_t>(count), DType::kF32};
+  session.comm().all_reduce(buf, buf, op == kernels::ReduceOp::kSum ? comm::ReduceOp::kSum : comm::ReduceOp::kMax,
+                            session.stream());
+}
+
+// Element (h, b, t, c) of a block of rows sits at base + h·head + b·batch + t·row + c.
+struct Strides {
+  std::int64_t head, batch, row;
+};
+
+// dst (+)= src over heads x batch x rows x d elements.
+void copy_block(const float* src, Strides s, float* dst, Strides t, int heads, int batch, std::int64_t rows, int d,
+                bool accumulate, const RunContext& rc) {
+  if (heads == 0 || rows == 0) return;
+  kernels::StridedCopy c;
+  c.ndim = 4;
+  c.shape = {heads, batch, rows, d};
+  c.src_strides = {s.head, s.batch, s.row, 1};
+  c.dst_strides = {t.head, t.batch, t.row, 1};
+  c.src = src;
+  c.dst = dst;
+  c.accumulate = accumulate;
+  kernels::copy_strided(c, rc.exec);
+}
+
+float dot(const float* a, const float* b, std::int64_t n) {
+  float s = 0.0f;
+  for (std::int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y[i] (+)= scale · x[i].
+void scaled(const float* x, float scale, float* y, std::int64_t n, bool accumulate) {
+  for (std::int64_t i = 0; i < n; ++i) y[i] = (accumulate ? y[i] : 0.0f) + scale * x[i];
+}
+
+// Routed rows per sequence from a router's offsets.
+std::vector<std::int64_t> per_sequence(std::span<const std::int64_t> offsets) {
+  std::vector<std::int64_t> counts(offsets.size() - 1);
+  for (std::size_t b = 0; b < counts.size(); ++b) counts[b] = offsets[b + 1] - offsets[b];
+  return counts;
+}
+
+std::int64_t routed_tokens(const char* field, double fraction, std::int64_t n) {
+  RINGCAST_CHECK(fraction > 0.0 && fraction <= 1.0, "colt5.{} = {} must lie in (0, 1]", field, fraction);
+  const auto k = static_cast<std::int64_t>(std::llround(fraction * static_cast<double>(n)));
+  RINGCAST_CHECK(k >= 1, "colt5.{} = {} routes no token of a sequence of {} (need at least 1)", field, fraction, n);
+  return k;
+}
+
+}  // namespace
+
+Colt5Plan plan_colt5(const ModelConfig& c, const Geometry& g, int ranks, int rank) {
+  const Colt5Config& o = c.colt5;
+  RINGCAST_CHECK(!g.causal, "CoLT5 runs in bidirectional (encoder) stacks; this stack is causal");
+  RINGCAST_CHECK(c.heads >= 1 && c.kv_heads >= 1 && c.heads % c.kv_heads == 0,
+                 "CoLT5: heads ({}) must be a positive multiple of kv_heads ({})", c.heads, c.kv_heads);
+  Colt5Plan p;
+  p.light_heads = o.light_heads == 0 ? c.heads / 4 : o.light_heads;
+  RINGCAST_CHECK(p.light_heads >= 1 && p.light_heads < c.heads,
+                 "colt5.light_heads resolves to {}, outside [1, heads = {}) (0 means heads / 4)", p.light_heads,
+                 c.heads);
+  const int group = c.heads / c.kv_heads;
+  RINGCAST_CHECK(p.light_heads % group == 0,
+                 "colt5.light_heads = {} must be a multiple of heads / kv_heads = {}, so that light and heavy heads "
+                 "use separate KV heads",
+                 p.light_heads, group);
+  p.ffn_tokens = routed_tokens("ffn_fraction", o.ffn_fraction, g.seq_len);
+  p.query_tokens = routed_tokens("query_fraction", o.query_fraction, g.seq_len);
+  p.kv_tokens = routed_tokens("kv_fraction", o.kv_fraction, g.seq_len);
+  RINGCAST_CHECK(o.window_radius >= 0, "colt5.window_radius = {} must be >= 0", o.window_radius);
+  RINGCAST_CHECK(std::isfinite(o.epsilon) && o.epsilon > 0.0f && o.iterations >= 1,
+                 "colt5: epsilon ({}) must be > 0 and iterations ({}) >= 1", o.epsilon, o.iterations);
+  p.light_ffn_hidden = o.light_ffn_hidden == 0 ? c.ffn_hidden / 2 : o.light_ffn_hidden;
+  p.heavy_ffn_hidden = o.heavy_ffn_hidden == 0 ? c.ffn_hidden * 4 : o.heavy_ffn_hidden;
+  RINGCAST_CHECK(p.light_ffn_hidden >= 1 && p.heavy_ffn_hidden >= 1,
+                 "colt5: light_ffn_hidden ({}) and heavy_ffn_hidden ({}) must resolve to >= 1", p.light_ffn_hidden,
+                 p.heavy_ffn_hidden);
+  bool contiguous =
+      g.seq_len == std::int64_t{ranks} * g.local_len && static_cast<std::int64_t>(g.positions.size()) == g.local_len;
+  for (std::int64_t i = 0; contiguous && i < g.local_len; ++i)
+    contiguous = g.positions[static_cast<std::size_t>(i)] == rank * g.local_len + i;
+  RINGCAST_CHECK(contiguous,
+                 "CoLT5 needs the contiguous placement (rank r holds positions [r n_loc, (r + 1) n_loc)); use "
+                 "attention.placement = contiguous");
+  return p;
+}
+
+// --- Router ---
+
+Router::Router(const Session& session, ParameterTable& table, Scratch& scratch, const std::string& name,
+               const std::string& scratch_key, const ModelConfig& c, const Geometry& g, std::int64_t k)
+    : session_(session), geom_(g), dim_(c.dim), k_(k), epsilon_(c.colt5.epsilon), iterations_(c.colt5.iterations),
+      key_(scratch_key) {
+  RINGCAST_CHECK(k >= 1 && k <= g.seq_len, "Router '{}': routes {} of {} tokens", name, k, g.seq_len);
+  u_ = table.add(name, 1, c.dim, false, Init::kFanIn);
+  for (const char* part : {".s", ".weights", ".d_s"}) scratch.reserve(key_ + part, g.rows());
+  scratch.reserve(key_ + ".a", std::int64_t{g.batch} * iterations_);
+}
+
+std::int64_t Router::max_local() const { return std::min(k_, geom_.local_len); }
+
+const float* Router::weights(const RunContext& rc) const { return rc.scratch.get(key_ + ".weights"); }
+
+void Router::forward(const RunContext& rc, const float* x) {
+  const Scratch& sc = rc.scratch;
+  float *s = sc.get(key_ + ".s"), *weights = sc.get(key_ + ".weights"), *a = sc.get(key_ + ".a");
+  kernels::router_scores({geom_.batch, geom_.local_len, dim_, x, rc.p(u_), s}, rc.exec);
+  kernels::SoftTopkParams p;
+  p.batch = geom_.batch;
+  p.seq = geom_.local_len;
+  p.k = static_cast<int>(k_);
+  p.epsilon = epsilon_;
+  p.iterations = iterations_;
+  p.s = s;
+  p.s_tilde = weights;
+  p.a_history = a;
+  p.reduce = {all_reduce_slices, const_cast<void*>(static_cast<const void*>(&session_))};
+  kernels::soft_topk(p, rc.exec);
+  select_hard(s);
+}
+
+// The global top-k of each sequence by (score desc, position asc). A token of the global top-k is in
+// its rank's local top-min(k, n_loc) under the same order, so gathering those candidates as
+// (score bits, position) pairs suffices, and every rank then picks the same set.
+void Router::select_hard(const float* s) {
+  const int ranks = session_.size(), batch = geom_.batch;
+  const std::int64_t n_loc = geom_.local_len, first = std::int64_t{session_.rank()} * n_loc, c = max_local();
+  const std::size_t pair = 2;
+  auto before = [](float sa, std::int32_t pa, float sb, std::int32_t pb) { return sa > sb || (sa == sb && pa < pb); };
+
+  std::vector<std::int32_t> mine(static_cast<std::size_t>(batch * c) * pair);
+  std::vector<std::int32_t> local(static_cast<std::size_t>(n_loc));
+  for (int b = 0; b < batch; ++b) {
+    const float* sb = s + b * n_loc;
+    std::iota(local.begin(), local.end(), 0);
+    std::partial_sort(local.begin(), local.begin() + c, local.end(),
+                      [&](std::int32_t i, std::int32_t j) { return before(sb[i], i, sb[j], j); });
+    for (std::int64_t t = 0; t < c; ++t) {
+      const std::size_t at = static_cast<std::size_t>(b * c + t) * pair;
+      mine[at] = std::bit_cast<std::int32_t>(sb[local[static_cast<std::size_t>(t)]]);
+      mine[at + 1] = static_cast<std::int32_t>(first + local[static_cast<std::size_t>(t)]);
+    }
+  }
+  std::vector<std::int32_t> all(mine.size() * static_cast<std::size_t>(ranks));
+  session_.comm().all_gather(comm::buffer(std::span<const std::int32_t>(mine)), comm::buffer(std::span(all)),
+                             session_.stream());
+
+  struct Candidate {
+    float score;
+    std::int32_t pos;
+  };
+  std::vector<Candidate> cands(static_cast<std::size_t>(ranks * c));
+  rows_.clear();
+  offsets_.assign(1, 0);
+  for (int b = 0; b < batch; ++b) {
+    for (int r = 0; r < ranks; ++r)
+      for (std::int64_t t = 0; t < c; ++t) {
+        const std::size_t at = (static_cast<std::size_t>(r * batch + b) * c + t) * pair;
+        cands[static_cast<std::size_t>(r * c + t)] = {std::bit_cast<float>(all[at]), all[at + 1]};
+      }
+    std::partial_sort(cands.begin(), cands.begin() + k_, cands.end(),
+                      [&](const Candidate& x, const Candidate& y) { return before(x.score, x.pos, y.score, y.pos); });
+    const std::size_t begin = rows_.size();
+    for (std::int64_t t = 0; t < k_; ++t) {
+      const std::int64_t pos = cands[static_cast<std::size_t>(t)].pos;
+      if (pos >= first && pos < first + n_loc) rows_.push_back(b * n_loc + pos - first);
+    }
+    std::sort(rows_.begin() + static_cast<std::ptrdiff_t>(begin), rows_.end());
+    offsets_.push_back(static_cast<std::int64_t>(rows_.size()));
+  }
+}
+
+void Router::backward(const RunContext& rc, const float* x, const float* d_weight, float* dx) {
+  const Scratch& sc = rc.scratch;
+  float *s = sc.get(key_ + ".s"), *a = sc.get(key_ + ".a"), *d_s = sc.get(key_ + ".d_s");
+  zero(d_s, geom_.rows(), rc);
+  kernels::SoftTopkBackwardParams p;
+  p.batch = geom_.batch;
+  p.seq = geom_.local_len;
+  p.k = static_cast<int>(k_);
+  p.epsilon = epsilon_;
+  p.iterations = iterations_;
+  p.s = s;
+  p.a_history = a;
+  p.d_s_tilde = d_weight;
+  p.d_s = d_s;
+  p.reduce = {all_reduce_slices, const_cast<void*>(static_cast<const void*>(&session_))};
+  kernels::soft_topk_backward(p, rc.exec);
+  kernels::router_scores_backward({geom_.batch, geom_.local_len, dim_, x, rc.p(u_), d_s, dx, rc.g(u_)}, rc.exec);
+}
+
+// --- Colt5Ffn ---
+
+Colt5Ffn::Colt5Ffn(const Session& session, ParameterTable& table, Scratch& scratch, const std::string& prefix,
+                   const ModelConfig& c, const Geometry& g)
+    : geom_(g), plan_(plan_colt5(c, g, session.size(), session.rank())), dim_(c.dim),
+      router_(session, table, scratch, prefix + "router_ffn", "colt5.ffn.router", c, g, plan_.ffn_tokens),
+      light_(table, scratch, prefix + "ffn_light.", "colt5.ffn_light", c.dim, plan_.light_ffn_hidden, g.rows()),
+      heavy_(table, scratch, prefix + "ffn_heavy.", "colt5.ffn_heavy", c.dim, plan_.heavy_ffn_hidden,
+             g.batch * router_.max_local()) {
+  const std::int64_t routed = g.batch * router_.max_local() * c.dim;
+  for (const char* key : {"colt5.ffn.x", "colt5.ffn.h", "colt5.ffn.d_h", "colt5.ffn.d_x"}) scratch.reserve(key, routed);
+  scratch.reserve("colt5.ffn.d_weight", g.rows());
+}
+
+void Colt5Ffn::forward(const RunContext& rc, const float* x, float* y) {
+  const Scratch& sc = rc.scratch;
+  router_.forward(rc, x);
+  const auto rows = router_.rows();
+  const auto nr = static_cast<std::int64_t>(rows.size());
+  float *xr = sc.get("colt5.ffn.x"), *hr = sc.get("colt5.ffn.h");
+  for (std::int64_t t = 0; t < nr; ++t) std::copy_n(x + rows[t] * dim_, dim_, xr + t * dim_);
+  if (nr > 0) {
+    zero(hr, nr * dim_, rc);
+    heavy_.forward_rows(rc, nr, xr, hr);
+  }
+  const float* w = router_.weights(rc);
+  for (std::int64_t t = 0; t < nr; ++t) scaled(hr + t * dim_, w[rows[t]], y + rows[t] * dim_, dim_, true);
+  light_.forward(rc, x, y);
+}
+
+void Colt5Ffn::backward(const RunContext& rc, const float* x, const float* dy, float* dx) {
+  const Scratch& sc = rc.scratch;
+  const auto rows = router_.rows();
+  const auto nr = static_cast<std::int64_t>(rows.size());
+  float *xr = sc.get("colt5.ffn.x"), *hr = sc.get("colt5.ffn.h"), *d_h = sc.get("colt5.ffn.d_h");
+  float *d_xr = sc.get("colt5.ffn.d_x"), *d_weight = sc.get("colt5.ffn.d_weight");
+  const float* w = router_.weights(rc);
+  zero(d_weight, geom_.rows(), rc);
+  for (std::int64_t t = 0; t < nr; ++t) {
+    const float* dy_row = dy + rows[t] * dim_;
+    d_weight[rows[t]] = dot(dy_row, hr + t * dim_, dim_);
+    scaled(dy_row, w[rows[t]], d_h + t * dim_, dim_, false);
+  }
+  if (nr > 0) {
+    zero(d_xr, nr * dim_, rc);
+    heavy_.backward_rows(rc, nr, xr, d_h, d_xr);
+    for (std::int64_t t = 0; t < nr; ++t) scaled(d_xr + t * dim_, 1.0f, dx + rows[t] * dim_, dim_, true);
+  }
+  light_.backward(rc, x, dy, dx);
+  router_.backward(rc, x, d_weight, dx);
+}
+
+// --- Colt5Attention ---
+
+Colt5Attention::Colt5Attention(const Session& session, ParameterTable& table, Scratch& scratch,
+                               const std::string& prefix, const ModelConfig& c, const Geometry& g)
+    : session_(session), geom_(g), plan_(plan_colt5(c, g, session.size(), session.rank())), proj_(table, prefix, c),
+      light_heads_(plan_.light_heads), light_kv_heads_(plan_.light_heads / (c.heads / c.kv_heads)),
+      radius_(c.colt5.window_radius),
+      router_q_(session, table, scratch, prefix + "router_q", "colt5.attn.router_q", c, g, plan_.query_tokens),
+      router_kv_(session, table, scratch, prefix + "router_kv", "colt5.attn.router_kv", c, g, plan_.kv_tokens),
+      gathered_(session, GatheredAttentionShape{c.heads - light_heads_, c.kv_heads - light_kv_heads_, c.head_dim,
+                                                g.batch, g.batch * router_q_.max_local(),
+                                                g.batch * router_kv_.max_local(), g.batch * plan_.kv_tokens}) {
+  build_window(session.size(), session.rank());
+  const std::int64_t rows = g.rows(), qw = proj_.q_width(), kw = proj_.kv_width(), d = c.head_dim;
+  for (const char* key : {"colt5.attn.q", "colt5.attn.o", "colt5.attn.d_q", "colt5.attn.d_o"})
+    scratch.reserve(key, rows * qw);
+  for (const char* key : {"colt5.attn.k", "colt5.attn.v", "colt5.attn.d_k", "colt5.attn.d_v"})
+    scratch.reserve(key, rows * kw);
+  scratch.reserve("colt5.attn.lse", rows * c.heads);
+  const std::int64_t pool = std::int64_t{c.kv_heads} * g.batch * window_pages_ * kWindowPageSize * d;
+  for (const char* key : {"colt5.attn.pool_k", "colt5.attn.pool_v", "colt5.attn.d_pool_k", "colt5.attn.d_pool_v"})
+    scratch.reserve(key, pool);
+  std::int64_t halo_send = 0, halo_recv = 0;
+  for (const HaloPeer& p : peers_) {
+    halo_send += p.send_count;
+    halo_recv += p.recv_count;
+  }
+  const std::int64_t halo_row = 2 * std::int64_t{g.batch} * light_kv_heads_ * d;  // K and V of one position
+  scratch.reserve("colt5.attn.halo_send", std::max(halo_send, halo_recv) * halo_row);
+  scratch.reserve("colt5.attn.halo_recv", std::max(halo_send, halo_recv) * halo_row);
+  const kernels::ExecContext exec{session.device(), session.stream()};
+  scratch.reserve("colt5.attn.kernel",
+                  floats_for(std::max(kernels::attention_forward_workspace_bytes(light_shape_, exec),
+                                      kernels::attention_backward_workspace_bytes(light_shape_, exec))));
+  const int heavy = c.heads - light_heads_, heavy_kv = c.kv_heads - light_kv_heads_;
+  const std::int64_t mq = g.batch * router_q_.max_local(), mkv = g.batch * router_kv_.max_local();
+  for (const char* key : {"colt5.attn.qh", "colt5.attn.oh", "colt5.attn.d_oh", "colt5.attn.d_qh"})
+    scratch.reserve(key, mq * heavy * d);
+  scratch.reserve("colt5.attn.lse_h", mq * heavy);
+  for (const char* key : {"colt5.attn.kh", "colt5.attn.vh", "colt5.attn.d_kh", "colt5.attn.d_vh"})
+    scratch.reserve(key, mkv * heavy_kv * d);
+  for (const char* key : {"colt5.attn.d_weight_q", "colt5.attn.d_weight_kv"}) scratch.reserve(key, rows);
+  scratch.reserve("colt5.attn.kept", floats_for(gathered_.kept_bytes()));
+  scratch.reserve("colt5.attn.gathered", floats_for(gathered_.workspace_bytes()));
+}
+
+// The window of positions this rank's queries see, the halo plan, and the light table (the same for
+// every batch element: the entries of batch element b name pages b * window_pages + p).
+void Colt5Attention::build_window(int ranks, int rank) {
+  const Geometry& g = geom_;
+  const std::int64_t n = g.seq_len, n_loc = g.local_len, start = rank * n_loc, r = radius_;
+  const auto window = [&](std::int64_t first) {
+    return std::pair{std::max<std::int64_t>(0, first - r), std::min(n, first + n_loc + r)};
+  };
+  const auto [w0, w1] = window(start);
+  window_first_ = w0;
+  window_pages_ = (w1 - w0 + kWindowPageSize - 1) / kWindowPageSize;
+  for (int p = 0; p < ranks; ++p) {
+    if (p == rank) continue;
+    const std::int64_t p0 = p * n_loc;
+    const auto [pw0, pw1] = window(p0);
+    HaloPeer peer;
+    peer.rank = p;
+    peer.send_first = std::max(start, pw0) - start;
+    peer.send_count = std::max<std::int64_t>(0, std::min(start + n_loc, pw1) - std::max(start, pw0));
+    peer.recv_slot = std::max(p0, w0) - w0;
+    peer.recv_count = std::max<std::int64_t>(0, std::min(p0 + n_loc, w1) - std::max(p0, w0));
+    if (peer.send_count > 0 || peer.recv_count > 0) peers_.push_back(peer);
+  }
+
+  light_shape_.batch = g.batch;
+  light_shape_.seq_q = n_loc;
+  light_shape_.heads = proj_.heads;
+  light_shape_.kv_heads = proj_.kv_heads;
+  light_shape_.head_dim = proj_.head_dim;
+  light_shape_.page_size = kWindowPageSize;
+  light_shape_.num_pages = g.batch * window_pages_;
+
+  std::vector<std::vector<kernels::BlockEntry>> tiles(static_cast<std::size_t>(light_shape_.num_tiles()));
+  for (std::int64_t tile = 0; tile < light_shape_.num_tiles(); ++tile) {
+    const int rows = kernels::tile_rows(light_shape_, tile);
+    const std::int32_t* pos = g.positions.data() + tile * kernels::kQueryTile;
+    const std::int64_t t0 = pos[0], t1 = pos[rows - 1];  // contiguous placement: increasing
+    for (std::int64_t page = 0; page < window_pages_; ++page) {
+      const std::int64_t k0 = w0 + page * kWindowPageSize;
+      const int count = static_cast<int>(std::min<std::int64_t>(kWindowPageSize, w1 - k0));
+      const std::int64_t k1 = k0 + count - 1;
+      if (k1 < t0 - r || k0 > t1 + r) continue;
+      kernels::BlockEntry e{};
+      e.page = static_cast<std::int32_t>(page);
+      e.key_pos0 = static_cast<std::int32_t>(k0);
+      e.key_count = count;
+      e.key_meta = -1;
+      if (t1 - k0 <= r && k1 - t0 <= r) {  // every row sees every key of the page
+        const auto full = kernels::full_row_mask(rows);
+        e.row_mask[0] = full[0];
+        e.row_mask[1] = full[1];
+      } else {  // the page straddles an edge of the band: one row mask per key
+        e.key_meta = static_cast<std::int32_t>(light_table_.key_meta.size());
+        for (int j = 0; j < kWindowPageSize; ++j) {  // a page's worth of records; slots past count stay empty
+          kernels::KeyMeta m{};
+          for (int row = 0; row < rows && j < count; ++row)
+            if (std::abs(pos[row] - (k0 + j)) <= r) m.row_mask[row / 64] |= std::uint64_t{1} << (row % 64);
+          e.row_mask[0] |= m.row_mask[0];
+          e.row_mask[1] |= m.row_mask[1];
+          light_table_.key_meta.push_back(m);
+        }
+      }
+      tiles[static_cast<std::size_t>(tile)].push_back(e);
+    }
+  }
+  for (int b = 0; b < g.batch; ++b)
+    for (const auto& entries : tiles)
+      for (int kvh = 0; kvh < light_shape_.kv_heads; ++kvh) {
+        if (kvh < light_kv_heads_) {
+          for (kernels::BlockEntry e : entries) {
+            e.page += static_cast<std::int32_t>(b * window_pages_);
+            light_table_.entries.push_back(e);
+          }
+        }
+        light_table_.offsets.push_back(static_cast<std::int64_t>(light_table_.entries.size()));
+      }
+  light_transposed_ = kernels::transpose(light_table_, light_shape_);
+}
+
+void Colt5Attention::forward(const RunContext& rc, const float* x, float* y) {
+  const Scratch& sc = rc.scratch;
+  proj_.project(rc, geom_, x, sc.get("colt5.attn.q"), sc.get("colt5.attn.k"), sc.get("colt5.attn.v"));
+  router_q_.forward(rc, x);
+  router_kv_.forward(rc, x);
+  light_forward(rc);
+  heavy_forward(rc);
+  kernels::linear_forward(
+      {geom_.rows(), static_cast<int>(proj_.q_width()), proj_.dim, sc.get("colt5.attn.o"), rc.p(proj_.wo), y, true},
+      rc.exec);
+}
+
+void Colt5Attention::backward(const RunContext& rc, const float* x, const float* dy, float* dx) {
+  const Scratch& sc = rc.scratch;
+  float *d_q = sc.get("colt5.attn.d_q"), *d_k = sc.get("colt5.attn.d_k"), *d_v = sc.get("colt5.attn.d_v");
+  float* d_o = sc.get("colt5.attn.d_o");
+  zero(d_o, geom_.rows() * proj_.q_width(), rc);
+  kernels::linear_backward({geom_.rows(), static_cast<int>(proj_.q_width()), proj_.dim, sc.get("colt5.attn.o"),
+                            rc.p(proj_.wo), dy, d_o, rc.g(proj_.wo)},
+                           rc.exec);
+  light_backward(rc);  // writes d_q (every head), d_k and d_v
+  heavy_backward(rc);  // adds the heavy heads' share, and dL/ds̃ of both routers
+  router_q_.backward(rc, x, sc.get("colt5.attn.d_weight_q"), dx);
+  router_kv_.backward(rc, x, sc.get("colt5.attn.d_weight_kv"), dx);
+  proj_.project_backward(rc, geom_, x, d_q, d_k, d_v, dx);
+}
+
+void Colt5Attention::light_forward(const RunContext& rc) {
+  const Scratch& sc = rc.scratch;
+  const int batch = geom_.batch, lkv = light_kv_heads_, d = proj_.head_dim;
+  const std::int64_t n_loc = geom_.local_len, kw = proj_.kv_width(), slots = window_pages_ * kWindowPageSize;
+  const float *k = sc.get("colt5.attn.k"), *v = sc.get("colt5.attn.v");
+  float *pool_k = sc.get("colt5.attn.pool_k"), *pool_v = sc.get("colt5.attn.pool_v");
+  const Strides tokens{d, n_loc * kw, kw};
+  const Strides pool{batch * slots * d, slots * d, d};
+  const std::int64_t own_slot = geom_.positions[0] - window_first_;
+  copy_block(k, tokens, pool_k + own_slot * d, pool, lkv, batch, n_loc, d, false, rc);
+  copy_block(v, tokens, pool_v + own_slot * d, pool, lkv, batch, n_loc, d, false, rc);
+
+  // Halos: one message per neighbour and direction, [K | V] x [batch, count, light KV heads, d].
+  float *send = sc.get("colt5.attn.halo_send"), *recv = sc.get("colt5.attn.halo_recv");
+  std::vector<comm::SendOp> sends;
+  std::vector<comm::RecvOp> recvs;
+  std::int64_t sent = 0, received = 0;
+  for (const HaloPeer& p : peers_) {
+    const std::int64_t part = std::int64_t{batch} * p.send_count * lkv * d;
+    const Strides halo{d, p.send_count * lkv * d, std::int64_t{lkv} * d};
+    float* msg = send + sent;
+    copy_block(k + p.send_first * kw, tokens, msg, halo, lkv, batch, p.send_count, d, false, rc);
+    copy_block(v + p.send_first * kw, tokens, msg + part, halo, lkv, batch, p.send_count, d, false, rc);
+    sends.push_back({p.rank, {msg, static_cast<std::size_t>(2 * part), DType::kF32}});
+    sent += 2 * part;
+    const std::int64_t in = 2 * std::int64_t{batch} * p.recv_count * lkv * d;
+    recvs.push_back({p.rank, {recv + received, static_cast<std::size_t>(in), DType::kF32}});
+    received += in;
+  }
+  session_.comm().exchange(sends, recvs, session_.stream());
+  received = 0;
+  for (const HaloPeer& p : peers_) {
+    const std::int64_t part = std::int64_t{batch} * p.recv_count * lkv * d;
+    const Strides halo{d, p.recv_count * lkv * d, std::int64_t{lkv} * d};
+    copy_block(recv + received, halo, pool_k + p.recv_slot * d, pool, lkv, batch, p.recv_count, d, false, rc);
+    copy_block(recv + received + part, halo, pool_v + p.recv_slot * d, pool, lkv, batch, p.recv_count, d, false, rc);
+    received += 2 * part;
+  }
+
+  float* ws = sc.get("colt5.attn.kernel");
+  kernels::AttentionForwardParams p;
+  p.shape = light_shape_;
+  p.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  p.q = sc.get("colt5.attn.q");
+  p.k_pages = pool_k;
+  p.v_pages = pool_v;
+  p.q_pos = geom_.positions.data();
+  p.table = light_table_.view();
+  p.o = sc.get("colt5.attn.o");
+  p.lse = sc.get("colt5.attn.lse");
+  p.workspace = ws;
+  p.workspace_bytes = static_cast<std::size_t>(sc.floats("colt5.attn.kernel")) * sizeof(float);
+  kernels::attention_forward(p, rc.exec);
+}
+
+void Colt5Attention::light_backward(const RunContext& rc) {
+  const Scratch& sc = rc.scratch;
+  const int batch = geom_.batch, lkv = light_kv_heads_, d = proj_.head_dim;
+  const std::int64_t n_loc = geom_.local_len, kw = proj_.kv_width(), slots = window_pages_ * kWindowPageSize;
+  float *d_k = sc.get("colt5.attn.d_k"), *d_v = sc.get("colt5.attn.d_v");
+  float *d_pool_k = sc.get("colt5.attn.d_pool_k"), *d_pool_v = sc.get("colt5.attn.d_pool_v");
+
+  float* ws = sc.get("colt5.attn.kernel");
+  kernels::AttentionBackwardParams p;
+  p.fwd.shape = light_shape_;
+  p.fwd.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  p.fwd.q = sc.get("colt5.attn.q");
+  p.fwd.k_pages = sc.get("colt5.attn.pool_k");
+  p.fwd.v_pages = sc.get("colt5.attn.pool_v");
+  p.fwd.q_pos = geom_.positions.data();
+  p.fwd.table = light_table_.view();
+  p.fwd.o = sc.get("colt5.attn.o");
+  p.fwd.lse = sc.get("colt5.attn.lse");
+  p.d_o = sc.get("colt5.attn.d_o");
+  p.transposed = light_transposed_.view();
+  p.d_q = sc.get("colt5.attn.d_q");
+  p.d_k_pages = d_pool_k;
+  p.d_v_pages = d_pool_v;
+  p.accumulate = false;  // every head's d_q and every page slot are written
+  p.workspace = ws;
+  p.workspace_bytes = static_cast<std::size_t>(sc.floats("colt5.attn.kernel")) * sizeof(float);
+  kernels::attention_backward(p, rc.exec);
+
+  zero(d_k, geom_.rows() * kw, rc);
+  zero(d_v, geom_.rows() * kw, rc);
+  const Strides tokens{d, n_loc * kw, kw};
+  const Strides pool{batch * slots * d, slots * d, d};
+  const std::int64_t own_slot = geom_.positions[0] - window_first_;
+  copy_block(d_pool_k + own_slot * d, pool, d_k, tokens, lkv, batch, n_loc, d, true, rc);
+  copy_block(d_pool_v + own_slot * d, pool, d_v, tokens, lkv, batch, n_loc, d, true, rc);
+
+  // The reverse exchange: halo slots' gradients go back to their owners.
+  float *send = sc.get("colt5.attn.halo_send"), *recv = sc.get("colt5.attn.halo_recv");
+  std::vector<comm::SendOp> sends;
+  std::vector<comm::RecvOp> recvs;
+  std::int64_t sent = 0, received = 0;
+  for (const HaloPeer& p : peers_) {
+    const std::int64_t part = std::int64_t{batch} * p.recv_count * lkv * d;
+    const Strides halo{d, p.recv_count * lkv * d, std::int64_t{lkv} * d};
+    float* msg = send + sent;
+    copy_block(d_pool_k + p.recv_slot * d, pool, msg, halo, lkv, batch, p.recv_count, d, false, rc);
+    copy_block(d_pool_v + p.recv_slot * d, pool, msg + part, halo, lkv, batch, p.recv_count, d, false, rc);
+    sends.push_back({p.rank, {msg, static_cast<std::size_t>(2 * part), DType::kF32}});
+    sent += 2 * part;
+    const std::int64_t in = 2 * std::int64_t{batch} * p.send_count * lkv * d;
+    recvs.push_back({p.rank, {recv + received, static_cast<std::size_t>(in), DType::kF32}});
+    received += in;
+  }
+  session_.comm().exchange(sends, recvs, session_.stream());
+  received = 0;
+  for (const HaloPeer& p : peers_) {  // in rank order, so the sum is the same every run
+    const std::int64_t part = std::int64_t{batch} * p.send_count * lkv * d;
+    const Strides halo{d, p.send_count * lkv * d, std::int64_t{lkv} * d};
+    copy_block(recv + received, halo, d_k + p.send_first * kw, tokens, lkv, batch, p.send_count, d, true, rc);
+    copy_block(recv + received + part, halo, d_v + p.send_first * kw, tokens, lkv, batch, p.send_count, d, true, rc);
+    received += 2 * part;
+  }
+}
+
+void Colt5Attention::heavy_forward(const RunContext& rc) {
+  const Scratch& sc = rc.scratch;
+  const int d = proj_.head_dim;
+  const std::int64_t qw = proj_.q_width(), kw = proj_.kv_width();
+  const std::int64_t hq = (proj_.heads - light_heads_) * std::int64_t{d},
+                     hk = (proj_.kv_heads - light_kv_heads_) * std::int64_t{d};
+  const std::int64_t lq = std::int64_t{light_heads_} * d, lk = std::int64_t{light_kv_heads_} * d;
+  const float *q = sc.get("colt5.attn.q"), *k = sc.get("colt5.attn.k"), *v = sc.get("colt5.attn.v");
+  float *qh = sc.get("colt5.attn.qh"), *kh = sc.get("colt5.attn.kh"), *vh = sc.get("colt5.attn.vh");
+  float *oh = sc.get("colt5.attn.oh"), *lse_h = sc.get("colt5.attn.lse_h"), *o = sc.get("colt5.attn.o");
+  const auto q_rows = router_q_.rows(), kv_rows = router_kv_.rows();
+  const float *wq = router_q_.weights(rc), *wkv = router_kv_.weights(rc);
+  for (std::size_t t = 0; t < q_rows.size(); ++t) std::copy_n(q + q_rows[t] * qw + lq, hq, qh + t * hq);
+  for (std::size_t t = 0; t < kv_rows.size(); ++t) {
+    std::copy_n(k + kv_rows[t] * kw + lk, hk, kh + t * hk);
+    scaled(v + kv_rows[t] * kw + lk, wkv[kv_rows[t]], vh + t * hk, hk, false);  // V scaled by s̃^kv
+  }
+  const std::vector<std::int64_t> n_q = per_sequence(router_q_.offsets()), n_k = per_sequence(router_kv_.offsets());
+  GatheredForwardArgs a;
+  a.n_q = static_cast<std::int64_t>(q_rows.size());
+  a.n_k = static_cast<std::int64_t>(kv_rows.size());
+  a.q_counts = n_q;
+  a.k_counts = n_k;
+  a.q = qh;
+  a.k = kh;
+  a.v = vh;
+  a.o = oh;
+  a.lse = lse_h;
+  a.kept = sc.get("colt5.attn.kept");
+  a.workspace = sc.get("colt5.attn.gathered");
+  gathered_.forward(a);
+  // The light kernel left the heavy heads' slots of O at 0: unrouted queries keep that.
+  for (std::size_t t = 0; t < q_rows.size(); ++t)
+    scaled(oh + t * hq, wq[q_rows[t]], o + q_rows[t] * qw + lq, hq, false);
+}
+
+void Colt5Attention::heavy_backward(const RunContext& rc) {
+  const Scratch& sc = rc.scratch;
+  const int d = proj_.head_dim;
+  const std::int64_t qw = proj_.q_width(), kw = proj_.kv_width();
+  const std::int64_t hq = (proj_.heads - light_heads_) * std::int64_t{d},
+                     hk = (proj_.kv_heads - light_kv_heads_) * std::int64_t{d};
+  const std::int64_t lq = std::int64_t{light_heads_} * d, lk = std::int64_t{light_kv_heads_} * d;
+  const float* v = sc.get("colt5.attn.v");
+  const float *d_o = sc.get("colt5.attn.d_o"), *oh = sc.get("colt5.attn.oh");
+  float *d_q = sc.get("colt5.attn.d_q"), *d_k = sc.get("colt5.attn.d_k"), *d_v = sc.get("colt5.attn.d_v");
+  float *d_oh = sc.get("colt5.attn.d_oh"), *d_qh = sc.get("colt5.attn.d_qh");
+  float *d_kh = sc.get("colt5.attn.d_kh"), *d_vh = sc.get("colt5.attn.d_vh");
+  float *d_wq = sc.get("colt5.attn.d_weight_q"), *d_wkv = sc.get("colt5.attn.d_weight_kv");
+  const auto q_rows = router_q_.rows(), kv_rows = router_kv_.rows();
+  const float *wq = router_q_.weights(rc), *wkv = router_kv_.weights(rc);
+  const auto nq = static_cast<std::int64_t>(q_rows.size()), nkv = static_cast<std::int64_t>(kv_rows.size());
+
+  zero(d_wq, geom_.rows(), rc);
+  for (std::int64_t t = 0; t < nq; ++t) {
+    const float* d_row = d_o + q_rows[t] * qw + lq;
+    d_wq[q_rows[t]] = dot(d_row, oh + t * hq, hq);
+    scaled(d_row, wq[q_rows[t]], d_oh + t * hq, hq, false);
+  }
+  zero(d_qh, nq * hq, rc);
+  zero(d_kh, nkv * hk, rc);
+  zero(d_vh, nkv * hk, rc);
+  const std::vector<std::int64_t> n_q = per_sequence(router_q_.offsets()), n_k = per_sequence(router_kv_.offsets());
+  GatheredBackwardArgs a;
+  a.n_q = nq;
+  a.n_k = nkv;
+  a.q_counts = n_q;
+  a.k_counts = n_k;
+  a.q = sc.get("colt5.attn.qh");
+  a.k = sc.get("colt5.attn.kh");
+  a.v = sc.get("colt5.attn.vh");
+  a.o = oh;
+  a.lse = sc.get("colt5.attn.lse_h");
+  a.d_o = d_oh;
+  a.d_q = d_qh;
+  a.d_k = d_kh;
+  a.d_v = d_vh;
+  a.kept = sc.get("colt5.attn.kept");
+  a.workspace = sc.get("colt5.attn.gathered");
+  gathered_.backward(a);
+  for (std::int64_t t = 0; t < nq; ++t) scaled(d_qh + t * hq, 1.0f, d_q + q_rows[t] * qw + lq, hq, true);
+  zero(d_wkv, geom_.rows(), rc);
+  for (std::int64_t t = 0; t < nkv; ++t) {
+    const std::int64_t row = kv_rows[t];
+    scaled(d_kh + t * hk, 1.0f, d_k + row * kw + lk, hk, true);
+    scaled(d_vh + t * hk, wkv[row], d_v + row * kw + lk, hk, true);
+    d_wkv[row] = dot(d_vh + t * hk, v + row * kw + lk, hk);
+  }
+}
+
+}  // namespace ringcast::model
