@@ -42,7 +42,7 @@ struct TrainOptions {
   int log_every = 0;
   std::string task;
   std::string data;
-  int listops_depth = 0, listops_args = 0, prefix = 0;
+  int listops_depth = 0, listops_args = 0, prefix = 0, pairs = 0;
   std::string checkpoint;  // "{step}" in the name is replaced by the step
   int checkpoint_every = 0;
   std::string resume;
@@ -56,6 +56,7 @@ struct TrainerState {
   static constexpr std::uint32_t kVersion = 1;
   std::uint32_t version = kVersion;
   std::int32_t batch = 0;
+  std::int32_t dataset[4] = {};  // listops depth and arguments, prefix, pairs
   std::int64_t seq_len = 0;
   std::int64_t steps = 0;
   std::uint64_t seed = 0;
@@ -65,6 +66,10 @@ struct TrainerState {
   static TrainerState of(const TrainOptions& t, const SequenceShape& shape, std::uint64_t seed) {
     TrainerState s;
     s.batch = shape.batch;
+    s.dataset[0] = t.listops_depth;
+    s.dataset[1] = t.listops_args;
+    s.dataset[2] = t.prefix;
+    s.dataset[3] = t.pairs;
     s.seq_len = shape.seq_len;
     s.steps = t.steps;
     s.seed = seed;
@@ -95,6 +100,10 @@ void check_resumable(const std::vector<std::byte>& saved, const TrainerState& no
   differs("--data", std::string(was.data), std::string(now.data));
   differs("--seq-len", was.seq_len, now.seq_len);
   differs("--batch", was.batch, now.batch);
+  differs("--listops-depth", was.dataset[0], now.dataset[0]);
+  differs("--listops-args", was.dataset[1], now.dataset[1]);
+  differs("--prefix", was.dataset[2], now.dataset[2]);
+  differs("--pairs", was.dataset[3], now.dataset[3]);
   differs("--seed", was.seed, now.seed);
   differs("--steps", was.steps, now.steps);
 }
@@ -127,7 +136,7 @@ Datasets make_datasets(const TrainOptions& t, std::uint64_t seed, std::int64_t s
   if (t.task == "listops")
     return synthetic([&](std::uint64_t s) { return std::make_unique<ListOpsDataset>(s, t.listops_depth, t.listops_args); });
   if (t.task == "prefix-recall")
-    return synthetic([&](std::uint64_t s) { return std::make_unique<PrefixRecallDataset>(s, t.prefix); });
+    return synthetic([&](std::uint64_t s) { return std::make_unique<PrefixRecallDataset>(s, t.prefix, t.pairs); });
   std::shared_ptr<const std::vector<std::uint8_t>> bytes;
   try {
     bytes = read_file_bytes(t.data);
@@ -189,6 +198,7 @@ int train_command(const CommandLine& cmd) {
       ("listops-depth", po::value<int>()->default_value(2), "listops: deepest nesting")
       ("listops-args", po::value<int>()->default_value(6), "listops: most arguments per operator")
       ("prefix", po::value<int>()->default_value(8), "prefix-recall: tokens of the question prefix")
+      ("pairs", po::value<int>()->default_value(8), "prefix-recall: (key, value) pairs in each sequence (1 to 64)")
       ("eval-every", po::value<int>()->default_value(0), "evaluate on held-out data every N steps and at the end "
                                                           "(0: never)")
       ("eval-batches", po::value<int>()->default_value(2), "batches in the held-out set")
@@ -223,6 +233,7 @@ int train_command(const CommandLine& cmd) {
   t.listops_depth = vm["listops-depth"].as<int>();
   t.listops_args = vm["listops-args"].as<int>();
   t.prefix = vm["prefix"].as<int>();
+  t.pairs = vm["pairs"].as<int>();
   t.checkpoint = vm["checkpoint"].as<std::string>();
   t.checkpoint_every = vm["checkpoint-every"].as<int>();
   t.resume = vm["resume"].as<std::string>();
@@ -241,9 +252,9 @@ int train_command(const CommandLine& cmd) {
     throw UsageError(fmt::format("--task needle needs --seq-len >= 16, got {}", shape.seq_len));
   if (t.task == "listops" && (shape.seq_len < 5 || t.listops_depth < 1 || t.listops_args < 2))
     throw UsageError("--task listops needs --seq-len >= 5, --listops-depth >= 1 and --listops-args >= 2");
-  if (t.task == "prefix-recall" && (t.prefix < 2 || shape.seq_len < t.prefix + 8))
-    throw UsageError(fmt::format("--task prefix-recall needs --prefix >= 2 and --seq-len >= prefix + 8 (prefix {}, "
-                                 "seq-len {})", t.prefix, shape.seq_len));
+  if (t.task == "prefix-recall" && (t.prefix < 2 || shape.seq_len < t.prefix + 8 || t.pairs < 1 || t.pairs > 64))
+    throw UsageError(fmt::format("--task prefix-recall needs --prefix >= 2, --seq-len >= prefix + 8 and --pairs in "
+                                 "[1, 64] (prefix {}, seq-len {}, pairs {})", t.prefix, shape.seq_len, t.pairs));
   if (t.checkpoint_every < 0) throw UsageError("--checkpoint-every must be >= 0");
   if (t.checkpoint_every > 0 && t.checkpoint.empty()) throw UsageError("--checkpoint-every needs --checkpoint FILE");
   const OutputSpec output = OutputSpec::from_options(vm);

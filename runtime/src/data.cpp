@@ -153,10 +153,11 @@ void PrefixRecallDataset::sequence(std::uint64_t index, std::span<std::int32_t> 
                                    std::span<std::int32_t> targets) const {
   const std::int64_t n = static_cast<std::int64_t>(tokens.size());
   RINGCAST_CHECK(targets.size() == 1, "PrefixRecallDataset: one label per sequence, got room for {}", targets.size());
-  RINGCAST_CHECK(prefix_ >= 2 && n >= prefix_ + 8, "PrefixRecallDataset: needs a prefix >= 2 and n >= prefix + 8 "
-                 "(prefix {}, n {})", prefix_, n);
+  RINGCAST_CHECK(prefix_ >= 2 && n >= prefix_ + 8 && pairs_ >= 1 && pairs_ <= 64,
+                 "PrefixRecallDataset: needs a prefix >= 2, n >= prefix + 8 and 1 to 64 pairs (prefix {}, n {}, pairs {})",
+                 prefix_, n, pairs_);
   Rng rng(seed_, index);
-  const std::int64_t slots = (n - prefix_) / 2, m = std::min<std::int64_t>(64, (n - prefix_) / 4);
+  const std::int64_t slots = (n - prefix_) / 2, m = std::min<std::int64_t>(pairs_, (n - prefix_) / 4);
   for (std::int64_t i = prefix_; i < n; ++i) tokens[i] = 80 + static_cast<std::int32_t>(rng.below(256 - 80));
   std::fill(tokens.begin(), tokens.begin() + prefix_, 0);
   // m distinct keys and m distinct slots of two positions, by partial Fisher-Yates shuffles.

@@ -75,18 +75,18 @@ class ListOpsDataset final : public Dataset {
 };
 
 // Prefix retrieval (the VIP-token task of VCC): the first `prefix` positions are the question --
-// the marker 3 and a key [0, 64), then padding 0 -- and the rest holds m = min(64, (n - prefix) / 4)
+// the marker 3 and a key [0, 64), then padding 0 -- and the rest holds m = min(pairs, (n - prefix) / 4)
 // (key, value) pairs with distinct keys (values [64, 80)) scattered among filler [80, 256); one of the
 // pairs has the question's key. The label is its value - 64 (16 classes). Needs n >= prefix + 8.
 class PrefixRecallDataset final : public Dataset {
  public:
-  PrefixRecallDataset(std::uint64_t seed, int prefix) : seed_(seed), prefix_(prefix) {}
+  PrefixRecallDataset(std::uint64_t seed, int prefix, int pairs = 64) : seed_(seed), prefix_(prefix), pairs_(pairs) {}
   void sequence(std::uint64_t index, std::span<std::int32_t> tokens, std::span<std::int32_t> targets) const override;
   int classes() const override { return 16; }
 
  private:
   std::uint64_t seed_;
-  int prefix_;
+  int prefix_, pairs_;
 };
 
 // Byte-level language modelling over a slice [begin, end) of a file's bytes: sequence i is the window
