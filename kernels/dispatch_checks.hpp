@@ -1,5 +1,6 @@
-// Checks shared by the dispatchers of the kernel families that only the CPU backend implements yet:
-// they report "not supported on CUDA yet" instead of running somewhere else, and name null buffers.
+// Checks shared by the dispatchers of the selection and layer kernel families: an op that the CUDA
+// backend lacks (or a build without one) reports so instead of running somewhere else; null buffers
+// are named.
 #pragma once
 
 #include <ringcast/error.hpp>
@@ -12,6 +13,10 @@ namespace ringcast::kernels {
 inline void require_cpu(const ExecContext& ctx, const char* op) {
   RINGCAST_CHECK(ctx.device.kind == DeviceKind::kCpu, "{}: not supported on CUDA yet (only the CPU backend implements it)",
                  op);
+}
+
+[[noreturn]] inline void no_cuda_backend(const char* op) {
+  RINGCAST_THROW("{}: this build of ringcast has no CUDA backend (configure with -DRINGCAST_CUDA=ON)", op);
 }
 
 inline void require_pointers(const char* op, std::initializer_list<const void*> pointers) {

@@ -1,15 +1,21 @@
 // Routes the selection building blocks (summaries, CAST, routing, pooling, clustered page selection)
-// to their backend after validating the parameters once. Only the CPU backend implements them so far:
-// on a CUDA device they report "not supported" rather than run somewhere else.
+// to their backend after validating the parameters once. The CUDA backend implements the summaries,
+// the clustered selection (top-R, select_pages) and the device-resident selection and tables of
+// selection_device.hpp (CUDA only); on a CUDA device the other families report "not supported"
+// rather than run somewhere else.
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/cast.hpp>
 #include <ringcast/kernels/pooling.hpp>
 #include <ringcast/kernels/routing.hpp>
 #include <ringcast/kernels/selection.hpp>
+#include <ringcast/kernels/selection_device.hpp>
 #include <ringcast/kernels/summaries.hpp>
 
 #include "dispatch_checks.hpp"
 #include "cpu/selection_cpu.hpp"
+#if RINGCAST_WITH_CUDA
+#include "cuda/selection_cuda.hpp"
+#endif
 
 #include <algorithm>
 #include <initializer_list>
@@ -82,8 +88,12 @@ void page_summaries(const PageSummaryParams& p, const ExecContext& ctx) {
   validate(p.shape, kOp);
   require_pointers(kOp, {p.k, p.v, p.pages.key_mean, p.pages.value_mean, p.pages.key_min, p.pages.key_max,
                          p.pages.count});
-  require_cpu(ctx, kOp);
-  cpu::page_summaries(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::page_summaries(p);
+#if RINGCAST_WITH_CUDA
+  cuda::page_summaries(p, ctx.stream);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void coarse_summaries(const CoarseSummaryParams& p, const ExecContext& ctx) {
@@ -91,24 +101,36 @@ void coarse_summaries(const CoarseSummaryParams& p, const ExecContext& ctx) {
   validate(p.shape, kOp);
   require_pointers(kOp, {p.page_key_mean, p.page_value_mean, p.page_key_min, p.page_key_max, p.page_count,
                          p.blocks.key_mean, p.blocks.value_mean, p.blocks.key_min, p.blocks.key_max, p.blocks.count});
-  require_cpu(ctx, kOp);
-  cpu::coarse_summaries(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::coarse_summaries(p);
+#if RINGCAST_WITH_CUDA
+  cuda::coarse_summaries(p, ctx.stream);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void page_summaries_backward(const PageSummaryBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "page_summaries_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.d_key_mean, p.d_value_mean, p.d_k, p.d_v});
-  require_cpu(ctx, kOp);
-  cpu::page_summaries_backward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::page_summaries_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::page_summaries_backward(p, ctx.stream);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void coarse_summaries_backward(const CoarseSummaryBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "coarse_summaries_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.d_block_key_mean, p.d_block_value_mean, p.d_page_key_mean, p.d_page_value_mean});
-  require_cpu(ctx, kOp);
-  cpu::coarse_summaries_backward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::coarse_summaries_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::coarse_summaries_backward(p, ctx.stream);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void cast_affinities(const CastAffinityParams& p, const ExecContext& ctx) {
@@ -241,30 +263,113 @@ RemoteSelection select_remote_blocks(const RemoteSelectionParams& p, const ExecC
   constexpr const char* kOp = "select_remote_blocks";
   validate_selection(p.layout, p.options, p.queries, kOp);
   require_summaries(p.coarse, p.options.score, "coarse", kOp);
-  require_cpu(ctx, kOp);
-  return cpu::select_remote_blocks(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::select_remote_blocks(p);
+#if RINGCAST_WITH_CUDA
+  return cuda::select_remote_blocks(p, ctx.stream);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
-ClusteredSelection select_pages(const SelectionParams& p, const ExecContext& ctx) {
-  constexpr const char* kOp = "select_pages";
-  validate_selection(p.layout, p.options, p.queries, kOp);
-  require_summaries(p.coarse, p.options.score, "coarse", kOp);
-  require_summaries(p.pages, p.options.score, "page", kOp);
+namespace {
+
+void validate_select_pages(const SelectionParams& p, const char* op) {
+  validate_selection(p.layout, p.options, p.queries, op);
+  require_summaries(p.coarse, p.options.score, "coarse", op);
+  require_summaries(p.pages, p.options.score, "page", op);
   const ClusteredLayout& L = *p.layout;
   if (!p.usable_offsets.empty()) {
     RINGCAST_CHECK(p.usable_offsets.size() == static_cast<std::size_t>(L.num_tiles()) + 1 &&
                        p.usable_offsets.front() == 0 &&
                        p.usable_offsets.back() == static_cast<std::int64_t>(p.usable.size()) &&
                        std::is_sorted(p.usable_offsets.begin(), p.usable_offsets.end()),
-                   "{}: usable_offsets must be a CSR over the {} tiles of {} blocks", kOp, L.num_tiles(),
+                   "{}: usable_offsets must be a CSR over the {} tiles of {} blocks", op, L.num_tiles(),
                    p.usable.size());
   }
   for (const std::int64_t b : p.usable) {
     RINGCAST_CHECK(std::find(L.fetched.begin(), L.fetched.end(), b) != L.fetched.end(),
-                   "{}: a tile may use remote block {}, which the layout did not fetch", kOp, b);
+                   "{}: a tile may use remote block {}, which the layout did not fetch", op, b);
   }
-  require_cpu(ctx, kOp);
-  return cpu::select_pages(p);
+}
+
+// The device-resident calls exist on the CUDA backend only; the CPU backend has the host functions.
+void require_cuda(const ExecContext& ctx, const char* op, const char* host_function) {
+  RINGCAST_CHECK(ctx.device.kind == DeviceKind::kCuda, "{}: not supported on the CPU backend (use {})", op,
+                 host_function);
+}
+
+}  // namespace
+
+ClusteredSelection select_pages(const SelectionParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "select_pages";
+  validate_select_pages(p, kOp);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::select_pages(p);
+#if RINGCAST_WITH_CUDA
+  return cuda::select_pages(p, ctx.stream);
+#else
+  no_cuda_backend(kOp);
+#endif
+}
+
+void select_pages_to_slots(const SelectionParams& p, const SelectionSlots& out, const ExecContext& ctx) {
+  constexpr const char* kOp = "select_pages_to_slots";
+  validate_select_pages(p, kOp);
+  require_pointers(kOp, {out.counts});
+  RINGCAST_CHECK((p.options.top_k == 0 || out.pages) && (p.options.coarse_k == 0 || out.blocks),
+                 "{}: the page and block slots are required when top_k and coarse_k are positive", kOp);
+  require_cuda(ctx, kOp, "select_pages");
+#if RINGCAST_WITH_CUDA
+  cuda::select_pages_to_slots(p, out, ctx.stream);
+#else
+  no_cuda_backend(kOp);
+#endif
+}
+
+TableSize build_clustered_table_on_device(std::span<const ClusteredLayout> layouts, const SelectionOptions& options,
+                                          std::span<const SelectionSlots> selections, const DeviceTableStorage& out,
+                                          const ExecContext& ctx) {
+  constexpr const char* kOp = "build_clustered_table_on_device";
+  RINGCAST_CHECK(!layouts.empty() && layouts.size() == selections.size(),
+                 "{}: need one layout and one selection per KV head (got {} and {})", kOp, layouts.size(),
+                 selections.size());
+  const ClusteredLayout& first = layouts.front();
+  RINGCAST_CHECK(options.top_k >= 0 && options.window >= 0 && options.window <= first.block_keys(),
+                 "{}: need top_k >= 0 and a window in [0, {}] (got {}, {})", kOp, first.block_keys(), options.top_k,
+                 options.window);
+  for (std::size_t g = 0; g < layouts.size(); ++g) {
+    const ClusteredLayout& L = layouts[g];
+    L.validate();
+    RINGCAST_CHECK(L.n == first.n && L.first_pos == first.first_pos && L.n_loc == first.n_loc &&
+                       L.page_size == first.page_size && L.coarse_pages == first.coarse_pages &&
+                       L.num_pages() == first.num_pages(),
+                   "{}: the layout of KV head {} has another pool shape than KV head 0", kOp, g);
+    RINGCAST_CHECK(selections[g].counts && (options.top_k == 0 || selections[g].pages),
+                   "{}: the selection of KV head {} lacks its counts or page slots", kOp, g);
+  }
+  RINGCAST_CHECK(out.offsets && (out.entry_capacity == 0 || out.entries) &&
+                     (out.key_meta_capacity == 0 || out.key_meta),
+                 "{}: the offsets, and the entries and KeyMeta records of positive capacity, need buffers", kOp);
+  require_cuda(ctx, kOp, "build_clustered_table");
+#if RINGCAST_WITH_CUDA
+  return cuda::build_clustered_table_on_device(layouts, options, selections, out, ctx.stream);
+#else
+  no_cuda_backend(kOp);
+#endif
+}
+
+void transpose_on_device(const BlockTable& table, const AttentionShape& shape, std::int64_t* offsets, PageRef* refs,
+                         const ExecContext& ctx) {
+  constexpr const char* kOp = "transpose_on_device";
+  RINGCAST_CHECK(shape.batch >= 1 && shape.kv_heads >= 1 && shape.num_pages >= 1 && table.num_entries >= 0,
+                 "{}: need batch, kv_heads and num_pages >= 1 and num_entries >= 0", kOp);
+  RINGCAST_CHECK(table.offsets && offsets && (table.num_entries == 0 || (table.entries && refs)),
+                 "{}: a required buffer is null", kOp);
+  require_cuda(ctx, kOp, "transpose");
+#if RINGCAST_WITH_CUDA
+  cuda::transpose_on_device(table, shape, offsets, refs, ctx.stream);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 }  // namespace ringcast::kernels

@@ -3,6 +3,9 @@
 // the CPU backend on a small shape of the same pattern in the same run. Prints one table row and the
 // same row as a "csv," line (collected by scripts/bench_attention.py), and can dump the page lists
 // as .npy so that baselines (FlexAttention) run on exactly the same mask.
+// Patterns selection-tile and selection-row time the clustered mode's selection on one rank instead
+// (summaries, scoring + top-k of k pages per tile or per row, block table) next to the attention
+// over the table it builds, after checking the CUDA selection against the CPU backend.
 #pragma once
 
 #include <cstdint>
@@ -16,8 +19,8 @@ struct BenchKernelsOptions {
   int heads = 16;
   int kv_heads = 16;
   int head_dim = 128;
-  std::string pattern = "dense";  // dense | dense-causal | random-pages | per-row
-  int k = 16;                     // random-pages: pages per tile; per-row: pages per row
+  std::string pattern = "dense";  // dense | dense-causal | random-pages | per-row | selection-tile | selection-row
+  int k = 16;                     // pages per tile (random-pages, selection-tile) or per row (per-row, selection-row)
   std::uint64_t seed = 1;
   int warmup = 3;
   int repeats = 10;               // median of these

@@ -53,6 +53,14 @@ if [ "$bench" != off ] && [ -f scripts/bench_attention.py ]; then
   step bench-attention python3 scripts/bench_attention.py --ringcast "$build/bin/ringcast" --out "$log_dir" \
     $([ "$bench" = quick ] && echo --quick) --repeats 5
 fi
+# Selection (summaries, scoring + top-k, block table) beside the attention over the table it builds,
+# PERFORMANCE.md's bar being 25% of it: 1M tokens, 8 heads, per tile; 64K tokens, 64 / 4 heads, per row.
+bench_selection() {
+  "$build/bin/ringcast" bench kernels --pattern selection-tile --seq 1048576 --heads 8 --kv-heads 8 --k 16 \
+    --repeats 5 &&
+    "$build/bin/ringcast" bench kernels --pattern selection-row --seq 65536 --heads 64 --kv-heads 4 --k 16 --repeats 5
+}
+[ "$bench" != off ] && step bench-selection bench_selection
 
 echo
 echo "== gpu-check summary ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short=12 HEAD 2>/dev/null || cat .git-commit 2>/dev/null))"

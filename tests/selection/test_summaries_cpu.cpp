@@ -132,8 +132,10 @@ TEST(SummariesCpu, RejectsEmptySequenceAndCuda) {
   std::vector<std::int32_t> count(4);
   const SummaryPools pools{buf.data(), buf.data(), buf.data(), buf.data(), count.data()};
   EXPECT_THROW(page_summaries({s, buf.data(), buf.data(), pools}, ExecContext{}), Error);
+#if !RINGCAST_WITH_CUDA  // with the CUDA backend this is a launch (tests/gpu/test_summaries_gpu.cpp)
   s.seq = 8;
   EXPECT_THROW(page_summaries({s, buf.data(), buf.data(), pools}, ExecContext{Device{DeviceKind::kCuda, 0}}), Error);
+#endif
 }
 
 }  // namespace

@@ -3,7 +3,8 @@
 // pages per unit (tile or row), and the block table that turns selections into attention entries.
 // Everything is per (batch element, KV head); positions are global; a tile is kQueryTile rows of the
 // rank; ties in every top-k break toward the lower global index (blocks by id, pages by position).
-// Selection runs on the host (CPU backend); the layout, geometry and table builder are host code.
+// Top-R and selection run on either backend; the layout, geometry and table builder are host code
+// (selection_device.hpp keeps the selection and the table on a CUDA device instead).
 #pragma once
 
 #include <ringcast/kernels/attention.hpp>
