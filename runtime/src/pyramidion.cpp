@@ -3,6 +3,8 @@
 // its pair's output with one all_to_all_v, and merge the pairs with the single-process kernel
 // (kernels::halving_pool on sequences of two, so the merge weights exist once). Every input token sits
 // in exactly one pair, so the backward's transposed exchange assigns each input gradient exactly once.
+// A row's score is a function of that row alone and ties break by sequence position, so given the
+// same rows every P pairs alike and pools to bitwise the states of one process.
 // Nothing is kept between passes: the backward re-runs the rounds to rebuild plans and pairs.
 #include "pyramidion.hpp"
 
@@ -207,14 +209,15 @@ void PyramidionPool::run_rounds(const RunContext& rc, const float* x, float* out
   const std::int64_t rows = in_.rows(), D = dim_;
   float* logits = rc.scratch.get(kLogits);
   float* scores = rc.scratch.get(kScores);
-  kernels::LinearParams lin;
-  lin.rows = rows;
-  lin.in_dim = dim_;
-  lin.out_dim = 1;
-  lin.x = x;
-  lin.w = rc.p(w_);
-  lin.y = logits;
-  kernels::linear_forward(lin, rc.exec);
+  // The pairing is a hard decision on the scores, so a row's score must depend on that row alone,
+  // however many rows a rank holds. A GEMM promises no such thing (a BLAS picks its kernel and
+  // blocking by the matrix shape); one fixed-order dot product per row does.
+  const float* w = rc.p(w_);
+  for (std::int64_t i = 0; i < rows; ++i) {
+    double z = 0.0;
+    for (std::int64_t c = 0; c < D; ++c) z += double{w[c]} * double{x[i * D + c]};
+    logits[i] = static_cast<float>(z);
+  }
   const float bias = *rc.p(b_);
   for (std::int64_t i = 0; i < rows; ++i) scores[i] = 1.0f / (1.0f + std::exp(-(logits[i] + bias))) + kScoreFloor;
 

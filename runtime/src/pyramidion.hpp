@@ -1,7 +1,7 @@
 // Pyramidion pooling stage (ALGORITHMS.md §2) over a sequence sharded across ranks: the scorer
 // s = sigmoid(w·x + b) + 1e-5, then log2(n / pool_to) rounds of the successive-halving soft top-k over
-// the whole sequence (global sort, best paired with worst, ties to the lower index, survivors in
-// sequence order). After every round the survivors are rebalanced so that rank r holds survivors
+// the whole sequence (global sort, best paired with worst, ties to the lower sequence index, survivors
+// in sequence order). After every round the survivors are rebalanced so that rank r holds survivors
 // [r·m/P, (r+1)·m/P) of the m that remain; the pooled sequence is therefore contiguous per rank and its
 // RoPE positions are the survivor indices 0..pool_to-1 (one geometry for every batch element, whatever
 // each sequence selected). Encoder stacks only (the input geometry is bidirectional).
