@@ -3,7 +3,7 @@
 # package (find_package(ringcast) -> ringcast::ringcast, with ringcast::runtime/comm/kernels/base
 # under it) and ringcast.pc. Both locate ringcast relative to their own installed file, so the prefix
 # may move; its dependencies are found where this build found them. The libraries are static by
-# default, so their private dependencies (OpenMP, BLAS, cudart, NCCL) are part of the package's link.
+# default, so their private dependencies (OpenMP, BLAS, cuBLAS, cudart, NCCL) are part of the package's link.
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
@@ -41,7 +41,7 @@ if(RINGCAST_WITH_CUDA)
 endif()
 
 # ringcast.pc spells out what the imported targets above carry, from what the find modules found
-# here: MPI's include directories and libraries (so a plain c++ works), OpenMP, BLAS, cudart, NCCL;
+# here: MPI's include directories and libraries (so a plain c++ works), OpenMP, BLAS, cuBLAS, cudart, NCCL;
 # plus, as CMake does for imported libraries, a run path to those outside the linker's own directories
 # (the CUDA toolkit's, MPI's), so that what a plain c++ links also starts.
 set(ringcast_pc_cflags)
@@ -59,7 +59,7 @@ if(RINGCAST_WITH_CUDA)
   foreach(dir IN LISTS CUDAToolkit_INCLUDE_DIRS)
     list(APPEND ringcast_pc_cflags -I${dir})
   endforeach()
-  list(APPEND ringcast_pc_libs ${NCCL_LIBRARY} ${CUDA_cudart_LIBRARY})
+  list(APPEND ringcast_pc_libs ${NCCL_LIBRARY} ${CUDA_cublas_LIBRARY} ${CUDA_cudart_LIBRARY})
 endif()
 set(ringcast_pc_rpath)
 foreach(lib IN LISTS ringcast_pc_libs)

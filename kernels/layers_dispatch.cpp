@@ -1,11 +1,14 @@
 // Routes the per-token layers and the optimizer (layers.hpp) to their backend after validating the
-// parameters once. Only the CPU backend implements them so far: on a CUDA device they report
-// "not supported" rather than run somewhere else.
+// parameters once. Both backends implement every op; bf16 products exist on CUDA only, and the CPU
+// backend reports them "not supported" rather than compute something else.
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/layers.hpp>
 
 #include "dispatch_checks.hpp"
 #include "cpu/layers_cpu.hpp"
+#if RINGCAST_WITH_CUDA
+#include "cuda/layers_cuda.hpp"
+#endif
 
 #include <climits>
 #include <initializer_list>
@@ -22,6 +25,14 @@ void require_matrix(const char* op, std::int64_t rows, std::int64_t cols) {
 void validate_linear(const char* op, std::int64_t rows, int in_dim, int out_dim) {
   require_matrix(op, rows, in_dim);
   require_matrix(op, rows, out_dim);
+}
+
+// Products in fp32 anywhere, in bf16 where there are tensor cores (layers.hpp).
+void validate_precision(const char* op, DType dtype, const ExecContext& ctx) {
+  RINGCAST_CHECK(dtype == DType::kF32 || dtype == DType::kBF16,
+                 "{}: products in {} are not supported (f32, or bf16 on CUDA)", op, dtype_name(dtype));
+  RINGCAST_CHECK(dtype == DType::kF32 || ctx.device.kind == DeviceKind::kCuda,
+                 "{}: bf16 products are not supported on the CPU backend (it computes in fp32)", op);
 }
 
 void validate_rope(const RopeParams& p, const char* op) {
@@ -43,16 +54,26 @@ void linear_forward(const LinearParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "linear_forward";
   validate_linear(kOp, p.rows, p.in_dim, p.out_dim);
   require_pointers(kOp, {p.x, p.w, p.y});
-  require_cpu(ctx, kOp);
-  cpu::linear_forward(p);
+  validate_precision(kOp, p.dtype, ctx);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::linear_forward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::linear_forward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void linear_backward(const LinearBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "linear_backward";
   validate_linear(kOp, p.rows, p.in_dim, p.out_dim);
   require_pointers(kOp, {p.x, p.w, p.d_y, p.d_x, p.d_w});
-  require_cpu(ctx, kOp);
-  cpu::linear_backward(p);
+  validate_precision(kOp, p.dtype, ctx);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::linear_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::linear_backward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void rms_norm_forward(const RmsNormParams& p, const ExecContext& ctx) {
@@ -60,8 +81,12 @@ void rms_norm_forward(const RmsNormParams& p, const ExecContext& ctx) {
   require_matrix(kOp, p.rows, p.dim);
   RINGCAST_CHECK(p.eps > 0.0f, "{}: eps must be positive (got {})", kOp, p.eps);
   require_pointers(kOp, {p.x, p.g, p.y});
-  require_cpu(ctx, kOp);
-  cpu::rms_norm_forward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::rms_norm_forward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::rms_norm_forward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void rms_norm_backward(const RmsNormBackwardParams& p, const ExecContext& ctx) {
@@ -69,36 +94,56 @@ void rms_norm_backward(const RmsNormBackwardParams& p, const ExecContext& ctx) {
   require_matrix(kOp, p.rows, p.dim);
   RINGCAST_CHECK(p.eps > 0.0f, "{}: eps must be positive (got {})", kOp, p.eps);
   require_pointers(kOp, {p.x, p.g, p.d_y, p.d_x, p.d_g});
-  require_cpu(ctx, kOp);
-  cpu::rms_norm_backward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::rms_norm_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::rms_norm_backward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void rope_forward(const RopeParams& p, const ExecContext& ctx) {
   validate_rope(p, "rope_forward");
-  require_cpu(ctx, "rope_forward");
-  cpu::rope_forward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::rope_forward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::rope_forward(p, ctx);
+#else
+  no_cuda_backend("rope_forward");
+#endif
 }
 
 void rope_backward(const RopeParams& p, const ExecContext& ctx) {
   validate_rope(p, "rope_backward");
-  require_cpu(ctx, "rope_backward");
-  cpu::rope_backward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::rope_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::rope_backward(p, ctx);
+#else
+  no_cuda_backend("rope_backward");
+#endif
 }
 
 void swiglu_forward(const SwigluParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "swiglu_forward";
   RINGCAST_CHECK(p.count >= 0, "{}: count must not be negative (got {})", kOp, p.count);
   require_pointers(kOp, {p.a, p.b, p.h});
-  require_cpu(ctx, kOp);
-  cpu::swiglu_forward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::swiglu_forward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::swiglu_forward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void swiglu_backward(const SwigluBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "swiglu_backward";
   RINGCAST_CHECK(p.count >= 0, "{}: count must not be negative (got {})", kOp, p.count);
   require_pointers(kOp, {p.a, p.b, p.d_h, p.d_a, p.d_b});
-  require_cpu(ctx, kOp);
-  cpu::swiglu_backward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::swiglu_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::swiglu_backward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void embedding_forward(const EmbeddingParams& p, const ExecContext& ctx) {
@@ -106,8 +151,12 @@ void embedding_forward(const EmbeddingParams& p, const ExecContext& ctx) {
   require_matrix(kOp, p.vocab, p.dim);
   RINGCAST_CHECK(p.rows >= 0 && p.vocab >= 1, "{}: need rows >= 0 and vocab >= 1 (got {}, {})", kOp, p.rows, p.vocab);
   require_pointers(kOp, {p.ids, p.table, p.y});
-  require_cpu(ctx, kOp);
-  cpu::embedding_forward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::embedding_forward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::embedding_forward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void embedding_backward(const EmbeddingBackwardParams& p, const ExecContext& ctx) {
@@ -115,24 +164,36 @@ void embedding_backward(const EmbeddingBackwardParams& p, const ExecContext& ctx
   require_matrix(kOp, p.vocab, p.dim);
   RINGCAST_CHECK(p.rows >= 0 && p.vocab >= 1, "{}: need rows >= 0 and vocab >= 1 (got {}, {})", kOp, p.rows, p.vocab);
   require_pointers(kOp, {p.ids, p.d_y, p.d_table});
-  require_cpu(ctx, kOp);
-  cpu::embedding_backward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::embedding_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::embedding_backward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void token_pool_forward(const TokenPoolParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "token_pool_forward";
   validate_pool(p.batch, p.seq, p.dim, kOp);
   require_pointers(kOp, {p.x, p.pooled});
-  require_cpu(ctx, kOp);
-  cpu::token_pool_forward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::token_pool_forward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::token_pool_forward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void token_pool_backward(const TokenPoolBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "token_pool_backward";
   validate_pool(p.batch, p.seq, p.dim, kOp);
   require_pointers(kOp, {p.d_pooled, p.d_x});
-  require_cpu(ctx, kOp);
-  cpu::token_pool_backward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::token_pool_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::token_pool_backward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void linear_cross_entropy(const LinearCrossEntropyParams& p, const ExecContext& ctx) {
@@ -145,8 +206,13 @@ void linear_cross_entropy(const LinearCrossEntropyParams& p, const ExecContext& 
                  "{}: d_h and d_w go together (both for training, neither for evaluation)", kOp);
   RINGCAST_CHECK(!p.d_h || (p.bias == nullptr) == (p.d_bias == nullptr),
                  "{}: when training, d_bias is required exactly when bias is given", kOp);
-  require_cpu(ctx, kOp);
-  cpu::linear_cross_entropy(p);
+  validate_precision(kOp, p.dtype, ctx);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::linear_cross_entropy(p);
+#if RINGCAST_WITH_CUDA
+  cuda::linear_cross_entropy(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void adamw_step(const AdamWParams& p, const ExecContext& ctx) {
@@ -155,32 +221,54 @@ void adamw_step(const AdamWParams& p, const ExecContext& ctx) {
   RINGCAST_CHECK(p.beta1 >= 0.0f && p.beta1 < 1.0f && p.beta2 >= 0.0f && p.beta2 < 1.0f && p.eps > 0.0f,
                  "{}: need betas in [0, 1) and eps > 0 (got {}, {}, {})", kOp, p.beta1, p.beta2, p.eps);
   require_pointers(kOp, {p.param, p.grad, p.m, p.v});
-  require_cpu(ctx, kOp);
-  cpu::adamw_step(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::adamw_step(p);
+#if RINGCAST_WITH_CUDA
+  cuda::adamw_step(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void sum_of_squares(std::int64_t count, const float* x, double* result, const ExecContext& ctx) {
   constexpr const char* kOp = "sum_of_squares";
   RINGCAST_CHECK(count >= 0, "{}: count must not be negative (got {})", kOp, count);
   require_pointers(kOp, {x, result});
-  require_cpu(ctx, kOp);
-  *result = cpu::sum_of_squares(count, x);
+  if (ctx.device.kind == DeviceKind::kCpu) {
+    *result = cpu::sum_of_squares(count, x);
+    return;
+  }
+#if RINGCAST_WITH_CUDA
+  cuda::sum_of_squares(count, x, result, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void scale_in_place(std::int64_t count, float scale, float* x, const ExecContext& ctx) {
   constexpr const char* kOp = "scale_in_place";
   RINGCAST_CHECK(count >= 0, "{}: count must not be negative (got {})", kOp, count);
   require_pointers(kOp, {x});
-  require_cpu(ctx, kOp);
-  cpu::scale_in_place(count, scale, x);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::scale_in_place(count, scale, x);
+#if RINGCAST_WITH_CUDA
+  cuda::scale_in_place(count, scale, x, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void find_non_finite(std::int64_t count, const float* x, std::int32_t* found, const ExecContext& ctx) {
   constexpr const char* kOp = "find_non_finite";
   RINGCAST_CHECK(count >= 0, "{}: count must not be negative (got {})", kOp, count);
   require_pointers(kOp, {x, found});
-  require_cpu(ctx, kOp);
-  *found = cpu::has_non_finite(count, x) ? 1 : 0;
+  if (ctx.device.kind == DeviceKind::kCpu) {
+    *found = cpu::has_non_finite(count, x) ? 1 : 0;
+    return;
+  }
+#if RINGCAST_WITH_CUDA
+  cuda::find_non_finite(count, x, found, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 }  // namespace ringcast::kernels

@@ -4,11 +4,33 @@
 // this rank. Weights use the PyTorch Linear layout W [out, in]. Every backward output (activation or
 // parameter gradient) is added into: the caller zeroes the buffers it starts fresh. Reductions that
 // the caller needs (losses, norms, flags) are written through pointers into memory of the context's
-// device, so a device backend can stay asynchronous. Pointers are host memory on the CPU backend;
-// the CUDA backend does not implement these yet and reports so. Results do not depend on the number
-// of OpenMP threads except through the matrix products (fp32 rounding of BLAS blocking).
+// device, so a device backend can stay asynchronous. Pointers are host memory on the CPU backend and
+// memory of ctx.device on the CUDA backend. CPU results do not depend on the number of OpenMP threads
+// except through the matrix products (fp32 rounding of BLAS blocking).
+//
+// CUDA backend: work is enqueued on ctx.stream (any stream but cudaStreamPerThread) and never
+// synchronizes the host; ctx.device must be the current device. Matrix products run on cuBLAS with
+// one handle per (device, stream), created on first use and kept for the process, beside a grow-only
+// device scratch (bf16 operand copies, the cross-entropy's chunk of logits, partial sums) that is
+// reallocated, stream-ordered, only when a call needs more than every call before it on that stream:
+// a training loop allocates in its first step only. Calls on one stream from several host threads
+// take turns. Every sum runs over fixed blocks in a fixed order (no floating-point atomics), so
+// results repeat bitwise on one GPU model. Ids and targets are device memory, so a bad one cannot
+// raise an Error without synchronizing: an embedding id outside [0, vocab) gives a NaN row (and no
+// gradient), a target >= vocab a NaN loss and NaN gradients, which the non-finite checks
+// (find_non_finite, the loss check) then report.
+//
+// Precision of the matrix products (Linear, linear_cross_entropy): `dtype` and `allow_tf32` below.
+// Tensors in memory are fp32 whatever they say, so master weights and optimizer state stay fp32;
+// products accumulate in fp32.
+//   dtype = kF32 (default): exact fp32 products (SGEMM): CPU and CUDA agree to fp32 rounding.
+//   dtype = kBF16, CUDA only: the operands are rounded to bf16 (to nearest even) and multiplied on
+//     tensor cores, as in a bf16 training step; the CPU backend refuses it ("not supported").
+//   allow_tf32: kF32 products may run on TF32 tensor cores (10-bit mantissa) on CUDA. A permission,
+//     not a request: the CPU backend, which has none, computes in fp32; ignored with kBF16.
 #pragma once
 
+#include <ringcast/dtype.hpp>
 #include <ringcast/kernels/attention.hpp>
 
 #include <cstdint>
@@ -24,6 +46,8 @@ struct LinearParams {
   const float* w = nullptr;  // [out_dim, in_dim]
   float* y = nullptr;        // [rows, out_dim]
   bool accumulate = false;   // y += x Wᵀ (e.g. straight into the residual stream)
+  DType dtype = DType::kF32;  // product precision (top of file): kF32, or kBF16 on CUDA
+  bool allow_tf32 = false;
 };
 
 struct LinearBackwardParams {
@@ -35,6 +59,8 @@ struct LinearBackwardParams {
   const float* d_y = nullptr;  // [rows, out_dim]
   float* d_x = nullptr;        // [rows, in_dim], added into
   float* d_w = nullptr;        // [out_dim, in_dim], added into
+  DType dtype = DType::kF32;   // product precision (top of file): kF32, or kBF16 on CUDA
+  bool allow_tf32 = false;
 };
 
 void linear_forward(const LinearParams& p, const ExecContext& ctx);
@@ -75,7 +101,7 @@ void rms_norm_backward(const RmsNormBackwardParams& p, const ExecContext& ctx);
 struct RopeParams {
   std::int64_t rows = 0;
   int heads = 1;
-  int head_dim = 0;  // even
+  int head_dim = 0;  // even; at most 512 on CUDA
   float theta = 10000.0f;
   const std::int32_t* positions = nullptr;  // [rows]
   float* x = nullptr;                       // [rows, heads, head_dim]: Q or K forward, dQ or dK backward
@@ -106,8 +132,8 @@ void swiglu_forward(const SwigluParams& p, const ExecContext& ctx);
 void swiglu_backward(const SwigluBackwardParams& p, const ExecContext& ctx);
 
 // --- Token embedding: y[t] = table[ids[t]]. The backward adds d_y[t] into table row ids[t]; tokens
-// are bucketed by id and each row summed by one thread in token order, so it is deterministic. Ids
-// outside [0, vocab) are an error. ---
+// are bucketed by id and each row summed by one thread in token order, so it is deterministic (on
+// CUDA too: a stable sort by id). Ids outside [0, vocab) are an error (on CUDA: see the top). ---
 struct EmbeddingParams {
   std::int64_t rows = 0;
   int dim = 0;
@@ -188,6 +214,8 @@ struct LinearCrossEntropyParams {
   float* d_h = nullptr;                   // [rows, dim], added into; null (with d_w) for evaluation
   float* d_w = nullptr;                   // [vocab, dim], added into
   float* d_bias = nullptr;                // [vocab], added into; required with bias when training
+  DType dtype = DType::kF32;              // product precision (top of file): kF32, or kBF16 on CUDA
+  bool allow_tf32 = false;
 };
 
 void linear_cross_entropy(const LinearCrossEntropyParams& p, const ExecContext& ctx);
