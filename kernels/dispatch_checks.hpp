@@ -1,6 +1,5 @@
-// Checks shared by the dispatchers of the selection and layer kernel families: an op that the CUDA
-// backend lacks (or a build without one) reports so instead of running somewhere else; null buffers
-// are named.
+// Checks shared by the dispatchers of the selection and layer kernel families: a build without the
+// CUDA backend reports so instead of running somewhere else; null buffers are named.
 #pragma once
 
 #include <ringcast/error.hpp>
@@ -9,11 +8,6 @@
 #include <initializer_list>
 
 namespace ringcast::kernels {
-
-inline void require_cpu(const ExecContext& ctx, const char* op) {
-  RINGCAST_CHECK(ctx.device.kind == DeviceKind::kCpu, "{}: not supported on CUDA yet (only the CPU backend implements it)",
-                 op);
-}
 
 [[noreturn]] inline void no_cuda_backend(const char* op) {
   RINGCAST_THROW("{}: this build of ringcast has no CUDA backend (configure with -DRINGCAST_CUDA=ON)", op);

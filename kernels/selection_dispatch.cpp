@@ -1,8 +1,7 @@
 // Routes the selection building blocks (summaries, CAST, routing, pooling, clustered page selection)
-// to their backend after validating the parameters once. The CUDA backend implements the summaries,
-// the clustered selection (top-R, select_pages) and the device-resident selection and tables of
-// selection_device.hpp (CUDA only); on a CUDA device the other families report "not supported"
-// rather than run somewhere else.
+// to their backend after validating the parameters once. Both backends implement every family; the
+// device-resident selection and tables of selection_device.hpp exist on CUDA only, and shapes past a
+// CUDA kernel's limits are reported "not supported" by that kernel rather than run somewhere else.
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/cast.hpp>
 #include <ringcast/kernels/pooling.hpp>
@@ -14,6 +13,7 @@
 #include "dispatch_checks.hpp"
 #include "cpu/selection_cpu.hpp"
 #if RINGCAST_WITH_CUDA
+#include "cuda/seed_cuda.hpp"
 #include "cuda/selection_cuda.hpp"
 #endif
 
@@ -137,48 +137,72 @@ void cast_affinities(const CastAffinityParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_affinities";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.q, p.k, p.surrogates, p.a_q, p.a_k});
-  require_cpu(ctx, kOp);
-  cpu::cast_affinities(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_affinities(p);
+#if RINGCAST_WITH_CUDA
+  cuda::cast_affinities(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void cast_affinities_backward(const CastAffinityBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_affinities_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.q, p.k, p.surrogates, p.d_a_q, p.d_a_k, p.d_q, p.d_k, p.d_surrogates});
-  require_cpu(ctx, kOp);
-  cpu::cast_affinities_backward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_affinities_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::cast_affinities_backward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void cast_assign(const CastAssignParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_assign";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.a_q, p.a_k, p.members, p.counts});
-  require_cpu(ctx, kOp);
-  cpu::cast_assign(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_assign(p);
+#if RINGCAST_WITH_CUDA
+  cuda::cast_assign(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void cast_gather(const CastGatherParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_gather";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.q, p.k, p.v, p.q_gathered, p.k_pages, p.v_pages});
-  require_cpu(ctx, kOp);
-  cpu::cast_gather(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_gather(p);
+#if RINGCAST_WITH_CUDA
+  cuda::cast_gather(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void cast_gather_backward(const CastGatherBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_gather_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.d_q_gathered, p.d_k_pages, p.d_v_pages, p.d_q, p.d_k, p.d_v});
-  require_cpu(ctx, kOp);
-  cpu::cast_gather_backward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_gather_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::cast_gather_backward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void cast_summaries(const CastSummaryParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_summaries";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.a_k, p.k, p.v, p.key_summary, p.value_summary});
-  require_cpu(ctx, kOp);
-  cpu::cast_summaries(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_summaries(p);
+#if RINGCAST_WITH_CUDA
+  cuda::cast_summaries(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void cast_summaries_backward(const CastSummaryBackwardParams& p, const ExecContext& ctx) {
@@ -186,16 +210,24 @@ void cast_summaries_backward(const CastSummaryBackwardParams& p, const ExecConte
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.a_k, p.k, p.v, p.d_key_summary, p.d_value_summary, p.d_a_k, p.d_k,
                          p.d_v});
-  require_cpu(ctx, kOp);
-  cpu::cast_summaries_backward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_summaries_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::cast_summaries_backward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void cast_mix(const CastMixParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_mix";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.a_q, p.intra, p.value_summary, p.o});
-  require_cpu(ctx, kOp);
-  cpu::cast_mix(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_mix(p);
+#if RINGCAST_WITH_CUDA
+  cuda::cast_mix(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void cast_mix_backward(const CastMixBackwardParams& p, const ExecContext& ctx) {
@@ -203,24 +235,36 @@ void cast_mix_backward(const CastMixBackwardParams& p, const ExecContext& ctx) {
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.a_q, p.intra, p.value_summary, p.d_o, p.d_a_q, p.d_intra,
                          p.d_value_summary});
-  require_cpu(ctx, kOp);
-  cpu::cast_mix_backward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_mix_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::cast_mix_backward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void router_scores(const RouterScoreParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "router_scores";
   validate_router(p.batch, p.seq, p.dim, kOp);
   require_pointers(kOp, {p.x, p.u, p.s});
-  require_cpu(ctx, kOp);
-  cpu::router_scores(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::router_scores(p);
+#if RINGCAST_WITH_CUDA
+  cuda::router_scores(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void router_scores_backward(const RouterScoreBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "router_scores_backward";
   validate_router(p.batch, p.seq, p.dim, kOp);
   require_pointers(kOp, {p.x, p.u, p.d_s, p.d_x, p.d_u});
-  require_cpu(ctx, kOp);
-  cpu::router_scores_backward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::router_scores_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::router_scores_backward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void soft_topk(const SoftTopkParams& p, const ExecContext& ctx) {
@@ -231,32 +275,48 @@ void soft_topk(const SoftTopkParams& p, const ExecContext& ctx) {
                  "{}: the hard top-k of a sequence split across ranks needs the whole sequence; pass "
                  "top_indices = nullptr with a reduction and select globally",
                  kOp);
-  require_cpu(ctx, kOp);
-  cpu::soft_topk(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::soft_topk(p);
+#if RINGCAST_WITH_CUDA
+  cuda::soft_topk(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void soft_topk_backward(const SoftTopkBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "soft_topk_backward";
   validate_soft_topk(p.batch, p.seq, p.k, p.epsilon, p.iterations, p.reduce, kOp);
   require_pointers(kOp, {p.s, p.a_history, p.d_s_tilde, p.d_s});
-  require_cpu(ctx, kOp);
-  cpu::soft_topk_backward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::soft_topk_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::soft_topk_backward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void halving_pool(const HalvingParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "halving_pool";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.e, p.s, p.e_out, p.s_out});
-  require_cpu(ctx, kOp);
-  cpu::halving_pool(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::halving_pool(p);
+#if RINGCAST_WITH_CUDA
+  cuda::halving_pool(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 void halving_pool_backward(const HalvingBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "halving_pool_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.e, p.s, p.d_e_out, p.d_s_out, p.d_e, p.d_s});
-  require_cpu(ctx, kOp);
-  cpu::halving_pool_backward(p);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::halving_pool_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::halving_pool_backward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
 }
 
 RemoteSelection select_remote_blocks(const RemoteSelectionParams& p, const ExecContext& ctx) {

@@ -542,15 +542,11 @@ TEST(SelectionGpu, RejectsWhatTheCudaBackendDoesNotHold) {
   RemoteSelectionParams rp{&L, sp.options, sp.queries, sp.coarse};
   rp.options.remote_blocks = 33;
   expect_error([&] { select_remote_blocks(rp, cuda_context()); }, "remote_blocks 33 (at most 32)");
-  // The device-resident calls have no CPU backend; families the CUDA backend lacks say so.
+  // The device-resident calls have no CPU backend.
   const DeviceArray<std::int32_t> page_slots(8 * 16), counts(2 * 8);
   const DeviceArray<std::int64_t> block_slots(8 * 4);
   expect_error([&] { select_pages_to_slots(sp, {page_slots.get(), block_slots.get(), counts.get()}, {}); },
                "not supported on the CPU backend (use select_pages)");
-  CastShape cs;
-  cs.seq = 64;
-  expect_error([&] { cast_affinities({cs, buf.get(), buf.get(), buf.get(), buf.get(), buf.get()}, cuda_context()); },
-               "not supported on CUDA yet");
 }
 
 }  // namespace

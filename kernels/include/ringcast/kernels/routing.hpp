@@ -41,6 +41,10 @@ enum class ReduceOp { kSum, kMax };
 
 // Replaces values[0, count) in place by their reduction over the ranks that hold slices of the same
 // sequences, e.g. an MPI/NCCL allreduce over those ranks. fn == nullptr: each slice is a whole sequence.
+// values lives where the backend computes. CPU backend: host memory, reduced before fn returns. CUDA
+// backend: device memory; fn is called from the host while the kernels producing the values are
+// enqueued on ExecContext::stream but not yet run, and must enqueue its reduction on that stream (an
+// ncclAllReduce on it), so the T iterations run without a host synchronization.
 struct SliceAllReduce {
   void (*fn)(float* values, int count, ReduceOp op, void* user) = nullptr;
   void* user = nullptr;
