@@ -141,6 +141,32 @@ std::array<std::uint64_t, 2> full_row_mask(int rows) {
   return {low_bits(std::min(rows, 64)), low_bits(std::max(rows - 64, 0))};
 }
 
+void append_summary_entry(HostBlockTable& t, std::int64_t page, std::span<const std::array<std::uint64_t, 2>> key_rows,
+                          int page_size) {
+  BlockEntry e{};
+  e.page = static_cast<std::int32_t>(page);
+  e.key_meta = -1;
+  e.key_count = page_size;
+  e.flags = kEntryKeyBias;
+  e.key_mask = 0;
+  bool uniform = true;
+  for (int j = 0; j < page_size; ++j) {
+    const auto& m = key_rows[static_cast<std::size_t>(j)];
+    if (m[0] == 0 && m[1] == 0) continue;
+    if (e.key_mask != 0) uniform = uniform && m[0] == e.row_mask[0] && m[1] == e.row_mask[1];
+    e.key_mask |= std::uint64_t{1} << j;
+    e.row_mask[0] |= m[0];
+    e.row_mask[1] |= m[1];
+  }
+  if (e.key_mask == 0) return;
+  if (!uniform) {
+    e.key_meta = static_cast<std::int32_t>(t.key_meta.size());
+    for (const auto& m : key_rows.first(static_cast<std::size_t>(page_size)))
+      t.key_meta.push_back(KeyMeta{{m[0], m[1]}, 0.f, 0});
+  }
+  t.entries.push_back(e);
+}
+
 HostBlockTable dense_table(const AttentionShape& shape, std::span<const KeyRange> keys,
                            std::span<const std::int32_t> q_pos, bool causal) {
   return build_table(shape, keys, q_pos, causal, std::nullopt);

@@ -1,7 +1,9 @@
-// `ringcast bench <what>`: `comm` (communication test, all-to-all included) and `kernels` (the CUDA
-// attention kernel on one configuration, checked against the CPU backend first; see bench_kernels.hpp
-// and scripts/bench_attention.py, which runs it beside PyTorch's baselines).
+// `ringcast bench <what>`: `layer` (one distributed attention layer over a sweep of configurations;
+// bench_layer.hpp, driven by scripts/scaling.sh), `comm` (communication test: ring shift, all-gather,
+// all-to-all) and `kernels` (the CUDA attention kernel on one configuration, checked against the CPU
+// backend first; see bench_kernels.hpp and scripts/bench_attention.py, which runs it beside PyTorch's).
 #include "bench_kernels.hpp"
+#include "bench_layer.hpp"
 #include "commands.hpp"
 
 #include <fmt/format.h>
@@ -42,14 +44,16 @@ int bench_command(const CommandLine& cmd) {
   const std::string what = cmd.args.empty() ? std::string() : cmd.args[0];
   if (what.empty() || what == "--help" || what == "-h") {
     if (rank == 0)
-      fmt::print("usage: ringcast bench comm [options]      communication test (ringcast bench comm --help)\n"
+      fmt::print("usage: ringcast bench layer [options]     attention layer sweep (ringcast bench layer --help)\n"
+                 "       ringcast bench comm [options]      communication test (ringcast bench comm --help)\n"
                  "       ringcast bench kernels [options]   CUDA attention kernel (ringcast bench kernels --help)\n");
     return what.empty() ? 2 : 0;
   }
   const CommandLine sub{"bench " + what, {cmd.args.begin() + 1, cmd.args.end()}};
+  if (what == "layer") return bench_layer_main(sub);
   if (what == "comm") return comm_test_main(sub, "ring,allgather,alltoall");
   if (what == "kernels") return kernels_main(sub, rank);
-  throw UsageError(fmt::format("ringcast bench: unknown benchmark '{}' (comm, kernels)", what));
+  throw UsageError(fmt::format("ringcast bench: unknown benchmark '{}' (layer, comm, kernels)", what));
 }
 
 }  // namespace ringcast::launch

@@ -30,10 +30,12 @@
 namespace ringcast::launch {
 namespace {
 
-// Inputs and, after run(), the host copies of the outputs.
+// Inputs and, after run(), the host copies of the outputs. s: the surrogates [h_kv, c, d] when the
+// layer takes them (the same seeded values on every rank), d_s this rank's part of their gradient.
 struct Tensors {
   LayerInputs in;
-  std::vector<float> o, lse, d_q, d_k, d_v;
+  std::vector<float> s;
+  std::vector<float> o, lse, d_q, d_k, d_v, d_s;
 };
 
 // Rounds through the storage dtype (bf16 and f16 keep 8 and 11 significand bits).
@@ -86,8 +88,16 @@ double rel_error(const std::vector<float>& x, const std::vector<float>& ref) {
 void run(const Session& session, DistributedAttention& layer, Tensors& t) {
   TensorArena arena(session);
   const LayerTensors x = arena.layer(layer.shape(), t.in);
-  layer.forward({x.q, x.k, x.v, x.o, x.lse});
-  layer.backward({x.q, x.k, x.v, x.o, x.lse, x.d_o, x.d_q, x.d_k, x.d_v});
+  TensorView s, d_s;
+  if (layer.options().uses_surrogates()) {
+    const auto [h_kv, c, d] = surrogate_shape(layer.shape(), layer.options());
+    const std::vector<float> zeros(t.s.size(), 0.f);
+    s = arena.make({h_kv, c, d}, layer.shape().dtype, &t.s);
+    d_s = arena.make({h_kv, c, d}, DType::kF32, &zeros);
+  }
+  layer.forward({x.q, x.k, x.v, x.o, x.lse, s});
+  layer.backward({x.q, x.k, x.v, x.o, x.lse, x.d_o, x.d_q, x.d_k, x.d_v, s, d_s});
+  if (d_s.data) t.d_s = arena.download(d_s);
   t.o = arena.download(x.o);
   t.lse = arena.download(x.lse);
   t.d_q = arena.download(x.d_q);
@@ -96,14 +106,54 @@ void run(const Session& session, DistributedAttention& layer, Tensors& t) {
 }
 
 // The clustered mode's budgets raised until every unit selects every eligible page and every rank
-// fetches every remote block: the setting in which it equals exact attention.
+// fetches every remote block: the setting in which it equals exact attention. Surrogate clusters
+// are pages too; they are exact so only when every token lies in one cluster (single assignment with
+// c * page_size >= n_loc) and the joint combine mixes nothing.
 void cover_every_page(const LayerShape& shape, AttentionOptions& o) {
   validate(shape, o);  // a bad page size or block fails here with its own message
-  const auto blocks = static_cast<int>(shape.seq_len / o.coarse_block());
-  o.top_k = static_cast<int>(shape.seq_len / o.page_size);
+  if (o.uses_surrogates() &&
+      (o.assignment != SurrogateAssignment::kSingle || o.combine != ClusterCombine::kJoint ||
+       std::int64_t{o.resolved_surrogate_clusters(shape)} * o.page_size < shape.local_len()))
+    throw UsageError(
+        "ringcast check compares with exact attention: surrogate clusters are exact only with --assignment single, "
+        "--combine joint and at least n_loc / page-size clusters (the test suite checks the others against a "
+        "float64 reference of the same algorithm)");
+  const std::int64_t pages =
+      o.uses_surrogates() ? std::int64_t{shape.ranks} * o.resolved_surrogate_clusters(shape) : shape.seq_len / o.page_size;
+  const auto blocks = static_cast<int>(pages / o.coarse_pages);
+  o.top_k = static_cast<int>(pages);
   o.coarse_k = o.remote_blocks = o.remote_cap = blocks;
   log::info("ringcast check: clustered budgets widened to cover every page (top-k {}, coarse-k, remote-blocks and "
             "remote-cap {}), where the mode is exact", o.top_k, blocks);
+}
+
+// The clustered mode with surrogate clusters: what its extra files hold and how its entries read.
+std::string surrogate_readme(const LayerShape& s, const AttentionOptions& o) {
+  const int c = o.resolved_surrogate_clusters(s);
+  return fmt::format(
+      "  entries    int64   [num_entries, 9]         what the forward attended, per (batch, tile, KV head)\n"
+      "  clusters   int32   [B, h_kv, c, ps]          the rank's clusters: global positions of the members of\n"
+      "                                               cluster i of KV head g (ascending), -1 in padding slots\n"
+      "  surrogates float32 [h_kv, c, d]              the surrogate tokens S (the same on every rank)\n"
+      "  d_surrogates float32 [h_kv, c, d]            this rank's part of dLoss/dS (the sum over ranks is dS)\n"
+      "\n"
+      "Surrogate (CAST) clusters: assignment {}, combine {}, c = {} clusters of page_size = {} slots per rank\n"
+      "and KV head, coarse blocks of coarse_pages = {} clusters. A_q = q.S (per query head), A_k = k.S; a\n"
+      "cluster's summary is the softmax(A_k)-weighted mean of its members' keys and values.\n"
+      "entries.npy columns as in the blocks mode (0 batch, 1 tile: local rows [128 tile, 128 tile + 128),\n"
+      "2 first_row_pos, 3 kv_head, 4 kind, 5 global_id, 6 row_mask_lo, 7 row_mask_hi, 8 causal = 0), with\n"
+      "clusters for pages: global cluster id = rank * c + i (rows of rank{{rank}}_clusters.npy), global block\n"
+      "id = global cluster id / coarse_pages. Kinds:\n"
+      "  0 window          global cluster global_id: the row's own cluster (its members' keys, exact)\n"
+      "  1 selected        global cluster global_id, exact (chosen by top-k)\n"
+      "  2 page_summary    one key standing for cluster global_id: softmax(A_k)-weighted mean key and\n"
+      "                    value, logit bias + log(members)\n"
+      "  3 coarse_summary  one key standing for block global_id: the count-weighted mean of its clusters'\n"
+      "                    summaries, logit bias + log(members of the block)\n"
+      "combine = joint: every non-empty cluster is counted once for every row, at one of these resolutions.\n"
+      "combine = cast: entries list each row's own clusters only (the intra-cluster attention); the output\n"
+      "mixes them with every surrogate's summary over all ranks, weighted by softmax(A_q).\n",
+      name(o.assignment), name(o.combine), c, o.page_size, o.coarse_pages);
 }
 
 // The README of a dump: every file, its shape, dtype and columns, and the options as run.
@@ -141,6 +191,7 @@ std::string dump_readme(const LayerShape& s, const AttentionOptions& o, std::uin
       "  d_k, d_v   float32 [B, n_loc, h_kv, d]\n",
       s.local_len());
   if (!clustered) return t + "(entries.npy is written in the clustered mode only: the exact modes attend every visible key.)\n";
+  if (o.uses_surrogates()) return t + surrogate_readme(s, o);
   t += fmt::format(
       "  entries    int64   [num_entries, 9]         what the forward attended, per (batch, tile, KV head)\n"
       "\n"
@@ -187,6 +238,12 @@ void write_dump(const std::string& dir, int rank, const DistributedAttention& la
                                static_cast<std::int64_t>(e.row_mask[1]), e.causal});
     write_npy(path("entries"), rows, {static_cast<std::int64_t>(entries.size()), 9});
   }
+  if (layer.options().uses_surrogates()) {
+    const auto [h_kv, c, d_s] = surrogate_shape(s, layer.options());
+    write_npy(path("clusters"), layer.cluster_members(), {b, h_kv, c, layer.options().page_size});
+    write_npy(path("surrogates"), t.s, {h_kv, c, d_s});
+    write_npy(path("d_surrogates"), t.d_s, {h_kv, c, d_s});
+  }
   if (rank == 0) {
     std::ofstream f(dir + "/README.txt");
     f << dump_readme(s, layer.options(), seed);
@@ -196,6 +253,51 @@ void write_dump(const std::string& dir, int rank, const DistributedAttention& la
 }
 
 }  // namespace
+
+std::vector<std::pair<std::string, double>> reference_errors(const Session& session, DistributedAttention& layer,
+                                                             std::uint64_t seed, const std::string& dump_dir) {
+  const LayerShape& s = layer.shape();
+  const std::size_t qn = std::size_t(s.batch) * s.seq_len * s.heads * s.head_dim;
+  const std::size_t kn = std::size_t(s.batch) * s.seq_len * s.kv_heads * s.head_dim;
+  Tensors global;
+  global.in = {random_tensor(qn, seed, s.dtype), random_tensor(kn, seed + 1, s.dtype),
+               random_tensor(kn, seed + 2, s.dtype), random_tensor(qn, seed + 3, s.dtype)};
+  const auto pos = layer.positions();
+  const int qrow = s.heads * s.head_dim, krow = s.kv_heads * s.head_dim;
+  Tensors mine;
+  mine.in = {rows(global.in.q, s.batch, s.seq_len, qrow, pos), rows(global.in.k, s.batch, s.seq_len, krow, pos),
+             rows(global.in.v, s.batch, s.seq_len, krow, pos), rows(global.in.d_o, s.batch, s.seq_len, qrow, pos)};
+  if (layer.options().uses_surrogates()) {
+    const auto [h_kv, c, d] = surrogate_shape(s, layer.options());
+    mine.s = random_tensor(static_cast<std::size_t>(h_kv * c * d), seed + 4, s.dtype);
+  }
+  run(session, layer, mine);
+  if (!dump_dir.empty()) write_dump(dump_dir, session.rank(), layer, mine, seed);
+
+  // The reference: the same layer on one rank, whole sequence, CPU backend in fp32.
+  Session self = Session::from_mpi(MPI_COMM_SELF, Backend::kCpu);
+  LayerShape whole = s;
+  whole.ranks = 1;
+  whole.dtype = DType::kF32;
+  AttentionOptions exact;
+  exact.mode = AttentionMode::kRing;
+  exact.placement = Placement::kContiguous;
+  DistributedAttention reference(self, whole, exact);
+  run(self, reference, global);
+
+  std::vector<std::pair<std::string, double>> errors{
+      {"o", rel_error(mine.o, rows(global.o, s.batch, s.seq_len, qrow, pos))},
+      {"lse", rel_error(mine.lse, lse_rows(global.lse, s.batch, s.heads, s.seq_len, pos))},
+      {"d_q", rel_error(mine.d_q, rows(global.d_q, s.batch, s.seq_len, qrow, pos))},
+      {"d_k", rel_error(mine.d_k, rows(global.d_k, s.batch, s.seq_len, krow, pos))},
+      {"d_v", rel_error(mine.d_v, rows(global.d_v, s.batch, s.seq_len, krow, pos))}};
+  for (auto& [what, err] : errors) {
+    double worst = 0;
+    MPI_Allreduce(&err, &worst, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    err = worst;
+  }
+  return errors;
+}
 
 int check_command(const CommandLine& cmd) {
   int rank = 0, world = 1;
@@ -228,43 +330,12 @@ int check_command(const CommandLine& cmd) {
             shape.seq_len, shape.ranks, shape.heads, shape.kv_heads, shape.head_dim,
             shape.causal ? "causal" : "bidirectional", dtype_name(shape.dtype));
 
-  const auto& s = shape;
-  const std::size_t qn = std::size_t(s.batch) * s.seq_len * s.heads * s.head_dim;
-  const std::size_t kn = std::size_t(s.batch) * s.seq_len * s.kv_heads * s.head_dim;
-  Tensors global;
-  global.in = {random_tensor(qn, seed, s.dtype), random_tensor(kn, seed + 1, s.dtype),
-               random_tensor(kn, seed + 2, s.dtype), random_tensor(qn, seed + 3, s.dtype)};
-  const auto pos = layer.positions();
-  const int qrow = s.heads * s.head_dim, krow = s.kv_heads * s.head_dim;
-  Tensors mine;
-  mine.in = {rows(global.in.q, s.batch, s.seq_len, qrow, pos), rows(global.in.k, s.batch, s.seq_len, krow, pos),
-             rows(global.in.v, s.batch, s.seq_len, krow, pos), rows(global.in.d_o, s.batch, s.seq_len, qrow, pos)};
-  run(session, layer, mine);
-  if (vm.count("dump")) write_dump(vm["dump"].as<std::string>(), rank, layer, mine, seed);
-
-  // The reference: the same layer on one rank, whole sequence, CPU backend in fp32.
-  Session self = Session::from_mpi(MPI_COMM_SELF, Backend::kCpu);
-  LayerShape whole = shape;
-  whole.ranks = 1;
-  whole.dtype = DType::kF32;
-  AttentionOptions exact;
-  exact.mode = AttentionMode::kRing;
-  exact.placement = Placement::kContiguous;
-  DistributedAttention reference(self, whole, exact);
-  run(self, reference, global);
-
-  const std::vector<std::pair<std::string, double>> errors{
-      {"o", rel_error(mine.o, rows(global.o, s.batch, s.seq_len, qrow, pos))},
-      {"lse", rel_error(mine.lse, lse_rows(global.lse, s.batch, s.heads, s.seq_len, pos))},
-      {"d_q", rel_error(mine.d_q, rows(global.d_q, s.batch, s.seq_len, qrow, pos))},
-      {"d_k", rel_error(mine.d_k, rows(global.d_k, s.batch, s.seq_len, krow, pos))},
-      {"d_v", rel_error(mine.d_v, rows(global.d_v, s.batch, s.seq_len, krow, pos))}};
-  const double tolerance = s.dtype == DType::kF32 ? 1e-5 : 1e-2;
+  const std::vector<std::pair<std::string, double>> errors =
+      reference_errors(session, layer, seed, vm.count("dump") ? vm["dump"].as<std::string>() : std::string());
+  const double tolerance = shape.dtype == DType::kF32 ? 1e-5 : 1e-2;
   Report report;
   bool ok = true;
-  for (const auto& [what, err] : errors) {
-    double worst = 0;
-    MPI_Allreduce(&err, &worst, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  for (const auto& [what, worst] : errors) {
     const bool pass = worst <= tolerance;  // NaN fails
     ok = ok && pass;
     report.add_row()

@@ -1,4 +1,4 @@
-// `ringcast train`: trains a ringcast::Model (CPU backend) sharded over the ranks by sequence: a
+// `ringcast train`: trains a ringcast::Model (CPU or CUDA backend) sharded over the ranks by sequence: a
 // decoder on associative recall, needle retrieval or a file's bytes, or an encoder with a
 // classification head on ListOps or prefix retrieval, with the seed methods as options. Every rank
 // builds the same global batches and keeps its rows (data.hpp). Rank 0 prints a progress line every
@@ -206,7 +206,9 @@ int train_command(const CommandLine& cmd) {
       ("checkpoint", po::value<std::string>()->default_value(""), "checkpoint file; {step} in the name is replaced "
                                                                   "by the step")
       ("checkpoint-every", po::value<int>()->default_value(0), "write the checkpoint every N steps (0: only at the end)")
-      ("resume", po::value<std::string>()->default_value(""), "continue from this checkpoint");
+      ("resume", po::value<std::string>()->default_value(""), "continue from this checkpoint")
+      ("backend", po::value<std::string>()->default_value("auto"),
+       "auto|cpu|cuda; auto: CUDA where a device exists, the CPU for CoLT5, Pyramidion, VCC and clustered attention");
   po::variables_map vm;
   if (!parse_options(cmd, desc, vm, "usage: mpirun -np P ringcast train [--config FILE] [options]", rank == 0))
     return 0;
@@ -214,7 +216,7 @@ int train_command(const CommandLine& cmd) {
   LayerShape layer;
   ModelConfig config;
   AttentionOptions attention;
-  read_layer_options(vm, world, layer, attention);
+  read_layer_options(vm, world, layer, attention, !classification_task(vm["task"].as<std::string>()));
   read_model_options(vm, layer, attention, config);
   const SequenceShape shape{layer.seq_len, layer.batch};
   AdamWConfig adam;
@@ -255,6 +257,9 @@ int train_command(const CommandLine& cmd) {
   if (t.task == "prefix-recall" && (t.prefix < 2 || shape.seq_len < t.prefix + 8 || t.pairs < 1 || t.pairs > 64))
     throw UsageError(fmt::format("--task prefix-recall needs --prefix >= 2, --seq-len >= prefix + 8 and --pairs in "
                                  "[1, 64] (prefix {}, seq-len {}, pairs {})", t.prefix, shape.seq_len, t.pairs));
+  const std::string backend = vm["backend"].as<std::string>();
+  if (backend != "auto" && backend != "cpu" && backend != "cuda")
+    throw UsageError(fmt::format("--backend: unknown backend '{}' (auto|cpu|cuda)", backend));
   if (t.checkpoint_every < 0) throw UsageError("--checkpoint-every must be >= 0");
   if (t.checkpoint_every > 0 && t.checkpoint.empty()) throw UsageError("--checkpoint-every needs --checkpoint FILE");
   const OutputSpec output = OutputSpec::from_options(vm);
@@ -265,7 +270,13 @@ int train_command(const CommandLine& cmd) {
   }
   const bool encoder = config.kind == ModelKind::kEncoder;
 
-  Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
+  // auto: CUDA where a device exists, unless the model has layers that only the CPU backend runs.
+  const bool cpu_only = config.colt5.enabled || config.vcc.enabled || !config.pyramidion.pool_after.empty() ||
+                        config.attention.mode == AttentionMode::kClustered;
+  const Backend chosen = backend == "cpu" || (backend == "auto" && cpu_only) ? Backend::kCpu
+                         : backend == "cuda"                              ? Backend::kCuda
+                                                                          : Backend::kAuto;
+  Session session = Session::from_mpi(MPI_COMM_WORLD, chosen);
   reset_peak_allocated_bytes();
   Model model(session, config, shape);
   const TrainerState trainer = TrainerState::of(t, shape, config.seed);
@@ -276,15 +287,18 @@ int train_command(const CommandLine& cmd) {
     log::info("resumed from {} after step {}", t.resume, model.steps_taken());
   }
   log::info("ringcast {} ({}): training a {}-layer {} (D = {}, h = {}, h_kv = {}, d = {}, F = {}; {} parameters{}) "
-            "on {}, n = {}, batch = {}, {} attention, {} rank(s) on the CPU backend",
+            "on {}, n = {}, batch = {}, {} attention, {} rank(s) on {}",
             version(), git_commit(), config.layers, encoder ? "encoder" : "decoder", config.dim, config.heads,
             config.kv_heads, config.head_dim, config.ffn_hidden, model.num_parameters(),
             std::string(config.colt5.enabled ? ", CoLT5" : "") + (config.vcc.enabled ? ", VCC" : "") +
                 (config.pyramidion.pool_after.empty() ? "" : ", Pyramidion pooling") +
                 (config.attention.clusters == ClusterKind::kSurrogate ? ", CAST clusters" : ""),
-            t.task == "bytes" ? t.data : t.task, shape.seq_len, shape.batch, name(config.attention.mode), world);
+            t.task == "bytes" ? t.data : t.task, shape.seq_len, shape.batch, name(config.attention.mode), world,
+            session.device().kind == DeviceKind::kCuda
+                ? fmt::format("CUDA devices ({} products, {} communicator)", dtype_name(model.compute_dtype()),
+                              session.comm().backend_name())
+                : std::string("the CPU backend"));
 
-  auto& comm = session.comm();
   Report steps;
   LocalBatch batch;
   Evaluation last_eval;
@@ -300,9 +314,10 @@ int train_command(const CommandLine& cmd) {
     const TargetCounts counts = model.last_targets();
     adam.lr = learning_rate(t, step);
     model.step(adam);
+    synchronize(session.device(), session.stream());  // the step's device work is part of its time
     // The slowest rank sets the pace; one all-reduce also brings rank 0 the largest peak.
     double slowest[2] = {MPI_Wtime() - t0, static_cast<double>(peak_allocated_bytes())};
-    comm.all_reduce({slowest, 2, DType::kF64}, {slowest, 2, DType::kF64}, comm::ReduceOp::kMax);
+    MPI_Allreduce(MPI_IN_PLACE, slowest, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     train_s += slowest[0];
     peak_bytes = slowest[1];
     const double accuracy = static_cast<double>(counts.correct) / static_cast<double>(counts.count);

@@ -4,9 +4,17 @@
 
 #include "cli.hpp"
 
+#include <cstdint>
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
+
+namespace ringcast {
+class Session;
+class DistributedAttention;
+}  // namespace ringcast
 
 namespace ringcast::launch {
 
@@ -26,5 +34,13 @@ std::span<const Command> commands();
 
 // The communication test behind `run` and `bench comm` (cmd_run.cpp).
 int comm_test_main(const CommandLine& cmd, const std::string& default_ops);
+
+// The comparison behind `check` and `bench layer --verify` (cmd_check.cpp). Collective: every rank
+// builds the same seeded inputs of the whole sequence (rounded to the layer's dtype), runs its shard
+// through `layer`, and the whole sequence through exact attention on one rank (CPU backend, fp32).
+// Returns the relative errors of o, lse, d_q, d_k, d_v, worst over the ranks. A non-empty
+// `dump_dir` also writes `check --dump`'s files there.
+std::vector<std::pair<std::string, double>> reference_errors(const Session& session, DistributedAttention& layer,
+                                                             std::uint64_t seed, const std::string& dump_dir);
 
 }  // namespace ringcast::launch

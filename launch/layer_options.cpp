@@ -22,6 +22,12 @@ void add_attention_options(po::options_description& desc) {
       ("mode", po::value<std::string>()->default_value("ring"), "ring|ulysses|allgather|clustered")
       ("placement", po::value<std::string>()->default_value("auto"), "auto|contiguous|zigzag")
       ("clusters", po::value<std::string>()->default_value("blocks"), "clustered: blocks|surrogate")
+      ("surrogate-clusters", po::value<int>()->default_value(0),
+       "clustered, surrogate: clusters per rank and KV head (0 = n_loc / page-size)")
+      ("assignment", po::value<std::string>()->default_value("single"),
+       "clustered, surrogate: single (single-assignment Top-K, capacity page-size)|topk")
+      ("combine", po::value<std::string>()->default_value("joint"),
+       "clustered, surrogate: joint (one softmax with summaries)|cast (CAST's mix)")
       ("selection", po::value<std::string>()->default_value("auto"), "clustered: auto|tile|row")
       ("score", po::value<std::string>()->default_value("bound"), "clustered: bound|mean")
       ("page-size", po::value<int>()->default_value(64), "clustered: keys per page (32|64|128)")
@@ -50,7 +56,8 @@ void add_model_layer_options(po::options_description& desc, std::int64_t default
   add_attention_options(desc);
 }
 
-void read_layer_options(const po::variables_map& vm, int world_size, LayerShape& s, AttentionOptions& o) {
+void read_layer_options(const po::variables_map& vm, int world_size, LayerShape& s, AttentionOptions& o,
+                        bool causal) {
   try {
     s.seq_len = vm["seq-len"].as<std::int64_t>();
     s.ranks = vm.count("ranks") ? vm["ranks"].as<int>() : world_size;
@@ -59,10 +66,13 @@ void read_layer_options(const po::variables_map& vm, int world_size, LayerShape&
     s.kv_heads = vm["kv-heads"].as<int>();
     s.head_dim = vm["head-dim"].as<int>();
     s.dtype = vm.count("dtype") ? parse_dtype(vm["dtype"].as<std::string>()) : DType::kF32;
-    s.causal = vm.count("causal") ? vm["causal"].as<bool>() : true;
+    s.causal = vm.count("causal") ? vm["causal"].as<bool>() : causal;
     o.mode = parse_mode(vm["mode"].as<std::string>());
     o.placement = parse_placement(vm["placement"].as<std::string>());
     o.clusters = parse_clusters(vm["clusters"].as<std::string>());
+    o.surrogate_clusters = vm["surrogate-clusters"].as<int>();
+    o.assignment = parse_assignment(vm["assignment"].as<std::string>());
+    o.combine = parse_combine(vm["combine"].as<std::string>());
     o.selection = parse_selection(vm["selection"].as<std::string>());
     o.score = parse_score(vm["score"].as<std::string>());
     o.page_size = vm["page-size"].as<int>();

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with an NVIDIA GPU, configure with CUDA on, build, run the whole test
 # suite including the `gpu` tests (NCCL tests run 4 ranks on one GPU, each rank with its own
-# NCCL_HOSTID), run `ringcast run` on 4 NCCL ranks, and run the attention benchmark beside PyTorch's
-# baselines. Everything is logged to LOG_DIR (default build-gpu/gpu-check), one file per step, and a
-# summary is printed last.
+# NCCL_HOSTID), run `ringcast run` on 4 NCCL ranks, the scaling sweep (scripts/scaling.sh, quick size,
+# ranks sharing the GPU), and the attention benchmark beside PyTorch's baselines. Everything is logged
+# to LOG_DIR (default build-gpu/gpu-check), one file per step, and a summary is printed last.
 #   usage: scripts/gpu-check.sh [LOG_DIR]
 #   env: CUDA_ARCH (default 90), JOBS, BENCH=quick|full|off, PROFILE=1|0, CPU_TESTS=1|0 (CI runs those)
 # Dependencies the machine lacks travel as Debian packages in .gpu-deps/ (scripts/gpu-env.sh); a tree
@@ -42,6 +42,11 @@ for mode in ring ulysses allgather; do
 done
 step run-1-rank-64k "$build/bin/ringcast" run --seq-len 65536 --heads 16 --kv-heads 16 --head-dim 128 \
   --output csv "$log_dir/run-1-rank-64k.csv"
+# Scaling sweep at a quick GPU size (under 2 minutes): 4 ranks share the one GPU through NCCL_HOSTID and
+# sockets, so the times are "correct, slow" (the label says so on every plot), not a scaling result.
+step scaling-4-ranks-shared-gpu scripts/scaling.sh --ringcast "$build/bin/ringcast" --out "$log_dir/scaling" \
+  --max-ranks 4 --seq-len 16384 --tokens-per-rank 4096 --heads 8 --head-dim 128 --iters 3 --comm-max-bytes 16M \
+  --machine configs/machines/8xh100-nvlink.conf --label "4 ranks share one GPU (NCCL_HOSTID, sockets): correct, slow"
 if command -v ncu >/dev/null && [ "${PROFILE:-1}" = 1 ]; then
   # Where the forward kernel's time goes (the timed launch after the small correctness check; clocks
   # as found): speed of light, occupancy, warp stalls.

@@ -28,28 +28,6 @@ BlockEntry make_entry(std::int64_t page, const RowMask& rows, int page_size) {
   return e;
 }
 
-// The entry of summary page `page` whose key j is seen by the rows key_rows[j] (none: not taken).
-void add_summary_entry(HostBlockTable& t, std::int64_t page, const std::vector<RowMask>& key_rows, int page_size) {
-  BlockEntry e = make_entry(page, {0, 0}, page_size);
-  e.flags = kEntryKeyBias;
-  e.key_mask = 0;
-  bool uniform = true;
-  for (int j = 0; j < page_size; ++j) {
-    const RowMask& m = key_rows[static_cast<std::size_t>(j)];
-    if (none(m)) continue;
-    if (e.key_mask != 0) uniform = uniform && m[0] == e.row_mask[0] && m[1] == e.row_mask[1];
-    e.key_mask |= std::uint64_t{1} << j;
-    e.row_mask[0] |= m[0];
-    e.row_mask[1] |= m[1];
-  }
-  if (e.key_mask == 0) return;
-  if (!uniform) {
-    e.key_meta = static_cast<std::int32_t>(t.key_meta.size());
-    for (const RowMask& m : key_rows) t.key_meta.push_back(KeyMeta{{m[0], m[1]}, 0.f, 0});
-  }
-  t.entries.push_back(e);
-}
-
 void append_tile(HostBlockTable& t, const ClusteredLayout& L, const SelectionOptions& opt,
                  const ClusteredSelection& sel, std::int64_t tile) {
   const TileGeometry g = tile_geometry(L, opt, tile);
@@ -113,7 +91,7 @@ void append_tile(HostBlockTable& t, const ClusteredLayout& L, const SelectionOpt
   for (const auto& [block, block_rows] : chose_from) {
     if (!window_blocks.contains(block)) add_page_summaries(block, block_rows);
   }
-  for (const auto& [page, keys] : summary_keys) add_summary_entry(t, page, keys, ps);
+  for (const auto& [page, keys] : summary_keys) append_summary_entry(t, page, keys, ps);
 
   // Coarse summaries: eligible blocks, for the rows that chose no page of them.
   std::vector<RowMask> keys(static_cast<std::size_t>(ps));
@@ -124,7 +102,7 @@ void append_tile(HostBlockTable& t, const ClusteredLayout& L, const SelectionOpt
       const auto it = chose_from.find(block);
       keys[static_cast<std::size_t>(block - first)] = it == chose_from.end() ? full : minus(full, it->second);
     }
-    add_summary_entry(t, L.coarse_summary_first_page() + first / ps, keys, ps);
+    append_summary_entry(t, L.coarse_summary_first_page() + first / ps, keys, ps);
   }
 }
 

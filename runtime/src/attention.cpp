@@ -127,6 +127,11 @@ std::vector<AttendedEntry> DistributedAttention::Mode::attended_entries() const 
                  name(options.mode));
 }
 
+std::vector<std::int32_t> DistributedAttention::Mode::cluster_members() const {
+  RINGCAST_THROW("cluster_members() is available with clusters = surrogate only (mode {}, clusters = {})",
+                 name(options.mode), name(options.clusters));
+}
+
 DeviceBuffer DistributedAttention::Mode::allocate(std::size_t bytes) {
   workspace_bytes += bytes;
   return DeviceBuffer(bytes, session.device());
@@ -160,10 +165,22 @@ void DistributedAttention::Mode::check_args(const AttentionForwardArgs& a) const
   check_view(a.v, "v", s.dtype, {s.batch, n, s.kv_heads, s.head_dim}, dev);
   check_view(a.o, "o", s.dtype, {s.batch, n, s.heads, s.head_dim}, dev);
   check_view(a.lse, "lse", DType::kF32, {s.batch, s.heads, n}, dev);
+  check_surrogates(a.surrogates, "surrogates", s.dtype);
+}
+
+void DistributedAttention::Mode::check_surrogates(const TensorView& t, const char* what, DType dtype) const {
+  if (!options.uses_surrogates()) {
+    RINGCAST_CHECK(t.data == nullptr, "attention: {} given, but mode {} with clusters = {} takes none", what,
+                   name(options.mode), name(options.clusters));
+    return;
+  }
+  RINGCAST_CHECK(t.data != nullptr, "attention: clusters = surrogate needs {} [h_kv, c, d] (surrogate_shape())", what);
+  const auto [h_kv, c, d] = surrogate_shape(shape, options);
+  check_view(t, what, dtype, {h_kv, c, d}, session.device());
 }
 
 void DistributedAttention::Mode::check_args(const AttentionBackwardArgs& a) const {
-  check_args(AttentionForwardArgs{a.q, a.k, a.v, a.o, a.lse});
+  check_args(AttentionForwardArgs{a.q, a.k, a.v, a.o, a.lse, a.surrogates});
   const auto& s = shape;
   const std::int64_t n = s.local_len();
   const Device& dev = session.device();
@@ -171,6 +188,7 @@ void DistributedAttention::Mode::check_args(const AttentionBackwardArgs& a) cons
   check_view(a.d_q, "d_q", s.dtype, {s.batch, n, s.heads, s.head_dim}, dev);
   check_view(a.d_k, "d_k", s.dtype, {s.batch, n, s.kv_heads, s.head_dim}, dev);
   check_view(a.d_v, "d_v", s.dtype, {s.batch, n, s.kv_heads, s.head_dim}, dev);
+  check_surrogates(a.d_surrogates, "d_surrogates", DType::kF32);
 }
 
 DistributedAttention::DistributedAttention(const Session& session, const LayerShape& shape,
@@ -191,6 +209,7 @@ const AttentionOptions& DistributedAttention::options() const { return mode_->op
 std::span<const std::int32_t> DistributedAttention::positions() const { return mode_->positions; }
 std::size_t DistributedAttention::workspace_bytes() const { return mode_->workspace_bytes; }
 std::vector<AttendedEntry> DistributedAttention::attended_entries() const { return mode_->attended_entries(); }
+std::vector<std::int32_t> DistributedAttention::cluster_members() const { return mode_->cluster_members(); }
 
 void DistributedAttention::forward(const AttentionForwardArgs& args) {
   mode_->check_args(args);

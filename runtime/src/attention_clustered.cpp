@@ -1,12 +1,13 @@
-// The `clustered` attention mode (DESIGN.md §4.1-4.2, docs/clustered-design.md), `clusters = blocks`,
-// contiguous placement. Forward, per layer: summarise the local K/V, all-gather the coarse summaries,
-// pick remote coarse blocks (top-R) per (batch element, KV head), fetch them and the halo whole, build
-// one page pool per batch element in ClusteredLayout order (every KV head of an element shares its
-// shape), select pages, attend. The pools, layouts and tables stay for the backward, which folds the
-// page summaries' gradients into their pages, returns halo and fetched pages' gradients to their
-// owners and reduce-scatters the coarse summaries' gradients. Selection and summaries are host code,
-// so the mode runs on the CPU backend only. Pool buffers hold every batch element at the largest
-// capacity; element b's pool is [2 (K, V)][kv_heads][num_pages_b][page_size][head_dim] at its start.
+// The `clustered` attention mode (DESIGN.md §4.1-4.2, docs/clustered-design.md), `clusters = blocks`
+// (surrogate clusters: attention_cast.cpp), contiguous placement. Forward, per layer: summarise the
+// local K/V, all-gather the coarse summaries, pick remote coarse blocks (top-R) per (batch element,
+// KV head), fetch them and the halo whole, build one page pool per batch element in ClusteredLayout
+// order (every KV head of an element shares its shape), select pages, attend. The pools, layouts and
+// tables stay for the backward, which folds the page summaries' gradients into their pages, returns
+// halo and fetched pages' gradients to their owners and reduce-scatters the coarse summaries'
+// gradients. Selection and summaries are host code, so the mode runs on the CPU backend only. Pool
+// buffers hold every batch element at the largest capacity; element b's pool is
+// [2 (K, V)][kv_heads][num_pages_b][page_size][head_dim] at its start.
 #include "attention_internal.hpp"
 #include "clustered_internal.hpp"
 
@@ -19,6 +20,20 @@
 #include <optional>
 
 namespace ringcast {
+
+void check_clustered_support(const Session& s, const LayerShape& sh, const AttentionOptions& o) {
+  RINGCAST_CHECK(s.device().kind == DeviceKind::kCpu,
+                 "clustered mode: runs on the CPU backend for now (its CUDA kernels -- summaries, selection, "
+                 "block tables, CAST -- are not wired into the mode yet)");
+  RINGCAST_CHECK(o.resolved_placement(sh) == Placement::kContiguous,
+                 "clustered mode: placement must be contiguous (its cost per query is flat), got {}",
+                 name(o.resolved_placement(sh)));
+  RINGCAST_CHECK(o.page_size <= 64,
+                 "clustered mode: page size {} is not supported (at most 64: summary entries pick keys with a "
+                 "64-bit mask)",
+                 o.page_size);
+}
+
 namespace {
 
 // What the forward of one batch element leaves for the backward.
@@ -36,18 +51,7 @@ enum Field { kMeanK, kMeanV, kMin, kMax, kFields };
 class ClusteredMode final : public DistributedAttention::Mode {
  public:
   ClusteredMode(const Session& s, const LayerShape& sh, const AttentionOptions& o) : Mode(s, sh, o) {
-    RINGCAST_CHECK(s.device().kind == DeviceKind::kCpu,
-                   "clustered mode: CUDA backend not built yet (run it on the "
-                   "CPU backend: selection and summaries are host code for now)");
-    RINGCAST_CHECK(o.clusters == ClusterKind::kBlocks,
-                   "clustered mode: clusters = {} is not supported yet (blocks only)", name(o.clusters));
-    RINGCAST_CHECK(o.resolved_placement(sh) == Placement::kContiguous,
-                   "clustered mode: placement must be contiguous (its cost per query is flat), got {}",
-                   name(o.resolved_placement(sh)));
-    RINGCAST_CHECK(o.page_size <= 64,
-                   "clustered mode: page size {} is not supported (at most 64: summary entries "
-                   "pick keys with a 64-bit mask)",
-                   o.page_size);
+    check_clustered_support(s, sh, o);
     const std::int64_t window = sh.causal ? o.window_before : o.window_bidir;
     RINGCAST_CHECK(window >= 0 && window <= o.coarse_block(),
                    "clustered mode: the {} window ({}) must lie in [0, {}] "
@@ -59,6 +63,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     g_.kv_heads = sh.kv_heads;
     g_.block_elems = o.coarse_block() * sh.head_dim;
     g_.page_elems = std::int64_t{o.page_size} * sh.head_dim;
+    g_.head_dim = sh.head_dim;
     g_.coarse_pages = o.coarse_pages;
     g_.local_blocks = sh.local_len() / o.coarse_block();
     g_.first_block = g_.r * g_.local_blocks;
@@ -107,7 +112,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     // Gradients received in one step: a requester fetched at most min(limit, local_blocks) of this
     // rank's blocks per (element, KV head); the halo step returns at most two.
     const std::int64_t stage_blocks = g_.p > 1 ? std::max<std::int64_t>(std::min(limit, g_.local_blocks), 2) : 0;
-    stage_ = allocate(sh.batch * sh.kv_heads * stage_blocks * 2 * g_.block_elems * sizeof(float));
+    stage_ = allocate(sh.batch * sh.kv_heads * stage_blocks * g_.stage_elems() * sizeof(float));
     d_tokens_ = allocate(2 * sh.batch * sh.local_len() * sh.kv_heads * d * sizeof(float));
     d_q_ = allocate(sh.batch * sh.local_len() * sh.heads * d * sizeof(float));
     d_block_sums_ = allocate(2 * sh.kv_heads * summary_.block_rows() * d * sizeof(float));
@@ -256,15 +261,8 @@ class ClusteredMode final : public DistributedAttention::Mode {
     for (int f = 0; f < kFields; ++f)
       strided_copy(ctx, field(block_sums_, br, f), field(gather_send_, rows, f),
                    {{shape.kv_heads, br * d, rows * d}, {rows * d, 1, 1}});
-    const std::size_t count = gather_send_.bytes() / sizeof(float);
-    session.comm().all_gather({gather_send_.data(), count, DType::kF32},
-                              {gather_recv_.data(), g_.p * count, DType::kF32}, ctx.stream);
-    const std::int64_t per_rank = static_cast<std::int64_t>(count), lb = g_.local_blocks;
-    for (int b = 0; b < shape.batch; ++b)
-      for (int g = 0; g < shape.kv_heads; ++g)
-        strided_copy(
-            ctx, gather_recv_.as<float>() + (g * rows + b * lb) * d, coarse(b, g, 0),
-            {{kFields, shape.kv_heads * rows * d, base_.num_blocks() * d}, {g_.p, per_rank, lb * d}, {lb * d, 1, 1}});
+    all_gather_coarse(session.comm(), ctx, g_, kFields, gather_send_.as<float>(), gather_recv_.as<float>(),
+                      [this](int b, int g) { return coarse(b, g, 0); });
   }
 
   // Step 4 (choice) and the pool's shape: top-R per KV head, fetch capacity = the most any head
@@ -407,19 +405,13 @@ class ClusteredMode final : public DistributedAttention::Mode {
   // Coarse summaries' gradients: every rank holds them for every block; each owner receives the sum
   // for its own blocks (reduce-scatter), then back through coarse and page summaries to its keys.
   void coarse_backward(float* d_k, float* d_v) {
-    const std::int64_t d = shape.head_dim, lb = g_.local_blocks, rows = std::int64_t{shape.batch} * lb;
-    const std::int64_t block = 2 * shape.kv_heads * rows * d;  // one rank's part: [2][kv_heads][rows][d]
-    for (int b = 0; b < shape.batch; ++b)
-      for (int g = 0; g < shape.kv_heads; ++g)
-        for (int kv = 0; kv < 2; ++kv) {
-          const float* src =
-              pool(d_pools_, b, g, kv) + elements_[b].layouts[g].coarse_summary_first_page() * g_.page_elems;
-          strided_copy(ctx, src, scatter_send_.as<float>() + ((kv * shape.kv_heads + g) * rows + b * lb) * d,
-                       {{g_.p, lb * d, block}, {lb * d, 1, 1}});
-        }
-    session.comm().reduce_scatter({scatter_send_.data(), static_cast<std::size_t>(g_.p * block), DType::kF32},
-                                  {scatter_recv_.data(), static_cast<std::size_t>(block), DType::kF32},
-                                  comm::ReduceOp::kSum, ctx.stream);
+    const std::int64_t d = shape.head_dim, rows = std::int64_t{shape.batch} * g_.local_blocks;
+    reduce_scatter_coarse(
+        session.comm(), ctx, g_,
+        [this](int b, int g, int kv) {
+          return pool(d_pools_, b, g, kv) + elements_[b].layouts[g].coarse_summary_first_page() * g_.page_elems;
+        },
+        scatter_send_.as<float>(), scatter_recv_.as<float>());
     const std::int64_t br = summary_.block_rows(), pr = summary_.page_rows();
     kernels::fill_zero(d_block_sums_.data(), d_block_sums_.bytes(), ctx);
     kernels::fill_zero(d_page_sums_.data(), d_page_sums_.bytes(), ctx);
@@ -448,6 +440,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
 
 std::unique_ptr<DistributedAttention::Mode> make_clustered_mode(const Session& s, const LayerShape& sh,
                                                                 const AttentionOptions& o) {
+  if (o.clusters == ClusterKind::kSurrogate) return make_surrogate_mode(s, sh, o);
   return std::make_unique<ClusteredMode>(s, sh, o);
 }
 

@@ -67,6 +67,8 @@ class DistributedAttention::Mode {
   virtual void backward(const AttentionBackwardArgs& args) = 0;
   // DistributedAttention::attended_entries(); the exact modes keep the default, which throws.
   virtual std::vector<AttendedEntry> attended_entries() const;
+  // DistributedAttention::cluster_members(); every mode but surrogate clusters keeps the default, which throws.
+  virtual std::vector<std::int32_t> cluster_members() const;
 
   const Session& session;
   const LayerShape shape;
@@ -78,6 +80,8 @@ class DistributedAttention::Mode {
   // Checks the views of a call against the shape (dtype, device, contiguity, sizes).
   void check_args(const AttentionForwardArgs& a) const;
   void check_args(const AttentionBackwardArgs& a) const;
+  // A surrogates-shaped view: required (shape [h_kv, c, d], dtype) exactly when options.uses_surrogates().
+  void check_surrogates(const TensorView& t, const char* what, DType dtype) const;
 
  protected:
   // Scratch owned by the mode, counted in workspace_bytes.

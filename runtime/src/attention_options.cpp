@@ -31,6 +31,10 @@ constexpr std::array<std::pair<std::string_view, SelectionUnit>, 3> kUnits{
     {{"auto", SelectionUnit::kAuto}, {"tile", SelectionUnit::kTile}, {"row", SelectionUnit::kRow}}};
 constexpr std::array<std::pair<std::string_view, ScoreKind>, 2> kScores{
     {{"bound", ScoreKind::kBound}, {"mean", ScoreKind::kMean}}};
+constexpr std::array<std::pair<std::string_view, SurrogateAssignment>, 2> kAssignments{
+    {{"single", SurrogateAssignment::kSingle}, {"topk", SurrogateAssignment::kTopK}}};
+constexpr std::array<std::pair<std::string_view, ClusterCombine>, 2> kCombines{
+    {{"joint", ClusterCombine::kJoint}, {"cast", ClusterCombine::kCast}}};
 constexpr std::array<std::pair<std::string_view, DType>, 3> kDtypes{
     {{"bf16", DType::kBF16}, {"f16", DType::kF16}, {"f32", DType::kF32}}};
 
@@ -48,11 +52,15 @@ std::string_view name(Placement p) { return name_of(p, kPlacements); }
 std::string_view name(ClusterKind c) { return name_of(c, kClusters); }
 std::string_view name(SelectionUnit u) { return name_of(u, kUnits); }
 std::string_view name(ScoreKind s) { return name_of(s, kScores); }
+std::string_view name(SurrogateAssignment a) { return name_of(a, kAssignments); }
+std::string_view name(ClusterCombine c) { return name_of(c, kCombines); }
 AttentionMode parse_mode(std::string_view s) { return parse_enum("attention mode", s, kModes); }
 Placement parse_placement(std::string_view s) { return parse_enum("placement", s, kPlacements); }
 ClusterKind parse_clusters(std::string_view s) { return parse_enum("cluster kind", s, kClusters); }
 SelectionUnit parse_selection(std::string_view s) { return parse_enum("selection unit", s, kUnits); }
 ScoreKind parse_score(std::string_view s) { return parse_enum("score", s, kScores); }
+SurrogateAssignment parse_assignment(std::string_view s) { return parse_enum("surrogate assignment", s, kAssignments); }
+ClusterCombine parse_combine(std::string_view s) { return parse_enum("cluster combine", s, kCombines); }
 DType parse_dtype(std::string_view s) { return parse_enum("dtype", s, kDtypes); }
 
 Placement AttentionOptions::resolved_placement(const LayerShape& s) const {
@@ -95,6 +103,21 @@ void validate(const LayerShape& s, const AttentionOptions& o) {
     RINGCAST_CHECK(!(o.clusters == ClusterKind::kSurrogate && s.causal),
                    "surrogate (CAST) clusters are bidirectional only, as in the CAST paper");
   }
+  if (o.uses_surrogates()) {
+    RINGCAST_CHECK(o.surrogate_clusters >= 0, "surrogate clusters per rank must be >= 0 (0: n_loc / page size), got {}",
+                   o.surrogate_clusters);
+    const int c = o.resolved_surrogate_clusters(s);  // >= coarse_pages by default: n_loc is whole coarse blocks
+    RINGCAST_CHECK(o.combine == ClusterCombine::kCast || c % o.coarse_pages == 0,
+                   "surrogate clusters with the joint combine: {} clusters per rank must be whole coarse blocks of {} "
+                   "clusters (coarse-pages)",
+                   c, o.coarse_pages);
+  }
+}
+
+std::array<std::int64_t, 3> surrogate_shape(const LayerShape& shape, const AttentionOptions& options) {
+  RINGCAST_CHECK(options.uses_surrogates(), "surrogate_shape: mode {} with clusters = {} takes no surrogate tokens",
+                 name(options.mode), name(options.clusters));
+  return {shape.kv_heads, options.resolved_surrogate_clusters(shape), shape.head_dim};
 }
 
 }  // namespace ringcast

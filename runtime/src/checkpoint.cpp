@@ -3,6 +3,7 @@
 #include "checkpoint.hpp"
 
 #include <ringcast/error.hpp>
+#include <ringcast/memory.hpp>
 
 #include <fmt/format.h>
 
@@ -104,13 +105,27 @@ void write_atomically(const std::string& path, std::span<const std::byte> bytes)
   RINGCAST_CHECK(synced == 0, "checkpoint {}: fsync of the folder failed: {}", path, std::strerror(errno));
 }
 
+// Broadcasts rank 0's `host` (host memory) to every rank: in place on a host-memory communicator,
+// else through a device copy.
+void broadcast_host(const Session& session, comm::Buffer host) {
+  auto& comm = session.comm();
+  if (comm.memory() == DeviceKind::kCpu) {
+    comm.broadcast(host, 0);
+    return;
+  }
+  DeviceBuffer staging(host.bytes(), session.device());
+  if (session.rank() == 0) staging.copy_from_host(host.data, host.bytes(), 0, session.stream());
+  comm.broadcast({staging.data(), host.count, host.dtype}, 0, session.stream());
+  comm.synchronize(session.stream());
+  staging.copy_to_host(host.data, host.bytes(), 0, session.stream());
+}
+
 // Makes rank 0's outcome everyone's: an empty message is success; otherwise every rank throws it.
 void agree_on_outcome(const Session& session, std::string message) {
-  auto& comm = session.comm();
   std::uint64_t length = message.size();
-  comm.broadcast({&length, 1, DType::kI64}, 0);
+  broadcast_host(session, {&length, 1, DType::kI64});
   message.resize(static_cast<std::size_t>(length));
-  if (length > 0) comm.broadcast({message.data(), message.size(), DType::kU8}, 0);
+  if (length > 0) broadcast_host(session, {message.data(), message.size(), DType::kU8});
   if (!message.empty()) RINGCAST_THROW("{}", message);
 }
 
@@ -121,11 +136,10 @@ std::string error_text(const std::exception& e) {
 }
 
 void broadcast_bytes(const Session& session, std::vector<std::byte>& bytes) {
-  auto& comm = session.comm();
   std::uint64_t n = bytes.size();
-  comm.broadcast({&n, 1, DType::kI64}, 0);
+  broadcast_host(session, {&n, 1, DType::kI64});
   bytes.resize(static_cast<std::size_t>(n));
-  if (n > 0) comm.broadcast({bytes.data(), bytes.size(), DType::kU8}, 0);
+  if (n > 0) broadcast_host(session, {bytes.data(), bytes.size(), DType::kU8});
 }
 
 }  // namespace
@@ -168,8 +182,9 @@ void save_checkpoint(const Session& session, const std::string& path, const Chec
 }
 
 LoadedCheckpoint load_checkpoint(const Session& session, const std::string& path, const std::string& expected,
-                                 std::int64_t count) {
+                                 const std::array<float*, 3>& buffers, std::int64_t count) {
   LoadedCheckpoint out;
+  std::vector<float> contents[3];  // rank 0: params, adam_m, adam_v as read
   std::string failure;
   if (session.rank() == 0) {
     try {
@@ -193,9 +208,7 @@ LoadedCheckpoint load_checkpoint(const Session& session, const std::string& path
       const std::string fp(reinterpret_cast<const char*>(fp_bytes.data()), fp_bytes.size());
       out.steps = r.get<std::int64_t>();
       const auto n = r.get<std::uint64_t>();
-      out.params = r.floats(n);
-      out.adam_m = r.floats(n);
-      out.adam_v = r.floats(n);
+      for (std::vector<float>& x : contents) x = r.floats(n);
       const auto user = r.take(static_cast<std::size_t>(r.get<std::uint64_t>()));
       out.user_state.assign(user.begin(), user.end());
       const std::size_t body = r.at();
@@ -217,13 +230,16 @@ LoadedCheckpoint load_checkpoint(const Session& session, const std::string& path
     }
   }
   agree_on_outcome(session, std::move(failure));
-  // Rank 0's verified contents, to everyone (parameters are replicated).
+  // Rank 0's verified contents, to everyone (parameters are replicated), straight into the buffers.
   auto& comm = session.comm();
-  comm.broadcast({&out.steps, 1, DType::kI64}, 0);
-  for (std::vector<float>* x : {&out.params, &out.adam_m, &out.adam_v}) {
-    x->resize(static_cast<std::size_t>(count));
-    comm.broadcast({x->data(), x->size(), DType::kF32}, 0);
+  broadcast_host(session, {&out.steps, 1, DType::kI64});
+  for (std::size_t i = 0; i < buffers.size(); ++i) {
+    if (session.rank() == 0)
+      copy_from_host(buffers[i], contents[i].data(), contents[i].size() * sizeof(float), session.device(),
+                     session.stream());
+    comm.broadcast({buffers[i], static_cast<std::size_t>(count), DType::kF32}, 0, session.stream());
   }
+  comm.synchronize(session.stream());
   broadcast_bytes(session, out.user_state);
   return out;
 }

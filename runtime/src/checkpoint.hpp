@@ -4,7 +4,9 @@
 //   "RINGCKPT" | u32 version | u32 0 | u64 fingerprint bytes | fingerprint | i64 steps | u64 n |
 //   f32 params[n] | f32 adam_m[n] | f32 adam_v[n] | u64 user bytes | user state | u64 FNV-1a of all before.
 // The fingerprint is the model configuration and parameter table as text: a checkpoint loads only into
-// the model it was written for. Every failure throws the same Error on every rank.
+// the model it was written for (on either backend). Every failure throws the same Error on every rank.
+// What crosses ranks goes through the session's communicator, staged in device memory when that is
+// where it works (NCCL).
 #pragma once
 
 #include "model_parts.hpp"
@@ -12,6 +14,7 @@
 #include <ringcast/model.hpp>
 #include <ringcast/session.hpp>
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -22,6 +25,7 @@ namespace ringcast::model {
 
 std::string fingerprint(const ModelConfig& config, const ParameterTable& table);
 
+// Host memory; only rank 0's buffers are read.
 struct CheckpointData {
   std::string fingerprint;
   std::int64_t steps = 0;
@@ -31,14 +35,15 @@ struct CheckpointData {
 
 struct LoadedCheckpoint {
   std::int64_t steps = 0;
-  std::vector<float> params, adam_m, adam_v;
   std::vector<std::byte> user_state;
 };
 
 // Collective.
 void save_checkpoint(const Session& session, const std::string& path, const CheckpointData& data);
-// Collective; `count` is the number of parameters the model expects.
+// Collective. On success writes the file's parameters and AdamW moments into `buffers` (params,
+// adam_m, adam_v: `count` floats each in the memory of the session's device) on every rank; on any
+// failure throws before touching them.
 LoadedCheckpoint load_checkpoint(const Session& session, const std::string& path, const std::string& fingerprint,
-                                 std::int64_t count);
+                                 const std::array<float*, 3>& buffers, std::int64_t count);
 
 }  // namespace ringcast::model

@@ -3,8 +3,12 @@
 // travels as two messages (K then V, page_size * coarse_pages * head_dim f32 each) straight from and
 // into pool pages; requests travel the ring-shift pattern: at step s a rank sends to r + s what it
 // wants from that rank and answers r - s. Contiguous placement: rank q owns blocks
-// [q * local_blocks, (q + 1) * local_blocks). Host memory (the MPI communicator).
+// [q * local_blocks, (q + 1) * local_blocks). Host memory (the MPI communicator). With surrogate
+// clusters a block also carries its page summaries (K then V, one key per page, from the pool's
+// page-summary region) and its pages' member counts; their gradients travel back with the block's.
 #pragma once
+
+#include "attention_internal.hpp"
 
 #include <ringcast/comm/communicator.hpp>
 #include <ringcast/kernels/selection.hpp>
@@ -12,6 +16,7 @@
 #include <cstdint>
 #include <functional>
 #include <initializer_list>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -26,11 +31,19 @@ struct ClusterGeometry {
   std::int64_t page_elems = 0;   // page_size * head_dim
   std::int64_t block_elems = 0;  // coarse_pages * page_elems: one block of one head's K (or V)
   std::int64_t pool_elems = 0;   // one element's K (or V) pool at the largest fetch capacity
+  int head_dim = 0;
+  bool block_summaries = false;  // surrogate clusters: page summaries and counts travel with a block
   int owner(std::int64_t block) const { return static_cast<int>(block / local_blocks); }
+  // f32 values of one block's page summaries (K or V): none in blocks mode (recomputed on arrival).
+  std::int64_t summary_elems() const { return block_summaries ? std::int64_t{coarse_pages} * head_dim : 0; }
+  // A block's gradient as staged on its owner: dK, dV pages, then dK, dV page summaries.
+  std::int64_t stage_elems() const { return 2 * block_elems + 2 * summary_elems(); }
 };
 
 // The first K (kv = 0) or V (kv = 1) page of KV head g's pool of batch element b.
 using PoolView = std::function<float*(int b, int g, int kv)>;
+// Member counts of the resident pages of (b, g), in pool order (surrogate clusters).
+using CountView = std::function<std::int32_t*(int b, int g)>;
 
 // The blocks one requester fetched from this rank: per (element, KV head) counts [batch * kv_heads],
 // then the global block ids in the requester's fetch order.
@@ -44,8 +57,9 @@ using ElementLayouts = std::vector<std::span<const kernels::ClusteredLayout>>;
 
 class ClusteredTransfer {
  public:
-  ClusteredTransfer(comm::Communicator& comm, const ClusterGeometry& geometry, PoolView pools)
-      : comm_(comm), g_(geometry), pools_(std::move(pools)) {}
+  // counts: required when geometry.block_summaries (forward), unused otherwise.
+  ClusteredTransfer(comm::Communicator& comm, const ClusterGeometry& geometry, PoolView pools, CountView counts = {})
+      : comm_(comm), g_(geometry), pools_(std::move(pools)), counts_(std::move(counts)) {}
 
   // Forward: the previous rank's last block (and, bidirectional, the next rank's first) into the halo.
   void exchange_halo(const ElementLayouts& layouts);
@@ -53,7 +67,7 @@ class ClusteredTransfer {
   // served[s - 1] keeps what rank r - s fetched from this rank, for the backward.
   void fetch_blocks(const ElementLayouts& layouts, std::vector<ServedRequests>& served);
   // Backward, on gradient pools: the reverse of each, received gradients added to the local pages.
-  // `stage` holds 2 * block_elems per block received in one step.
+  // `stage` holds stage_elems() per block received in one step.
   void return_halo_gradients(const ElementLayouts& layouts, std::span<float> stage, const kernels::ExecContext& ctx);
   void return_fetched_gradients(const ElementLayouts& layouts, const std::vector<ServedRequests>& served,
                                 std::span<float> stage, const kernels::ExecContext& ctx);
@@ -61,19 +75,45 @@ class ClusteredTransfer {
  private:
   struct Landing {  // a received block's gradient: stage slot -> element, head, first local pool page
     int b, g;
+    const kernels::ClusteredLayout* layout;
     std::int64_t page;
   };
-  void send_block(std::vector<comm::SendOp>& ops, int peer, int b, int g, std::int64_t page) const;
-  void recv_block(std::vector<comm::RecvOp>& ops, int peer, int b, int g, std::int64_t page) const;
+  // The block at pool page `page` of (b, g): its K, V pages and, with block_summaries, its page
+  // summaries (K, V) and (forward only, `with_counts`) their counts.
+  void send_block(std::vector<comm::SendOp>& ops, int peer, int b, int g, const kernels::ClusteredLayout& L,
+                  std::int64_t page, bool with_counts) const;
+  void recv_block(std::vector<comm::RecvOp>& ops, int peer, int b, int g, const kernels::ClusteredLayout& L,
+                  std::int64_t page) const;
   void recv_to_stage(std::vector<comm::RecvOp>& ops, std::vector<Landing>& landings, std::span<float> stage, int peer,
-                     int b, int g, std::int64_t page) const;
+                     int b, int g, const kernels::ClusteredLayout& L, std::int64_t page) const;
   void add_landed(const std::vector<Landing>& landings, std::span<const float> stage,
                   const kernels::ExecContext& ctx) const;
+  // The page-summary key of pool page `page` (K or V) of (b, g).
+  float* summary(int b, int g, int kv, const kernels::ClusteredLayout& L, std::int64_t page) const;
 
   comm::Communicator& comm_;
   const ClusterGeometry& g_;
   PoolView pools_;
+  CountView counts_;
 };
+
+// Ring all-gather of the coarse summaries (DESIGN.md §4.1 step 3): send holds this rank's
+// [fields][kv_heads][batch * local_blocks][head_dim] f32, recv p times that; afterwards dst(b, g)
+// holds [fields][num_blocks][head_dim] of the whole sequence, blocks in global order.
+// What both cluster kinds need of the session and options: the CPU backend (the mode's CUDA kernels
+// are not wired in yet), contiguous placement, pages of at most 64 keys. Throws Error otherwise.
+void check_clustered_support(const Session& s, const LayerShape& sh, const AttentionOptions& o);
+
+void all_gather_coarse(comm::Communicator& comm, const kernels::ExecContext& ctx, const ClusterGeometry& geo,
+                       int fields, const float* send, float* recv, const std::function<float*(int b, int g)>& dst);
+// The reverse for gradients (§4.2): src(b, g, kv) [num_blocks][head_dim] (kv 0: mean key, 1: mean value)
+// summed over the ranks into each block's owner: recv [2][kv_heads][batch * local_blocks][head_dim];
+// send is scratch of p times that.
+void reduce_scatter_coarse(comm::Communicator& comm, const kernels::ExecContext& ctx, const ClusterGeometry& geo,
+                           const std::function<const float*(int b, int g, int kv)>& src, float* send, float* recv);
+
+std::unique_ptr<DistributedAttention::Mode> make_surrogate_mode(const Session& s, const LayerShape& sh,
+                                                                const AttentionOptions& o);
 
 // One dimension of a strided f32 copy: size, source stride, destination stride (elements).
 struct CopyDim {

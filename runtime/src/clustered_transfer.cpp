@@ -1,6 +1,7 @@
 // The clustered mode's transfers (clustered_internal.hpp). Messages between two ranks match in the
-// order both sides list them: (element, KV head) order, then fetch order, K before V; a requester's
-// fetch order is the layout's, and the owner answers in the order the request ids arrived.
+// order both sides list them: (element, KV head) order, then fetch order, K before V (pages, then
+// page summaries and counts when they travel); a requester's fetch order is the layout's, and the
+// owner answers in the order the request ids arrived.
 #include "clustered_internal.hpp"
 
 #include <ringcast/error.hpp>
@@ -26,33 +27,81 @@ void strided_copy(const kernels::ExecContext& ctx, const float* src, float* dst,
   kernels::copy_strided(c, ctx);
 }
 
-void ClusteredTransfer::send_block(std::vector<comm::SendOp>& ops, int peer, int b, int g, std::int64_t page) const {
-  const auto n = static_cast<std::size_t>(g_.block_elems);
-  for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {pools_(b, g, kv) + page * g_.page_elems, n, DType::kF32}});
+void all_gather_coarse(comm::Communicator& comm, const kernels::ExecContext& ctx, const ClusterGeometry& geo,
+                       int fields, const float* send, float* recv, const std::function<float*(int b, int g)>& dst) {
+  const std::int64_t d = geo.head_dim, lb = geo.local_blocks, rows = geo.batch * lb;
+  const std::int64_t per_rank = fields * geo.kv_heads * rows * d;
+  comm.all_gather({send, static_cast<std::size_t>(per_rank), DType::kF32},
+                  {recv, static_cast<std::size_t>(geo.p * per_rank), DType::kF32}, ctx.stream);
+  for (int b = 0; b < geo.batch; ++b)
+    for (int g = 0; g < geo.kv_heads; ++g)
+      strided_copy(ctx, recv + (g * rows + b * lb) * d, dst(b, g),
+                   {{fields, geo.kv_heads * rows * d, geo.p * lb * d}, {geo.p, per_rank, lb * d}, {lb * d, 1, 1}});
 }
 
-void ClusteredTransfer::recv_block(std::vector<comm::RecvOp>& ops, int peer, int b, int g, std::int64_t page) const {
+void reduce_scatter_coarse(comm::Communicator& comm, const kernels::ExecContext& ctx, const ClusterGeometry& geo,
+                           const std::function<const float*(int b, int g, int kv)>& src, float* send, float* recv) {
+  const std::int64_t d = geo.head_dim, lb = geo.local_blocks, rows = geo.batch * lb;
+  const std::int64_t part = 2 * geo.kv_heads * rows * d;  // one rank's part: [2][kv_heads][rows][d]
+  for (int b = 0; b < geo.batch; ++b)
+    for (int g = 0; g < geo.kv_heads; ++g)
+      for (int kv = 0; kv < 2; ++kv)
+        strided_copy(ctx, src(b, g, kv), send + ((kv * geo.kv_heads + g) * rows + b * lb) * d,
+                     {{geo.p, lb * d, part}, {lb * d, 1, 1}});
+  comm.reduce_scatter({send, static_cast<std::size_t>(geo.p * part), DType::kF32},
+                      {recv, static_cast<std::size_t>(part), DType::kF32}, comm::ReduceOp::kSum, ctx.stream);
+}
+
+float* ClusteredTransfer::summary(int b, int g, int kv, const kernels::ClusteredLayout& L, std::int64_t page) const {
+  return pools_(b, g, kv) + L.page_summary_first_page() * g_.page_elems + page * g_.head_dim;
+}
+
+void ClusteredTransfer::send_block(std::vector<comm::SendOp>& ops, int peer, int b, int g,
+                                   const kernels::ClusteredLayout& L, std::int64_t page, bool with_counts) const {
   const auto n = static_cast<std::size_t>(g_.block_elems);
   for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {pools_(b, g, kv) + page * g_.page_elems, n, DType::kF32}});
+  if (!g_.block_summaries) return;
+  const auto m = static_cast<std::size_t>(g_.summary_elems());
+  for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {summary(b, g, kv, L, page), m, DType::kF32}});
+  if (with_counts)
+    ops.push_back({peer, {counts_(b, g) + page, static_cast<std::size_t>(g_.coarse_pages), DType::kI32}});
+}
+
+void ClusteredTransfer::recv_block(std::vector<comm::RecvOp>& ops, int peer, int b, int g,
+                                   const kernels::ClusteredLayout& L, std::int64_t page) const {
+  const auto n = static_cast<std::size_t>(g_.block_elems);
+  for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {pools_(b, g, kv) + page * g_.page_elems, n, DType::kF32}});
+  if (!g_.block_summaries) return;
+  const auto m = static_cast<std::size_t>(g_.summary_elems());
+  for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {summary(b, g, kv, L, page), m, DType::kF32}});
+  ops.push_back({peer, {counts_(b, g) + page, static_cast<std::size_t>(g_.coarse_pages), DType::kI32}});
 }
 
 void ClusteredTransfer::recv_to_stage(std::vector<comm::RecvOp>& ops, std::vector<Landing>& landings,
-                                      std::span<float> stage, int peer, int b, int g, std::int64_t page) const {
-  const std::size_t slot = landings.size() * 2 * static_cast<std::size_t>(g_.block_elems);
-  RINGCAST_CHECK(slot + 2 * g_.block_elems <= stage.size(), "clustered mode: gradient stage too small ({} floats)",
+                                      std::span<float> stage, int peer, int b, int g,
+                                      const kernels::ClusteredLayout& L, std::int64_t page) const {
+  const std::size_t slot = landings.size() * static_cast<std::size_t>(g_.stage_elems());
+  RINGCAST_CHECK(slot + g_.stage_elems() <= stage.size(), "clustered mode: gradient stage too small ({} floats)",
                  stage.size());
-  const auto n = static_cast<std::size_t>(g_.block_elems);
+  const auto n = static_cast<std::size_t>(g_.block_elems), m = static_cast<std::size_t>(g_.summary_elems());
   for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {stage.data() + slot + kv * n, n, DType::kF32}});
-  landings.push_back({b, g, page});
+  for (int kv = 0; m > 0 && kv < 2; ++kv) ops.push_back({peer, {stage.data() + slot + 2 * n + kv * m, m, DType::kF32}});
+  landings.push_back({b, g, &L, page});
 }
 
 void ClusteredTransfer::add_landed(const std::vector<Landing>& landings, std::span<const float> stage,
                                    const kernels::ExecContext& ctx) const {
+  const std::int64_t n = g_.block_elems, m = g_.summary_elems();
   for (std::size_t i = 0; i < landings.size(); ++i) {
     const Landing& l = landings[i];
-    for (int kv = 0; kv < 2; ++kv)
-      strided_copy(ctx, stage.data() + (2 * i + kv) * g_.block_elems, pools_(l.b, l.g, kv) + l.page * g_.page_elems,
-                   {{g_.block_elems, 1, 1}}, /*accumulate=*/true);
+    const float* slot = stage.data() + i * g_.stage_elems();
+    for (int kv = 0; kv < 2; ++kv) {
+      strided_copy(ctx, slot + kv * n, pools_(l.b, l.g, kv) + l.page * g_.page_elems, {{n, 1, 1}},
+                   /*accumulate=*/true);
+      if (m > 0)
+        strided_copy(ctx, slot + 2 * n + kv * m, summary(l.b, l.g, kv, *l.layout, l.page), {{m, 1, 1}},
+                     /*accumulate=*/true);
+    }
   }
 }
 
@@ -62,10 +111,10 @@ void ClusteredTransfer::exchange_halo(const ElementLayouts& layouts) {
   for (int b = 0; b < g_.batch; ++b)
     for (int g = 0; g < g_.kv_heads; ++g) {
       const kernels::ClusteredLayout& L = layouts[b][g];
-      if (g_.r + 1 < g_.p) send_block(sends, g_.r + 1, b, g, (g_.local_blocks - 1) * g_.coarse_pages);
-      if (!g_.causal && g_.r > 0) send_block(sends, g_.r - 1, b, g, 0);
-      if (L.halo_before >= 0) recv_block(recvs, g_.r - 1, b, g, L.block_pool_page(L.halo_before));
-      if (L.halo_after >= 0) recv_block(recvs, g_.r + 1, b, g, L.block_pool_page(L.halo_after));
+      if (g_.r + 1 < g_.p) send_block(sends, g_.r + 1, b, g, L, (g_.local_blocks - 1) * g_.coarse_pages, true);
+      if (!g_.causal && g_.r > 0) send_block(sends, g_.r - 1, b, g, L, 0, true);
+      if (L.halo_before >= 0) recv_block(recvs, g_.r - 1, b, g, L, L.block_pool_page(L.halo_before));
+      if (L.halo_after >= 0) recv_block(recvs, g_.r + 1, b, g, L, L.block_pool_page(L.halo_after));
     }
   comm_.exchange(sends, recvs);
 }
@@ -102,11 +151,11 @@ void ClusteredTransfer::fetch_blocks(const ElementLayouts& layouts, std::vector<
                          "clustered mode: rank {} asked rank {} for block {}, "
                          "which it does not hold",
                          from, g_.r, local + g_.first_block);
-          send_block(sends, from, b, g, local * g_.coarse_pages);
+          send_block(sends, from, b, g, layouts[b][g], local * g_.coarse_pages, true);
         }
         const kernels::ClusteredLayout& L = layouts[b][g];
         for (const std::int64_t id : L.fetched)
-          if (g_.owner(id) == to) recv_block(recvs, to, b, g, L.block_pool_page(id));
+          if (g_.owner(id) == to) recv_block(recvs, to, b, g, L, L.block_pool_page(id));
       }
     comm_.exchange(sends, recvs);
   }
@@ -120,11 +169,11 @@ void ClusteredTransfer::return_halo_gradients(const ElementLayouts& layouts, std
   for (int b = 0; b < g_.batch; ++b)
     for (int g = 0; g < g_.kv_heads; ++g) {
       const kernels::ClusteredLayout& L = layouts[b][g];
-      if (L.halo_before >= 0) send_block(sends, g_.r - 1, b, g, L.block_pool_page(L.halo_before));
-      if (L.halo_after >= 0) send_block(sends, g_.r + 1, b, g, L.block_pool_page(L.halo_after));
+      if (L.halo_before >= 0) send_block(sends, g_.r - 1, b, g, L, L.block_pool_page(L.halo_before), false);
+      if (L.halo_after >= 0) send_block(sends, g_.r + 1, b, g, L, L.block_pool_page(L.halo_after), false);
       if (g_.r + 1 < g_.p)
-        recv_to_stage(recvs, landings, stage, g_.r + 1, b, g, (g_.local_blocks - 1) * g_.coarse_pages);
-      if (!g_.causal && g_.r > 0) recv_to_stage(recvs, landings, stage, g_.r - 1, b, g, 0);
+        recv_to_stage(recvs, landings, stage, g_.r + 1, b, g, L, (g_.local_blocks - 1) * g_.coarse_pages);
+      if (!g_.causal && g_.r > 0) recv_to_stage(recvs, landings, stage, g_.r - 1, b, g, L, 0);
     }
   comm_.exchange(sends, recvs);
   add_landed(landings, stage, ctx);
@@ -144,9 +193,9 @@ void ClusteredTransfer::return_fetched_gradients(const ElementLayouts& layouts,
       for (int g = 0; g < g_.kv_heads; ++g) {
         const kernels::ClusteredLayout& L = layouts[b][g];
         for (const std::int64_t id : L.fetched)
-          if (g_.owner(id) == to) send_block(sends, to, b, g, L.block_pool_page(id));
+          if (g_.owner(id) == to) send_block(sends, to, b, g, L, L.block_pool_page(id), false);
         for (std::int32_t i = 0; i < sv.counts[b * g_.kv_heads + g]; ++i)
-          recv_to_stage(recvs, landings, stage, from, b, g, (sv.ids[next++] - g_.first_block) * g_.coarse_pages);
+          recv_to_stage(recvs, landings, stage, from, b, g, L, (sv.ids[next++] - g_.first_block) * g_.coarse_pages);
       }
     comm_.exchange(sends, recvs);
     add_landed(landings, stage, ctx);

@@ -3,6 +3,10 @@
 // the layers, the final norm and the head (LM: chunked cross-entropy over every rank's rows; encoder:
 // mean pooling over the whole sequence and a classification head), the one gradient all-reduce and the
 // AdamW step. Layer inputs are the only activations kept; every layer recomputes itself in backward.
+// Every buffer lives in the memory of the session's device, and so do the communicator's buffers:
+// host memory and MPI on the CPU; device memory, NCCL and the session's stream on CUDA. The host
+// touches that memory only through synchronous copies: ids in, parameters at initialisation and load,
+// the few scalars a call returns or decides on (Scalars) out, checkpoints out.
 #include "checkpoint.hpp"
 #include "colt5.hpp"
 #include "model_mixers.hpp"
@@ -13,10 +17,12 @@
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/layers.hpp>
 #include <ringcast/kernels/layout.hpp>
+#include <ringcast/memory.hpp>
 #include <ringcast/model.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 namespace ringcast {
 namespace {
@@ -44,17 +50,40 @@ void fill_uniform(std::span<float> x, float bound, std::uint64_t seed) {
   }
 }
 
-// A host buffer of `count` floats through DeviceBuffer, so peak-memory accounting sees it.
-struct HostFloats {
+// `count` floats in the memory of the session's device, through DeviceBuffer so that peak-memory
+// accounting sees them.
+struct Floats {
   DeviceBuffer buf;
   std::int64_t count = 0;
-  HostFloats() = default;
-  HostFloats(std::int64_t n, const Device& device)
+  Floats() = default;
+  Floats(std::int64_t n, const Device& device)
       : buf(static_cast<std::size_t>(std::max<std::int64_t>(n, 1)) * sizeof(float), device), count(n) {}
   float* data() const { return buf.as<float>(); }
   std::span<float> span() const { return {data(), static_cast<std::size_t>(count)}; }
-  void zero() const { std::fill_n(data(), count, 0.0f); }
+  std::size_t bytes() const { return static_cast<std::size_t>(count) * sizeof(float); }
+  void zero(const kernels::ExecContext& ctx) const { kernels::fill_zero(data(), bytes(), ctx); }
 };
+
+// What a call reduces over ranks or reads back, in the kernels' memory: one allocation, one
+// synchronous copy back. Written by the kernels (totals, sum_sq) or uploaded (the id checks).
+struct Scalars {
+  kernels::CrossEntropyTotals totals;
+  double sum_sq = 0.0;
+  std::int64_t id_counts[2] = {0, 0};   // counted targets, ids out of range; summed over ranks
+  // Σ labels and -Σ labels, maxed over ranks: the two maxima cancel iff every rank has the same Σ.
+  std::int64_t label_sums[2] = {0, 0};
+};
+static_assert(std::is_trivially_copyable_v<Scalars>);
+
+// ModelConfig::compute_dtype for the session's backend (model.hpp).
+DType resolve_compute_dtype(const ModelConfig& c, const Device& device) {
+  const bool cuda = device.kind == DeviceKind::kCuda;
+  const DType t = c.compute_dtype.value_or(cuda ? DType::kBF16 : DType::kF32);
+  RINGCAST_CHECK(t == DType::kF32 || (cuda && t == DType::kBF16),
+                 "Model: compute_dtype {} is not supported on the {} backend (CPU: f32; CUDA: bf16 or f32)",
+                 dtype_name(t), cuda ? "CUDA" : "CPU");
+  return t;
+}
 
 void validate_config(const ModelConfig& c, const SequenceShape& shape) {
   RINGCAST_CHECK(c.vocab > 0 && c.dim > 0 && c.layers > 0 && c.ffn_hidden > 0 && c.ce_chunk > 0,
@@ -91,6 +120,7 @@ struct Model::State {
   const SequenceShape seq;
   const kernels::ExecContext ctx;
   const bool encoder;
+  const DType compute;  // inputs of the matrix products
 
   model::ParameterTable table;
   model::Scratch scratch;
@@ -98,7 +128,7 @@ struct Model::State {
   std::vector<std::unique_ptr<Layer>> layers;
   Geometry input;  // the embedding's rows
 
-  HostFloats params, grads, adam_m, adam_v, head_sink;
+  Floats params, grads, adam_m, adam_v, head_sink;
   std::int64_t steps = 0;
   double grad_norm = 0.0;
   double loss = 0.0;
@@ -108,22 +138,39 @@ struct Model::State {
   // Layer inputs: layer l reads activations + in_offset[l]; the final hidden state sits at
   // in_offset[L]. d_a, d_b ping-pong the residual-stream gradient between layers.
   std::vector<std::int64_t> in_offset;
-  HostFloats activations, final_out, d_final, d_a, d_b, pooled, d_pooled;
-  std::vector<std::int32_t> tokens;  // of the latest forward, for the embedding backward
+  Floats activations, final_out, d_final, d_a, d_b, pooled, d_pooled;
+  // The latest pass's ids: tokens [input.rows()] (kept for the embedding backward), then targets.
+  DeviceBuffer ids;
+  DeviceBuffer scalars_buf;  // one Scalars
+  DeviceBuffer flags;        // one int32 per tensor: which gradients are not finite
 
   State(const Session& s, const ModelConfig& c, const SequenceShape& sh)
-      : session(s), config(c), seq(sh), ctx{s.device(), s.stream()}, encoder(c.kind == ModelKind::kEncoder) {}
+      : session(s),
+        config(c),
+        seq(sh),
+        ctx{s.device(), s.stream()},
+        encoder(c.kind == ModelKind::kEncoder),
+        compute(resolve_compute_dtype(c, s.device())) {}
 
   const Geometry& output() const { return layers.back()->out_geometry(); }
   model::RunContext run_context(bool training) {
-    return {session, ctx, table, params.data(), grads.data(), scratch, static_cast<std::uint64_t>(steps), training};
+    return {session, ctx, table, params.data(), grads.data(), scratch, static_cast<std::uint64_t>(steps), training,
+            compute};
   }
+  const std::int32_t* token_ids() const { return ids.as<const std::int32_t>(); }
+  const std::int32_t* target_ids() const { return ids.as<const std::int32_t>() + input.rows(); }
+  Scalars* scalars() const { return scalars_buf.as<Scalars>(); }
+  // Waits for the stream through the communicator (a failed or stuck collective raises instead of
+  // hanging) and copies the scalars back.
+  Scalars read_scalars() const;
+  // A host view of x: x itself on the CPU, else a copy into `copy`.
+  std::span<const float> host_view(const Floats& x, std::vector<float>& copy) const;
 
   void build();
   void init_parameters();
-  void forward_layers(const model::RunContext& rc, std::span<const std::int32_t> ids);
-  double head(std::span<const std::int32_t> targets, bool with_gradient);
-  void check_ids(std::span<const std::int32_t> ids, std::span<const std::int32_t> targets);
+  void forward_layers(const model::RunContext& rc);
+  double head(bool with_gradient);
+  void load_ids(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets);
 };
 
 void Model::State::build() {
@@ -131,10 +178,15 @@ void Model::State::build() {
   input.batch = seq.batch;
   input.seq_len = seq.seq_len;
   input.causal = !encoder;
-  const LayerShape shape = model::attention_shape(c, input, session.size());
+  const bool seed_layers = c.colt5.enabled || c.vcc.enabled || !c.pyramidion.pool_after.empty();
+  RINGCAST_CHECK(session.device().kind == DeviceKind::kCpu || !seed_layers,
+                 "Model: the CoLT5, Pyramidion and VCC layers run on the CPU backend only, and this session is on "
+                 "CUDA device {} (use Backend::kCpu for them)", session.device().index);
+  const LayerShape shape = model::attention_shape(c, input, session.size(), model::attention_dtype(session.device()));
   validate(shape, c.attention);
   input.local_len = shape.local_len();
   input.positions = shard_positions(shape, c.attention, session.rank());
+  input.bind_positions(session.device(), session.stream());  // before the blocks copy the geometry
 
   embedding = table.add("embedding", c.vocab, c.dim, true, Init::kUnit);
   const Geometry* g = &input;
@@ -174,10 +226,28 @@ void Model::State::build() {
   scratch.bind(session.device());
 }
 
+Scalars Model::State::read_scalars() const {
+  session.comm().synchronize(session.stream());
+  Scalars h;
+  copy_to_host(&h, scalars(), sizeof(Scalars), session.device(), session.stream());
+  return h;
+}
+
+std::span<const float> Model::State::host_view(const Floats& x, std::vector<float>& copy) const {
+  if (session.device().kind == DeviceKind::kCpu) return x.span();
+  copy.resize(static_cast<std::size_t>(x.count));
+  copy_to_host(copy.data(), x.data(), x.bytes(), session.device(), session.stream());
+  return copy;
+}
+
+// On the host (the generator is host code), then one copy to the device on CUDA.
 void Model::State::init_parameters() {
+  const bool cpu = session.device().kind == DeviceKind::kCpu;
+  std::vector<float> staging(cpu ? 0 : static_cast<std::size_t>(params.count));
+  const std::span<float> all = cpu ? params.span() : std::span<float>(staging);
   for (std::size_t t = 0; t < table.infos().size(); ++t) {
     const ParameterInfo& info = table.infos()[t];
-    std::span<float> x = params.span().subspan(static_cast<std::size_t>(info.offset), static_cast<std::size_t>(info.numel()));
+    std::span<float> x = all.subspan(static_cast<std::size_t>(info.offset), static_cast<std::size_t>(info.numel()));
     switch (table.init(t)) {
       case Init::kOnes: std::fill(x.begin(), x.end(), 1.0f); break;
       case Init::kZeros: std::fill(x.begin(), x.end(), 0.0f); break;
@@ -187,43 +257,53 @@ void Model::State::init_parameters() {
         break;
     }
   }
+  if (!cpu) copy_from_host(params.data(), staging.data(), params.bytes(), session.device(), session.stream());
 }
 
-// One all-reduce agrees on the target count and on whether any rank got an id out of range (or, for
-// an encoder, labels that differ between ranks), so a bad batch fails on every rank before any layer.
-void Model::State::check_ids(std::span<const std::int32_t> ids, std::span<const std::int32_t> labels) {
+// One pair of all-reduces agrees on the target count and on whether any rank got an id out of range
+// (or, for an encoder, labels that differ between ranks), so a bad batch fails on every rank before
+// any layer; then the ids go to the device.
+void Model::State::load_ids(std::span<const std::int32_t> tokens, std::span<const std::int32_t> labels) {
   const ModelConfig& c = config;
   const std::int64_t R = input.rows();
   const std::int64_t want = encoder ? seq.batch : R;
-  RINGCAST_CHECK(static_cast<std::int64_t>(ids.size()) == R && static_cast<std::int64_t>(labels.size()) == want,
-                 "Model: tokens ({}) must hold batch * local_len = {} ids and targets ({}) {} ids", ids.size(), R,
+  RINGCAST_CHECK(static_cast<std::int64_t>(tokens.size()) == R && static_cast<std::int64_t>(labels.size()) == want,
+                 "Model: tokens ({}) must hold batch * local_len = {} ids and targets ({}) {} ids", tokens.size(), R,
                  labels.size(), want);
-  std::int64_t meta[4] = {0, 0, 0, 0};  // counted targets, bad ids, Σ labels, -Σ labels
-  for (const std::int32_t t : ids) meta[1] += t < 0 || t >= c.vocab;
+  Scalars h;
+  for (const std::int32_t t : tokens) h.id_counts[1] += t < 0 || t >= c.vocab;
   const int classes = encoder ? c.num_classes : c.vocab;
   for (const std::int32_t t : labels) {
-    meta[0] += t >= 0;
-    meta[1] += t >= classes || (encoder && t < 0);
-    meta[2] += t;
+    h.id_counts[0] += t >= 0;
+    h.id_counts[1] += t >= classes || (encoder && t < 0);
+    h.label_sums[0] += t;
   }
-  meta[3] = -meta[2];
-  std::int64_t sums[2] = {meta[0], meta[1]}, extremes[2] = {meta[2], meta[3]};
+  h.label_sums[1] = -h.label_sums[0];
+  Scalars* d = scalars();
+  copy_from_host(d, &h, sizeof(Scalars), session.device(), session.stream());
   auto& comm = session.comm();
-  comm.all_reduce({sums, 2, DType::kI64}, {sums, 2, DType::kI64}, comm::ReduceOp::kSum);
-  comm.all_reduce({extremes, 2, DType::kI64}, {extremes, 2, DType::kI64}, comm::ReduceOp::kMax);
+  comm.all_reduce({d->id_counts, 2, DType::kI64}, {d->id_counts, 2, DType::kI64}, comm::ReduceOp::kSum,
+                  session.stream());
+  comm.all_reduce({d->label_sums, 2, DType::kI64}, {d->label_sums, 2, DType::kI64}, comm::ReduceOp::kMax,
+                  session.stream());
+  h = read_scalars();
   if (encoder)
-    RINGCAST_CHECK(sums[1] == 0, "Model: {} token ids outside [0, {}) or class labels outside [0, {})", sums[1],
-                   c.vocab, c.num_classes);
+    RINGCAST_CHECK(h.id_counts[1] == 0, "Model: {} token ids outside [0, {}) or class labels outside [0, {})",
+                   h.id_counts[1], c.vocab, c.num_classes);
   else
-    RINGCAST_CHECK(sums[1] == 0, "Model: {} token or target ids outside [0, {}) (targets may be < 0)", sums[1], c.vocab);
-  RINGCAST_CHECK(!encoder || extremes[0] == -extremes[1], "Model: the class labels differ between ranks");
-  RINGCAST_CHECK(sums[0] > 0, "Model: no targets >= 0 on any rank");
-  targets.count = encoder ? seq.batch : sums[0];
+    RINGCAST_CHECK(h.id_counts[1] == 0, "Model: {} token or target ids outside [0, {}) (targets may be < 0)",
+                   h.id_counts[1], c.vocab);
+  RINGCAST_CHECK(!encoder || h.label_sums[0] == -h.label_sums[1], "Model: the class labels differ between ranks");
+  RINGCAST_CHECK(h.id_counts[0] > 0, "Model: no targets >= 0 on any rank");
+  targets.count = encoder ? seq.batch : h.id_counts[0];
+  std::int32_t* dst = ids.as<std::int32_t>();
+  copy_from_host(dst, tokens.data(), tokens.size_bytes(), session.device(), session.stream());
+  copy_from_host(dst + R, labels.data(), labels.size_bytes(), session.device(), session.stream());
 }
 
-void Model::State::forward_layers(const model::RunContext& rc, std::span<const std::int32_t> ids) {
+void Model::State::forward_layers(const model::RunContext& rc) {
   const int D = config.dim;
-  kernels::embedding_forward({input.rows(), D, config.vocab, ids.data(), params.data() + table.info(embedding).offset,
+  kernels::embedding_forward({input.rows(), D, config.vocab, token_ids(), params.data() + table.info(embedding).offset,
                               activations.data() + in_offset[0]},
                              ctx);
   for (std::size_t l = 0; l < layers.size(); ++l)
@@ -231,8 +311,8 @@ void Model::State::forward_layers(const model::RunContext& rc, std::span<const s
 }
 
 // The final norm and the head on the output of the last layer: sets loss and targets, and with
-// with_gradient adds the head's parameter gradients into grads and leaves dL/d(hidden) in d_final.
-double Model::State::head(std::span<const std::int32_t> labels, bool with_gradient) {
+// with_gradient adds the head's parameter gradients into grads and leaves dL/d(hidden) in d_a.
+double Model::State::head(bool with_gradient) {
   const ModelConfig& c = config;
   const Geometry& out = output();
   const std::int64_t R = out.rows();
@@ -240,35 +320,36 @@ double Model::State::head(std::span<const std::int32_t> labels, bool with_gradie
   const float* gain = params.data() + table.info(final_norm).offset;
   kernels::rms_norm_forward({R, c.dim, c.norm_eps, hidden, gain, final_out.data()}, ctx);
   auto& comm = session.comm();
-  kernels::CrossEntropyTotals totals;
+  const Stream stream = session.stream();
+  Scalars* d = scalars();
   kernels::LinearCrossEntropyParams ce;
   ce.dim = c.dim;
   ce.chunk_rows = c.ce_chunk;
   ce.w = params.data() + table.info(head_w).offset;
-  ce.targets = labels.data();
-  ce.totals = &totals;
+  ce.targets = target_ids();
+  ce.totals = &d->totals;
   ce.loss_scale = static_cast<float>(1.0 / static_cast<double>(targets.count));
+  ce.dtype = compute;
   if (!encoder) {
     ce.rows = R;
     ce.vocab = c.vocab;
     ce.h = final_out.data();
     if (with_gradient) {
-      d_pooled.zero();  // d_pooled doubles as dL/d(final_out) of the decoder
+      d_pooled.zero(ctx);  // d_pooled doubles as dL/d(final_out) of the decoder
       ce.d_h = d_pooled.data();
       ce.d_w = grads.data() + table.info(head_w).offset;
     }
     kernels::linear_cross_entropy(ce, ctx);
-    // The correct count rides along in the loss sum's all-reduce (exact in a double up to 2^53).
-    double sums[2] = {totals.loss_sum, static_cast<double>(totals.correct)};
-    comm.all_reduce({sums, 2, DType::kF64}, {sums, 2, DType::kF64}, comm::ReduceOp::kSum);
-    loss = sums[0] / static_cast<double>(targets.count);
-    targets.correct = static_cast<std::int64_t>(sums[1]);
+    comm.all_reduce({&d->totals.loss_sum, 1, DType::kF64}, {&d->totals.loss_sum, 1, DType::kF64},
+                    comm::ReduceOp::kSum, stream);
+    comm.all_reduce({&d->totals.correct, 1, DType::kI64}, {&d->totals.correct, 1, DType::kI64}, comm::ReduceOp::kSum,
+                    stream);
   } else {
     // Mean over the whole sequence: local sums scaled by 1/n, then summed over ranks.
     const float scale = static_cast<float>(1.0 / static_cast<double>(out.seq_len));
     kernels::token_pool_forward({out.batch, out.local_len, c.dim, scale, final_out.data(), pooled.data()}, ctx);
     comm.all_reduce({pooled.data(), static_cast<std::size_t>(pooled.count), DType::kF32},
-                    {pooled.data(), static_cast<std::size_t>(pooled.count), DType::kF32}, comm::ReduceOp::kSum);
+                    {pooled.data(), static_cast<std::size_t>(pooled.count), DType::kF32}, comm::ReduceOp::kSum, stream);
     ce.rows = out.batch;
     ce.vocab = c.num_classes;
     ce.h = pooled.data();
@@ -276,27 +357,28 @@ double Model::State::head(std::span<const std::int32_t> labels, bool with_gradie
     // The head runs replicated: rank 0 alone adds its parameter gradients, so the all-reduce counts
     // them once; every rank needs d_pooled.
     if (with_gradient) {
-      d_pooled.zero();
-      head_sink.zero();
+      d_pooled.zero(ctx);
+      head_sink.zero(ctx);
       const bool mine = session.rank() == 0;
       ce.d_h = d_pooled.data();
       ce.d_w = mine ? grads.data() + table.info(head_w).offset : head_sink.data();
       ce.d_bias = mine ? grads.data() + table.info(head_b).offset : head_sink.data() + table.info(head_w).numel();
     }
     kernels::linear_cross_entropy(ce, ctx);
-    loss = totals.loss_sum / static_cast<double>(targets.count);
-    targets.correct = totals.correct;
   }
+  const Scalars h = read_scalars();
+  loss = h.totals.loss_sum / static_cast<double>(targets.count);
+  targets.correct = h.totals.correct;
   if (!with_gradient || !std::isfinite(loss)) return loss;
   const float* d_out = d_pooled.data();
   if (encoder) {
-    d_final.zero();
+    d_final.zero(ctx);
     const float scale = static_cast<float>(1.0 / static_cast<double>(out.seq_len));
     kernels::token_pool_backward({out.batch, out.local_len, c.dim, scale, d_pooled.data(), d_final.data()}, ctx);
     d_out = d_final.data();
   }
   float* d_hidden = d_a.data();
-  std::fill_n(d_hidden, R * c.dim, 0.0f);
+  kernels::fill_zero(d_hidden, static_cast<std::size_t>(R * c.dim) * sizeof(float), ctx);
   kernels::rms_norm_backward({R, c.dim, c.norm_eps, hidden, gain, d_out, d_hidden, grads.data() + table.info(final_norm).offset},
                              ctx);
   return loss;
@@ -305,19 +387,21 @@ double Model::State::head(std::span<const std::int32_t> labels, bool with_gradie
 Model::Model(const Session& session, const ModelConfig& config, const SequenceShape& shape)
     : state_(std::make_unique<State>(session, config, shape)) {
   State& s = *state_;
-  RINGCAST_CHECK(session.device().kind == DeviceKind::kCpu,
-                 "Model: only the CPU backend is implemented (the per-token layer kernels are host code)");
+  const Device dev = session.device();
+  RINGCAST_CHECK(session.comm().memory() == dev.kind,
+                 "Model: the {} communicator works on {} memory but the session's device is {}",
+                 session.comm().backend_name(), session.comm().memory() == DeviceKind::kCpu ? "host" : "device",
+                 dev.kind == DeviceKind::kCpu ? "the CPU" : "a CUDA device");
   validate_config(config, shape);
   s.build();
-  const Device dev = session.device();
   const std::int64_t total = s.table.total();
-  s.params = HostFloats(total, dev);
-  s.grads = HostFloats(total, dev);
-  s.adam_m = HostFloats(total, dev);
-  s.adam_v = HostFloats(total, dev);
-  s.grads.zero();
-  s.adam_m.zero();
-  s.adam_v.zero();
+  s.params = Floats(total, dev);
+  s.grads = Floats(total, dev);
+  s.adam_m = Floats(total, dev);
+  s.adam_v = Floats(total, dev);
+  s.grads.zero(s.ctx);
+  s.adam_m.zero(s.ctx);
+  s.adam_v.zero(s.ctx);
   s.init_parameters();
 
   const std::int64_t D = config.dim;
@@ -329,24 +413,28 @@ Model::Model(const Session& session, const ModelConfig& config, const SequenceSh
   }
   s.in_offset.push_back(offset);
   offset += s.output().rows() * D;
-  s.activations = HostFloats(offset, dev);
+  s.activations = Floats(offset, dev);
   const std::int64_t out_rows = s.output().rows();
-  s.final_out = HostFloats(out_rows * D, dev);
-  s.d_a = HostFloats(max_rows * D, dev);
-  s.d_b = HostFloats(max_rows * D, dev);
+  s.final_out = Floats(out_rows * D, dev);
+  s.d_a = Floats(max_rows * D, dev);
+  s.d_b = Floats(max_rows * D, dev);
   if (s.encoder) {
-    s.d_final = HostFloats(out_rows * D, dev);
-    s.pooled = HostFloats(shape.batch * D, dev);
-    s.d_pooled = HostFloats(shape.batch * D, dev);
-    s.head_sink = HostFloats(s.table.info(s.head_w).numel() + config.num_classes, dev);
+    s.d_final = Floats(out_rows * D, dev);
+    s.pooled = Floats(shape.batch * D, dev);
+    s.d_pooled = Floats(shape.batch * D, dev);
+    s.head_sink = Floats(s.table.info(s.head_w).numel() + config.num_classes, dev);
   } else {
-    s.d_pooled = HostFloats(out_rows * D, dev);
+    s.d_pooled = Floats(out_rows * D, dev);
   }
+  s.ids = DeviceBuffer(static_cast<std::size_t>(s.input.rows() + target_count()) * sizeof(std::int32_t), dev);
+  s.scalars_buf = DeviceBuffer(sizeof(Scalars), dev);
+  s.flags = DeviceBuffer(s.table.infos().size() * sizeof(std::int32_t), dev);
 }
 
 Model::~Model() = default;
 
 const ModelConfig& Model::config() const { return state_->config; }
+DType Model::compute_dtype() const { return state_->compute; }
 std::span<const std::int32_t> Model::positions() const { return state_->input.positions; }
 std::int64_t Model::local_len() const { return state_->input.local_len; }
 std::int64_t Model::target_count() const {
@@ -370,15 +458,22 @@ std::span<float> Model::gradient(std::string_view name) {
   return gradients().subspan(static_cast<std::size_t>(t.offset), static_cast<std::size_t>(t.numel()));
 }
 
+std::vector<float> Model::to_host(std::span<const float> x) const {
+  const State& s = *state_;
+  s.session.comm().synchronize(s.session.stream());
+  std::vector<float> out(x.size());
+  copy_to_host(out.data(), x.data(), x.size_bytes(), s.session.device(), s.session.stream());
+  return out;
+}
+
 double Model::forward(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets) {
   State& s = *state_;
   s.have_forward = s.have_gradients = false;
-  s.check_ids(tokens, targets);
-  s.tokens.assign(tokens.begin(), tokens.end());
+  s.load_ids(tokens, targets);
   const model::RunContext rc = s.run_context(true);
-  s.forward_layers(rc, tokens);
-  s.grads.zero();
-  s.head(targets, true);
+  s.forward_layers(rc);
+  s.grads.zero(s.ctx);
+  s.head(true);
   s.have_forward = true;
   return s.loss;
 }
@@ -386,10 +481,10 @@ double Model::forward(std::span<const std::int32_t> tokens, std::span<const std:
 double Model::evaluate(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets) {
   State& s = *state_;
   s.have_forward = s.have_gradients = false;
-  s.check_ids(tokens, targets);
+  s.load_ids(tokens, targets);
   const model::RunContext rc = s.run_context(false);
-  s.forward_layers(rc, tokens);
-  return s.head(targets, false);
+  s.forward_layers(rc);
+  return s.head(false);
 }
 
 void Model::backward() {
@@ -405,13 +500,14 @@ void Model::backward() {
       s.layers[l]->backward(rc, s.activations.data() + s.in_offset[l], d_out, d_in);
       std::swap(d_out, d_in);
     }
-    kernels::embedding_backward({s.input.rows(), c.dim, c.vocab, s.tokens.data(), d_out,
+    kernels::embedding_backward({s.input.rows(), c.dim, c.vocab, s.token_ids(), d_out,
                                  s.grads.data() + s.table.info(s.embedding).offset},
                                 s.ctx);
     // Parameters are replicated: one bucketed sum makes every rank's gradient the global one.
     auto& comm = s.session.comm();
     comm.all_reduce({s.grads.data(), static_cast<std::size_t>(s.grads.count), DType::kF32},
-                    {s.grads.data(), static_cast<std::size_t>(s.grads.count), DType::kF32}, comm::ReduceOp::kSum);
+                    {s.grads.data(), static_cast<std::size_t>(s.grads.count), DType::kF32}, comm::ReduceOp::kSum,
+                    s.session.stream());
   }
   s.have_gradients = true;
 }
@@ -423,15 +519,17 @@ void Model::step(const AdamWConfig& config) {
   RINGCAST_CHECK(std::isfinite(s.loss), "Model::step {}: the loss is not finite ({})", step, s.loss);
   const std::int64_t total = s.grads.count;
   // The gradients are already global and identical on every rank, so is their norm: no all-reduce.
-  double sum_sq = 0.0;
-  kernels::sum_of_squares(total, s.grads.data(), &sum_sq, s.ctx);
-  const double norm = std::sqrt(sum_sq);
+  kernels::sum_of_squares(total, s.grads.data(), &s.scalars()->sum_sq, s.ctx);
+  const double norm = std::sqrt(s.read_scalars().sum_sq);
   if (!std::isfinite(norm)) {
-    for (const ParameterInfo& t : s.table.infos()) {
-      std::int32_t found = 0;
-      kernels::find_non_finite(t.numel(), s.grads.data() + t.offset, &found, s.ctx);
-      RINGCAST_CHECK(!found, "Model::step {}: non-finite gradient in '{}'", step, t.name);
-    }
+    const auto& infos = s.table.infos();
+    std::int32_t* flags = s.flags.as<std::int32_t>();
+    for (std::size_t t = 0; t < infos.size(); ++t)
+      kernels::find_non_finite(infos[t].numel(), s.grads.data() + infos[t].offset, flags + t, s.ctx);
+    std::vector<std::int32_t> found(infos.size());
+    copy_to_host(found.data(), flags, s.flags.bytes(), s.session.device(), s.session.stream());
+    for (std::size_t t = 0; t < infos.size(); ++t)
+      RINGCAST_CHECK(!found[t], "Model::step {}: non-finite gradient in '{}'", step, infos[t].name);
     RINGCAST_THROW("Model::step {}: the gradient norm overflowed ({}) though every gradient is finite", step, norm);
   }
   s.grad_norm = norm;
@@ -468,20 +566,22 @@ void Model::save(const std::string& path, std::span<const std::byte> user_state)
   model::CheckpointData data;
   data.fingerprint = model::fingerprint(s.config, s.table);
   data.steps = s.steps;
-  data.params = s.params.span();
-  data.adam_m = s.adam_m.span();
-  data.adam_v = s.adam_v.span();
+  // Rank 0 alone writes, so it alone needs the buffers in host memory.
+  std::vector<float> copies[3];
+  if (s.session.rank() == 0) {
+    data.params = s.host_view(s.params, copies[0]);
+    data.adam_m = s.host_view(s.adam_m, copies[1]);
+    data.adam_v = s.host_view(s.adam_v, copies[2]);
+  }
   data.user_state = user_state;
   model::save_checkpoint(s.session, path, data);
 }
 
 std::vector<std::byte> Model::load(const std::string& path) {
   State& s = *state_;
-  model::LoadedCheckpoint loaded =
-      model::load_checkpoint(s.session, path, model::fingerprint(s.config, s.table), s.params.count);
-  std::copy(loaded.params.begin(), loaded.params.end(), s.params.data());
-  std::copy(loaded.adam_m.begin(), loaded.adam_m.end(), s.adam_m.data());
-  std::copy(loaded.adam_v.begin(), loaded.adam_v.end(), s.adam_v.data());
+  model::LoadedCheckpoint loaded = model::load_checkpoint(s.session, path, model::fingerprint(s.config, s.table),
+                                                          {s.params.data(), s.adam_m.data(), s.adam_v.data()},
+                                                          s.params.count);
   s.steps = loaded.steps;
   s.have_forward = s.have_gradients = false;
   return std::move(loaded.user_state);

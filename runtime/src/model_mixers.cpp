@@ -1,12 +1,13 @@
-// SelfAttention, SwiGluFfn and PreNormBlock (model_mixers.hpp). Host code on the CPU backend's
-// per-token kernels; scratch keys are per branch kind, shared by every layer of the stack.
+// SelfAttention, SwiGluFfn and PreNormBlock (model_mixers.hpp), on the per-token kernels of either
+// backend: every buffer is in the memory of rc.exec's device and every call is enqueued on its stream.
+// Scratch keys are per branch kind, shared by every layer of the stack.
 #include "model_mixers.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/layers.hpp>
 #include <ringcast/kernels/layout.hpp>
 
-#include <algorithm>
+#include <array>
 
 namespace ringcast::model {
 namespace {
@@ -15,8 +16,30 @@ void zero(float* x, std::int64_t count, const RunContext& rc) {
   kernels::fill_zero(x, static_cast<std::size_t>(count) * sizeof(float), rc.exec);
 }
 
-TensorView heads_view(float* x, const Geometry& g, int heads, int head_dim, const Device& device) {
-  return TensorView::contiguous(x, DType::kF32, {g.batch, g.local_len, heads, head_dim}, device);
+// dst = src, n elements, converted when the dtypes differ.
+void copy(const void* src, DType from, void* dst, DType to, std::int64_t n, const RunContext& rc) {
+  kernels::copy_strided(kernels::StridedCopy::flat(src, from, dst, to, n), rc.exec);
+}
+
+// Scratch is reserved in floats: the floats that n elements of dtype fill.
+std::int64_t floats_for(std::int64_t n, DType dtype) {
+  const auto size = static_cast<std::int64_t>(dtype_size(dtype));
+  return (n * size + std::int64_t{sizeof(float)} - 1) / std::int64_t{sizeof(float)};
+}
+
+TensorView heads_view(void* x, DType dtype, const Geometry& g, int heads, int head_dim, const Device& device) {
+  return TensorView::contiguous(x, dtype, {g.batch, g.local_len, heads, head_dim}, device);
+}
+
+// Views of q|k|v (or d_q|d_k|d_v) packed back to back at `base` in `dtype`.
+std::array<TensorView, 3> packed_views(void* base, DType dtype, const Geometry& g, const AttentionProjections& p,
+                                       const Device& device) {
+  char* at = static_cast<char*>(base);
+  const std::size_t q_bytes = static_cast<std::size_t>(g.rows() * p.q_width()) * dtype_size(dtype);
+  const std::size_t kv_bytes = static_cast<std::size_t>(g.rows() * p.kv_width()) * dtype_size(dtype);
+  return {heads_view(at, dtype, g, p.heads, p.head_dim, device),
+          heads_view(at + q_bytes, dtype, g, p.kv_heads, p.head_dim, device),
+          heads_view(at + q_bytes + kv_bytes, dtype, g, p.kv_heads, p.head_dim, device)};
 }
 
 }  // namespace
@@ -32,29 +55,35 @@ AttentionProjections::AttentionProjections(ParameterTable& table, const std::str
 void AttentionProjections::project(const RunContext& rc, const Geometry& g, const float* x, float* q, float* k,
                                    float* v) const {
   const std::int64_t rows = g.rows(), n = g.local_len, qd = q_width(), kd = kv_width();
-  kernels::linear_forward({rows, dim, static_cast<int>(qd), x, rc.p(wq), q}, rc.exec);
-  kernels::linear_forward({rows, dim, static_cast<int>(kd), x, rc.p(wk), k}, rc.exec);
-  kernels::linear_forward({rows, dim, static_cast<int>(kd), x, rc.p(wv), v}, rc.exec);
+  const std::int32_t* positions = g.kernel_positions(rc.exec.device);
+  kernels::linear_forward({rows, dim, static_cast<int>(qd), x, rc.p(wq), q, false, rc.compute}, rc.exec);
+  kernels::linear_forward({rows, dim, static_cast<int>(kd), x, rc.p(wk), k, false, rc.compute}, rc.exec);
+  kernels::linear_forward({rows, dim, static_cast<int>(kd), x, rc.p(wv), v, false, rc.compute}, rc.exec);
   // Rows are [batch][local_len]: each batch element's rows carry the same positions.
   for (int b = 0; b < g.batch; ++b) {
-    kernels::rope_forward({n, heads, head_dim, rope_theta, g.positions.data(), q + b * n * qd}, rc.exec);
-    kernels::rope_forward({n, kv_heads, head_dim, rope_theta, g.positions.data(), k + b * n * kd}, rc.exec);
+    kernels::rope_forward({n, heads, head_dim, rope_theta, positions, q + b * n * qd}, rc.exec);
+    kernels::rope_forward({n, kv_heads, head_dim, rope_theta, positions, k + b * n * kd}, rc.exec);
   }
 }
 
 void AttentionProjections::project_backward(const RunContext& rc, const Geometry& g, const float* x, float* d_q,
                                             float* d_k, const float* d_v, float* dx) const {
   const std::int64_t rows = g.rows(), n = g.local_len, qd = q_width(), kd = kv_width();
+  const std::int32_t* positions = g.kernel_positions(rc.exec.device);
   for (int b = 0; b < g.batch; ++b) {
-    kernels::rope_backward({n, heads, head_dim, rope_theta, g.positions.data(), d_q + b * n * qd}, rc.exec);
-    kernels::rope_backward({n, kv_heads, head_dim, rope_theta, g.positions.data(), d_k + b * n * kd}, rc.exec);
+    kernels::rope_backward({n, heads, head_dim, rope_theta, positions, d_q + b * n * qd}, rc.exec);
+    kernels::rope_backward({n, kv_heads, head_dim, rope_theta, positions, d_k + b * n * kd}, rc.exec);
   }
-  kernels::linear_backward({rows, dim, static_cast<int>(qd), x, rc.p(wq), d_q, dx, rc.g(wq)}, rc.exec);
-  kernels::linear_backward({rows, dim, static_cast<int>(kd), x, rc.p(wk), d_k, dx, rc.g(wk)}, rc.exec);
-  kernels::linear_backward({rows, dim, static_cast<int>(kd), x, rc.p(wv), d_v, dx, rc.g(wv)}, rc.exec);
+  kernels::linear_backward({rows, dim, static_cast<int>(qd), x, rc.p(wq), d_q, dx, rc.g(wq), rc.compute}, rc.exec);
+  kernels::linear_backward({rows, dim, static_cast<int>(kd), x, rc.p(wk), d_k, dx, rc.g(wk), rc.compute}, rc.exec);
+  kernels::linear_backward({rows, dim, static_cast<int>(kd), x, rc.p(wv), d_v, dx, rc.g(wv), rc.compute}, rc.exec);
 }
 
-LayerShape attention_shape(const ModelConfig& c, const Geometry& g, int ranks) {
+DType attention_dtype(const Device& device) {
+  return device.kind == DeviceKind::kCpu ? DType::kF32 : DType::kBF16;
+}
+
+LayerShape attention_shape(const ModelConfig& c, const Geometry& g, int ranks, DType dtype) {
   LayerShape shape;
   shape.seq_len = g.seq_len;
   shape.ranks = ranks;
@@ -62,51 +91,95 @@ LayerShape attention_shape(const ModelConfig& c, const Geometry& g, int ranks) {
   shape.heads = c.heads;
   shape.kv_heads = c.kv_heads;
   shape.head_dim = c.head_dim;
-  shape.dtype = DType::kF32;
+  shape.dtype = dtype;
   shape.causal = g.causal;
   return shape;
 }
 
+// The fp32 buffers the projections read and write (q|k|v, o, their gradients, the LSE), and the ones
+// the operator reads and writes: the same buffers when its dtype is f32 (CPU), bf16 twins (CUDA).
+struct SelfAttention::Buffers {
+  float *qkv, *o, *d_qkv, *d_o, *lse;
+  void *qkv_s, *o_s, *d_qkv_s, *d_o_s;
+};
+
 SelfAttention::SelfAttention(const Session& session, ParameterTable& table, Scratch& scratch,
                              const std::string& prefix, const ModelConfig& c, const Geometry& g)
-    : proj_(table, prefix, c), geom_(g) {
-  attention_ = std::make_unique<DistributedAttention>(session, attention_shape(c, g, session.size()), c.attention);
-  const std::int64_t rows = g.rows();
-  for (const char* key : {"attn.q", "attn.o", "attn.d_q", "attn.d_o"}) scratch.reserve(key, rows * proj_.q_width());
-  for (const char* key : {"attn.k", "attn.v", "attn.d_k", "attn.d_v"}) scratch.reserve(key, rows * proj_.kv_width());
+    : proj_(table, prefix, c), geom_(g), storage_(attention_dtype(session.device())) {
+  const LayerShape shape = attention_shape(c, g, session.size(), storage_);
+  attention_ = std::make_unique<DistributedAttention>(session, shape, c.attention);
+  if (c.attention.uses_surrogates()) {
+    RINGCAST_CHECK(storage_ == DType::kF32, "Model: CAST surrogate clusters run on the CPU backend only");
+    surrogate_shape_ = surrogate_shape(shape, c.attention);
+    const auto [kv_heads, clusters, head_dim] = surrogate_shape_;
+    surrogates_ = table.add(prefix + "surrogates", kv_heads * clusters, head_dim, false, Init::kFanIn);
+  }
+  const std::int64_t rows = g.rows(), qkv = rows * (proj_.q_width() + 2 * proj_.kv_width()), o = rows * proj_.q_width();
+  for (const char* key : {"attn.qkv", "attn.d_qkv"}) scratch.reserve(key, qkv);
+  for (const char* key : {"attn.o", "attn.d_o"}) scratch.reserve(key, o);
   scratch.reserve("attn.lse", rows * c.heads);
+  if (storage_ == DType::kF32) return;
+  for (const char* key : {"attn.qkv_s", "attn.d_qkv_s"}) scratch.reserve(key, floats_for(qkv, storage_));
+  for (const char* key : {"attn.o_s", "attn.d_o_s"}) scratch.reserve(key, floats_for(o, storage_));
+}
+
+TensorView SelfAttention::surrogates(const RunContext& rc) const {
+  if (surrogates_.index < 0) return {};
+  return TensorView::contiguous(const_cast<float*>(rc.p(surrogates_)), DType::kF32,
+                                {surrogate_shape_[0], surrogate_shape_[1], surrogate_shape_[2]}, rc.session.device());
+}
+
+TensorView SelfAttention::d_surrogates(const RunContext& rc) const {
+  if (surrogates_.index < 0) return {};
+  return TensorView::contiguous(rc.g(surrogates_), DType::kF32,
+                                {surrogate_shape_[0], surrogate_shape_[1], surrogate_shape_[2]}, rc.session.device());
+}
+
+SelfAttention::Buffers SelfAttention::buffers(const RunContext& rc) const {
+  const Scratch& s = rc.scratch;
+  Buffers b{s.get("attn.qkv"), s.get("attn.o"), s.get("attn.d_qkv"), s.get("attn.d_o"), s.get("attn.lse"),
+            nullptr, nullptr, nullptr, nullptr};
+  const bool same = storage_ == DType::kF32;
+  b.qkv_s = same ? static_cast<void*>(b.qkv) : s.get("attn.qkv_s");
+  b.o_s = same ? static_cast<void*>(b.o) : s.get("attn.o_s");
+  b.d_qkv_s = same ? static_cast<void*>(b.d_qkv) : s.get("attn.d_qkv_s");
+  b.d_o_s = same ? static_cast<void*>(b.d_o) : s.get("attn.d_o_s");
+  return b;
 }
 
 void SelfAttention::forward(const RunContext& rc, const float* x, float* y) {
-  const Scratch& s = rc.scratch;
   const Device& dev = rc.session.device();
-  float *q = s.get("attn.q"), *k = s.get("attn.k"), *v = s.get("attn.v"), *o = s.get("attn.o");
-  proj_.project(rc, geom_, x, q, k, v);
-  attention_->forward({heads_view(q, geom_, proj_.heads, proj_.head_dim, dev),
-                       heads_view(k, geom_, proj_.kv_heads, proj_.head_dim, dev),
-                       heads_view(v, geom_, proj_.kv_heads, proj_.head_dim, dev),
-                       heads_view(o, geom_, proj_.heads, proj_.head_dim, dev),
-                       TensorView::contiguous(s.get("attn.lse"), DType::kF32, {geom_.batch, proj_.heads, geom_.local_len}, dev)});
-  kernels::linear_forward({geom_.rows(), static_cast<int>(proj_.q_width()), proj_.dim, o, rc.p(proj_.wo), y, true},
-                          rc.exec);
+  const Buffers b = buffers(rc);
+  const std::int64_t rows = geom_.rows(), qd = proj_.q_width(), kd = proj_.kv_width();
+  const bool converted = storage_ != DType::kF32;
+  proj_.project(rc, geom_, x, b.qkv, b.qkv + rows * qd, b.qkv + rows * (qd + kd));
+  if (converted) copy(b.qkv, DType::kF32, b.qkv_s, storage_, rows * (qd + 2 * kd), rc);
+  const auto [q, k, v] = packed_views(b.qkv_s, storage_, geom_, proj_, dev);
+  attention_->forward({q, k, v, heads_view(b.o_s, storage_, geom_, proj_.heads, proj_.head_dim, dev),
+                       TensorView::contiguous(b.lse, DType::kF32, {geom_.batch, proj_.heads, geom_.local_len}, dev),
+                       surrogates(rc)});
+  if (converted) copy(b.o_s, storage_, b.o, DType::kF32, rows * qd, rc);
+  kernels::linear_forward({rows, static_cast<int>(qd), proj_.dim, b.o, rc.p(proj_.wo), y, true, rc.compute}, rc.exec);
 }
 
 void SelfAttention::backward(const RunContext& rc, const float* x, const float* dy, float* dx) {
-  const Scratch& s = rc.scratch;
   const Device& dev = rc.session.device();
-  const int h = proj_.heads, hkv = proj_.kv_heads, d = proj_.head_dim;
-  float *q = s.get("attn.q"), *k = s.get("attn.k"), *v = s.get("attn.v"), *o = s.get("attn.o");
-  float *d_q = s.get("attn.d_q"), *d_k = s.get("attn.d_k"), *d_v = s.get("attn.d_v"), *d_o = s.get("attn.d_o");
-  zero(d_o, geom_.rows() * proj_.q_width(), rc);
-  kernels::linear_backward({geom_.rows(), static_cast<int>(proj_.q_width()), proj_.dim, o, rc.p(proj_.wo), dy, d_o,
-                            rc.g(proj_.wo)},
-                           rc.exec);
-  attention_->backward({heads_view(q, geom_, h, d, dev), heads_view(k, geom_, hkv, d, dev),
-                        heads_view(v, geom_, hkv, d, dev), heads_view(o, geom_, h, d, dev),
-                        TensorView::contiguous(s.get("attn.lse"), DType::kF32, {geom_.batch, h, geom_.local_len}, dev),
-                        heads_view(d_o, geom_, h, d, dev), heads_view(d_q, geom_, h, d, dev),
-                        heads_view(d_k, geom_, hkv, d, dev), heads_view(d_v, geom_, hkv, d, dev)});
-  proj_.project_backward(rc, geom_, x, d_q, d_k, d_v, dx);
+  const Buffers b = buffers(rc);
+  const int h = proj_.heads, d = proj_.head_dim;
+  const std::int64_t rows = geom_.rows(), qd = proj_.q_width(), kd = proj_.kv_width();
+  const bool converted = storage_ != DType::kF32;
+  zero(b.d_o, rows * qd, rc);
+  kernels::linear_backward(
+      {rows, static_cast<int>(qd), proj_.dim, b.o, rc.p(proj_.wo), dy, b.d_o, rc.g(proj_.wo), rc.compute}, rc.exec);
+  if (converted) copy(b.d_o, DType::kF32, b.d_o_s, storage_, rows * qd, rc);
+  const auto [q, k, v] = packed_views(b.qkv_s, storage_, geom_, proj_, dev);
+  const auto [d_q, d_k, d_v] = packed_views(b.d_qkv_s, storage_, geom_, proj_, dev);
+  attention_->backward({q, k, v, heads_view(b.o_s, storage_, geom_, h, d, dev),
+                        TensorView::contiguous(b.lse, DType::kF32, {geom_.batch, h, geom_.local_len}, dev),
+                        heads_view(b.d_o_s, storage_, geom_, h, d, dev), d_q, d_k, d_v, surrogates(rc),
+                        d_surrogates(rc)});
+  if (converted) copy(b.d_qkv_s, storage_, b.d_qkv, DType::kF32, rows * (qd + 2 * kd), rc);
+  proj_.project_backward(rc, geom_, x, b.d_qkv, b.d_qkv + rows * qd, b.d_qkv + rows * (qd + kd), dx);
 }
 
 SwiGluFfn::SwiGluFfn(ParameterTable& table, Scratch& scratch, const std::string& prefix, const std::string& scratch_key,
@@ -122,10 +195,10 @@ void SwiGluFfn::forward_rows(const RunContext& rc, std::int64_t rows, const floa
   RINGCAST_CHECK(rows <= max_rows_, "SwiGluFfn: {} rows, at most {} reserved", rows, max_rows_);
   const Scratch& s = rc.scratch;
   float *a = s.get(key_ + ".a"), *b = s.get(key_ + ".b"), *h = s.get(key_ + ".h");
-  kernels::linear_forward({rows, dim_, hidden_, x, rc.p(w1_), a}, rc.exec);
-  kernels::linear_forward({rows, dim_, hidden_, x, rc.p(w3_), b}, rc.exec);
+  kernels::linear_forward({rows, dim_, hidden_, x, rc.p(w1_), a, false, rc.compute}, rc.exec);
+  kernels::linear_forward({rows, dim_, hidden_, x, rc.p(w3_), b, false, rc.compute}, rc.exec);
   kernels::swiglu_forward({rows * hidden_, a, b, h}, rc.exec);
-  kernels::linear_forward({rows, hidden_, dim_, h, rc.p(w2_), y, true}, rc.exec);
+  kernels::linear_forward({rows, hidden_, dim_, h, rc.p(w2_), y, true, rc.compute}, rc.exec);
 }
 
 void SwiGluFfn::backward_rows(const RunContext& rc, std::int64_t rows, const float* x, const float* dy, float* dx) {
@@ -134,12 +207,12 @@ void SwiGluFfn::backward_rows(const RunContext& rc, std::int64_t rows, const flo
   float *d_a = s.get(key_ + ".d_a"), *d_b = s.get(key_ + ".d_b"), *d_h = s.get(key_ + ".d_h");
   const std::int64_t count = rows * hidden_;
   zero(d_h, count, rc);
-  kernels::linear_backward({rows, hidden_, dim_, h, rc.p(w2_), dy, d_h, rc.g(w2_)}, rc.exec);
+  kernels::linear_backward({rows, hidden_, dim_, h, rc.p(w2_), dy, d_h, rc.g(w2_), rc.compute}, rc.exec);
   zero(d_a, count, rc);
   zero(d_b, count, rc);
   kernels::swiglu_backward({count, a, b, d_h, d_a, d_b}, rc.exec);
-  kernels::linear_backward({rows, dim_, hidden_, x, rc.p(w1_), d_a, dx, rc.g(w1_)}, rc.exec);
-  kernels::linear_backward({rows, dim_, hidden_, x, rc.p(w3_), d_b, dx, rc.g(w3_)}, rc.exec);
+  kernels::linear_backward({rows, dim_, hidden_, x, rc.p(w1_), d_a, dx, rc.g(w1_), rc.compute}, rc.exec);
+  kernels::linear_backward({rows, dim_, hidden_, x, rc.p(w3_), d_b, dx, rc.g(w3_), rc.compute}, rc.exec);
 }
 
 PreNormBlock::PreNormBlock(ParameterTable& table, Scratch& scratch, const std::string& prefix, const ModelConfig& c,
@@ -161,7 +234,7 @@ void PreNormBlock::forward(const RunContext& rc, const float* in, float* out) {
   const std::int64_t rows = geom_.rows(), count = rows * dim_;
   float *xn_a = rc.scratch.get("block.xn_attn"), *xn_f = rc.scratch.get("block.xn_ffn");
   kernels::rms_norm_forward({rows, dim_, eps_, in, rc.p(attn_norm_), xn_a}, rc.exec);
-  std::copy_n(in, count, out);
+  copy(in, DType::kF32, out, DType::kF32, count, rc);
   attention_->forward(rc, xn_a, out);
   kernels::rms_norm_forward({rows, dim_, eps_, out, rc.p(ffn_norm_), xn_f}, rc.exec);
   ffn_->forward(rc, xn_f, out);
@@ -175,12 +248,12 @@ void PreNormBlock::backward(const RunContext& rc, const float* in, const float* 
   float *xn_a = s.get("block.xn_attn"), *xn_f = s.get("block.xn_ffn"), *mid = s.get("block.mid");
   float* d_xn = s.get("block.d_xn");
   kernels::rms_norm_forward({rows, dim_, eps_, in, rc.p(attn_norm_), xn_a}, rc.exec);
-  std::copy_n(in, count, mid);
+  copy(in, DType::kF32, mid, DType::kF32, count, rc);
   attention_->forward(rc, xn_a, mid);
   kernels::rms_norm_forward({rows, dim_, eps_, mid, rc.p(ffn_norm_), xn_f}, rc.exec);
   ffn_->forward(rc, xn_f, d_in);
 
-  std::copy_n(d_out, count, d_in);
+  copy(d_out, DType::kF32, d_in, DType::kF32, count, rc);
   zero(d_xn, count, rc);
   ffn_->backward(rc, xn_f, d_out, d_xn);
   kernels::rms_norm_backward({rows, dim_, eps_, mid, rc.p(ffn_norm_), d_xn, d_in, rc.g(ffn_norm_)}, rc.exec);

@@ -1,6 +1,7 @@
 // The standard mixers and block of the stack: SelfAttention (Q/K/V/O projections, RoPE at the
 // geometry's global positions, GQA, and the distributed attention operator), SwiGluFfn, and the
-// pre-norm residual block out = y + F(rms(y)), y = x + A(rms(x)) that most layers are.
+// pre-norm residual block out = y + F(rms(y)), y = x + A(rms(x)) that most layers are. These run on
+// both backends; the matrix products take rc.compute inputs, attention its storage dtype.
 #pragma once
 
 #include "model_parts.hpp"
@@ -8,12 +9,16 @@
 #include <ringcast/attention.hpp>
 #include <ringcast/model.hpp>
 
+#include <array>
 #include <memory>
 
 namespace ringcast::model {
 
-// The distributed attention operator's shape for a layer of geometry g (fp32: the CPU model).
-LayerShape attention_shape(const ModelConfig& c, const Geometry& g, int ranks);
+// The attention operator's storage dtype on `device`: f32 on the CPU, bf16 on CUDA.
+DType attention_dtype(const Device& device);
+
+// The distributed attention operator's shape for a layer of geometry g.
+LayerShape attention_shape(const ModelConfig& c, const Geometry& g, int ranks, DType dtype);
 
 // The Q/K/V/O weights and RoPE of one attention branch, shared by every attention core.
 struct AttentionProjections {
@@ -30,6 +35,9 @@ struct AttentionProjections {
                         const float* d_v, float* dx) const;
 };
 
+// Q, K, V sit back to back in one buffer (and their gradients in another), so that on CUDA one
+// conversion each way moves them to and from the operator's bf16 storage; on the CPU the operator
+// works on the fp32 buffers themselves.
 class SelfAttention final : public Mixer {
  public:
   SelfAttention(const Session& session, ParameterTable& table, Scratch& scratch, const std::string& prefix,
@@ -38,9 +46,20 @@ class SelfAttention final : public Mixer {
   void backward(const RunContext& rc, const float* x, const float* dy, float* dx) override;
 
  private:
+  struct Buffers;
+  Buffers buffers(const RunContext& rc) const;
+
+  // CAST (attention.clusters = surrogate): the surrogate tokens [h_kv, c, d] are this layer's
+  // parameters ("surrogates", no weight decay); the operator adds this rank's part of their gradient.
+  TensorView surrogates(const RunContext& rc) const;
+  TensorView d_surrogates(const RunContext& rc) const;
+
   AttentionProjections proj_;
   const Geometry& geom_;
+  DType storage_;  // the operator's dtype (attention_dtype)
   std::unique_ptr<DistributedAttention> attention_;
+  std::array<std::int64_t, 3> surrogate_shape_{};
+  ParamRef surrogates_;
 };
 
 class SwiGluFfn final : public Mixer {

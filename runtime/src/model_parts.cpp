@@ -1,4 +1,5 @@
-// ParameterTable layout and the shared Scratch buffers of the model stack (model_parts.hpp).
+// ParameterTable layout, the shared Scratch buffers and Geometry's device positions of the model
+// stack (model_parts.hpp).
 #include "model_parts.hpp"
 
 #include <ringcast/error.hpp>
@@ -73,6 +74,19 @@ std::int64_t Scratch::floats(std::string_view key) const {
   const auto it = sizes_.find(key);
   RINGCAST_CHECK(it != sizes_.end(), "Scratch: no buffer '{}'", key);
   return it->second;
+}
+
+void Geometry::bind_positions(const Device& device, Stream stream) {
+  if (device.kind == DeviceKind::kCpu) return;
+  auto copy = std::make_shared<DeviceBuffer>(std::max<std::size_t>(positions.size(), 1) * sizeof(std::int32_t), device);
+  copy->copy_from_host(positions.data(), positions.size() * sizeof(std::int32_t), 0, stream);
+  device_positions = std::move(copy);
+}
+
+const std::int32_t* Geometry::kernel_positions(const Device& device) const {
+  if (device.kind == DeviceKind::kCpu) return positions.data();
+  RINGCAST_CHECK(device_positions, "Geometry: the positions were not copied to the device (bind_positions())");
+  return device_positions->as<const std::int32_t>();
 }
 
 }  // namespace ringcast::model

@@ -3,8 +3,9 @@
 // one residual branch of a block (attention, FFN) and adds f(x) into its output. Parameters are
 // declared while the stack is built (ParameterTable), scratch is reserved per key and shared by every
 // layer (only layer inputs are kept: backward recomputes each layer right before differentiating it),
-// and both are bound to memory once, before the first pass. Activations are [rows, D] fp32 host
-// matrices, rows = batch * local_len in the geometry's row order.
+// and both are bound to memory once, before the first pass. Activations are [rows, D] fp32 matrices
+// in the memory of the session's device (host on the CPU, device memory on CUDA, where every pass is
+// enqueued on the session's stream), rows = batch * local_len in the geometry's row order.
 #pragma once
 
 #include <ringcast/kernels/attention.hpp>
@@ -14,6 +15,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -53,8 +55,9 @@ class ParameterTable {
   bool final_ = false;
 };
 
-// Named host buffers shared by every layer: reserve() while building (the largest request per key
-// wins), bind() once, get() at run time. A pointer from get() stays valid for the model's lifetime.
+// Named buffers on the session's device shared by every layer: reserve() while building (the largest
+// request per key wins), bind() once, get() at run time. A pointer from get() stays valid for the
+// model's lifetime. Sizes are in floats; a buffer of another type reserves the floats its bytes fill.
 class Scratch {
  public:
   void reserve(const std::string& key, std::int64_t floats);
@@ -75,8 +78,14 @@ struct Geometry {
   std::int64_t seq_len = 0;
   std::int64_t local_len = 0;
   bool causal = true;
-  std::vector<std::int32_t> positions;  // [local_len]
+  std::vector<std::int32_t> positions;  // [local_len], host memory
+  // The positions where the kernels read them (RoPE): `positions` itself on the CPU; on CUDA the
+  // device copy bind_positions() made, which copies of the geometry share. Bind once the positions
+  // are final.
+  std::shared_ptr<const DeviceBuffer> device_positions;
   std::int64_t rows() const { return std::int64_t{batch} * local_len; }
+  void bind_positions(const Device& device, Stream stream);
+  const std::int32_t* kernel_positions(const Device& device) const;
 };
 
 // What a pass needs besides its inputs: the session, the parameter and gradient buffers, scratch.
@@ -89,6 +98,7 @@ struct RunContext {
   const Scratch& scratch;
   std::uint64_t step;  // the optimizer step this pass belongs to (seeds per-step randomness)
   bool training;       // false for forward-only passes (evaluation)
+  DType compute = DType::kF32;  // inputs of the matrix products (ModelConfig::compute_dtype, resolved)
 
   const float* p(ParamRef r) const { return params + table.info(r).offset; }
   float* g(ParamRef r) const { return grads + table.info(r).offset; }

@@ -23,6 +23,48 @@ double exact_keys_per_query(const LayerShape& s) {
   return s.causal ? (static_cast<double>(s.seq_len) + 1) / 2 : static_cast<double>(s.seq_len);
 }
 
+// clusters = surrogate (bidirectional). Both combines hold the affinities A_q, A_k ([B, h + h_kv,
+// n_loc, c] fp32), the assignment and the clusters' fp32 summaries.
+//   joint: the clustered figures over cluster pages (c per rank, coarse blocks of coarse_pages
+//     clusters, no halo): the coarse summaries also carry each block's member count (int32), and a
+//     fetched block carries its page summaries (mean key, mean value) and its pages' counts; their
+//     fp32 gradients travel back with the block's.
+//   cast: all-gather of every cluster's value summary and log-sum-exp (fp32), all-reduce of the
+//     summaries' fp32 gradients; keys per query: the own cluster plus the other surrogates' summaries.
+void plan_surrogate(const LayerShape& shape, const AttentionOptions& o, const Sizes& z, LayerPlan& plan) {
+  const std::int64_t peers = z.p - 1, c = o.resolved_surrogate_clusters(shape), ps = o.page_size;
+  const std::int64_t units = z.b * z.hk;  // (element, KV head) pairs
+  const std::int64_t local_io = 2 * z.q() + 2 * z.kv() + z.lse();
+  const std::int64_t affinities = z.b * (z.h + z.hk) * z.n_loc * c * kF32;
+  const std::int64_t clusters = units * c * (ps + 1) * 4 + units * c * 2 * z.d * kF32;  // members, counts, summaries
+  if (o.combine == ClusterCombine::kCast) {
+    plan.bytes_sent_fwd = peers * units * c * (z.d + 1) * kF32;
+    plan.bytes_sent_bwd = peers * units * c * z.d * kF32;
+    plan.keys_per_query = static_cast<double>(ps + c - 1);
+    const std::int64_t gathered = z.b * c * ps * z.h * z.d * kF32;  // gathered Q and the intra output
+    plan.activation_bytes = local_io + affinities + clusters + 2 * gathered + 2 * units * c * ps * z.d * z.e +
+                            z.p * units * c * (z.d + 1) * kF32;
+    return;
+  }
+  const std::int64_t cp = o.coarse_pages, blocks_loc = c / cp, blocks_total = z.p * blocks_loc;
+  const std::int64_t cap = z.p > 1 ? std::min<std::int64_t>(o.remote_blocks, blocks_total - blocks_loc) : 0;
+  const std::int64_t summaries = peers * units * blocks_loc * (4 * z.d * z.e + 4);  // + the block's count
+  const std::int64_t requests = z.p > 1 ? units * (peers + cap) * 4 : 0;
+  const std::int64_t block = cp * ps * z.d * z.e * 2 + cp * 2 * z.d * z.e + cp * 4;  // K,V, page summaries, counts
+  plan.bytes_sent_fwd = summaries + requests + units * cap * block;
+  const std::int64_t block_grad = (cp * ps * z.d * 2 + cp * 2 * z.d) * kF32;
+  plan.bytes_sent_bwd = units * cap * block_grad + units * (blocks_total - blocks_loc) * 2 * z.d * kF32;
+  // Own cluster + selected clusters + the other clusters of the own block and of partly selected
+  // blocks (page summaries) + coarse summaries.
+  const double selected = static_cast<double>(o.top_k) * ps;
+  const double page_summaries = (cp - 1) + std::max<std::int64_t>(0, std::min<std::int64_t>(o.top_k, o.coarse_k) * cp - o.top_k);
+  plan.keys_per_query = std::min(ps + selected + page_summaries + static_cast<double>(blocks_total),
+                                 exact_keys_per_query(shape));
+  const std::int64_t pools = units * (c + cap * cp) * ps * z.d * z.e * 2;
+  plan.activation_bytes = local_io + affinities + clusters + pools + units * blocks_total * 4 * z.d * kF32 +
+                          z.b * (z.n_loc / kQueryTile) * z.hk * (o.top_k + 8) * 48;  // + block tables
+}
+
 }  // namespace
 
 LayerPlan plan_layer(const LayerShape& shape, const AttentionOptions& o) {
@@ -59,6 +101,10 @@ LayerPlan plan_layer(const LayerShape& shape, const AttentionOptions& o) {
       plan.activation_bytes = local_io + z.p * 2 * kv_pool + z.p * 2 * kv_pool32;
       break;
     case AttentionMode::kClustered: {
+      if (o.clusters == ClusterKind::kSurrogate) {
+        plan_surrogate(shape, o, z, plan);
+        break;
+      }
       // Figures at the cap: an upper bound of the mean over ranks (every fetched block is sent by one
       // rank and received by another; a rank whose blocks are popular sends more than the mean).
       const std::int64_t block = o.coarse_block();

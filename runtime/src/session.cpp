@@ -45,7 +45,12 @@ Session Session::from_mpi(MPI_Comm mpi_comm, Backend backend) {
   s->rank = topo.rank;
   s->size = topo.size;
   s->host = topo.host;
-  log::set_rank(topo.rank, topo.size, topo.host);
+  // Log lines name the process by its rank in the job, whatever communicator this session spans
+  // (a reference run on MPI_COMM_SELF must not relabel every rank as rank 0).
+  int world_rank = 0, world_size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+  log::set_rank(world_rank, world_size, topo.host);
   if (backend != Backend::kCpu) s->device = comm::select_device(topo);
   RINGCAST_CHECK(backend != Backend::kCuda || s->device.kind == DeviceKind::kCuda,
                  "the CUDA backend was requested but rank {} on {} sees no CUDA device", topo.rank, topo.host);

@@ -537,9 +537,6 @@ TEST(ClusteredShapes, WhatItCannotRunFailsOnEveryRankWithAClearMessage) {
     }
   };
   Problem pr = make_problem(bidir, 61);
-  pr.options.clusters = ClusterKind::kSurrogate;
-  expect_error(pr, "not supported yet");
-  pr = make_problem(bidir, 61);
   pr.options.placement = Placement::kZigzag;
   expect_error(pr, "placement must be contiguous");
   pr = make_problem(bidir, 61);

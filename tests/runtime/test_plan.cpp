@@ -1,10 +1,12 @@
-// The layer plan: exact figures for the exact modes, the clustered mode's budget against ring at 1M
-// tokens on 4 ranks (DESIGN.md §4.1: <= 5% of ring, goal 2%), and the shape checks every rank runs
-// before communicating.
+// The layer plan: exact figures for the exact modes and for surrogate (CAST) clusters, the clustered
+// mode's budget against ring at 1M tokens on 4 ranks (DESIGN.md §4.1: <= 5% of ring, goal 2%), and the
+// shape checks every rank runs before communicating.
 #include <ringcast/error.hpp>
 #include <ringcast/plan.hpp>
 
 #include <gtest/gtest.h>
+
+#include <array>
 
 namespace ringcast {
 namespace {
@@ -57,6 +59,41 @@ TEST(RuntimePlan, ClusteredIsAFewPercentOfRingAtOneMillionTokens) {
   EXPECT_LT(keys, 2600);
 }
 
+// Surrogate (CAST) clusters, bidirectional: c = n_loc / page_size = 4096 clusters per rank and KV head.
+TEST(RuntimePlan, SurrogateClustersJointAndCast) {
+  LayerShape s = shape_1m();
+  s.causal = false;
+  AttentionOptions ring, o;
+  ring.check_inputs = o.check_inputs = false;
+  o.mode = AttentionMode::kClustered;
+  o.clusters = ClusterKind::kSurrogate;
+  const std::array<std::int64_t, 3> expected_shape{16, 4096, 128};
+  EXPECT_EQ(surrogate_shape(s, o), expected_shape);
+  const std::int64_t units = 16, blocks_loc = 4096 / 16, peers = 3, cap = 8;
+  // Joint: coarse summaries and block counts, request counts and ids, fetched blocks with their page
+  // summaries and counts; back: fp32 block and page-summary gradients, coarse gradients.
+  const std::int64_t block = 16 * 64 * 128 * 2 * 2 + 16 * 2 * 128 * 2 + 16 * 4;
+  const LayerPlan joint = plan_layer(s, o);
+  EXPECT_EQ(joint.bytes_sent_fwd, peers * units * blocks_loc * (4 * 128 * 2 + 4) + units * (peers + cap) * 4 +
+                                      units * cap * block);
+  EXPECT_EQ(joint.bytes_sent_bwd, units * cap * (16 * 64 * 128 * 2 + 16 * 2 * 128) * 4 +
+                                      units * (4 * blocks_loc - blocks_loc) * 2 * 128 * 4);
+  const double ratio = static_cast<double>(joint.bytes_sent_fwd) / plan_layer(s, ring).bytes_sent_fwd;
+  EXPECT_LT(ratio, 0.05) << "surrogate/ring bytes " << ratio;
+  EXPECT_GT(joint.keys_per_query, 64 + 16 * 64);
+  EXPECT_LT(joint.keys_per_query, 2600);
+  o.combine = ClusterCombine::kCast;
+  const LayerPlan cast = plan_layer(s, o);
+  EXPECT_EQ(cast.bytes_sent_fwd, peers * units * 4096 * (128 + 1) * 4);  // value summaries and log-sum-exps
+  EXPECT_EQ(cast.bytes_sent_bwd, peers * units * 4096 * 128 * 4);         // all-reduce of their gradients
+  EXPECT_DOUBLE_EQ(cast.keys_per_query, 64 + 4096 - 1);
+  EXPECT_EQ(cast.bytes_recv_fwd, cast.bytes_sent_fwd);
+  o.surrogate_clusters = 24;  // the cast combine has no coarse blocks: any count
+  EXPECT_EQ(surrogate_shape(s, o)[1], 24);
+  o.combine = ClusterCombine::kJoint;
+  EXPECT_THROW(plan_layer(s, o), Error);  // joint: whole coarse blocks of 16 clusters
+}
+
 TEST(RuntimePlan, OneRankSendsNothing) {
   LayerShape s = shape_1m();
   s.ranks = 1;
@@ -66,6 +103,17 @@ TEST(RuntimePlan, OneRankSendsNothing) {
     const LayerPlan p = plan_layer(s, o);
     EXPECT_EQ(p.bytes_sent_fwd, 0) << name(mode);
     EXPECT_EQ(p.bytes_sent_bwd, 0) << name(mode);
+  }
+  s.causal = false;
+  s.seq_len = 1 << 16;
+  for (auto combine : {ClusterCombine::kJoint, ClusterCombine::kCast}) {
+    AttentionOptions o;
+    o.mode = AttentionMode::kClustered;
+    o.clusters = ClusterKind::kSurrogate;
+    o.combine = combine;
+    const LayerPlan p = plan_layer(s, o);
+    EXPECT_EQ(p.bytes_sent_fwd, 0) << name(combine);
+    EXPECT_EQ(p.bytes_sent_bwd, 0) << name(combine);
   }
 }
 
@@ -102,6 +150,9 @@ TEST(RuntimePlan, NamesRoundTrip) {
   for (auto m : {AttentionMode::kRing, AttentionMode::kUlysses, AttentionMode::kAllGather, AttentionMode::kClustered})
     EXPECT_EQ(parse_mode(name(m)), m);
   EXPECT_THROW(parse_mode("dense"), Error);
+  for (auto a : {SurrogateAssignment::kSingle, SurrogateAssignment::kTopK}) EXPECT_EQ(parse_assignment(name(a)), a);
+  for (auto c : {ClusterCombine::kJoint, ClusterCombine::kCast}) EXPECT_EQ(parse_combine(name(c)), c);
+  EXPECT_THROW(parse_combine("sum"), Error);
   EXPECT_EQ(parse_dtype("bf16"), DType::kBF16);
 }
 

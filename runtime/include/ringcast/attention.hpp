@@ -9,6 +9,10 @@
 // session's stream; the operator owns its scratch (allocated once, reported by workspace_bytes()).
 // backward() uses the inputs and outputs of the latest forward() (pass the same views again).
 // attended_entries() lists, in global terms, what the latest forward() attended (clustered mode).
+// Clustered mode with clusters = surrogate (CAST): the surrogate tokens are parameters of the layer,
+// owned by the caller (surrogate_shape() in attention_options.hpp) and identical on every rank; the
+// backward adds this rank's part of their gradient into d_surrogates, so the caller all-reduces it
+// (sums over ranks) with its other parameters' gradients.
 #pragma once
 
 #include <ringcast/attention_options.hpp>
@@ -26,14 +30,21 @@ namespace ringcast {
 // Global positions of rank `rank`'s rows, in the order the rank stores them.
 std::vector<std::int32_t> shard_positions(const LayerShape& shape, const AttentionOptions& options, int rank);
 
+// surrogates [h_kv, c, d] in the storage dtype: given exactly when options.uses_surrogates(), else
+// left empty (data == nullptr). With the `cast` combine, lse holds the log-sum-exp of the token's
+// intra-cluster attention in its first cluster (-inf for a token in no cluster); O is CAST's mix.
 struct AttentionForwardArgs {
   TensorView q, k, v;  // inputs
   TensorView o, lse;   // outputs
+  TensorView surrogates = {};
 };
 
+// d_surrogates [h_kv, c, d] f32: this rank's part of dLoss/dS is added into it (zero it before the
+// first layer call of a step; the caller all-reduces it). Given exactly when surrogates are.
 struct AttentionBackwardArgs {
   TensorView q, k, v, o, lse, d_o;  // the forward's inputs and outputs, and the output gradient
   TensorView d_q, d_k, d_v;         // outputs
+  TensorView surrogates = {}, d_surrogates = {};
 };
 
 // The resolution at which a tile's rows see keys (DESIGN.md §4.1 "Visibility rules"): exact window
@@ -44,6 +55,9 @@ enum class AttendedKind : std::int32_t { kWindow = 0, kSelected = 1, kPageSummar
 // One thing a (batch element, tile, KV head) attended: a whole global page (window, selected), or one
 // summary key, named by the global page or block it stands for. Bit r of row_mask[r / 64]: tile row r
 // (position first_row_pos + r) sees it; causal: row t sees only the page's keys at positions <= t.
+// clusters = surrogate: pages are clusters, global_id = rank * c + cluster (a block: that id divided
+// by coarse_pages), their keys the members cluster_members() lists; kWindow is a row's own cluster
+// (CAST intra-cluster attention). Tiles are still 128 consecutive local rows.
 struct AttendedEntry {
   int batch = 0;
   std::int64_t tile = 0;           // rank-local tile of kQueryTile (128) rows
@@ -76,6 +90,9 @@ class DistributedAttention {
   // Clustered mode only (the exact modes attend every visible key, page for page): throws Error for
   // the others, and before the first forward().
   std::vector<AttendedEntry> attended_entries() const;
+  // clusters = surrogate only: the clusters of the latest forward(), [B, h_kv, c, page_size] global
+  // positions of their members (this rank's tokens, ascending), -1 in padding slots.
+  std::vector<std::int32_t> cluster_members() const;
 
   class Mode;  // one implementation per AttentionMode (runtime/src/attention_*.cpp)
 

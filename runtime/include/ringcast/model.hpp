@@ -5,15 +5,22 @@
 // methods are options of the stack: CAST through attention.clusters, CoLT5, Pyramidion and VCC
 // through their configs below (encoder stacks). Parameters live in one flat buffer (decayed tensors
 // first, then norm gains and the like), gradients in a matching one, so a step is one all-reduce and
-// two AdamW calls. Only each layer's input is kept; backward recomputes the layer. CPU backend.
+// two AdamW calls. Only each layer's input is kept; backward recomputes the layer.
+// Backends: the session's. On the CPU everything is fp32 host memory. On CUDA parameters, gradients,
+// optimizer state and activations are fp32 device memory (the spans below point there), the matrix
+// products take bf16 inputs with fp32 accumulation (compute_dtype), attention runs in bf16, and all
+// work is enqueued on the session's stream; the calls that return a value wait for it. The seed-method
+// layers (CoLT5, Pyramidion, VCC) run on the CPU backend only.
 #pragma once
 
 #include <ringcast/attention_options.hpp>
+#include <ringcast/dtype.hpp>
 #include <ringcast/session.hpp>
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -75,6 +82,11 @@ struct ModelConfig {
   float rope_theta = 10000.0f;
   std::int64_t ce_chunk = 1024;  // rows of logits the LM head materialises at once
   std::uint64_t seed = 0;        // parameter initialisation, identical on every rank
+  // Inputs of the matrix products (layers.hpp: fp32 accumulation and fp32 tensors either way):
+  // unset picks the backend's default, f32 on the CPU (the only choice there) and bf16 on CUDA;
+  // f32 on CUDA gives exact fp32 products (attention stays bf16, its storage dtype on CUDA). Not part
+  // of a checkpoint's identity: a run may resume on the other backend.
+  std::optional<DType> compute_dtype;
   AttentionOptions attention;
   Colt5Config colt5;
   PyramidionConfig pyramidion;
@@ -117,7 +129,8 @@ struct TargetCounts {
 class Model {
  public:
   // Collective (builds the attention operator). Throws Error on a configuration that does not fit
-  // (the same way on every rank) or on a non-CPU session. The session must outlive the model.
+  // (the same way on every rank), e.g. a seed-method layer or bf16 products on a backend without them.
+  // The session must outlive the model.
   Model(const Session& session, const ModelConfig& config, const SequenceShape& shape);
   ~Model();
   Model(const Model&) = delete;
@@ -128,7 +141,11 @@ class Model {
   std::span<const std::int32_t> positions() const;
   std::int64_t local_len() const;
 
-  // Collective. tokens are [batch, local_len()] of this rank (positions() order). Decoder: targets
+  // The product precision in use (ModelConfig::compute_dtype resolved for the session's backend).
+  DType compute_dtype() const;
+
+  // Collective. tokens are [batch, local_len()] of this rank (positions() order), in host memory
+  // whatever the backend (they are copied to the device once per call). Decoder: targets
   // are [batch, local_len()], < 0 ignored, and the loss is the mean over every rank's counted targets.
   // Encoder: targets are the [batch] class labels (the same on every rank), the loss their mean
   // cross-entropy. forward() returns that global loss (identical on every rank) and keeps what
@@ -160,11 +177,15 @@ class Model {
 
   std::int64_t num_parameters() const;
   std::span<const ParameterInfo> parameter_table() const;
-  std::span<float> parameters();  // the flat buffers
+  // The flat buffers, in the memory of the session's device (device memory on CUDA: read them there
+  // or through to_host()).
+  std::span<float> parameters();
   std::span<float> gradients();
   // One tensor of the flat buffers; throws Error on an unknown name.
   std::span<float> parameter(std::string_view name);
   std::span<float> gradient(std::string_view name);
+  // A host copy of a span of the buffers above (any backend; waits for the session's stream).
+  std::vector<float> to_host(std::span<const float> x) const;
 
   // Collective. Writes parameters, optimizer state, the step count and `user_state` (the trainer's
   // data position, RNG state...) to `path` from rank 0, atomically: a temporary file in the same

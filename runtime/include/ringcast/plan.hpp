@@ -15,6 +15,10 @@
 //              fetched and halo blocks back to their owners, and the reduce-scatter of the fp32
 //              gradients of every coarse summary (mean key, mean value). Fetches at the cap: the
 //              figures bound the mean over ranks, not every rank (see plan.cpp).
+//   clustered, clusters = surrogate: joint combine as clustered over cluster pages (no halo; block
+//              counts travel with the coarse summaries, page summaries and counts with a fetched
+//              block, their gradients back); cast combine: all-gather of the clusters' value
+//              summaries and log-sum-exps, all-reduce of their gradients (see plan.cpp).
 // With check_inputs, each call also all-gathers one 8-byte count per checked tensor (q, k, v; d_o).
 #pragma once
 

@@ -45,6 +45,13 @@ int tile_rows(const AttentionShape& shape, std::int64_t tile);
 // must have no bit: use full_row_mask(tile_rows(shape, tile)) for "every row of the tile".
 std::array<std::uint64_t, 2> full_row_mask(int rows);
 
+// Appends the entry of a summary page (DESIGN.md §2: each key its own row mask and the pool's +log(count)
+// bias): key j is seen by the tile rows key_rows[j] (no bit: key j is not taken). The entry's row mask is
+// the union, its key mask the taken keys, and when taken keys are seen by different rows it points at
+// page_size KeyMeta records appended to the table. Nothing is appended when no key is taken.
+void append_summary_entry(HostBlockTable& t, std::int64_t page, std::span<const std::array<std::uint64_t, 2>> key_rows,
+                          int page_size);
+
 // Keys stored in consecutive pages of every KV head's pool: key j of the range is in page
 // first_page + j / page_size, slot j % page_size, at global position pos0 + j. A range starts at a
 // page boundary; its last page may be partial (the entry's key_count says how many keys are valid).
