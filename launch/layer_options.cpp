@@ -36,6 +36,8 @@ void add_attention_options(po::options_description& desc) {
       ("coarse-k", po::value<int>()->default_value(4), "clustered: coarse blocks each unit keeps")
       ("remote-blocks", po::value<int>()->default_value(8), "clustered: R, remote coarse blocks fetched")
       ("remote-cap", po::value<int>()->default_value(0), "clustered, causal: fetch cap per rank (0 = 2R)")
+      ("pipeline-groups", po::value<int>()->default_value(0),
+       "ulysses: head groups whose all-to-alls overlap the attention of the group before (0 = auto)")
       ("check-inputs", po::value<bool>()->default_value(true), "refuse NaN/Inf inputs on every rank (costs a pass)");
 }
 
@@ -81,6 +83,7 @@ void read_layer_options(const po::variables_map& vm, int world_size, LayerShape&
     o.coarse_k = vm["coarse-k"].as<int>();
     o.remote_blocks = vm["remote-blocks"].as<int>();
     o.remote_cap = vm["remote-cap"].as<int>();
+    o.pipeline_groups = vm["pipeline-groups"].as<int>();
     o.check_inputs = vm["check-inputs"].as<bool>();
     validate(s, o);
   } catch (const Error& e) {

@@ -24,16 +24,16 @@ std::vector<std::int64_t> gather_from_all_ranks(const Session& session, std::spa
 }
 
 void require_same_layer_on_all_ranks(const Session& session, const LayerShape& s, const AttentionOptions& o) {
-  constexpr std::array<std::string_view, 22> kNames{
+  constexpr std::array<std::string_view, 23> kNames{
       "seq_len", "ranks", "batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "mode", "placement",
       "clusters", "selection", "score", "page_size", "coarse_pages", "top_k", "coarse_k", "remote_blocks",
-      "remote_cap", "surrogate_clusters", "assignment", "combine"};
+      "remote_cap", "surrogate_clusters", "assignment", "combine", "pipeline_groups"};
   const std::array<std::int64_t, kNames.size()> mine{
       s.seq_len, s.ranks, s.batch, s.heads, s.kv_heads, s.head_dim, static_cast<std::int64_t>(s.dtype), s.causal,
       static_cast<std::int64_t>(o.mode), static_cast<std::int64_t>(o.placement), static_cast<std::int64_t>(o.clusters),
       static_cast<std::int64_t>(o.selection), static_cast<std::int64_t>(o.score), o.page_size, o.coarse_pages,
       o.top_k, o.coarse_k, o.remote_blocks, o.remote_cap, o.surrogate_clusters,
-      static_cast<std::int64_t>(o.assignment), static_cast<std::int64_t>(o.combine)};
+      static_cast<std::int64_t>(o.assignment), static_cast<std::int64_t>(o.combine), o.pipeline_groups};
   const auto all = gather_from_all_ranks(session, mine);
   for (int r = 1; r < session.size(); ++r)
     for (std::size_t f = 0; f < kNames.size(); ++f) {

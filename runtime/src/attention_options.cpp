@@ -3,6 +3,7 @@
 #include <ringcast/attention_options.hpp>
 #include <ringcast/error.hpp>
 
+#include <algorithm>
 #include <array>
 #include <utility>
 
@@ -73,6 +74,14 @@ SelectionUnit AttentionOptions::resolved_selection(const LayerShape& s) const {
   return s.causal ? SelectionUnit::kRow : SelectionUnit::kTile;
 }
 
+int AttentionOptions::resolved_pipeline_groups(const LayerShape& s) const {
+  if (pipeline_groups > 0) return pipeline_groups;
+  const int per_rank = s.kv_heads / s.ranks;
+  int g = std::clamp(per_rank, 1, kMaxPipelineGroups);
+  while (per_rank % g != 0) --g;
+  return g;
+}
+
 void validate(const LayerShape& s, const AttentionOptions& o) {
   RINGCAST_CHECK(s.ranks >= 1 && s.batch >= 1 && s.heads >= 1 && s.kv_heads >= 1,
                  "ranks, batch, heads and kv-heads must be positive");
@@ -91,6 +100,9 @@ void validate(const LayerShape& s, const AttentionOptions& o) {
     RINGCAST_CHECK(s.heads % s.ranks == 0 && s.kv_heads % s.ranks == 0,
                    "ulysses mode shards heads over ranks: heads ({}) and kv-heads ({}) must divide by {} ranks",
                    s.heads, s.kv_heads, s.ranks);
+    RINGCAST_CHECK(o.pipeline_groups >= 0 && (s.kv_heads / s.ranks) % std::max(o.pipeline_groups, 1) == 0,
+                   "ulysses pipeline groups ({}) must divide the {} KV heads of each rank (0 = auto)",
+                   o.pipeline_groups, s.kv_heads / s.ranks);
   }
   if (o.mode == AttentionMode::kClustered) {
     RINGCAST_CHECK(o.page_size == 32 || o.page_size == 64 || o.page_size == 128, "page size {} (32, 64 or 128)",

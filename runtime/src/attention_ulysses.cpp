@@ -1,24 +1,35 @@
-// Exact attention by head shards (`ulysses`, DeepSpeed-Ulysses): one all-to-all turns the sequence
-// shards of Q, K, V into head shards (rank j: query heads [j h/P, (j+1) h/P) and the matching KV
-// heads, all n tokens), local attention runs over the whole sequence, and a second all-to-all brings
-// O (and the LSE) back to sequence shards. The backward sends dO the same way and returns fp32
-// dQ, dK, dV. The head-sharded Q, K/V pool, O and LSE are kept from the forward for the backward.
+// Exact attention by head shards (`ulysses`, DeepSpeed-Ulysses): all-to-alls turn the sequence shards
+// of Q, K, V into head shards (rank j: query heads [j h/P, (j+1) h/P) and the matching KV heads, all n
+// tokens), local attention runs over the whole sequence, and all-to-alls bring O and the LSE back to
+// sequence shards. The backward sends dO the same way and returns fp32 dQ, dK, dV. A rank's heads are
+// split into G groups (whole GQA groups) pipelined through one CommOverlap: while group g computes,
+// group g+1's inputs and group g-1's results travel. Group g owns region g of send_/recv_ and its part
+// of every group-major head-shard buffer, so a transfer never touches what the compute reads; each head
+// gets the same math for every G. The head-shard Q, K/V pool, O and LSE are kept for the backward.
 #include "attention_internal.hpp"
+#include "overlap.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/layout.hpp>
 
 #include <cmath>
+#include <functional>
 
 namespace ringcast {
 namespace {
 
+// Element `i` of a buffer of `elt`-byte elements.
+void* at(const DeviceBuffer& buf, std::int64_t i, std::size_t elt) { return static_cast<char*>(buf.data()) + i * elt; }
+
 class UlyssesMode final : public DistributedAttention::Mode {
  public:
-  UlyssesMode(const Session& s, const LayerShape& sh, const AttentionOptions& o) : Mode(s, sh, o) {
+  UlyssesMode(const Session& s, const LayerShape& sh, const AttentionOptions& o) : Mode(s, sh, o), overlap_(s) {
     p_ = sh.ranks;
+    g_ = o.resolved_pipeline_groups(sh);
     hq_ = sh.heads / p_;
     hkq_ = sh.kv_heads / p_;
+    hqg_ = hq_ / g_;
+    hkqg_ = hkq_ / g_;
     n_loc_ = sh.local_len();
     n_ = sh.seq_len;
     d_ = sh.head_dim;
@@ -35,27 +46,33 @@ class UlyssesMode final : public DistributedAttention::Mode {
       all_pos.insert(all_pos.end(), pos.begin(), pos.end());
     }
     local_ = shard_segments(sh, o, s.rank(), kExactPageSize);
-    kshape_ = {1, n_, hq_, hkq_, d_, kExactPageSize, all_.pages()};
+    kshape_ = {1, n_, hqg_, hkqg_, d_, kExactPageSize, all_.pages()};  // one group of one batch element
     q_pos_ = allocate(all_pos.size() * sizeof(std::int32_t));
     q_pos_.copy_from_host(all_pos.data(), all_pos.size() * sizeof(std::int32_t), 0, ctx.stream);
     tables_ = std::make_unique<DeviceTables>(kernels::dense_table(kshape_, all_.ranges(), all_pos, sh.causal), kshape_,
                                              s.device(), ctx.stream);
     workspace_bytes += tables_->bytes();
 
-    block_in_ = std::int64_t{b_} * n_loc_ * (hq_ + 2 * hkq_) * d_;  // per peer: Q | K | V slices
+    q_slice_ = std::int64_t{b_} * n_loc_ * hqg_ * d_;
+    kv_slice_ = std::int64_t{b_} * n_loc_ * hkqg_ * d_;
+    block_ = q_slice_ + 2 * kv_slice_;  // per peer and group: Q | K | V slices
     head_pool_ = all_.pages() * kExactPageSize * d_;
-    const std::int64_t q_hs = std::int64_t{b_} * n_ * hq_ * d_, pool = std::int64_t{b_} * hkq_ * head_pool_;
-    send_ = allocate(p_ * block_in_ * sizeof(float));  // large enough for the f32 gradients going back
-    recv_ = allocate(p_ * block_in_ * sizeof(float));
-    q_hs_ = allocate(q_hs * elt_);
-    o_hs_ = allocate(q_hs * elt_);
-    do_hs_ = allocate(q_hs * elt_);
-    lse_hs_ = allocate(std::int64_t{b_} * hq_ * n_ * sizeof(float));
-    lse_send_ = allocate(std::int64_t{b_} * hq_ * n_ * sizeof(float));
-    lse_recv_ = allocate(std::int64_t{b_} * hq_ * n_ * sizeof(float));
-    kv_pool_ = allocate(2 * pool * elt_);
-    dq_hs_ = allocate(q_hs * sizeof(float));
-    dkv_pool_ = allocate(2 * pool * sizeof(float));
+    q_group_ = std::int64_t{b_} * n_ * hqg_ * d_;
+    lse_group_ = std::int64_t{b_} * hqg_ * n_;
+    pool_group_ = std::int64_t{b_} * hkqg_ * head_pool_;
+    pool_ = g_ * pool_group_;
+    // Region g of send_/recv_ holds p_ * block_ elements of up to 4 bytes: the f32 gradients going back.
+    send_ = allocate(g_ * p_ * block_ * sizeof(float));
+    recv_ = allocate(g_ * p_ * block_ * sizeof(float));
+    q_hs_ = allocate(g_ * q_group_ * elt_);
+    o_hs_ = allocate(g_ * q_group_ * elt_);
+    do_hs_ = allocate(g_ * q_group_ * elt_);
+    lse_hs_ = allocate(g_ * lse_group_ * sizeof(float));
+    lse_send_ = allocate(g_ * lse_group_ * sizeof(float));
+    lse_recv_ = allocate(g_ * lse_group_ * sizeof(float));
+    kv_pool_ = allocate(2 * pool_ * elt_);
+    dq_hs_ = allocate(g_ * q_group_ * sizeof(float));
+    dkv_pool_ = allocate(2 * pool_ * sizeof(float));
     kernels::fill_zero(kv_pool_.data(), kv_pool_.bytes(), ctx);
     fwd_ws_ = allocate(kernels::attention_forward_workspace_bytes(kshape_, ctx));
     bwd_ws_ = allocate(kernels::attention_backward_workspace_bytes(kshape_, ctx));
@@ -63,179 +80,245 @@ class UlyssesMode final : public DistributedAttention::Mode {
 
   void forward(const AttentionForwardArgs& a) override {
     const DType t = shape.dtype;
-    // Sequence shard -> per-peer slices [Q heads of j | K heads of j | V heads of j].
-    to_peers(a.q.data, t, send_.data(), t, shape.heads, hq_, 0);
-    to_peers(a.k.data, t, send_.data(), t, shape.kv_heads, hkq_, std::int64_t{b_} * n_loc_ * hq_ * d_);
-    to_peers(a.v.data, t, send_.data(), t, shape.kv_heads, hkq_, std::int64_t{b_} * n_loc_ * (hq_ + hkq_) * d_);
-    session.comm().all_to_all({send_.data(), static_cast<std::size_t>(p_ * block_in_), t},
-                              {recv_.data(), static_cast<std::size_t>(p_ * block_in_), t}, ctx.stream);
+    Stages st;
+    // Sequence shard -> per-peer slices [Q heads | K heads | V heads] of group g of peer j.
+    st.pack_in = [&](int g) {
+      to_peers(a.q.data, send(g), t, shape.heads, hq_, g, 0, block_);
+      to_peers(a.k.data, send(g), t, shape.kv_heads, hkq_, g, q_slice_, block_);
+      to_peers(a.v.data, send(g), t, shape.kv_heads, hkq_, g, q_slice_ + kv_slice_, block_);
+    };
+    st.move_in = [&](int g, Stream s) {
+      session.comm().all_to_all({send(g), static_cast<std::size_t>(p_ * block_), t},
+                                {recv(g), static_cast<std::size_t>(p_ * block_), t}, s);
+    };
     // Slices from every rank -> the head shard: Q tokens in rank order, K and V into the page pool.
-    from_peers_tokens(recv_.data(), t, q_hs_.data(), t, block_in_, 0);
-    const std::int64_t pool = std::int64_t{b_} * hkq_ * head_pool_;
-    for (int src = 0; src < p_; ++src) {
-      const char* base = static_cast<const char*>(recv_.data()) + src * block_in_ * elt_;
-      const PoolSpan span{all_.pages(), src * local_.pages()};
-      pack_to_pool(base + std::int64_t{b_} * n_loc_ * hq_ * d_ * elt_, t, kv_pool_.data(), b_, hkq_, d_, local_,
-                   kExactPageSize, ctx, span);
-      pack_to_pool(base + std::int64_t{b_} * n_loc_ * (hq_ + hkq_) * d_ * elt_, t,
-                   static_cast<char*>(kv_pool_.data()) + pool * elt_, b_, hkq_, d_, local_, kExactPageSize, ctx, span);
-    }
-    for (int b = 0; b < b_; ++b) {
-      kernels::AttentionForwardParams p = params(b);
-      p.o = static_cast<char*>(o_hs_.data()) + b * n_ * hq_ * d_ * elt_;
-      p.o_dtype = t;
-      p.lse = lse_hs_.as<float>() + b * hq_ * n_;
-      p.workspace = fwd_ws_.data();
-      p.workspace_bytes = fwd_ws_.bytes();
-      kernels::attention_forward(p, ctx);
-    }
-    // Head shard -> sequence shards: O and LSE.
-    back_tokens(o_hs_.data(), t, send_.data(), t, hq_);
-    session.comm().all_to_all({send_.data(), static_cast<std::size_t>(b_ * n_ * hq_ * d_), t},
-                              {recv_.data(), static_cast<std::size_t>(b_ * n_ * hq_ * d_), t}, ctx.stream);
-    to_heads(recv_.data(), t, a.o.data, t, hq_, shape.heads, 0);
-    kernels::StridedCopy c;  // lse_hs [B][hq][P][n_loc] -> per peer [P][B][hq][n_loc]
-    c.ndim = 4;
-    c.shape = {p_, b_, hq_, n_loc_, 1, 1};
-    c.src_strides = {n_loc_, hq_ * n_, n_, 1, 0, 0};
-    c.dst_strides = {std::int64_t{b_} * hq_ * n_loc_, hq_ * n_loc_, n_loc_, 1, 0, 0};
-    c.src = lse_hs_.data();
-    c.dst = lse_send_.data();
-    kernels::copy_strided(c, ctx);
-    session.comm().all_to_all({lse_send_.data(), static_cast<std::size_t>(b_ * hq_ * n_), DType::kF32},
-                              {lse_recv_.data(), static_cast<std::size_t>(b_ * hq_ * n_), DType::kF32}, ctx.stream);
-    c.shape = {p_, b_, hq_, n_loc_, 1, 1};  // [P][B][hq][n_loc] -> lse [B][P hq][n_loc]
-    c.src_strides = {std::int64_t{b_} * hq_ * n_loc_, hq_ * n_loc_, n_loc_, 1, 0, 0};
-    c.dst_strides = {hq_ * n_loc_, std::int64_t{shape.heads} * n_loc_, n_loc_, 1, 0, 0};
-    c.src = lse_recv_.data();
-    c.dst = a.lse.data;
-    kernels::copy_strided(c, ctx);
+    st.compute = [&](int g) {
+      from_peers_tokens(recv(g), at(q_hs_, g * q_group_, elt_), t, block_);
+      for (int src = 0; src < p_; ++src) {
+        const char* base = static_cast<const char*>(recv(g)) + src * block_ * elt_;
+        const PoolSpan span{all_.pages(), src * local_.pages()};
+        pack_to_pool(base + q_slice_ * elt_, t, at(kv_pool_, g * pool_group_, elt_), b_, hkqg_, d_, local_,
+                     kExactPageSize, ctx, span);
+        pack_to_pool(base + (q_slice_ + kv_slice_) * elt_, t, at(kv_pool_, pool_ + g * pool_group_, elt_), b_, hkqg_,
+                     d_, local_, kExactPageSize, ctx, span);
+      }
+      for (int b = 0; b < b_; ++b) {
+        kernels::AttentionForwardParams p = params(g, b);
+        p.workspace = fwd_ws_.data();
+        p.workspace_bytes = fwd_ws_.bytes();
+        kernels::attention_forward(p, ctx);
+      }
+    };
+    // Head shard -> sequence shards: O slices, and the LSE [B][hqg][P][n_loc] -> per peer [P][B][hqg][n_loc].
+    st.pack_out = [&](int g) {
+      back_tokens(at(o_hs_, g * q_group_, elt_), send(g), t, q_slice_);
+      kernels::StridedCopy c;
+      c.ndim = 4;
+      c.shape = {p_, b_, hqg_, n_loc_, 1, 1};
+      c.src_strides = {n_loc_, hqg_ * n_, n_, 1, 0, 0};
+      c.dst_strides = {std::int64_t{b_} * hqg_ * n_loc_, hqg_ * n_loc_, n_loc_, 1, 0, 0};
+      c.src = at(lse_hs_, g * lse_group_, sizeof(float));
+      c.dst = at(lse_send_, g * lse_group_, sizeof(float));
+      kernels::copy_strided(c, ctx);
+    };
+    st.move_out = [&](int g, Stream s) {
+      session.comm().all_to_all({send(g), static_cast<std::size_t>(p_ * q_slice_), t},
+                                {recv(g), static_cast<std::size_t>(p_ * q_slice_), t}, s);
+      session.comm().all_to_all(
+          {at(lse_send_, g * lse_group_, sizeof(float)), static_cast<std::size_t>(lse_group_), DType::kF32},
+          {at(lse_recv_, g * lse_group_, sizeof(float)), static_cast<std::size_t>(lse_group_), DType::kF32}, s);
+    };
+    st.unpack_out = [&](int g) {
+      to_heads(recv(g), t, a.o.data, t, hq_, shape.heads, g, 0, q_slice_);
+      kernels::StridedCopy c;  // [P][B][hqg][n_loc] -> lse [B][h][n_loc], heads i hq + g hqg + k
+      c.ndim = 4;
+      c.shape = {p_, b_, hqg_, n_loc_, 1, 1};
+      c.src_strides = {std::int64_t{b_} * hqg_ * n_loc_, hqg_ * n_loc_, n_loc_, 1, 0, 0};
+      c.dst_strides = {hq_ * n_loc_, std::int64_t{shape.heads} * n_loc_, n_loc_, 1, 0, 0};
+      c.src = at(lse_recv_, g * lse_group_, sizeof(float));
+      c.dst = static_cast<float*>(a.lse.data) + g * hqg_ * n_loc_;
+      kernels::copy_strided(c, ctx);
+    };
+    pipeline(st);
   }
 
   void backward(const AttentionBackwardArgs& a) override {
     const DType t = shape.dtype;
-    const std::int64_t slice = std::int64_t{b_} * n_loc_ * hq_ * d_;
-    to_peers(a.d_o.data, t, send_.data(), t, shape.heads, hq_, 0, slice);
-    session.comm().all_to_all({send_.data(), static_cast<std::size_t>(p_ * slice), t},
-                              {recv_.data(), static_cast<std::size_t>(p_ * slice), t}, ctx.stream);
-    from_peers_tokens(recv_.data(), t, do_hs_.data(), t, slice, 0);
-    const std::int64_t pool = std::int64_t{b_} * hkq_ * head_pool_;
-    for (int b = 0; b < b_; ++b) {
-      kernels::AttentionBackwardParams p;
-      p.fwd = params(b);
-      p.fwd.o = static_cast<char*>(o_hs_.data()) + b * n_ * hq_ * d_ * elt_;
-      p.fwd.o_dtype = t;
-      p.fwd.lse = lse_hs_.as<float>() + b * hq_ * n_;
-      p.d_o = static_cast<const char*>(do_hs_.data()) + b * n_ * hq_ * d_ * elt_;
-      p.transposed = tables_->transposed();
-      p.d_q = dq_hs_.as<float>() + b * n_ * hq_ * d_;
-      p.d_k_pages = dkv_pool_.as<float>() + b * hkq_ * head_pool_;
-      p.d_v_pages = dkv_pool_.as<float>() + pool + b * hkq_ * head_pool_;
-      p.accumulate = false;
-      p.workspace = bwd_ws_.data();
-      p.workspace_bytes = bwd_ws_.bytes();
-      kernels::attention_backward(p, ctx);
-    }
+    Stages st;
+    st.pack_in = [&](int g) { to_peers(a.d_o.data, send(g), t, shape.heads, hq_, g, 0, q_slice_); };
+    st.move_in = [&](int g, Stream s) {
+      session.comm().all_to_all({send(g), static_cast<std::size_t>(p_ * q_slice_), t},
+                                {recv(g), static_cast<std::size_t>(p_ * q_slice_), t}, s);
+    };
+    st.compute = [&](int g) {
+      from_peers_tokens(recv(g), at(do_hs_, g * q_group_, elt_), t, q_slice_);
+      for (int b = 0; b < b_; ++b) {
+        kernels::AttentionBackwardParams p;
+        p.fwd = params(g, b);
+        p.d_o = at(do_hs_, g * q_group_ + b * n_ * hqg_ * d_, elt_);
+        p.transposed = tables_->transposed();
+        const std::int64_t kv = g * pool_group_ + b * hkqg_ * head_pool_;
+        p.d_q = static_cast<float*>(at(dq_hs_, g * q_group_ + b * n_ * hqg_ * d_, sizeof(float)));
+        p.d_k_pages = static_cast<float*>(at(dkv_pool_, kv, sizeof(float)));
+        p.d_v_pages = static_cast<float*>(at(dkv_pool_, pool_ + kv, sizeof(float)));
+        p.accumulate = false;
+        p.workspace = bwd_ws_.data();
+        p.workspace_bytes = bwd_ws_.bytes();
+        kernels::attention_backward(p, ctx);
+      }
+    };
     // fp32 [dQ | dK | dV] slices of each source rank's tokens go back to it.
-    back_tokens(dq_hs_.data(), DType::kF32, send_.data(), DType::kF32, hq_, block_in_);
-    for (int dst = 0; dst < p_; ++dst) {
-      float* base = send_.as<float>() + dst * block_in_;
-      const PoolSpan span{all_.pages(), dst * local_.pages()};
-      unpack_from_pool(dkv_pool_.as<float>(), base + slice, DType::kF32, b_, hkq_, d_, local_, kExactPageSize, ctx, span);
-      unpack_from_pool(dkv_pool_.as<float>() + pool, base + std::int64_t{b_} * n_loc_ * (hq_ + hkq_) * d_, DType::kF32,
-                       b_, hkq_, d_, local_, kExactPageSize, ctx, span);
-    }
-    session.comm().all_to_all({send_.data(), static_cast<std::size_t>(p_ * block_in_), DType::kF32},
-                              {recv_.data(), static_cast<std::size_t>(p_ * block_in_), DType::kF32}, ctx.stream);
-    to_heads(recv_.data(), DType::kF32, a.d_q.data, t, hq_, shape.heads, 0, block_in_);
-    to_heads(recv_.data(), DType::kF32, a.d_k.data, t, hkq_, shape.kv_heads, slice, block_in_);
-    to_heads(recv_.data(), DType::kF32, a.d_v.data, t, hkq_, shape.kv_heads, std::int64_t{b_} * n_loc_ * (hq_ + hkq_) * d_,
-             block_in_);
+    st.pack_out = [&](int g) {
+      back_tokens(at(dq_hs_, g * q_group_, sizeof(float)), send(g), DType::kF32, block_);
+      for (int dst = 0; dst < p_; ++dst) {
+        float* base = static_cast<float*>(send(g)) + dst * block_;
+        const PoolSpan span{all_.pages(), dst * local_.pages()};
+        unpack_from_pool(static_cast<const float*>(at(dkv_pool_, g * pool_group_, sizeof(float))), base + q_slice_,
+                         DType::kF32, b_, hkqg_, d_, local_, kExactPageSize, ctx, span);
+        unpack_from_pool(static_cast<const float*>(at(dkv_pool_, pool_ + g * pool_group_, sizeof(float))),
+                         base + q_slice_ + kv_slice_, DType::kF32, b_, hkqg_, d_, local_, kExactPageSize, ctx, span);
+      }
+    };
+    st.move_out = [&](int g, Stream s) {
+      session.comm().all_to_all({send(g), static_cast<std::size_t>(p_ * block_), DType::kF32},
+                                {recv(g), static_cast<std::size_t>(p_ * block_), DType::kF32}, s);
+    };
+    st.unpack_out = [&](int g) {
+      to_heads(recv(g), DType::kF32, a.d_q.data, t, hq_, shape.heads, g, 0, block_);
+      to_heads(recv(g), DType::kF32, a.d_k.data, t, hkq_, shape.kv_heads, g, q_slice_, block_);
+      to_heads(recv(g), DType::kF32, a.d_v.data, t, hkq_, shape.kv_heads, g, q_slice_ + kv_slice_, block_);
+    };
+    pipeline(st);
   }
 
  private:
-  kernels::AttentionForwardParams params(int b) const {
+  // One direction of the layer, per head group g: the caller's tokens -> send region g (pack_in), the
+  // all-to-all into recv region g (move_in), the local attention of the group (compute), its results
+  // -> send region g (pack_out), the all-to-all back (move_out), recv region g -> the caller (unpack_out).
+  // The packs and unpacks run on the compute stream; the moves on the stream they are given.
+  struct Stages {
+    std::function<void(int)> pack_in, compute, pack_out, unpack_out;
+    std::function<void(int, Stream)> move_in, move_out;
+  };
+
+  // While group g computes, group g+1's inputs and group g-1's results travel in one overlapped step;
+  // with G = 1 this is in, compute, out in sequence. Every rank issues the same all-to-alls in the same
+  // order, and the compute stream orders the first and the last around the overlapped ones.
+  void pipeline(const Stages& st) {
+    st.pack_in(0);
+    st.move_in(0, ctx.stream);
+    for (int g = 0; g < g_; ++g) {
+      const bool next = g + 1 < g_, prev = g > 0;
+      if (next) st.pack_in(g + 1);
+      if (prev) st.pack_out(g - 1);
+      if (next || prev) overlap_.start([&st, g, next, prev](Stream s) {
+        if (next) st.move_in(g + 1, s);
+        if (prev) st.move_out(g - 1, s);
+      });
+      st.compute(g);
+      if (next || prev) overlap_.wait();
+      if (prev) st.unpack_out(g - 1);
+    }
+    st.pack_out(g_ - 1);
+    st.move_out(g_ - 1, ctx.stream);
+    st.unpack_out(g_ - 1);
+  }
+
+  void* send(int g) const { return at(send_, g * p_ * block_, sizeof(float)); }
+  void* recv(int g) const { return at(recv_, g * p_ * block_, sizeof(float)); }
+
+  // Batch element b of group g of the head shard.
+  kernels::AttentionForwardParams params(int g, int b) const {
     kernels::AttentionForwardParams p;
     p.shape = kshape_;
     p.dtype = shape.dtype;
     p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(d_));
-    p.q = static_cast<const char*>(q_hs_.data()) + b * n_ * hq_ * d_ * elt_;
-    const std::int64_t pool = std::int64_t{b_} * hkq_ * head_pool_;
-    p.k_pages = static_cast<const char*>(kv_pool_.data()) + b * hkq_ * head_pool_ * elt_;
-    p.v_pages = static_cast<const char*>(kv_pool_.data()) + (pool + b * hkq_ * head_pool_) * elt_;
+    const std::int64_t q = g * q_group_ + b * n_ * hqg_ * d_, kv = g * pool_group_ + b * hkqg_ * head_pool_;
+    p.q = at(q_hs_, q, elt_);
+    p.k_pages = at(kv_pool_, kv, elt_);
+    p.v_pages = at(kv_pool_, pool_ + kv, elt_);
     p.q_pos = q_pos_.as<const std::int32_t>();
     p.table = tables_->table();
+    p.o = at(o_hs_, q, elt_);
+    p.o_dtype = shape.dtype;
+    p.lse = static_cast<float*>(at(lse_hs_, g * lse_group_ + b * hqg_ * n_, sizeof(float)));
     return p;
   }
 
-  // tokens [B][n_loc][heads][d] -> slices [P][block] at offset `at` of each: [B][n_loc][heads/P][d] of peer j.
-  void to_peers(const void* src, DType st, void* dst, DType dt, int heads, int per, std::int64_t at,
-                std::int64_t block = -1) {
+  // tokens [B][n_loc][heads][d] -> slices [P][block] at offset `off` of each: [B][n_loc][per/G][d], the
+  // heads j per + g per/G + k of peer j.
+  void to_peers(const void* src, void* dst, DType t, int heads, int per, int g, std::int64_t off, std::int64_t block) {
+    const int per_g = per / g_;
     kernels::StridedCopy c;
     c.ndim = 4;
-    c.shape = {p_, b_, n_loc_, std::int64_t{per} * d_, 1, 1};
+    c.shape = {p_, b_, n_loc_, std::int64_t{per_g} * d_, 1, 1};
     c.src_strides = {std::int64_t{per} * d_, n_loc_ * heads * d_, std::int64_t{heads} * d_, 1, 0, 0};
-    c.dst_strides = {block < 0 ? block_in_ : block, n_loc_ * per * d_, std::int64_t{per} * d_, 1, 0, 0};
-    c.src = src;
-    c.src_dtype = st;
-    c.dst = static_cast<char*>(dst) + at * dtype_size(dt);
-    c.dst_dtype = dt;
+    c.dst_strides = {block, n_loc_ * per_g * d_, std::int64_t{per_g} * d_, 1, 0, 0};
+    c.src = static_cast<const char*>(src) + std::int64_t{g} * per_g * d_ * dtype_size(t);
+    c.src_dtype = t;
+    c.dst = static_cast<char*>(dst) + off * dtype_size(t);
+    c.dst_dtype = t;
     kernels::copy_strided(c, ctx);
   }
 
-  // slices [P][block] (offset `at`: [B][n_loc][hq][d] of source i) -> head-shard tokens [B][P n_loc][hq][d].
-  void from_peers_tokens(const void* src, DType st, void* dst, DType dt, std::int64_t block, std::int64_t at) {
+  // slices [P][block] (at offset 0: [B][n_loc][hqg][d] of source i) -> one group's head-shard tokens
+  // [B][P n_loc][hqg][d].
+  void from_peers_tokens(const void* src, void* dst, DType t, std::int64_t block) {
     kernels::StridedCopy c;
     c.ndim = 3;
-    c.shape = {p_, b_, n_loc_ * hq_ * d_, 1, 1, 1};
-    c.src_strides = {block, n_loc_ * hq_ * d_, 1, 0, 0, 0};
-    c.dst_strides = {n_loc_ * hq_ * d_, n_ * hq_ * d_, 1, 0, 0, 0};
-    c.src = static_cast<const char*>(src) + at * dtype_size(st);
-    c.src_dtype = st;
+    c.shape = {p_, b_, n_loc_ * hqg_ * d_, 1, 1, 1};
+    c.src_strides = {block, n_loc_ * hqg_ * d_, 1, 0, 0, 0};
+    c.dst_strides = {n_loc_ * hqg_ * d_, n_ * hqg_ * d_, 1, 0, 0, 0};
+    c.src = src;
+    c.src_dtype = t;
     c.dst = dst;
-    c.dst_dtype = dt;
+    c.dst_dtype = t;
     kernels::copy_strided(c, ctx);
   }
 
-  // head-shard tokens [B][P n_loc][per][d] -> slices [P][block] holding [B][n_loc][per][d] of rank j.
-  void back_tokens(const void* src, DType st, void* dst, DType dt, int per, std::int64_t block = -1) {
-    const std::int64_t slice = std::int64_t{b_} * n_loc_ * per * d_;
+  // one group's head-shard tokens [B][P n_loc][hqg][d] -> slices [P][block] holding [B][n_loc][hqg][d] of rank j.
+  void back_tokens(const void* src, void* dst, DType t, std::int64_t block) {
     kernels::StridedCopy c;
     c.ndim = 3;
-    c.shape = {p_, b_, n_loc_ * per * d_, 1, 1, 1};
-    c.src_strides = {n_loc_ * per * d_, n_ * per * d_, 1, 0, 0, 0};
-    c.dst_strides = {block < 0 ? slice : block, n_loc_ * per * d_, 1, 0, 0, 0};
+    c.shape = {p_, b_, n_loc_ * hqg_ * d_, 1, 1, 1};
+    c.src_strides = {n_loc_ * hqg_ * d_, n_ * hqg_ * d_, 1, 0, 0, 0};
+    c.dst_strides = {block, n_loc_ * hqg_ * d_, 1, 0, 0, 0};
     c.src = src;
-    c.src_dtype = st;
+    c.src_dtype = t;
     c.dst = dst;
-    c.dst_dtype = dt;
+    c.dst_dtype = t;
     kernels::copy_strided(c, ctx);
   }
 
-  // slices [P][block] (offset `at`: [B][n_loc][per][d] from rank i, heads i*per...) -> tokens [B][n_loc][heads][d].
-  void to_heads(const void* src, DType st, void* dst, DType dt, int per, int heads, std::int64_t at,
-                std::int64_t block = -1) {
-    const std::int64_t slice = std::int64_t{b_} * n_loc_ * per * d_;
+  // slices [P][block] (offset `off`: [B][n_loc][per/G][d] from rank i) -> tokens [B][n_loc][heads][d],
+  // heads i per + g per/G + k.
+  void to_heads(const void* src, DType st, void* dst, DType dt, int per, int heads, int g, std::int64_t off,
+                std::int64_t block) {
+    const int per_g = per / g_;
     kernels::StridedCopy c;
     c.ndim = 4;
-    c.shape = {p_, b_, n_loc_, std::int64_t{per} * d_, 1, 1};
-    c.src_strides = {block < 0 ? slice : block, n_loc_ * per * d_, std::int64_t{per} * d_, 1, 0, 0};
+    c.shape = {p_, b_, n_loc_, std::int64_t{per_g} * d_, 1, 1};
+    c.src_strides = {block, n_loc_ * per_g * d_, std::int64_t{per_g} * d_, 1, 0, 0};
     c.dst_strides = {std::int64_t{per} * d_, n_loc_ * heads * d_, std::int64_t{heads} * d_, 1, 0, 0};
-    c.src = static_cast<const char*>(src) + at * dtype_size(st);
+    c.src = static_cast<const char*>(src) + off * dtype_size(st);
     c.src_dtype = st;
-    c.dst = dst;
+    c.dst = static_cast<char*>(dst) + std::int64_t{g} * per_g * d_ * dtype_size(dt);
     c.dst_dtype = dt;
     kernels::copy_strided(c, ctx);
   }
 
-  int p_ = 1, hq_ = 1, hkq_ = 1, b_ = 1, d_ = 64;
-  std::int64_t n_loc_ = 0, n_ = 0, block_in_ = 0, head_pool_ = 0;
+  int p_ = 1, g_ = 1, hq_ = 1, hkq_ = 1, hqg_ = 1, hkqg_ = 1, b_ = 1, d_ = 64;
+  std::int64_t n_loc_ = 0, n_ = 0, head_pool_ = 0;
+  // Elements: per peer and group (q_slice_, kv_slice_, block_), per group of a head-shard buffer
+  // (q_group_, lse_group_, pool_group_), and one of the K, V halves of the pools (pool_).
+  std::int64_t q_slice_ = 0, kv_slice_ = 0, block_ = 0, q_group_ = 0, lse_group_ = 0, pool_group_ = 0, pool_ = 0;
   std::size_t elt_ = 4;
   Segments all_, local_;
   kernels::AttentionShape kshape_;
   std::unique_ptr<DeviceTables> tables_;
   DeviceBuffer q_pos_, send_, recv_, q_hs_, o_hs_, do_hs_, lse_hs_, lse_send_, lse_recv_, kv_pool_, dq_hs_, dkv_pool_,
       fwd_ws_, bwd_ws_;
+  CommOverlap overlap_;
 };
 
 }  // namespace

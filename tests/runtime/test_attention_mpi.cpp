@@ -1,7 +1,8 @@
 // The exact distributed attention modes (ring, zigzag ring, ulysses, allgather) on the CPU backend:
 // every rank builds the same seeded global Q, K, V, runs its shard, and checks O, LSE and dQ, dK, dV
 // of its own rows against a float64 whole-sequence oracle; the causal leak check; the communicator's
-// byte counters against plan_layer(); and shapes that must fail on every rank before communicating.
+// byte counters against plan_layer(); ulysses pipelined over head groups bit for bit against one group;
+// and shapes that must fail on every rank before communicating.
 #include "attention_reference.hpp"
 #include "naive_attention.hpp"
 
@@ -13,6 +14,7 @@
 #include <mpi.h>
 
 #include <cmath>
+#include <cstring>
 
 namespace ringcast {
 namespace {
@@ -167,6 +169,72 @@ INSTANTIATE_TEST_SUITE_P(Attention, ExactModes,
                            return std::string(name(std::get<0>(info.param))) +
                                   (std::get<1>(info.param) ? "_causal" : "_bidirectional");
                          });
+
+// Bitwise equality: the same bits, with the index and relative error of the first difference.
+void expect_same_bits(const std::vector<float>& x, const std::vector<float>& y, const char* what, int groups) {
+  ASSERT_EQ(x.size(), y.size()) << what;
+  for (std::size_t i = 0; i < x.size(); ++i)
+    if (std::memcmp(&x[i], &y[i], sizeof(float)) != 0) {
+      const std::vector<double> ref(y.begin(), y.end());
+      ADD_FAILURE() << what << " with " << groups << " pipeline groups differs from 1 group first at " << i << ": "
+                    << x[i] << " vs " << y[i] << " (relative error " << rel_error(x, ref) << ")";
+      return;
+    }
+}
+
+// Ulysses pipelined over head groups gives the bits of the unpipelined run for every G dividing
+// h_kv / P (3 at P = 4: not a power of two), moves the same bytes, and issues G times the all-to-alls.
+TEST(UlyssesPipeline, EveryGroupCountGivesTheBitsOfOneGroup) {
+  for (const bool causal : {true, false}) {
+    Problem pr = make_problem(AttentionMode::kUlysses, causal, 4321);
+    auto& s = pr.shape;
+    s.heads = 24;
+    s.kv_heads = 12;  // GQA 2; h_kv / P = 12, 6, 3 for P = 1, 2, 4
+    const std::size_t qn = static_cast<std::size_t>(s.batch) * s.seq_len * s.heads * s.head_dim;
+    const std::size_t kn = static_cast<std::size_t>(s.batch) * s.seq_len * s.kv_heads * s.head_dim;
+    pr.q = random_values(qn, 11);
+    pr.k = random_values(kn, 12);
+    pr.v = random_values(kn, 13);
+    pr.d_o = random_values(qn, 14);
+    Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
+    const LayerPlan plan = plan_layer(s, pr.options);
+    const int per_rank = s.kv_heads / s.ranks;
+    pr.options.pipeline_groups = 1;
+    DistributedAttention one(session, s, pr.options);
+    const Shard ref = run_layer(session, pr, one);
+    for (int g = 0; g <= per_rank; ++g) {  // 0: auto
+      if (g == 1 || (g > 0 && per_rank % g != 0)) continue;
+      pr.options.pipeline_groups = g;
+      const int groups = pr.options.resolved_pipeline_groups(s);
+      SCOPED_TRACE(::testing::Message() << (causal ? "causal" : "bidirectional") << ", pipeline_groups " << g);
+      DistributedAttention layer(session, s, pr.options);
+      session.comm().reset_counters();
+      const Shard sh = run_layer(session, pr, layer);
+      const auto& c = session.comm().counters();
+      // Per group: Q|K|V, O and LSE forward; dO and dQ|dK|dV backward.
+      EXPECT_EQ(c[comm::OpKind::kAllToAll].calls, static_cast<std::uint64_t>(5 * groups));
+      EXPECT_EQ(c.total().bytes_sent, static_cast<std::uint64_t>(plan.bytes_sent_fwd + plan.bytes_sent_bwd));
+      EXPECT_EQ(c.total().bytes_received, static_cast<std::uint64_t>(plan.bytes_recv_fwd + plan.bytes_recv_bwd));
+      expect_same_bits(sh.o, ref.o, "O", groups);
+      expect_same_bits(sh.lse, ref.lse, "LSE", groups);
+      expect_same_bits(sh.d_q, ref.d_q, "dQ", groups);
+      expect_same_bits(sh.d_k, ref.d_k, "dK", groups);
+      expect_same_bits(sh.d_v, ref.d_v, "dV", groups);
+    }
+  }
+}
+
+TEST(UlyssesPipeline, GroupsThatDoNotDivideTheKvHeadsPerRankFail) {
+  Problem pr = make_problem(AttentionMode::kUlysses, true, 3);
+  pr.options.pipeline_groups = pr.shape.kv_heads / pr.shape.ranks + 1;  // 5, 3, 2 for P = 1, 2, 4
+  Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
+  try {
+    DistributedAttention layer(session, pr.shape, pr.options);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(e.message().find("pipeline groups"), std::string::npos) << e.message();
+  }
+}
 
 TEST(AttentionShapes, UnevenSequenceFailsOnEveryRankBeforeCommunicating) {
   int p = 1;

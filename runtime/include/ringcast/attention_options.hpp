@@ -52,10 +52,15 @@ struct AttentionOptions {
   SurrogateAssignment assignment = SurrogateAssignment::kSingle;
   ClusterCombine combine = ClusterCombine::kJoint;
   bool check_inputs = true;  // refuse NaN/Inf inputs on every rank (one pass + a small all-gather per call)
+  // ulysses: head groups G (dividing h_kv / P) whose all-to-alls overlap the attention of the group
+  // before; 0 = auto, the largest divisor of h_kv / P up to kMaxPipelineGroups. Results do not depend on G.
+  int pipeline_groups = 0;
+  static constexpr int kMaxPipelineGroups = 4;
 
   Placement resolved_placement(const LayerShape& s) const;
   SelectionUnit resolved_selection(const LayerShape& s) const;
   int resolved_remote_cap() const { return remote_cap > 0 ? remote_cap : 2 * remote_blocks; }
+  int resolved_pipeline_groups(const LayerShape& s) const;
   std::int64_t coarse_block() const { return std::int64_t{page_size} * coarse_pages; }
   // Whether the layer takes surrogate tokens (AttentionForwardArgs::surrogates).
   bool uses_surrogates() const { return mode == AttentionMode::kClustered && clusters == ClusterKind::kSurrogate; }
@@ -69,8 +74,9 @@ struct AttentionOptions {
 std::array<std::int64_t, 3> surrogate_shape(const LayerShape& shape, const AttentionOptions& options);
 
 // Throws Error (the same message on every rank) when shape and options do not fit together:
-// n % P, n % 2P for zigzag, h % h_kv, h % P and h_kv % P for Ulysses, head dims, budgets, and for
-// surrogate clusters: bidirectional only and (joint combine) whole coarse blocks of clusters per rank.
+// n % P, n % 2P for zigzag, h % h_kv, h % P, h_kv % P and (h_kv / P) % pipeline groups for Ulysses,
+// head dims, budgets, and for surrogate clusters: bidirectional only and (joint combine) whole coarse
+// blocks of clusters per rank.
 void validate(const LayerShape& shape, const AttentionOptions& options);
 
 std::string_view name(AttentionMode m);
