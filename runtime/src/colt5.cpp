@@ -60,6 +60,48 @@ void copy_block(const float* src, Strides s, float* dst, Strides t, int heads, i
   kernels::copy_strided(c, rc.exec);
 }
 
+// Rows [first, first + count) of a block.
+struct HaloRows {
+  std::int64_t first, count;
+};
+
+// One message per neighbour, [K | V] x [batch, rows, heads, d]: rows out(peer) of (src_k, src_v) go to
+// the peer, and what arrives from it lands in rows in(peer) of (dst_k, dst_v) -- added with
+// `accumulate`, in peer order so sums repeat exactly. The light attention's halo (token rows into
+// window slots) and its transpose (slot gradients back into token rows) are this one exchange.
+template <typename Peers, typename Out, typename In>
+void exchange_halo(const RunContext& rc, const Peers& peers, int heads, int batch, int d, const float* src_k,
+                   const float* src_v, Strides src, Out out, float* dst_k, float* dst_v, Strides dst, In in,
+                   bool accumulate) {
+  float *send = rc.scratch.get("colt5.attn.halo_send"), *recv = rc.scratch.get("colt5.attn.halo_recv");
+  const auto halo = [&](std::int64_t rows) { return Strides{d, rows * heads * d, std::int64_t{heads} * d}; };
+  std::vector<comm::SendOp> sends;
+  std::vector<comm::RecvOp> recvs;
+  std::int64_t sent = 0, received = 0;
+  for (const auto& p : peers) {
+    const HaloRows o = out(p);
+    const std::int64_t part = std::int64_t{batch} * o.count * heads * d;
+    float* msg = send + sent;
+    copy_block(src_k + o.first * src.row, src, msg, halo(o.count), heads, batch, o.count, d, false, rc);
+    copy_block(src_v + o.first * src.row, src, msg + part, halo(o.count), heads, batch, o.count, d, false, rc);
+    sends.push_back({p.rank, {msg, static_cast<std::size_t>(2 * part), DType::kF32}});
+    sent += 2 * part;
+    const std::int64_t arriving = 2 * std::int64_t{batch} * in(p).count * heads * d;
+    recvs.push_back({p.rank, {recv + received, static_cast<std::size_t>(arriving), DType::kF32}});
+    received += arriving;
+  }
+  rc.session.comm().exchange(sends, recvs, rc.session.stream());
+  received = 0;
+  for (const auto& p : peers) {
+    const HaloRows i = in(p);
+    const std::int64_t part = std::int64_t{batch} * i.count * heads * d;
+    copy_block(recv + received, halo(i.count), dst_k + i.first * dst.row, dst, heads, batch, i.count, d, accumulate, rc);
+    copy_block(recv + received + part, halo(i.count), dst_v + i.first * dst.row, dst, heads, batch, i.count, d,
+               accumulate, rc);
+    received += 2 * part;
+  }
+}
+
 float dot(const float* a, const float* b, std::int64_t n) {
   float s = 0.0f;
   for (std::int64_t i = 0; i < n; ++i) s += a[i] * b[i];
@@ -443,32 +485,9 @@ void Colt5Attention::light_forward(const RunContext& rc) {
   copy_block(k, tokens, pool_k + own_slot * d, pool, lkv, batch, n_loc, d, false, rc);
   copy_block(v, tokens, pool_v + own_slot * d, pool, lkv, batch, n_loc, d, false, rc);
 
-  // Halos: one message per neighbour and direction, [K | V] x [batch, count, light KV heads, d].
-  float *send = sc.get("colt5.attn.halo_send"), *recv = sc.get("colt5.attn.halo_recv");
-  std::vector<comm::SendOp> sends;
-  std::vector<comm::RecvOp> recvs;
-  std::int64_t sent = 0, received = 0;
-  for (const HaloPeer& p : peers_) {
-    const std::int64_t part = std::int64_t{batch} * p.send_count * lkv * d;
-    const Strides halo{d, p.send_count * lkv * d, std::int64_t{lkv} * d};
-    float* msg = send + sent;
-    copy_block(k + p.send_first * kw, tokens, msg, halo, lkv, batch, p.send_count, d, false, rc);
-    copy_block(v + p.send_first * kw, tokens, msg + part, halo, lkv, batch, p.send_count, d, false, rc);
-    sends.push_back({p.rank, {msg, static_cast<std::size_t>(2 * part), DType::kF32}});
-    sent += 2 * part;
-    const std::int64_t in = 2 * std::int64_t{batch} * p.recv_count * lkv * d;
-    recvs.push_back({p.rank, {recv + received, static_cast<std::size_t>(in), DType::kF32}});
-    received += in;
-  }
-  session_.comm().exchange(sends, recvs, session_.stream());
-  received = 0;
-  for (const HaloPeer& p : peers_) {
-    const std::int64_t part = std::int64_t{batch} * p.recv_count * lkv * d;
-    const Strides halo{d, p.recv_count * lkv * d, std::int64_t{lkv} * d};
-    copy_block(recv + received, halo, pool_k + p.recv_slot * d, pool, lkv, batch, p.recv_count, d, false, rc);
-    copy_block(recv + received + part, halo, pool_v + p.recv_slot * d, pool, lkv, batch, p.recv_count, d, false, rc);
-    received += 2 * part;
-  }
+  // Halos: the neighbours' edge rows into their window slots.
+  exchange_halo(rc, peers_, lkv, batch, d, k, v, tokens, [](const auto& p) { return HaloRows{p.send_first, p.send_count}; },
+                pool_k, pool_v, pool, [](const auto& p) { return HaloRows{p.recv_slot, p.recv_count}; }, false);
 
   float* ws = sc.get("colt5.attn.kernel");
   kernels::AttentionForwardParams p;
@@ -522,32 +541,10 @@ void Colt5Attention::light_backward(const RunContext& rc) {
   copy_block(d_pool_k + own_slot * d, pool, d_k, tokens, lkv, batch, n_loc, d, true, rc);
   copy_block(d_pool_v + own_slot * d, pool, d_v, tokens, lkv, batch, n_loc, d, true, rc);
 
-  // The reverse exchange: halo slots' gradients go back to their owners.
-  float *send = sc.get("colt5.attn.halo_send"), *recv = sc.get("colt5.attn.halo_recv");
-  std::vector<comm::SendOp> sends;
-  std::vector<comm::RecvOp> recvs;
-  std::int64_t sent = 0, received = 0;
-  for (const HaloPeer& p : peers_) {
-    const std::int64_t part = std::int64_t{batch} * p.recv_count * lkv * d;
-    const Strides halo{d, p.recv_count * lkv * d, std::int64_t{lkv} * d};
-    float* msg = send + sent;
-    copy_block(d_pool_k + p.recv_slot * d, pool, msg, halo, lkv, batch, p.recv_count, d, false, rc);
-    copy_block(d_pool_v + p.recv_slot * d, pool, msg + part, halo, lkv, batch, p.recv_count, d, false, rc);
-    sends.push_back({p.rank, {msg, static_cast<std::size_t>(2 * part), DType::kF32}});
-    sent += 2 * part;
-    const std::int64_t in = 2 * std::int64_t{batch} * p.send_count * lkv * d;
-    recvs.push_back({p.rank, {recv + received, static_cast<std::size_t>(in), DType::kF32}});
-    received += in;
-  }
-  session_.comm().exchange(sends, recvs, session_.stream());
-  received = 0;
-  for (const HaloPeer& p : peers_) {  // in rank order, so the sum is the same every run
-    const std::int64_t part = std::int64_t{batch} * p.send_count * lkv * d;
-    const Strides halo{d, p.send_count * lkv * d, std::int64_t{lkv} * d};
-    copy_block(recv + received, halo, d_k + p.send_first * kw, tokens, lkv, batch, p.send_count, d, true, rc);
-    copy_block(recv + received + part, halo, d_v + p.send_first * kw, tokens, lkv, batch, p.send_count, d, true, rc);
-    received += 2 * part;
-  }
+  // The transpose: halo slots' gradients go back to their owners and add into their rows.
+  exchange_halo(rc, peers_, lkv, batch, d, d_pool_k, d_pool_v, pool,
+                [](const auto& p) { return HaloRows{p.recv_slot, p.recv_count}; }, d_k, d_v, tokens,
+                [](const auto& p) { return HaloRows{p.send_first, p.send_count}; }, true);
 }
 
 void Colt5Attention::heavy_forward(const RunContext& rc) {
