@@ -1,5 +1,5 @@
 // Comparisons of a CUDA result with the CPU backend's on the same inputs, for the GPU suites of the
-// seed methods' kernels (CAST, routing, pooling): bitwise equality where both backends do the same
+// seed methods' kernels (CAST, routing, pooling) and the per-token layers: bitwise equality where both backends do the same
 // arithmetic in the same order (indices, copies, ordered sums), a relative L2 bound elsewhere. Every
 // comparison prints its outcome; a failure names the first (or worst) differing element, the NaN
 // count (poisoned outputs the kernel never wrote), and both values.

@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "backend_compare.hpp"
 #include "device_array.hpp"
 #include "test_util.hpp"
 
@@ -63,20 +64,6 @@ void expect_near(const std::string& what, const std::vector<T>& x, const Vec& re
   }
   ADD_FAILURE() << what << ": worst element [" << worst << "] = " << double(x[worst]) << ", reference " << ref[worst]
                 << "; " << nans << " NaN of " << ref.size();
-}
-
-// The CUDA result must be the CPU backend's, bit for bit.
-template <typename T>
-void expect_bitwise(const std::string& what, const std::vector<T>& gpu, const std::vector<T>& cpu) {
-  ASSERT_EQ(gpu.size(), cpu.size()) << what;
-  std::size_t diffs = 0, first = 0;
-  for (std::size_t i = 0; i < gpu.size(); ++i) {
-    if (std::memcmp(&gpu[i], &cpu[i], sizeof(T)) == 0) continue;
-    if (diffs++ == 0) first = i;
-  }
-  std::printf("    %-44s %s\n", what.c_str(), diffs == 0 ? "bitwise equal" : "DIFFERENT");
-  EXPECT_EQ(diffs, 0u) << what << ": " << diffs << " of " << gpu.size() << " elements differ; first [" << first
-                       << "]: " << gpu[first] << " (CUDA) vs " << cpu[first] << " (CPU)";
 }
 
 // Exact-fp32 products with inner dimension `inner`: within twice the CPU backend's error against
