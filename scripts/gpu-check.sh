@@ -36,7 +36,7 @@ step build cmake --build "$build" -j"$jobs"
 [ "${CPU_TESTS:-1}" = 1 ] && step ctest-cpu ctest --test-dir "$build" --output-on-failure -j4 -LE gpu --timeout 600
 step ctest-gpu ctest --test-dir "$build" --output-on-failure -L gpu --timeout 600
 step comm-4-nccl-ranks mpirun -np 4 "$build/bin/ringcast" bench comm --max-bytes 64M
-for mode in ring ulysses allgather; do
+for mode in ring ulysses allgather clustered; do
   step check-$mode-4-ranks mpirun -np 4 "$build/bin/ringcast" check --mode $mode --seq-len 8192 --heads 8 \
     --kv-heads 4 --head-dim 128
 done

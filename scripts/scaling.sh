@@ -5,7 +5,7 @@
 # weak.csv, comm.csv, environment.txt, commands.txt, model.csv (scripts/perf_model.py against these
 # measurements, when a machine file applies) and PNG plots (scripts/scaling_plots.py). docs/scaling.md
 # explains the columns and plots. A mode the build cannot run ("not supported" / "not built", e.g.
-# clustered on CUDA today) is skipped with a note in notes.txt; any other failure fails the script.
+# surrogate clusters on CUDA today) is skipped with a note in notes.txt; any other failure fails the script.
 #   usage: scripts/scaling.sh [options]        (scripts/scaling.sh --help)
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)

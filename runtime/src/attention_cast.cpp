@@ -60,7 +60,10 @@ class SurrogateMode final : public DistributedAttention::Mode {
  public:
   SurrogateMode(const Session& s, const LayerShape& sh, const AttentionOptions& o)
       : Mode(s, sh, o), c_(o.resolved_surrogate_clusters(sh)), joint_(o.combine == ClusterCombine::kJoint) {
-    check_clustered_support(s, sh, o);
+    check_clustered_support(sh, o);
+    RINGCAST_CHECK(s.device().kind == DeviceKind::kCpu,
+                   "clustered mode with clusters = surrogate: runs on the CPU backend for now (the CAST kernels "
+                   "exist on CUDA but this mode's host-side table builder is not ported); use clusters = blocks");
     const std::int64_t d = sh.head_dim, n = sh.local_len(), ps = o.page_size;
     cast_ = {sh.batch, n, sh.heads, sh.kv_heads, sh.head_dim, c_, o.page_size};
     const std::int64_t q_elems = sh.batch * n * sh.heads * d, kv_elems = sh.batch * n * sh.kv_heads * d;
@@ -241,6 +244,7 @@ class SurrogateMode final : public DistributedAttention::Mode {
     // A requester fetches at most min(R, local_blocks) of this rank's blocks per (element, KV head).
     const std::int64_t stage_blocks = g_.p > 1 ? std::min<std::int64_t>(o.remote_blocks, g_.local_blocks) : 0;
     stage_ = allocate(units * stage_blocks * g_.stage_elems() * sizeof(float));
+    requests_ = allocate(request_scratch_ints(g_, o.remote_blocks) * sizeof(std::int32_t));
     const std::int64_t q_elems = n * sh.heads * d;
     q_rows_ = allocate(sh.batch * q_elems * sizeof(float));
     o_rows_ = allocate(sh.batch * q_elems * sizeof(float));
@@ -312,7 +316,9 @@ class SurrogateMode final : public DistributedAttention::Mode {
     summarize_blocks(k);
     gather_coarse();
     for (int b = 0; b < shape.batch; ++b) plan_element(a, b);
-    ClusteredTransfer t(session.comm(), g_, pool_view(pools_), [this](int b, int g) { return page_counts(b, g); });
+    const std::span<std::int32_t> requests(requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t));
+    ClusteredTransfer t(session.comm(), ctx, g_, pool_view(pools_), requests,
+                        [this](int b, int g) { return page_counts(b, g); });
     t.fetch_blocks(elements_layouts(), served_);
     for (int b = 0; b < shape.batch; ++b) attend(a, b);
   }
@@ -530,9 +536,8 @@ class SurrogateMode final : public DistributedAttention::Mode {
       kernels::attention_backward(p, ctx);
       rows_to_tokens(e, d_q_rows_.as<const float>(), d_q_.as<float>() + b * q_elems);
     }
-    ClusteredTransfer t(session.comm(), g_, pool_view(d_pools_));
-    t.return_fetched_gradients(elements_layouts(), served_,
-                               {stage_.as<float>(), stage_.bytes() / sizeof(float)}, ctx);
+    ClusteredTransfer t(session.comm(), ctx, g_, pool_view(d_pools_));
+    t.return_fetched_gradients(elements_layouts(), served_, {stage_.as<float>(), stage_.bytes() / sizeof(float)});
     coarse_to_clusters();
     // The local clusters' summary gradients, complete now, in the summaries' own layout.
     for (int b = 0; b < shape.batch; ++b)
@@ -818,6 +823,7 @@ class SurrogateMode final : public DistributedAttention::Mode {
   std::int64_t num_blocks_ = 0, max_resident_ = 0;
   std::vector<Element> elements_;
   std::vector<ServedRequests> served_;
+  DeviceBuffer requests_;  // request lists in flight (ClusteredTransfer)
   DeviceBuffer pools_, d_pools_, key_bias_, page_counts_, bounds_, gather_send_, gather_recv_, count_send_, count_recv_,
       coarse_, block_counts_, scatter_send_, scatter_recv_, stage_, q_rows_, o_rows_, lse_rows_, d_o_rows_, d_q_rows_;
   // cast

@@ -5,11 +5,14 @@
 // order (every KV head of an element shares its shape), select pages, attend. The pools, layouts and
 // tables stay for the backward, which folds the page summaries' gradients into their pages, returns
 // halo and fetched pages' gradients to their owners and reduce-scatters the coarse summaries'
-// gradients. Selection and summaries are host code, so the mode runs on the CPU backend only. Pool
-// buffers hold every batch element at the largest capacity; element b's pool is
-// [2 (K, V)][kv_heads][num_pages_b][page_size][head_dim] at its start.
+// gradients. Summaries, selection and pools are fp32 on both backends (on CUDA the bf16 / fp16 inputs
+// are converted once per forward); the selection and tables stay on the device (clustered_tables.hpp)
+// and the attention reads a copy of each pool in the storage dtype. Pool buffers hold every batch
+// element at the largest capacity; element b's pool is [2 (K, V)][kv_heads][num_pages_b][page_size]
+// [head_dim] at its start.
 #include "attention_internal.hpp"
 #include "clustered_internal.hpp"
+#include "clustered_tables.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/selection.hpp>
@@ -21,10 +24,7 @@
 
 namespace ringcast {
 
-void check_clustered_support(const Session& s, const LayerShape& sh, const AttentionOptions& o) {
-  RINGCAST_CHECK(s.device().kind == DeviceKind::kCpu,
-                 "clustered mode: runs on the CPU backend for now (its CUDA kernels -- summaries, selection, "
-                 "block tables, CAST -- are not wired into the mode yet)");
+void check_clustered_support(const LayerShape& sh, const AttentionOptions& o) {
   RINGCAST_CHECK(o.resolved_placement(sh) == Placement::kContiguous,
                  "clustered mode: placement must be contiguous (its cost per query is flat), got {}",
                  name(o.resolved_placement(sh)));
@@ -41,8 +41,14 @@ struct ElementPool {
   std::vector<kernels::ClusteredLayout> layouts;  // per KV head
   std::vector<kernels::RemoteSelection> remote;   // per KV head
   kernels::AttentionShape shape;                  // batch 1, num_pages of this element
-  kernels::HostBlockTable table;                  // rebuilt by every forward (sizes follow the selections)
-  std::optional<DeviceTables> tables;             // `table` on the session's device
+  std::optional<ClusteredTables> tables;          // rebuilt by every forward (sizes follow the selections)
+};
+
+// The forward's inputs as the summaries and selection read them: fp32, on the session's device.
+struct Fp32Inputs {
+  const float* q;  // [B, n_loc, heads, d]
+  const float* k;  // [B, n_loc, kv_heads, d]
+  const float* v;
 };
 
 // The summary fields that travel and that selection reads, in this order.
@@ -51,7 +57,7 @@ enum Field { kMeanK, kMeanV, kMin, kMax, kFields };
 class ClusteredMode final : public DistributedAttention::Mode {
  public:
   ClusteredMode(const Session& s, const LayerShape& sh, const AttentionOptions& o) : Mode(s, sh, o) {
-    check_clustered_support(s, sh, o);
+    check_clustered_support(sh, o);
     const std::int64_t window = sh.causal ? o.window_before : o.window_bidir;
     RINGCAST_CHECK(window >= 0 && window <= o.coarse_block(),
                    "clustered mode: the {} window ({}) must lie in [0, {}] "
@@ -106,13 +112,14 @@ class ClusteredMode final : public DistributedAttention::Mode {
     gather_send_ = allocate(kFields * sh.kv_heads * loc_rows * d * sizeof(float));
     gather_recv_ = allocate(g_.p * gather_send_.bytes());
     coarse_ = allocate(sh.batch * sh.kv_heads * kFields * base_.num_blocks() * d * sizeof(float));
-    bounds_ = allocate(2 * base_.page_summary_pages() * g_.page_elems * sizeof(float));
+    bounds_ = allocate(sh.kv_heads * 2 * base_.page_summary_pages() * g_.page_elems * sizeof(float));
     resident_counts_ = allocate(base_.page_summary_pages() * o.page_size * sizeof(std::int32_t));
     block_key_counts_.assign(static_cast<std::size_t>(base_.num_blocks()), static_cast<std::int32_t>(o.coarse_block()));
     // Gradients received in one step: a requester fetched at most min(limit, local_blocks) of this
     // rank's blocks per (element, KV head); the halo step returns at most two.
     const std::int64_t stage_blocks = g_.p > 1 ? std::max<std::int64_t>(std::min(limit, g_.local_blocks), 2) : 0;
     stage_ = allocate(sh.batch * sh.kv_heads * stage_blocks * g_.stage_elems() * sizeof(float));
+    requests_ = allocate(request_scratch_ints(g_, base_.fetch_capacity) * sizeof(std::int32_t));
     d_tokens_ = allocate(2 * sh.batch * sh.local_len() * sh.kv_heads * d * sizeof(float));
     d_q_ = allocate(sh.batch * sh.local_len() * sh.heads * d * sizeof(float));
     d_block_sums_ = allocate(2 * sh.kv_heads * summary_.block_rows() * d * sizeof(float));
@@ -124,26 +131,36 @@ class ClusteredMode final : public DistributedAttention::Mode {
     const kernels::AttentionShape widest{1, sh.local_len(), sh.heads, sh.kv_heads, sh.head_dim, o.page_size, max_pages};
     fwd_ws_ = allocate(kernels::attention_forward_workspace_bytes(widest, ctx));
     bwd_ws_ = allocate(kernels::attention_backward_workspace_bytes(widest, ctx));
+    if (sh.dtype != DType::kF32) {
+      q32_ = allocate(d_q_.bytes());
+      kv32_ = allocate(d_tokens_.bytes());
+      attn_pools_ = allocate(pools_.bytes() / sizeof(float) * dtype_size(sh.dtype));
+      key_bias_host_.resize(key_bias_.bytes() / sizeof(float));
+    }
+    const std::int64_t units = sel_.unit == kernels::SelectUnit::kRow ? sh.local_len() : base_.num_tiles();
     elements_.resize(static_cast<std::size_t>(sh.batch));
+    for (ElementPool& e : elements_) e.tables.emplace(ctx, sel_, units, sh.kv_heads);
   }
 
   void forward(const AttentionForwardArgs& a) override {
-    summarize_local(a.k.as<const float>(), a.v.as<const float>());
+    const Fp32Inputs in = fp32_inputs(a);
+    summarize_local(in.k, in.v);
     gather_coarse();
-    for (int b = 0; b < shape.batch; ++b) plan_element(a, b);
-    ClusteredTransfer t(session.comm(), g_, pool_view(pools_));
+    for (int b = 0; b < shape.batch; ++b) plan_element(in, b);
+    ClusteredTransfer t(session.comm(), ctx, g_, pool_view(pools_),
+                        {requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t)});
     t.exchange_halo(elements_layouts());
     t.fetch_blocks(elements_layouts(), served_);
-    for (int b = 0; b < shape.batch; ++b) attend(a, b);
+    for (int b = 0; b < shape.batch; ++b) attend(a, in.q, b);
   }
 
   void backward(const AttentionBackwardArgs& a) override {
-    RINGCAST_CHECK(elements_.front().tables.has_value(), "clustered mode: backward() needs a forward() first");
+    RINGCAST_CHECK(elements_.front().tables->built(), "clustered mode: backward() needs a forward() first");
     for (int b = 0; b < shape.batch; ++b) attend_backward(a, b);
-    ClusteredTransfer t(session.comm(), g_, pool_view(d_pools_));
+    ClusteredTransfer t(session.comm(), ctx, g_, pool_view(d_pools_));
     const std::span<float> stage(stage_.as<float>(), stage_.bytes() / sizeof(float));
-    t.return_halo_gradients(elements_layouts(), stage, ctx);
-    t.return_fetched_gradients(elements_layouts(), served_, stage, ctx);
+    t.return_halo_gradients(elements_layouts(), stage);
+    t.return_fetched_gradients(elements_layouts(), served_, stage);
     const std::int64_t tokens = std::int64_t{shape.batch} * shape.local_len() * shape.kv_heads * shape.head_dim;
     float* d_k = d_tokens_.as<float>();
     float* d_v = d_k + tokens;
@@ -166,11 +183,12 @@ class ClusteredMode final : public DistributedAttention::Mode {
   // pages are window pages when the tile's window overlaps them (selected pages are eligible, hence
   // outside it); summary entries become one record per key taken, with its KeyMeta row mask if any.
   std::vector<AttendedEntry> attended_entries() const override {
-    RINGCAST_CHECK(elements_.front().tables.has_value(), "clustered mode: attended_entries() needs a forward() first");
+    RINGCAST_CHECK(elements_.front().tables->built(), "clustered mode: attended_entries() needs a forward() first");
     const std::int64_t ps = options.page_size;
     std::vector<AttendedEntry> out;
     for (int b = 0; b < shape.batch; ++b) {
       const ElementPool& e = elements_[b];
+      const kernels::HostBlockTable table = e.tables->host_table();
       const std::int64_t tiles = e.layouts.front().num_tiles();
       for (std::int64_t tile = 0; tile < tiles; ++tile)
         for (int g = 0; g < shape.kv_heads; ++g) {
@@ -182,8 +200,8 @@ class ClusteredMode final : public DistributedAttention::Mode {
           a.tile = tile;
           a.first_row_pos = positions[static_cast<std::size_t>(tile * kernels::kQueryTile)];
           a.kv_head = g;
-          for (std::int64_t i = e.table.offsets[unit]; i < e.table.offsets[unit + 1]; ++i) {
-            const kernels::BlockEntry& x = e.table.entries[i];
+          for (std::int64_t i = table.offsets[unit]; i < table.offsets[unit + 1]; ++i) {
+            const kernels::BlockEntry& x = table.entries[i];
             a.causal = (x.flags & kernels::kEntryCausal) != 0;
             if (x.page < L.resident_pages()) {
               a.global_id = L.pool_page_global(x.page);
@@ -201,7 +219,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
             for (int j = 0; j < ps; ++j) {
               if (!((x.key_mask >> j) & 1u)) continue;
               a.global_id = coarse ? first_key + j : L.pool_page_global(first_key + j);
-              const std::uint64_t* rows = x.key_meta >= 0 ? e.table.key_meta[x.key_meta + j].row_mask : x.row_mask;
+              const std::uint64_t* rows = x.key_meta >= 0 ? table.key_meta[x.key_meta + j].row_mask : x.row_mask;
               a.row_mask[0] = rows[0] & x.row_mask[0];
               a.row_mask[1] = rows[1] & x.row_mask[1];
               out.push_back(a);
@@ -267,12 +285,11 @@ class ClusteredMode final : public DistributedAttention::Mode {
 
   // Step 4 (choice) and the pool's shape: top-R per KV head, fetch capacity = the most any head
   // fetches, local pages packed, everything else zero until the transfers fill it.
-  void plan_element(const AttentionForwardArgs& a, int b) {
+  void plan_element(const Fp32Inputs& in, int b) {
     ElementPool& e = elements_[b];
     e.remote.clear();
     e.layouts.clear();
-    e.tables.reset();
-    const float* q = query(a.q, b);
+    const float* q = query(in.q, b);
     std::int64_t capacity = 0;
     for (int g = 0; g < shape.kv_heads; ++g) {
       const kernels::SummaryRows rows{coarse(b, g, kMeanK), coarse(b, g, kMin), coarse(b, g, kMax)};
@@ -291,43 +308,62 @@ class ClusteredMode final : public DistributedAttention::Mode {
     kernels::fill_zero(pool(pools_, b, 0, 0), 2 * g_.pool_elems * sizeof(float), ctx);
     const std::int64_t tokens = shape.local_len() * shape.kv_heads * shape.head_dim;
     for (int kv = 0; kv < 2; ++kv)
-      pack_to_pool((kv ? a.v : a.k).as<const float>() + b * tokens, DType::kF32, pool(pools_, b, 0, kv), 1,
+      pack_to_pool((kv ? in.v : in.k) + b * tokens, DType::kF32, pool(pools_, b, 0, kv), 1,
                    shape.kv_heads, shape.head_dim, local_seg_, options.page_size, ctx, {e.shape.num_pages, 0});
   }
 
-  const float* query(const TensorView& q, int b) const {
-    return q.as<const float>() + std::int64_t{b} * shape.local_len() * shape.heads * shape.head_dim;
+  const float* query(const float* q, int b) const {
+    return q + std::int64_t{b} * shape.local_len() * shape.heads * shape.head_dim;
+  }
+
+  // The inputs in fp32: the caller's on the CPU backend, converted copies on CUDA.
+  Fp32Inputs fp32_inputs(const AttentionForwardArgs& a) const {
+    if (shape.dtype == DType::kF32) return {a.q.as<const float>(), a.k.as<const float>(), a.v.as<const float>()};
+    const std::int64_t q_elems = std::int64_t{shape.batch} * shape.local_len() * shape.heads * shape.head_dim;
+    const std::int64_t kv_elems = std::int64_t{shape.batch} * shape.local_len() * shape.kv_heads * shape.head_dim;
+    float* q = q32_.as<float>();
+    float* k = kv32_.as<float>();
+    float* v = k + kv_elems;
+    kernels::copy_strided(kernels::StridedCopy::flat(a.q.data, shape.dtype, q, DType::kF32, q_elems), ctx);
+    kernels::copy_strided(kernels::StridedCopy::flat(a.k.data, shape.dtype, k, DType::kF32, kv_elems), ctx);
+    kernels::copy_strided(kernels::StridedCopy::flat(a.v.data, shape.dtype, v, DType::kF32, kv_elems), ctx);
+    return {q, k, v};
   }
 
   // Step 5 for element b: summaries into the pool, key bias, page selection, table, attention.
-  void attend(const AttentionForwardArgs& a, int b) {
+  void attend(const AttentionForwardArgs& a, const float* q32, int b) {
     ElementPool& e = elements_[b];
-    const float* q = query(a.q, b);
+    const float* q = query(q32, b);
     const int ps = options.page_size;
     const std::int64_t d = shape.head_dim, pages = e.shape.num_pages;
-    std::vector<kernels::ClusteredSelection> selections;
+    // The key bias is written on the host (counts follow from the layout) and uploaded on CUDA.
+    const bool host_bias = key_bias_host_.empty();
+    float* bias = host_bias ? key_bias(b) : key_bias_host_.data() + (key_bias(b) - key_bias_.as<float>());
+    std::vector<kernels::SelectionParams> selections;
     for (int g = 0; g < shape.kv_heads; ++g) {
       const kernels::ClusteredLayout& L = e.layouts[g];
       float* k = pool(pools_, b, g, 0);
       float* v = pool(pools_, b, g, 1);
       // Page summaries of every resident page, from the pool itself, written where the pool keeps them.
       const std::int64_t summary_rows = L.page_summary_pages() * ps;
-      float* k_min = bounds_.as<float>();
+      // Per KV head: every head's selection runs after the loop (one table build for all).
+      float* k_min = bounds_.as<float>() + g * 2 * base_.page_summary_pages() * g_.page_elems;
       float* k_max = k_min + summary_rows * d;
-      auto* counts = resident_counts_.as<std::int32_t>();
       kernels::page_summaries({resident_shape(L),
                                k,
                                v,
                                {k + L.page_summary_first_page() * g_.page_elems,
-                                v + L.page_summary_first_page() * g_.page_elems, k_min, k_max, counts}},
+                                v + L.page_summary_first_page() * g_.page_elems, k_min, k_max,
+                                resident_counts_.as<std::int32_t>()}},
                               ctx);
-      for (std::int64_t pp = 0; pp < L.resident_pages(); ++pp)
-        if (L.pool_page_global(pp) < 0) counts[pp] = 0;  // padding of the fetched region
       for (int kv = 0; kv < 2; ++kv)
         strided_copy(ctx, coarse(b, g, kv ? kMeanV : kMeanK),
                      (kv ? v : k) + L.coarse_summary_first_page() * g_.page_elems, {{L.num_blocks() * d, 1, 1}});
-      kernels::fill_summary_key_bias(L, {counts, static_cast<std::size_t>(L.resident_pages())}, block_key_counts_,
-                                     {key_bias(b) + g * pages * ps, static_cast<std::size_t>(pages * ps)});
+      // Every resident page is whole; the padding of the fetched region counts 0 (masked).
+      std::vector<std::int32_t> counts(static_cast<std::size_t>(L.resident_pages()));
+      for (std::int64_t pp = 0; pp < L.resident_pages(); ++pp) counts[pp] = L.pool_page_global(pp) >= 0 ? ps : 0;
+      kernels::fill_summary_key_bias(L, counts, block_key_counts_,
+                                     {bias + g * pages * ps, static_cast<std::size_t>(pages * ps)});
       kernels::SelectionParams sp;
       sp.layout = &L;
       sp.options = sel_;
@@ -336,10 +372,16 @@ class ClusteredMode final : public DistributedAttention::Mode {
       sp.pages = {k + L.page_summary_first_page() * g_.page_elems, k_min, k_max};
       sp.usable_offsets = e.remote[g].usable_offsets;
       sp.usable = e.remote[g].usable;
-      selections.push_back(kernels::select_pages(sp, ctx));
+      selections.push_back(sp);
     }
-    e.table = kernels::build_clustered_table(e.layouts, sel_, selections);
-    e.tables.emplace(e.table, e.shape, session.device(), ctx.stream);
+    e.tables->build(e.layouts, selections, e.shape);
+    if (!host_bias) {
+      const std::size_t offset = (key_bias(b) - key_bias_.as<float>()) * sizeof(float);
+      key_bias_.copy_from_host(bias, shape.kv_heads * pages * ps * sizeof(float), offset, ctx.stream);
+      kernels::copy_strided(kernels::StridedCopy::flat(pool(pools_, b, 0, 0), DType::kF32, attention_pool(b, 0),
+                                                       shape.dtype, 2 * g_.pool_elems),
+                            ctx);
+    }
     kernels::AttentionForwardParams p = params(a.q, b);
     const std::int64_t rows = shape.local_len() * shape.heads;
     p.o_dtype = shape.dtype;
@@ -357,15 +399,23 @@ class ClusteredMode final : public DistributedAttention::Mode {
 
   float* key_bias(int b) const { return key_bias_.as<float>() + std::int64_t{b} * g_.pool_elems / shape.head_dim; }
 
+  // Element b's K (kv = 0) or V pages as the attention reads them: the fp32 pool, or (CUDA) its copy in
+  // the storage dtype, at the same element offsets.
+  void* attention_pool(int b, int kv) const {
+    if (shape.dtype == DType::kF32) return pool(pools_, b, 0, kv);
+    return attn_pools_.as<char>() + (2 * b + kv) * g_.pool_elems * dtype_size(shape.dtype);
+  }
+
   kernels::AttentionForwardParams params(const TensorView& q, int b) const {
     const ElementPool& e = elements_[b];
     kernels::AttentionForwardParams p;
     p.shape = e.shape;
     p.dtype = shape.dtype;
     p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
-    p.q = query(q, b);
-    p.k_pages = pool(pools_, b, 0, 0);
-    p.v_pages = pool(pools_, b, 0, 1);
+    p.q = static_cast<const char*>(q.data) +
+          std::int64_t{b} * shape.local_len() * shape.heads * shape.head_dim * dtype_size(shape.dtype);
+    p.k_pages = attention_pool(b, 0);
+    p.v_pages = attention_pool(b, 1);
     p.q_pos = q_pos_.as<const std::int32_t>();
     p.key_bias = key_bias(b);
     p.table = e.tables->table();
@@ -433,7 +483,10 @@ class ClusteredMode final : public DistributedAttention::Mode {
   std::vector<ServedRequests> served_;  // per ring step: the blocks the rank r - s fetched from this rank
   DeviceBuffer pools_, d_pools_, key_bias_, page_sums_, page_counts_, block_sums_, block_counts_, gather_send_,
       gather_recv_, coarse_, bounds_, resident_counts_, stage_, d_tokens_, d_q_, d_block_sums_, d_page_sums_,
-      scatter_send_, scatter_recv_, q_pos_, fwd_ws_, bwd_ws_;
+      scatter_send_, scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_;
+  // CUDA only: fp32 copies of the inputs, the pools in the storage dtype, the key bias built on the host.
+  DeviceBuffer q32_, kv32_, attn_pools_;
+  std::vector<float> key_bias_host_;
 };
 
 }  // namespace

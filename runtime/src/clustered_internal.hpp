@@ -3,7 +3,9 @@
 // travels as two messages (K then V, page_size * coarse_pages * head_dim f32 each) straight from and
 // into pool pages; requests travel the ring-shift pattern: at step s a rank sends to r + s what it
 // wants from that rank and answers r - s. Contiguous placement: rank q owns blocks
-// [q * local_blocks, (q + 1) * local_blocks). Host memory (the MPI communicator). With surrogate
+// [q * local_blocks, (q + 1) * local_blocks). Buffers live in the communicator's memory (host for MPI,
+// device for NCCL) and every call is ordered on the mode's stream; request lists are built on the host
+// and staged through a small scratch buffer in that memory. With surrogate
 // clusters a block also carries its page summaries (K then V, one key per page, from the pool's
 // page-summary region) and its pages' member counts; their gradients travel back with the block's.
 #pragma once
@@ -55,11 +57,19 @@ struct ServedRequests {
 // layouts[b][g]: the pool layout of element b, KV head g.
 using ElementLayouts = std::vector<std::span<const kernels::ClusteredLayout>>;
 
+// Request scratch (int32 elements) for fetches of at most fetch_limit blocks per (element, KV head).
+inline std::int64_t request_scratch_ints(const ClusterGeometry& g, std::int64_t fetch_limit) {
+  return 2 * std::int64_t{g.batch} * g.kv_heads * (1 + fetch_limit);
+}
+
 class ClusteredTransfer {
  public:
+  // requests: request_scratch_ints() elements in the communicator's memory (fetch_blocks only).
   // counts: required when geometry.block_summaries (forward), unused otherwise.
-  ClusteredTransfer(comm::Communicator& comm, const ClusterGeometry& geometry, PoolView pools, CountView counts = {})
-      : comm_(comm), g_(geometry), pools_(std::move(pools)), counts_(std::move(counts)) {}
+  ClusteredTransfer(comm::Communicator& comm, const kernels::ExecContext& ctx, const ClusterGeometry& geometry,
+                    PoolView pools, std::span<std::int32_t> requests = {}, CountView counts = {})
+      : comm_(comm), ctx_(ctx), g_(geometry), pools_(std::move(pools)), requests_(requests),
+        counts_(std::move(counts)) {}
 
   // Forward: the previous rank's last block (and, bidirectional, the next rank's first) into the halo.
   void exchange_halo(const ElementLayouts& layouts);
@@ -68,9 +78,9 @@ class ClusteredTransfer {
   void fetch_blocks(const ElementLayouts& layouts, std::vector<ServedRequests>& served);
   // Backward, on gradient pools: the reverse of each, received gradients added to the local pages.
   // `stage` holds stage_elems() per block received in one step.
-  void return_halo_gradients(const ElementLayouts& layouts, std::span<float> stage, const kernels::ExecContext& ctx);
+  void return_halo_gradients(const ElementLayouts& layouts, std::span<float> stage);
   void return_fetched_gradients(const ElementLayouts& layouts, const std::vector<ServedRequests>& served,
-                                std::span<float> stage, const kernels::ExecContext& ctx);
+                                std::span<float> stage);
 
  private:
   struct Landing {  // a received block's gradient: stage slot -> element, head, first local pool page
@@ -86,23 +96,27 @@ class ClusteredTransfer {
                   std::int64_t page) const;
   void recv_to_stage(std::vector<comm::RecvOp>& ops, std::vector<Landing>& landings, std::span<float> stage, int peer,
                      int b, int g, const kernels::ClusteredLayout& L, std::int64_t page) const;
-  void add_landed(const std::vector<Landing>& landings, std::span<const float> stage,
-                  const kernels::ExecContext& ctx) const;
+  void add_landed(const std::vector<Landing>& landings, std::span<const float> stage) const;
+  // Ring shift step s (1 <= s < P) of host int32 lists through the request scratch: `send` to r + s,
+  // `recv` (sized by the caller; the counts may differ) from r - s; synchronous.
+  void shift_ints(std::span<const std::int32_t> send, std::span<std::int32_t> recv, int step);
   // The page-summary key of pool page `page` (K or V) of (b, g).
   float* summary(int b, int g, int kv, const kernels::ClusteredLayout& L, std::int64_t page) const;
 
   comm::Communicator& comm_;
+  const kernels::ExecContext& ctx_;
   const ClusterGeometry& g_;
   PoolView pools_;
+  std::span<std::int32_t> requests_;
   CountView counts_;
 };
 
 // Ring all-gather of the coarse summaries (DESIGN.md §4.1 step 3): send holds this rank's
 // [fields][kv_heads][batch * local_blocks][head_dim] f32, recv p times that; afterwards dst(b, g)
 // holds [fields][num_blocks][head_dim] of the whole sequence, blocks in global order.
-// What both cluster kinds need of the session and options: the CPU backend (the mode's CUDA kernels
-// are not wired in yet), contiguous placement, pages of at most 64 keys. Throws Error otherwise.
-void check_clustered_support(const Session& s, const LayerShape& sh, const AttentionOptions& o);
+// What both cluster kinds need of the options: contiguous placement, pages of at most 64 keys.
+// Throws Error otherwise.
+void check_clustered_support(const LayerShape& sh, const AttentionOptions& o);
 
 void all_gather_coarse(comm::Communicator& comm, const kernels::ExecContext& ctx, const ClusterGeometry& geo,
                        int fields, const float* send, float* recv, const std::function<float*(int b, int g)>& dst);

@@ -6,6 +6,7 @@
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/layout.hpp>
+#include <ringcast/memory.hpp>
 
 #include <numeric>
 
@@ -89,20 +90,32 @@ void ClusteredTransfer::recv_to_stage(std::vector<comm::RecvOp>& ops, std::vecto
   landings.push_back({b, g, &L, page});
 }
 
-void ClusteredTransfer::add_landed(const std::vector<Landing>& landings, std::span<const float> stage,
-                                   const kernels::ExecContext& ctx) const {
+void ClusteredTransfer::add_landed(const std::vector<Landing>& landings, std::span<const float> stage) const {
   const std::int64_t n = g_.block_elems, m = g_.summary_elems();
   for (std::size_t i = 0; i < landings.size(); ++i) {
     const Landing& l = landings[i];
     const float* slot = stage.data() + i * g_.stage_elems();
     for (int kv = 0; kv < 2; ++kv) {
-      strided_copy(ctx, slot + kv * n, pools_(l.b, l.g, kv) + l.page * g_.page_elems, {{n, 1, 1}},
+      strided_copy(ctx_, slot + kv * n, pools_(l.b, l.g, kv) + l.page * g_.page_elems, {{n, 1, 1}},
                    /*accumulate=*/true);
       if (m > 0)
-        strided_copy(ctx, slot + 2 * n + kv * m, summary(l.b, l.g, kv, *l.layout, l.page), {{m, 1, 1}},
+        strided_copy(ctx_, slot + 2 * n + kv * m, summary(l.b, l.g, kv, *l.layout, l.page), {{m, 1, 1}},
                      /*accumulate=*/true);
     }
   }
+}
+
+void ClusteredTransfer::shift_ints(std::span<const std::int32_t> send, std::span<std::int32_t> recv, int step) {
+  RINGCAST_CHECK(send.size() + recv.size() <= requests_.size(),
+                 "clustered mode: request scratch of {} ints cannot hold {} + {}", requests_.size(), send.size(),
+                 recv.size());
+  std::int32_t* out = requests_.data();
+  std::int32_t* in = out + send.size();
+  copy_from_host(out, send.data(), send.size_bytes(), ctx_.device, ctx_.stream);
+  const comm::SendOp request{(g_.r + step) % g_.p, {out, send.size(), DType::kI32}};
+  const comm::RecvOp incoming{(g_.r - step + g_.p) % g_.p, {in, recv.size(), DType::kI32}};
+  comm_.exchange({&request, 1}, {&incoming, 1}, ctx_.stream);
+  copy_to_host(recv.data(), in, recv.size_bytes(), ctx_.device, ctx_.stream);
 }
 
 void ClusteredTransfer::exchange_halo(const ElementLayouts& layouts) {
@@ -116,7 +129,7 @@ void ClusteredTransfer::exchange_halo(const ElementLayouts& layouts) {
       if (L.halo_before >= 0) recv_block(recvs, g_.r - 1, b, g, L, L.block_pool_page(L.halo_before));
       if (L.halo_after >= 0) recv_block(recvs, g_.r + 1, b, g, L, L.block_pool_page(L.halo_after));
     }
-  comm_.exchange(sends, recvs);
+  comm_.exchange(sends, recvs, ctx_.stream);
 }
 
 void ClusteredTransfer::fetch_blocks(const ElementLayouts& layouts, std::vector<ServedRequests>& served) {
@@ -134,11 +147,9 @@ void ClusteredTransfer::fetch_blocks(const ElementLayouts& layouts, std::vector<
           }
     ServedRequests& sv = served[s - 1];
     sv.counts.assign(units, 0);
-    comm_.ring_shift(comm::buffer(std::span<const std::int32_t>(want_counts)), comm::buffer(std::span(sv.counts)), s);
+    shift_ints(want_counts, sv.counts, s);
     sv.ids.assign(static_cast<std::size_t>(std::accumulate(sv.counts.begin(), sv.counts.end(), std::int64_t{0})), 0);
-    const comm::SendOp request{to, comm::buffer(std::span<const std::int32_t>(want_ids))};
-    const comm::RecvOp incoming{from, comm::buffer(std::span(sv.ids))};
-    comm_.exchange({&request, 1}, {&incoming, 1});
+    shift_ints(want_ids, sv.ids, s);
 
     std::vector<comm::SendOp> sends;
     std::vector<comm::RecvOp> recvs;
@@ -157,12 +168,11 @@ void ClusteredTransfer::fetch_blocks(const ElementLayouts& layouts, std::vector<
         for (const std::int64_t id : L.fetched)
           if (g_.owner(id) == to) recv_block(recvs, to, b, g, L, L.block_pool_page(id));
       }
-    comm_.exchange(sends, recvs);
+    comm_.exchange(sends, recvs, ctx_.stream);
   }
 }
 
-void ClusteredTransfer::return_halo_gradients(const ElementLayouts& layouts, std::span<float> stage,
-                                              const kernels::ExecContext& ctx) {
+void ClusteredTransfer::return_halo_gradients(const ElementLayouts& layouts, std::span<float> stage) {
   std::vector<comm::SendOp> sends;
   std::vector<comm::RecvOp> recvs;
   std::vector<Landing> landings;
@@ -175,13 +185,13 @@ void ClusteredTransfer::return_halo_gradients(const ElementLayouts& layouts, std
         recv_to_stage(recvs, landings, stage, g_.r + 1, b, g, L, (g_.local_blocks - 1) * g_.coarse_pages);
       if (!g_.causal && g_.r > 0) recv_to_stage(recvs, landings, stage, g_.r - 1, b, g, L, 0);
     }
-  comm_.exchange(sends, recvs);
-  add_landed(landings, stage, ctx);
+  comm_.exchange(sends, recvs, ctx_.stream);
+  add_landed(landings, stage);
 }
 
 void ClusteredTransfer::return_fetched_gradients(const ElementLayouts& layouts,
-                                                 const std::vector<ServedRequests>& served, std::span<float> stage,
-                                                 const kernels::ExecContext& ctx) {
+                                                 const std::vector<ServedRequests>& served,
+                                                 std::span<float> stage) {
   for (int s = 1; s < g_.p; ++s) {
     const int to = (g_.r + s) % g_.p, from = (g_.r - s + g_.p) % g_.p;
     const ServedRequests& sv = served[s - 1];
@@ -197,8 +207,8 @@ void ClusteredTransfer::return_fetched_gradients(const ElementLayouts& layouts,
         for (std::int32_t i = 0; i < sv.counts[b * g_.kv_heads + g]; ++i)
           recv_to_stage(recvs, landings, stage, from, b, g, L, (sv.ids[next++] - g_.first_block) * g_.coarse_pages);
       }
-    comm_.exchange(sends, recvs);
-    add_landed(landings, stage, ctx);
+    comm_.exchange(sends, recvs, ctx_.stream);
+    add_landed(landings, stage);
   }
 }
 

@@ -1,0 +1,100 @@
+// ClusteredTables (clustered_tables.hpp): one selection-and-table step, host or device resident.
+#include "clustered_tables.hpp"
+
+#include <ringcast/error.hpp>
+
+namespace ringcast {
+
+ClusteredTables::ClusteredTables(const kernels::ExecContext& ctx, const kernels::SelectionOptions& options,
+                                 std::int64_t units, int kv_heads)
+    : ctx_(ctx), options_(options) {
+  if (ctx.device.kind == DeviceKind::kCpu) return;
+  for (int g = 0; g < kv_heads; ++g) {
+    slot_buffers_.emplace_back(units * options.top_k * sizeof(std::int32_t), ctx.device);
+    slot_buffers_.emplace_back(units * options.coarse_k * sizeof(std::int64_t), ctx.device);
+    slot_buffers_.emplace_back(2 * units * sizeof(std::int32_t), ctx.device);
+  }
+  for (int g = 0; g < kv_heads; ++g)
+    slots_.push_back({slot_buffers_[3 * g].as<std::int32_t>(), slot_buffers_[3 * g + 1].as<std::int64_t>(),
+                      slot_buffers_[3 * g + 2].as<std::int32_t>()});
+}
+
+void ClusteredTables::build(std::span<const kernels::ClusteredLayout> layouts,
+                            std::span<const kernels::SelectionParams> params, const kernels::AttentionShape& shape) {
+  RINGCAST_CHECK(layouts.size() == params.size() && static_cast<int>(layouts.size()) == shape.kv_heads,
+                 "clustered tables: {} layouts and {} selections for {} KV heads", layouts.size(), params.size(),
+                 shape.kv_heads);
+  built_ = false;
+  if (ctx_.device.kind == DeviceKind::kCpu) {
+    std::vector<kernels::ClusteredSelection> selections;
+    for (const kernels::SelectionParams& p : params) selections.push_back(kernels::select_pages(p, ctx_));
+    host_ = kernels::build_clustered_table(layouts, options_, selections);
+    cpu_tables_.emplace(host_, shape, ctx_.device, ctx_.stream);
+  } else {
+    build_on_device(layouts, params, shape);
+  }
+  built_ = true;
+}
+
+void ClusteredTables::reserve(DeviceBuffer& buf, std::size_t bytes) const {
+  if (buf.bytes() < bytes) buf = DeviceBuffer(bytes, ctx_.device);
+}
+
+void ClusteredTables::build_on_device(std::span<const kernels::ClusteredLayout> layouts,
+                                      std::span<const kernels::SelectionParams> params,
+                                      const kernels::AttentionShape& shape) {
+  RINGCAST_CHECK(slots_.size() == params.size(), "clustered tables: made for {} KV heads, called with {}",
+                 slots_.size(), params.size());
+  for (std::size_t g = 0; g < params.size(); ++g) kernels::select_pages_to_slots(params[g], slots_[g], ctx_);
+  num_units_ = shape.num_tiles() * shape.kv_heads;
+  reserve(offsets_, (num_units_ + 1) * sizeof(std::int64_t));
+  const auto storage = [this] {
+    return kernels::DeviceTableStorage{offsets_.as<std::int64_t>(), entries_.as<kernels::BlockEntry>(),
+                                       static_cast<std::int64_t>(entries_.bytes() / sizeof(kernels::BlockEntry)),
+                                       key_meta_.as<kernels::KeyMeta>(),
+                                       static_cast<std::int64_t>(key_meta_.bytes() / sizeof(kernels::KeyMeta))};
+  };
+  size_ = kernels::build_clustered_table_on_device(layouts, options_, slots_, storage(), ctx_);
+  const kernels::DeviceTableStorage held = storage();
+  if (size_.entries > held.entry_capacity || size_.key_meta > held.key_meta_capacity) {
+    reserve(entries_, size_.entries * sizeof(kernels::BlockEntry));
+    reserve(key_meta_, size_.key_meta * sizeof(kernels::KeyMeta));
+    size_ = kernels::build_clustered_table_on_device(layouts, options_, slots_, storage(), ctx_);
+  }
+  reserve(t_offsets_, (shape.kv_heads * shape.num_pages + 1) * sizeof(std::int64_t));
+  reserve(t_refs_, size_.entries * sizeof(kernels::PageRef));
+  num_refs_ = size_.entries;
+  kernels::transpose_on_device(table(), shape, t_offsets_.as<std::int64_t>(), t_refs_.as<kernels::PageRef>(), ctx_);
+}
+
+kernels::BlockTable ClusteredTables::table() const {
+  if (cpu_tables_) return cpu_tables_->table();
+  return {offsets_.as<const std::int64_t>(), entries_.as<const kernels::BlockEntry>(),
+          size_.key_meta > 0 ? key_meta_.as<const kernels::KeyMeta>() : nullptr, size_.entries};
+}
+
+kernels::TransposedTable ClusteredTables::transposed() const {
+  if (cpu_tables_) return cpu_tables_->transposed();
+  return {t_offsets_.as<const std::int64_t>(), t_refs_.as<const kernels::PageRef>(), num_refs_};
+}
+
+kernels::HostBlockTable ClusteredTables::host_table() const {
+  RINGCAST_CHECK(built_, "clustered tables: no table built yet");
+  if (cpu_tables_) return host_;
+  kernels::HostBlockTable t;
+  t.offsets.resize(static_cast<std::size_t>(num_units_ + 1));
+  t.entries.resize(static_cast<std::size_t>(size_.entries));
+  t.key_meta.resize(static_cast<std::size_t>(size_.key_meta));
+  offsets_.download(std::span(t.offsets), ctx_.stream);
+  entries_.download(std::span(t.entries), ctx_.stream);
+  key_meta_.download(std::span(t.key_meta), ctx_.stream);
+  return t;
+}
+
+std::size_t ClusteredTables::bytes() const {
+  std::size_t total = cpu_tables_ ? cpu_tables_->bytes() : 0;
+  for (const DeviceBuffer& b : slot_buffers_) total += b.bytes();
+  return total + offsets_.bytes() + entries_.bytes() + key_meta_.bytes() + t_offsets_.bytes() + t_refs_.bytes();
+}
+
+}  // namespace ringcast

@@ -1,0 +1,59 @@
+// The clustered mode's page selection and block tables for one batch element (DESIGN.md §4.1 steps
+// 5-7), on the session's backend. CPU: select_pages and the host table builder. CUDA: the
+// device-resident path of selection_device.hpp -- selections in per-unit slots, the forward table
+// built from them and its transpose, all on the device (one synchronisation to learn the table's
+// size); nothing of a layer's choice travels to the host unless host_table() asks for it. Buffers
+// grow to the largest table seen and are reused by later forwards.
+#pragma once
+
+#include "attention_internal.hpp"
+
+#include <ringcast/kernels/selection.hpp>
+#include <ringcast/kernels/selection_device.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <vector>
+
+namespace ringcast {
+
+class ClusteredTables {
+ public:
+  // units: selection units per KV head (tiles, or rows in row mode) of the element.
+  ClusteredTables(const kernels::ExecContext& ctx, const kernels::SelectionOptions& options, std::int64_t units,
+                  int kv_heads);
+
+  // Selects pages for every KV head g (params[g], whose layout is layouts[g]) and builds the forward
+  // table over the pool of `shape` and its transpose.
+  void build(std::span<const kernels::ClusteredLayout> layouts, std::span<const kernels::SelectionParams> params,
+             const kernels::AttentionShape& shape);
+
+  kernels::BlockTable table() const;
+  kernels::TransposedTable transposed() const;
+  // The forward table in host memory (downloaded on CUDA: for inspection, not for the hot path).
+  kernels::HostBlockTable host_table() const;
+  bool built() const { return built_; }
+  std::size_t bytes() const;
+
+ private:
+  void build_on_device(std::span<const kernels::ClusteredLayout> layouts,
+                       std::span<const kernels::SelectionParams> params, const kernels::AttentionShape& shape);
+  // Reallocates `buf` when it holds fewer than `bytes`.
+  void reserve(DeviceBuffer& buf, std::size_t bytes) const;
+
+  kernels::ExecContext ctx_;
+  kernels::SelectionOptions options_;
+  bool built_ = false;
+  // CPU backend.
+  kernels::HostBlockTable host_;
+  std::optional<DeviceTables> cpu_tables_;
+  // CUDA backend: per KV head the slots (pages, blocks, counts), then the tables.
+  std::vector<DeviceBuffer> slot_buffers_;
+  std::vector<kernels::SelectionSlots> slots_;
+  DeviceBuffer offsets_, entries_, key_meta_, t_offsets_, t_refs_;
+  kernels::TableSize size_;
+  std::int64_t num_units_ = 0, num_refs_ = 0;
+};
+
+}  // namespace ringcast
