@@ -13,6 +13,7 @@
 #include "attention_internal.hpp"
 #include "clustered_internal.hpp"
 #include "clustered_tables.hpp"
+#include "overlap.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/selection.hpp>
@@ -56,7 +57,7 @@ enum Field { kMeanK, kMeanV, kMin, kMax, kFields };
 
 class ClusteredMode final : public DistributedAttention::Mode {
  public:
-  ClusteredMode(const Session& s, const LayerShape& sh, const AttentionOptions& o) : Mode(s, sh, o) {
+  ClusteredMode(const Session& s, const LayerShape& sh, const AttentionOptions& o) : Mode(s, sh, o), overlap_(s) {
     check_clustered_support(sh, o);
     const std::int64_t window = sh.causal ? o.window_before : o.window_bidir;
     RINGCAST_CHECK(window >= 0 && window <= o.coarse_block(),
@@ -112,7 +113,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     gather_send_ = allocate(kFields * sh.kv_heads * loc_rows * d * sizeof(float));
     gather_recv_ = allocate(g_.p * gather_send_.bytes());
     coarse_ = allocate(sh.batch * sh.kv_heads * kFields * base_.num_blocks() * d * sizeof(float));
-    bounds_ = allocate(sh.kv_heads * 2 * base_.page_summary_pages() * g_.page_elems * sizeof(float));
+    bounds_ = allocate(2 * base_.page_summary_pages() * g_.page_elems * sizeof(float));
     resident_counts_ = allocate(base_.page_summary_pages() * o.page_size * sizeof(std::int32_t));
     block_key_counts_.assign(static_cast<std::size_t>(base_.num_blocks()), static_cast<std::int32_t>(o.coarse_block()));
     // Gradients received in one step: a requester fetched at most min(limit, local_blocks) of this
@@ -147,11 +148,28 @@ class ClusteredMode final : public DistributedAttention::Mode {
     summarize_local(in.k, in.v);
     gather_coarse();
     for (int b = 0; b < shape.batch; ++b) plan_element(in, b);
+    const ElementLayouts layouts = elements_layouts();
     ClusteredTransfer t(session.comm(), ctx, g_, pool_view(pools_),
                         {requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t)});
-    t.exchange_halo(elements_layouts());
-    t.fetch_blocks(elements_layouts(), served_);
-    for (int b = 0; b < shape.batch; ++b) attend(a, in.q, b);
+    t.exchange_halo(layouts);
+    t.exchange_requests(layouts, served_);
+    // Pipelined over (element, KV head) units: one unit's fetched blocks travel (CommOverlap: its own
+    // stream, or a helper thread on the CPU) while the previous unit's summaries and selection compute.
+    const int units = shape.batch * shape.kv_heads;
+    const auto fetch = [&](int u) {
+      overlap_.start([this, &layouts, u](Stream stream) {
+        const kernels::ExecContext comm_ctx{ctx.device, stream};
+        ClusteredTransfer(session.comm(), comm_ctx, g_, pool_view(pools_))
+            .transfer_blocks(layouts, served_, u / shape.kv_heads, u % shape.kv_heads);
+      });
+    };
+    fetch(0);
+    for (int u = 0; u < units; ++u) {
+      overlap_.wait();
+      if (u + 1 < units) fetch(u + 1);
+      select_head(in.q, u / shape.kv_heads, u % shape.kv_heads);
+    }
+    for (int b = 0; b < shape.batch; ++b) attend(a, b);
   }
 
   void backward(const AttentionBackwardArgs& a) override {
@@ -238,8 +256,8 @@ class ClusteredMode final : public DistributedAttention::Mode {
   PoolView pool_view(const DeviceBuffer& buf) const {
     return [this, &buf](int b, int g, int kv) { return pool(buf, b, g, kv); };
   }
-  std::vector<std::span<const kernels::ClusteredLayout>> elements_layouts() const {
-    std::vector<std::span<const kernels::ClusteredLayout>> out;
+  ElementLayouts elements_layouts() const {
+    ElementLayouts out;
     for (const ElementPool& e : elements_) out.emplace_back(e.layouts);
     return out;
   }
@@ -330,60 +348,60 @@ class ClusteredMode final : public DistributedAttention::Mode {
     return {q, k, v};
   }
 
-  // Step 5 for element b: summaries into the pool, key bias, page selection, table, attention.
-  void attend(const AttentionForwardArgs& a, const float* q32, int b) {
+  // Step 5 for element b, KV head g: page summaries of its resident pages into the pool, its coarse
+  // summaries, its key bias, its page selection.
+  void select_head(const float* q32, int b, int g) {
     ElementPool& e = elements_[b];
-    const float* q = query(q32, b);
+    const kernels::ClusteredLayout& L = e.layouts[g];
     const int ps = options.page_size;
     const std::int64_t d = shape.head_dim, pages = e.shape.num_pages;
-    // The key bias is written on the host (counts follow from the layout) and uploaded on CUDA.
-    const bool host_bias = key_bias_host_.empty();
-    float* bias = host_bias ? key_bias(b) : key_bias_host_.data() + (key_bias(b) - key_bias_.as<float>());
-    std::vector<kernels::SelectionParams> selections;
-    for (int g = 0; g < shape.kv_heads; ++g) {
-      const kernels::ClusteredLayout& L = e.layouts[g];
-      float* k = pool(pools_, b, g, 0);
-      float* v = pool(pools_, b, g, 1);
-      // Page summaries of every resident page, from the pool itself, written where the pool keeps them.
-      const std::int64_t summary_rows = L.page_summary_pages() * ps;
-      // Per KV head: every head's selection runs after the loop (one table build for all).
-      float* k_min = bounds_.as<float>() + g * 2 * base_.page_summary_pages() * g_.page_elems;
-      float* k_max = k_min + summary_rows * d;
-      kernels::page_summaries({resident_shape(L),
-                               k,
-                               v,
-                               {k + L.page_summary_first_page() * g_.page_elems,
-                                v + L.page_summary_first_page() * g_.page_elems, k_min, k_max,
-                                resident_counts_.as<std::int32_t>()}},
-                              ctx);
-      for (int kv = 0; kv < 2; ++kv)
-        strided_copy(ctx, coarse(b, g, kv ? kMeanV : kMeanK),
-                     (kv ? v : k) + L.coarse_summary_first_page() * g_.page_elems, {{L.num_blocks() * d, 1, 1}});
-      // Every resident page is whole; the padding of the fetched region counts 0 (masked).
-      std::vector<std::int32_t> counts(static_cast<std::size_t>(L.resident_pages()));
-      for (std::int64_t pp = 0; pp < L.resident_pages(); ++pp) counts[pp] = L.pool_page_global(pp) >= 0 ? ps : 0;
-      kernels::fill_summary_key_bias(L, counts, block_key_counts_,
-                                     {bias + g * pages * ps, static_cast<std::size_t>(pages * ps)});
-      kernels::SelectionParams sp;
-      sp.layout = &L;
-      sp.options = sel_;
-      sp.queries = {q, shape.heads, shape.kv_heads, shape.head_dim, g};
-      sp.coarse = {coarse(b, g, kMeanK), coarse(b, g, kMin), coarse(b, g, kMax)};
-      sp.pages = {k + L.page_summary_first_page() * g_.page_elems, k_min, k_max};
-      sp.usable_offsets = e.remote[g].usable_offsets;
-      sp.usable = e.remote[g].usable;
-      selections.push_back(sp);
-    }
-    e.tables->build(e.layouts, selections, e.shape);
-    if (!host_bias) {
+    float* k = pool(pools_, b, g, 0);
+    float* v = pool(pools_, b, g, 1);
+    // Page summaries of every resident page, from the pool itself, written where the pool keeps them.
+    const std::int64_t summary_rows = L.page_summary_pages() * ps;
+    float* k_min = bounds_.as<float>();
+    float* k_max = k_min + summary_rows * d;
+    kernels::page_summaries({resident_shape(L),
+                             k,
+                             v,
+                             {k + L.page_summary_first_page() * g_.page_elems,
+                              v + L.page_summary_first_page() * g_.page_elems, k_min, k_max,
+                              resident_counts_.as<std::int32_t>()}},
+                            ctx);
+    for (int kv = 0; kv < 2; ++kv)
+      strided_copy(ctx, coarse(b, g, kv ? kMeanV : kMeanK),
+                   (kv ? v : k) + L.coarse_summary_first_page() * g_.page_elems, {{L.num_blocks() * d, 1, 1}});
+    // Every resident page is whole; the padding of the fetched region counts 0 (masked). The bias is
+    // written on the host (CPU: in place; CUDA: uploaded by attend()).
+    std::vector<std::int32_t> counts(static_cast<std::size_t>(L.resident_pages()));
+    for (std::int64_t pp = 0; pp < L.resident_pages(); ++pp) counts[pp] = L.pool_page_global(pp) >= 0 ? ps : 0;
+    kernels::fill_summary_key_bias(L, counts, block_key_counts_,
+                                   {host_key_bias(b) + g * pages * ps, static_cast<std::size_t>(pages * ps)});
+    kernels::SelectionParams sp;
+    sp.layout = &L;
+    sp.options = sel_;
+    sp.queries = {query(q32, b), shape.heads, shape.kv_heads, shape.head_dim, g};
+    sp.coarse = {coarse(b, g, kMeanK), coarse(b, g, kMin), coarse(b, g, kMax)};
+    sp.pages = {k + L.page_summary_first_page() * g_.page_elems, k_min, k_max};
+    sp.usable_offsets = e.remote[g].usable_offsets;
+    sp.usable = e.remote[g].usable;
+    e.tables->select(g, sp);
+  }
+
+  // Step 6 for element b: the table over every head's selection, then the attention.
+  void attend(const AttentionForwardArgs& a, int b) {
+    ElementPool& e = elements_[b];
+    e.tables->build(e.layouts, e.shape);
+    if (shape.dtype != DType::kF32) {
       const std::size_t offset = (key_bias(b) - key_bias_.as<float>()) * sizeof(float);
-      key_bias_.copy_from_host(bias, shape.kv_heads * pages * ps * sizeof(float), offset, ctx.stream);
+      key_bias_.copy_from_host(host_key_bias(b), shape.kv_heads * e.shape.num_pages * options.page_size * sizeof(float),
+                               offset, ctx.stream);
       kernels::copy_strided(kernels::StridedCopy::flat(pool(pools_, b, 0, 0), DType::kF32, attention_pool(b, 0),
                                                        shape.dtype, 2 * g_.pool_elems),
                             ctx);
     }
     kernels::AttentionForwardParams p = params(a.q, b);
-    const std::int64_t rows = shape.local_len() * shape.heads;
+    const std::int64_t rows = shape.local_len() * shape.heads, d = shape.head_dim;
     p.o_dtype = shape.dtype;
     p.o = static_cast<char*>(a.o.data) + b * rows * d * dtype_size(shape.dtype);
     p.lse = a.lse.as<float>() + b * rows;
@@ -398,6 +416,11 @@ class ClusteredMode final : public DistributedAttention::Mode {
   }
 
   float* key_bias(int b) const { return key_bias_.as<float>() + std::int64_t{b} * g_.pool_elems / shape.head_dim; }
+  // Where element b's key bias is written: key_bias(b) on the CPU, its host mirror on CUDA.
+  float* host_key_bias(int b) {
+    if (key_bias_host_.empty()) return key_bias(b);
+    return key_bias_host_.data() + std::int64_t{b} * g_.pool_elems / shape.head_dim;
+  }
 
   // Element b's K (kv = 0) or V pages as the attention reads them: the fp32 pool, or (CUDA) its copy in
   // the storage dtype, at the same element offsets.
@@ -481,6 +504,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
   std::vector<std::int32_t> block_key_counts_;
   std::vector<ElementPool> elements_;
   std::vector<ServedRequests> served_;  // per ring step: the blocks the rank r - s fetched from this rank
+  CommOverlap overlap_;
   DeviceBuffer pools_, d_pools_, key_bias_, page_sums_, page_counts_, block_sums_, block_counts_, gather_send_,
       gather_recv_, coarse_, bounds_, resident_counts_, stage_, d_tokens_, d_q_, d_block_sums_, d_page_sums_,
       scatter_send_, scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_;

@@ -48,10 +48,11 @@ using PoolView = std::function<float*(int b, int g, int kv)>;
 using CountView = std::function<std::int32_t*(int b, int g)>;
 
 // The blocks one requester fetched from this rank: per (element, KV head) counts [batch * kv_heads],
-// then the global block ids in the requester's fetch order.
+// then the global block ids in the requester's fetch order; unit u's ids are [first[u], first[u + 1]).
 struct ServedRequests {
   std::vector<std::int32_t> counts;
   std::vector<std::int32_t> ids;
+  std::vector<std::int64_t> first;
 };
 
 // layouts[b][g]: the pool layout of element b, KV head g.
@@ -73,8 +74,14 @@ class ClusteredTransfer {
 
   // Forward: the previous rank's last block (and, bidirectional, the next rank's first) into the halo.
   void exchange_halo(const ElementLayouts& layouts);
-  // Forward: P - 1 steps of request counts (a ring shift), request ids and the blocks themselves;
-  // served[s - 1] keeps what rank r - s fetched from this rank, for the backward.
+  // Forward, before any block moves: P - 1 ring-shift steps of request counts and request ids
+  // (synchronous); served[s - 1] keeps what rank r - s asks of this rank, also for the backward.
+  void exchange_requests(const ElementLayouts& layouts, std::vector<ServedRequests>& served);
+  // Forward, for element b and KV head g: the blocks it fetches from every peer and this rank's
+  // answers to what the peers asked for (b, g), in one grouped exchange. Units are independent, so a
+  // caller may move one while it computes on another.
+  void transfer_blocks(const ElementLayouts& layouts, const std::vector<ServedRequests>& served, int b, int g);
+  // exchange_requests, then transfer_blocks for every (element, KV head).
   void fetch_blocks(const ElementLayouts& layouts, std::vector<ServedRequests>& served);
   // Backward, on gradient pools: the reverse of each, received gradients added to the local pages.
   // `stage` holds stage_elems() per block received in one step.

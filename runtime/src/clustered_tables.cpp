@@ -8,7 +8,10 @@ namespace ringcast {
 ClusteredTables::ClusteredTables(const kernels::ExecContext& ctx, const kernels::SelectionOptions& options,
                                  std::int64_t units, int kv_heads)
     : ctx_(ctx), options_(options) {
-  if (ctx.device.kind == DeviceKind::kCpu) return;
+  if (ctx.device.kind == DeviceKind::kCpu) {
+    selections_.resize(static_cast<std::size_t>(kv_heads));
+    return;
+  }
   for (int g = 0; g < kv_heads; ++g) {
     slot_buffers_.emplace_back(units * options.top_k * sizeof(std::int32_t), ctx.device);
     slot_buffers_.emplace_back(units * options.coarse_k * sizeof(std::int64_t), ctx.device);
@@ -19,19 +22,24 @@ ClusteredTables::ClusteredTables(const kernels::ExecContext& ctx, const kernels:
                       slot_buffers_[3 * g + 2].as<std::int32_t>()});
 }
 
-void ClusteredTables::build(std::span<const kernels::ClusteredLayout> layouts,
-                            std::span<const kernels::SelectionParams> params, const kernels::AttentionShape& shape) {
-  RINGCAST_CHECK(layouts.size() == params.size() && static_cast<int>(layouts.size()) == shape.kv_heads,
-                 "clustered tables: {} layouts and {} selections for {} KV heads", layouts.size(), params.size(),
-                 shape.kv_heads);
+void ClusteredTables::select(int g, const kernels::SelectionParams& p) {
+  const std::size_t heads = ctx_.device.kind == DeviceKind::kCpu ? selections_.size() : slots_.size();
+  RINGCAST_CHECK(g >= 0 && static_cast<std::size_t>(g) < heads, "clustered tables: KV head {} of {}", g, heads);
   built_ = false;
+  if (ctx_.device.kind == DeviceKind::kCpu)
+    selections_[g] = kernels::select_pages(p, ctx_);
+  else
+    kernels::select_pages_to_slots(p, slots_[g], ctx_);
+}
+
+void ClusteredTables::build(std::span<const kernels::ClusteredLayout> layouts, const kernels::AttentionShape& shape) {
+  RINGCAST_CHECK(static_cast<int>(layouts.size()) == shape.kv_heads, "clustered tables: {} layouts for {} KV heads",
+                 layouts.size(), shape.kv_heads);
   if (ctx_.device.kind == DeviceKind::kCpu) {
-    std::vector<kernels::ClusteredSelection> selections;
-    for (const kernels::SelectionParams& p : params) selections.push_back(kernels::select_pages(p, ctx_));
-    host_ = kernels::build_clustered_table(layouts, options_, selections);
+    host_ = kernels::build_clustered_table(layouts, options_, selections_);
     cpu_tables_.emplace(host_, shape, ctx_.device, ctx_.stream);
   } else {
-    build_on_device(layouts, params, shape);
+    build_on_device(layouts, shape);
   }
   built_ = true;
 }
@@ -41,11 +49,7 @@ void ClusteredTables::reserve(DeviceBuffer& buf, std::size_t bytes) const {
 }
 
 void ClusteredTables::build_on_device(std::span<const kernels::ClusteredLayout> layouts,
-                                      std::span<const kernels::SelectionParams> params,
                                       const kernels::AttentionShape& shape) {
-  RINGCAST_CHECK(slots_.size() == params.size(), "clustered tables: made for {} KV heads, called with {}",
-                 slots_.size(), params.size());
-  for (std::size_t g = 0; g < params.size(); ++g) kernels::select_pages_to_slots(params[g], slots_[g], ctx_);
   num_units_ = shape.num_tiles() * shape.kv_heads;
   reserve(offsets_, (num_units_ + 1) * sizeof(std::int64_t));
   const auto storage = [this] {

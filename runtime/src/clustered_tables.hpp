@@ -24,10 +24,10 @@ class ClusteredTables {
   ClusteredTables(const kernels::ExecContext& ctx, const kernels::SelectionOptions& options, std::int64_t units,
                   int kv_heads);
 
-  // Selects pages for every KV head g (params[g], whose layout is layouts[g]) and builds the forward
-  // table over the pool of `shape` and its transpose.
-  void build(std::span<const kernels::ClusteredLayout> layouts, std::span<const kernels::SelectionParams> params,
-             const kernels::AttentionShape& shape);
+  // Selects the pages of KV head g (p.layout is its layout); heads may be selected in any order.
+  void select(int g, const kernels::SelectionParams& p);
+  // The forward table over the pool of `shape` from every head's selection, and its transpose.
+  void build(std::span<const kernels::ClusteredLayout> layouts, const kernels::AttentionShape& shape);
 
   kernels::BlockTable table() const;
   kernels::TransposedTable transposed() const;
@@ -37,15 +37,15 @@ class ClusteredTables {
   std::size_t bytes() const;
 
  private:
-  void build_on_device(std::span<const kernels::ClusteredLayout> layouts,
-                       std::span<const kernels::SelectionParams> params, const kernels::AttentionShape& shape);
+  void build_on_device(std::span<const kernels::ClusteredLayout> layouts, const kernels::AttentionShape& shape);
   // Reallocates `buf` when it holds fewer than `bytes`.
   void reserve(DeviceBuffer& buf, std::size_t bytes) const;
 
   kernels::ExecContext ctx_;
   kernels::SelectionOptions options_;
   bool built_ = false;
-  // CPU backend.
+  // CPU backend: per KV head its selection, then the tables.
+  std::vector<kernels::ClusteredSelection> selections_;
   kernels::HostBlockTable host_;
   std::optional<DeviceTables> cpu_tables_;
   // CUDA backend: per KV head the slots (pages, blocks, counts), then the tables.

@@ -132,11 +132,11 @@ void ClusteredTransfer::exchange_halo(const ElementLayouts& layouts) {
   comm_.exchange(sends, recvs, ctx_.stream);
 }
 
-void ClusteredTransfer::fetch_blocks(const ElementLayouts& layouts, std::vector<ServedRequests>& served) {
+void ClusteredTransfer::exchange_requests(const ElementLayouts& layouts, std::vector<ServedRequests>& served) {
   served.assign(static_cast<std::size_t>(g_.p - 1), {});
   const std::size_t units = static_cast<std::size_t>(g_.batch) * g_.kv_heads;
   for (int s = 1; s < g_.p; ++s) {
-    const int to = (g_.r + s) % g_.p, from = (g_.r - s + g_.p) % g_.p;
+    const int to = (g_.r + s) % g_.p;
     std::vector<std::int32_t> want_counts(units, 0), want_ids;
     for (int b = 0; b < g_.batch; ++b)
       for (int g = 0; g < g_.kv_heads; ++g)
@@ -150,26 +150,37 @@ void ClusteredTransfer::fetch_blocks(const ElementLayouts& layouts, std::vector<
     shift_ints(want_counts, sv.counts, s);
     sv.ids.assign(static_cast<std::size_t>(std::accumulate(sv.counts.begin(), sv.counts.end(), std::int64_t{0})), 0);
     shift_ints(want_ids, sv.ids, s);
-
-    std::vector<comm::SendOp> sends;
-    std::vector<comm::RecvOp> recvs;
-    std::size_t next = 0;
-    for (int b = 0; b < g_.batch; ++b)
-      for (int g = 0; g < g_.kv_heads; ++g) {
-        for (std::int32_t i = 0; i < sv.counts[b * g_.kv_heads + g]; ++i) {
-          const std::int64_t local = sv.ids[next++] - g_.first_block;
-          RINGCAST_CHECK(local >= 0 && local < g_.local_blocks,
-                         "clustered mode: rank {} asked rank {} for block {}, "
-                         "which it does not hold",
-                         from, g_.r, local + g_.first_block);
-          send_block(sends, from, b, g, layouts[b][g], local * g_.coarse_pages, true);
-        }
-        const kernels::ClusteredLayout& L = layouts[b][g];
-        for (const std::int64_t id : L.fetched)
-          if (g_.owner(id) == to) recv_block(recvs, to, b, g, L, L.block_pool_page(id));
-      }
-    comm_.exchange(sends, recvs, ctx_.stream);
+    sv.first.assign(units + 1, 0);
+    std::partial_sum(sv.counts.begin(), sv.counts.end(), sv.first.begin() + 1);
   }
+}
+
+void ClusteredTransfer::transfer_blocks(const ElementLayouts& layouts, const std::vector<ServedRequests>& served,
+                                        int b, int g) {
+  const kernels::ClusteredLayout& L = layouts[b][g];
+  const std::size_t unit = static_cast<std::size_t>(b) * g_.kv_heads + g;
+  std::vector<comm::SendOp> sends;
+  std::vector<comm::RecvOp> recvs;
+  for (int s = 1; s < g_.p; ++s) {
+    const int to = (g_.r + s) % g_.p, from = (g_.r - s + g_.p) % g_.p;
+    const ServedRequests& sv = served[s - 1];
+    for (std::int64_t i = sv.first[unit]; i < sv.first[unit + 1]; ++i) {
+      const std::int64_t local = sv.ids[i] - g_.first_block;
+      RINGCAST_CHECK(local >= 0 && local < g_.local_blocks,
+                     "clustered mode: rank {} asked rank {} for block {}, which it does not hold", from, g_.r,
+                     local + g_.first_block);
+      send_block(sends, from, b, g, L, local * g_.coarse_pages, true);
+    }
+    for (const std::int64_t id : L.fetched)
+      if (g_.owner(id) == to) recv_block(recvs, to, b, g, L, L.block_pool_page(id));
+  }
+  comm_.exchange(sends, recvs, ctx_.stream);
+}
+
+void ClusteredTransfer::fetch_blocks(const ElementLayouts& layouts, std::vector<ServedRequests>& served) {
+  exchange_requests(layouts, served);
+  for (int b = 0; b < g_.batch; ++b)
+    for (int g = 0; g < g_.kv_heads; ++g) transfer_blocks(layouts, served, b, g);
 }
 
 void ClusteredTransfer::return_halo_gradients(const ElementLayouts& layouts, std::span<float> stage) {
