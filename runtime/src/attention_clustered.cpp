@@ -1,15 +1,16 @@
 // The `clustered` attention mode (DESIGN.md §4.1-4.2, docs/clustered-design.md), `clusters = blocks`
 // (surrogate clusters: attention_cast.cpp), contiguous placement. Forward, per layer: summarise the
 // local K/V, all-gather the coarse summaries, pick remote coarse blocks (top-R) per (batch element,
-// KV head), fetch them and the halo whole, build one page pool per batch element in ClusteredLayout
-// order (every KV head of an element shares its shape), select pages, attend. The pools, layouts and
-// tables stay for the backward, which folds the page summaries' gradients into their pages, returns
-// halo and fetched pages' gradients to their owners and reduce-scatters the coarse summaries'
-// gradients. Summaries, selection and pools are fp32 on both backends (on CUDA the bf16 / fp16 inputs
-// are converted once per forward); the selection and tables stay on the device (clustered_tables.hpp)
-// and the attention reads a copy of each pool in the storage dtype. Pool buffers hold every batch
-// element at the largest capacity; element b's pool is [2 (K, V)][kv_heads][num_pages_b][page_size]
-// [head_dim] at its start.
+// KV head), exchange the halo and the requests, then fetch each (element, KV head)'s blocks while the
+// previous one's summaries and selection compute; build one table per element and attend. The pools,
+// layouts and tables stay for the backward, which folds the page summaries' gradients into their
+// pages, returns halo and fetched pages' gradients to their owners and reduce-scatters the coarse
+// summaries' gradients. Summaries, selection and their pools are fp32 on both backends; on CUDA the
+// bf16 / fp16 inputs are converted once per forward, the pages also live in a storage-dtype pool
+// (what the attention reads and the blocks travel in; converted region by region), and selection and
+// tables stay on the device (clustered_tables.hpp). Pool buffers hold every batch element at the
+// largest capacity; element b's pool is [2 (K, V)][kv_heads][num_pages_b][page_size][head_dim] at its
+// start.
 #include "attention_internal.hpp"
 #include "clustered_internal.hpp"
 #include "clustered_tables.hpp"
@@ -147,10 +148,10 @@ class ClusteredMode final : public DistributedAttention::Mode {
     const Fp32Inputs in = fp32_inputs(a);
     summarize_local(in.k, in.v);
     gather_coarse();
-    for (int b = 0; b < shape.batch; ++b) plan_element(in, b);
+    for (int b = 0; b < shape.batch; ++b) plan_element(a, in, b);
     const ElementLayouts layouts = elements_layouts();
-    ClusteredTransfer t(session.comm(), ctx, g_, pool_view(pools_),
-                        {requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t)});
+    ClusteredTransfer t(session.comm(), ctx, g_, storage_view(),
+                        {requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t)}, {}, shape.dtype);
     t.exchange_halo(layouts);
     t.exchange_requests(layouts, served_);
     // Pipelined over (element, KV head) units: one unit's fetched blocks travel (CommOverlap: its own
@@ -159,7 +160,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     const auto fetch = [&](int u) {
       overlap_.start([this, &layouts, u](Stream stream) {
         const kernels::ExecContext comm_ctx{ctx.device, stream};
-        ClusteredTransfer(session.comm(), comm_ctx, g_, pool_view(pools_))
+        ClusteredTransfer(session.comm(), comm_ctx, g_, storage_view(), {}, {}, shape.dtype)
             .transfer_blocks(layouts, served_, u / shape.kv_heads, u % shape.kv_heads);
       });
     };
@@ -256,6 +257,34 @@ class ClusteredMode final : public DistributedAttention::Mode {
   PoolView pool_view(const DeviceBuffer& buf) const {
     return [this, &buf](int b, int g, int kv) { return pool(buf, b, g, kv); };
   }
+  // Head g's K (kv = 0) or V (kv = 1) pages of element b in the storage dtype, at the fp32 pool's
+  // element offsets: the attention reads them and the forward's blocks travel in them. The fp32 pool
+  // itself on the CPU; on CUDA a second pool, converted to and from the fp32 one region by region.
+  void* kv_pool(int b, int g, int kv) const {
+    if (shape.dtype == DType::kF32) return pool(pools_, b, g, kv);
+    const std::int64_t at = (2 * b + kv) * g_.pool_elems + g * elements_[b].shape.num_pages * g_.page_elems;
+    return attn_pools_.as<char>() + at * dtype_size(shape.dtype);
+  }
+  PoolView storage_view() const {
+    return [this](int b, int g, int kv) { return kv_pool(b, g, kv); };
+  }
+  // CUDA: pages [first, first + count) of KV heads [g0, g0 + heads) of element b, K and V, copied
+  // between the fp32 pool and the storage pool (to_storage: fp32 -> storage dtype).
+  void convert_pages(int b, int g0, int heads, std::int64_t first, std::int64_t count, bool to_storage) const {
+    if (shape.dtype == DType::kF32 || count <= 0) return;
+    kernels::StridedCopy c;
+    c.ndim = 3;
+    c.shape = {2, heads, count * g_.page_elems};
+    c.src_strides = c.dst_strides = {g_.pool_elems, elements_[b].shape.num_pages * g_.page_elems, 1};
+    const std::int64_t at = first * g_.page_elems;
+    float* f32 = pool(pools_, b, g0, 0) + at;
+    char* low = static_cast<char*>(kv_pool(b, g0, 0)) + at * dtype_size(shape.dtype);
+    c.src = to_storage ? static_cast<const void*>(f32) : low;
+    c.src_dtype = to_storage ? DType::kF32 : shape.dtype;
+    c.dst = to_storage ? static_cast<void*>(low) : f32;
+    c.dst_dtype = to_storage ? shape.dtype : DType::kF32;
+    kernels::copy_strided(c, ctx);
+  }
   ElementLayouts elements_layouts() const {
     ElementLayouts out;
     for (const ElementPool& e : elements_) out.emplace_back(e.layouts);
@@ -303,7 +332,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
 
   // Step 4 (choice) and the pool's shape: top-R per KV head, fetch capacity = the most any head
   // fetches, local pages packed, everything else zero until the transfers fill it.
-  void plan_element(const Fp32Inputs& in, int b) {
+  void plan_element(const AttentionForwardArgs& a, const Fp32Inputs& in, int b) {
     ElementPool& e = elements_[b];
     e.remote.clear();
     e.layouts.clear();
@@ -328,6 +357,13 @@ class ClusteredMode final : public DistributedAttention::Mode {
     for (int kv = 0; kv < 2; ++kv)
       pack_to_pool((kv ? in.v : in.k) + b * tokens, DType::kF32, pool(pools_, b, 0, kv), 1,
                    shape.kv_heads, shape.head_dim, local_seg_, options.page_size, ctx, {e.shape.num_pages, 0});
+    if (shape.dtype == DType::kF32) return;
+    // CUDA: the storage pool too (the caller's own values; the padding must be zeros, not NaN).
+    const std::size_t elt = dtype_size(shape.dtype);
+    kernels::fill_zero(kv_pool(b, 0, 0), 2 * g_.pool_elems * elt, ctx);
+    for (int kv = 0; kv < 2; ++kv)
+      pack_to_pool(static_cast<const char*>((kv ? a.v : a.k).data) + b * tokens * elt, shape.dtype, kv_pool(b, 0, kv),
+                   1, shape.kv_heads, shape.head_dim, local_seg_, options.page_size, ctx, {e.shape.num_pages, 0});
   }
 
   const float* query(const float* q, int b) const {
@@ -357,7 +393,9 @@ class ClusteredMode final : public DistributedAttention::Mode {
     const std::int64_t d = shape.head_dim, pages = e.shape.num_pages;
     float* k = pool(pools_, b, g, 0);
     float* v = pool(pools_, b, g, 1);
-    // Page summaries of every resident page, from the pool itself, written where the pool keeps them.
+    // The pages that arrived (halo, fetched) into the fp32 pool; then the page summaries of every
+    // resident page, from the pool itself, written where the pool keeps them.
+    convert_pages(b, g, 1, L.halo_first_page(), L.resident_pages() - L.halo_first_page(), false);
     const std::int64_t summary_rows = L.page_summary_pages() * ps;
     float* k_min = bounds_.as<float>();
     float* k_max = k_min + summary_rows * d;
@@ -396,9 +434,9 @@ class ClusteredMode final : public DistributedAttention::Mode {
       const std::size_t offset = (key_bias(b) - key_bias_.as<float>()) * sizeof(float);
       key_bias_.copy_from_host(host_key_bias(b), shape.kv_heads * e.shape.num_pages * options.page_size * sizeof(float),
                                offset, ctx.stream);
-      kernels::copy_strided(kernels::StridedCopy::flat(pool(pools_, b, 0, 0), DType::kF32, attention_pool(b, 0),
-                                                       shape.dtype, 2 * g_.pool_elems),
-                            ctx);
+      const kernels::ClusteredLayout& L = e.layouts.front();  // every head's pool has its shape
+      convert_pages(b, 0, shape.kv_heads, L.page_summary_first_page(), L.num_pages() - L.page_summary_first_page(),
+                    true);
     }
     kernels::AttentionForwardParams p = params(a.q, b);
     const std::int64_t rows = shape.local_len() * shape.heads, d = shape.head_dim;
@@ -422,13 +460,6 @@ class ClusteredMode final : public DistributedAttention::Mode {
     return key_bias_host_.data() + std::int64_t{b} * g_.pool_elems / shape.head_dim;
   }
 
-  // Element b's K (kv = 0) or V pages as the attention reads them: the fp32 pool, or (CUDA) its copy in
-  // the storage dtype, at the same element offsets.
-  void* attention_pool(int b, int kv) const {
-    if (shape.dtype == DType::kF32) return pool(pools_, b, 0, kv);
-    return attn_pools_.as<char>() + (2 * b + kv) * g_.pool_elems * dtype_size(shape.dtype);
-  }
-
   kernels::AttentionForwardParams params(const TensorView& q, int b) const {
     const ElementPool& e = elements_[b];
     kernels::AttentionForwardParams p;
@@ -437,8 +468,8 @@ class ClusteredMode final : public DistributedAttention::Mode {
     p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
     p.q = static_cast<const char*>(q.data) +
           std::int64_t{b} * shape.local_len() * shape.heads * shape.head_dim * dtype_size(shape.dtype);
-    p.k_pages = attention_pool(b, 0);
-    p.v_pages = attention_pool(b, 1);
+    p.k_pages = kv_pool(b, 0, 0);
+    p.v_pages = kv_pool(b, 0, 1);
     p.q_pos = q_pos_.as<const std::int32_t>();
     p.key_bias = key_bias(b);
     p.table = e.tables->table();
@@ -508,7 +539,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
   DeviceBuffer pools_, d_pools_, key_bias_, page_sums_, page_counts_, block_sums_, block_counts_, gather_send_,
       gather_recv_, coarse_, bounds_, resident_counts_, stage_, d_tokens_, d_q_, d_block_sums_, d_page_sums_,
       scatter_send_, scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_;
-  // CUDA only: fp32 copies of the inputs, the pools in the storage dtype, the key bias built on the host.
+  // CUDA only: fp32 copies of the inputs, the storage pools (kv_pool), the key bias built on the host.
   DeviceBuffer q32_, kv32_, attn_pools_;
   std::vector<float> key_bias_host_;
 };

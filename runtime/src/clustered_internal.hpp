@@ -42,8 +42,9 @@ struct ClusterGeometry {
   std::int64_t stage_elems() const { return 2 * block_elems + 2 * summary_elems(); }
 };
 
-// The first K (kv = 0) or V (kv = 1) page of KV head g's pool of batch element b.
-using PoolView = std::function<float*(int b, int g, int kv)>;
+// The first K (kv = 0) or V (kv = 1) page of KV head g's pool of batch element b (elements of the
+// transfer's pool dtype).
+using PoolView = std::function<void*(int b, int g, int kv)>;
 // Member counts of the resident pages of (b, g), in pool order (surrogate clusters).
 using CountView = std::function<std::int32_t*(int b, int g)>;
 
@@ -65,12 +66,13 @@ inline std::int64_t request_scratch_ints(const ClusterGeometry& g, std::int64_t 
 
 class ClusteredTransfer {
  public:
-  // requests: request_scratch_ints() elements in the communicator's memory (fetch_blocks only).
-  // counts: required when geometry.block_summaries (forward), unused otherwise.
+  // requests: request_scratch_ints() elements in the communicator's memory (request exchanges only).
+  // counts: required when geometry.block_summaries (forward), unused otherwise. pool_dtype: the
+  // forward's pages may travel in the storage dtype (bf16 / fp16 on CUDA: the halo and fetched blocks
+  // then cost half); page summaries and every gradient are fp32.
   ClusteredTransfer(comm::Communicator& comm, const kernels::ExecContext& ctx, const ClusterGeometry& geometry,
-                    PoolView pools, std::span<std::int32_t> requests = {}, CountView counts = {})
-      : comm_(comm), ctx_(ctx), g_(geometry), pools_(std::move(pools)), requests_(requests),
-        counts_(std::move(counts)) {}
+                    PoolView pools, std::span<std::int32_t> requests = {}, CountView counts = {},
+                    DType pool_dtype = DType::kF32);
 
   // Forward: the previous rank's last block (and, bidirectional, the next rank's first) into the halo.
   void exchange_halo(const ElementLayouts& layouts);
@@ -107,6 +109,8 @@ class ClusteredTransfer {
   // Ring shift step s (1 <= s < P) of host int32 lists through the request scratch: `send` to r + s,
   // `recv` (sized by the caller; the counts may differ) from r - s; synchronous.
   void shift_ints(std::span<const std::int32_t> send, std::span<std::int32_t> recv, int step);
+  // Pool page `page` of (b, g), K or V.
+  void* page_data(int b, int g, int kv, std::int64_t page) const;
   // The page-summary key of pool page `page` (K or V) of (b, g).
   float* summary(int b, int g, int kv, const kernels::ClusteredLayout& L, std::int64_t page) const;
 
@@ -116,6 +120,7 @@ class ClusteredTransfer {
   PoolView pools_;
   std::span<std::int32_t> requests_;
   CountView counts_;
+  DType dtype_;
 };
 
 // Ring all-gather of the coarse summaries (DESIGN.md §4.1 step 3): send holds this rank's

@@ -53,14 +53,27 @@ void reduce_scatter_coarse(comm::Communicator& comm, const kernels::ExecContext&
                       {recv, static_cast<std::size_t>(part), DType::kF32}, comm::ReduceOp::kSum, ctx.stream);
 }
 
+ClusteredTransfer::ClusteredTransfer(comm::Communicator& comm, const kernels::ExecContext& ctx,
+                                     const ClusterGeometry& geometry, PoolView pools, std::span<std::int32_t> requests,
+                                     CountView counts, DType pool_dtype)
+    : comm_(comm), ctx_(ctx), g_(geometry), pools_(std::move(pools)), requests_(requests),
+      counts_(std::move(counts)), dtype_(pool_dtype) {
+  RINGCAST_CHECK(dtype_ == DType::kF32 || !g_.block_summaries,
+                 "clustered mode: blocks that carry their page summaries travel as fp32 (got {})", dtype_name(dtype_));
+}
+
+void* ClusteredTransfer::page_data(int b, int g, int kv, std::int64_t page) const {
+  return static_cast<char*>(pools_(b, g, kv)) + page * g_.page_elems * dtype_size(dtype_);
+}
+
 float* ClusteredTransfer::summary(int b, int g, int kv, const kernels::ClusteredLayout& L, std::int64_t page) const {
-  return pools_(b, g, kv) + L.page_summary_first_page() * g_.page_elems + page * g_.head_dim;
+  return static_cast<float*>(page_data(b, g, kv, L.page_summary_first_page())) + page * g_.head_dim;
 }
 
 void ClusteredTransfer::send_block(std::vector<comm::SendOp>& ops, int peer, int b, int g,
                                    const kernels::ClusteredLayout& L, std::int64_t page, bool with_counts) const {
   const auto n = static_cast<std::size_t>(g_.block_elems);
-  for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {pools_(b, g, kv) + page * g_.page_elems, n, DType::kF32}});
+  for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {page_data(b, g, kv, page), n, dtype_}});
   if (!g_.block_summaries) return;
   const auto m = static_cast<std::size_t>(g_.summary_elems());
   for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {summary(b, g, kv, L, page), m, DType::kF32}});
@@ -71,7 +84,7 @@ void ClusteredTransfer::send_block(std::vector<comm::SendOp>& ops, int peer, int
 void ClusteredTransfer::recv_block(std::vector<comm::RecvOp>& ops, int peer, int b, int g,
                                    const kernels::ClusteredLayout& L, std::int64_t page) const {
   const auto n = static_cast<std::size_t>(g_.block_elems);
-  for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {pools_(b, g, kv) + page * g_.page_elems, n, DType::kF32}});
+  for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {page_data(b, g, kv, page), n, dtype_}});
   if (!g_.block_summaries) return;
   const auto m = static_cast<std::size_t>(g_.summary_elems());
   for (int kv = 0; kv < 2; ++kv) ops.push_back({peer, {summary(b, g, kv, L, page), m, DType::kF32}});
@@ -91,12 +104,13 @@ void ClusteredTransfer::recv_to_stage(std::vector<comm::RecvOp>& ops, std::vecto
 }
 
 void ClusteredTransfer::add_landed(const std::vector<Landing>& landings, std::span<const float> stage) const {
+  RINGCAST_CHECK(dtype_ == DType::kF32, "clustered mode: gradients land in fp32 pools (got {})", dtype_name(dtype_));
   const std::int64_t n = g_.block_elems, m = g_.summary_elems();
   for (std::size_t i = 0; i < landings.size(); ++i) {
     const Landing& l = landings[i];
     const float* slot = stage.data() + i * g_.stage_elems();
     for (int kv = 0; kv < 2; ++kv) {
-      strided_copy(ctx_, slot + kv * n, pools_(l.b, l.g, kv) + l.page * g_.page_elems, {{n, 1, 1}},
+      strided_copy(ctx_, slot + kv * n, static_cast<float*>(page_data(l.b, l.g, kv, l.page)), {{n, 1, 1}},
                    /*accumulate=*/true);
       if (m > 0)
         strided_copy(ctx_, slot + 2 * n + kv * m, summary(l.b, l.g, kv, *l.layout, l.page), {{m, 1, 1}},

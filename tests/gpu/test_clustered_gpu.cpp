@@ -4,8 +4,10 @@
 // [-1/4, 1/4]: exact in bf16, and every summary and selection score is exact in fp32 whatever the order
 // of summation (a power-of-two scaling of the integer inputs of `bench kernels`' selection check), so
 // both backends must attend to exactly the same entries; outputs and gradients then differ only by
-// bf16 rounding (the pools, summary keys included, and the products). Bounds: O and LSE relative
-// error <= 1e-2, dQ / dK / dV <= 2e-2; bytes sent and received equal (the same messages).
+// bf16 rounding (the summary keys and the products). Bounds: O and LSE relative error <= 1e-2,
+// dQ / dK / dV <= 2e-2. Bytes: the same messages, but the forward's halo and fetched blocks travel in
+// bf16 on CUDA (fp32 on the CPU), so with P > 1 the forward sends less than the CPU's and more than
+// half of it (summaries and requests are the same); the backward's (fp32 gradients) are equal.
 #include "device_array.hpp"
 #include "test_util.hpp"
 
@@ -202,8 +204,14 @@ TEST_P(ClusteredGpu, AttendsToTheCpuEntriesAndMatchesItsResults) {
   test::expect_close("dK (bf16) vs CPU", gpu.d_k, test::to_double(cpu.d_k), 2e-2);
   test::expect_close("dV (bf16) vs CPU", gpu.d_v, test::to_double(cpu.d_v), 2e-2);
 
-  EXPECT_EQ(gpu.fwd.bytes_sent, cpu.fwd.bytes_sent) << "forward bytes sent";
-  EXPECT_EQ(gpu.fwd.bytes_received, cpu.fwd.bytes_received) << "forward bytes received";
+  std::printf("    forward bytes sent: %llu (CUDA) vs %llu (CPU)\n", static_cast<unsigned long long>(gpu.fwd.bytes_sent),
+              static_cast<unsigned long long>(cpu.fwd.bytes_sent));
+  if (pr.shape.ranks == 1) {
+    EXPECT_EQ(gpu.fwd.bytes_sent, 0u);
+  } else {
+    EXPECT_LT(gpu.fwd.bytes_sent, cpu.fwd.bytes_sent) << "the blocks should travel in bf16";
+    EXPECT_GT(2 * gpu.fwd.bytes_sent, cpu.fwd.bytes_sent) << "only the blocks travel in bf16";
+  }
   EXPECT_EQ(gpu.bwd.bytes_sent, cpu.bwd.bytes_sent) << "backward bytes sent";
   EXPECT_EQ(gpu.bwd.bytes_received, cpu.bwd.bytes_received) << "backward bytes received";
 }
