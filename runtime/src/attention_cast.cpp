@@ -242,8 +242,7 @@ class SurrogateMode final : public DistributedAttention::Mode {
     scatter_recv_ = allocate(2 * sh.kv_heads * rows * d * sizeof(float));
     scatter_send_ = allocate(g_.p * scatter_recv_.bytes());
     // A requester fetches at most min(R, local_blocks) of this rank's blocks per (element, KV head).
-    const std::int64_t stage_blocks = g_.p > 1 ? std::min<std::int64_t>(o.remote_blocks, g_.local_blocks) : 0;
-    stage_ = allocate(units * stage_blocks * g_.stage_elems() * sizeof(float));
+    stage_ = allocate(g_.unit_stage_elems(o.remote_blocks) * sizeof(float));
     requests_ = allocate(request_scratch_ints(g_, o.remote_blocks) * sizeof(std::int32_t));
     const std::int64_t q_elems = n * sh.heads * d;
     q_rows_ = allocate(sh.batch * q_elems * sizeof(float));
@@ -537,7 +536,7 @@ class SurrogateMode final : public DistributedAttention::Mode {
       rows_to_tokens(e, d_q_rows_.as<const float>(), d_q_.as<float>() + b * q_elems);
     }
     ClusteredTransfer t(session.comm(), ctx, g_, pool_view(d_pools_));
-    t.return_fetched_gradients(elements_layouts(), served_, {stage_.as<float>(), stage_.bytes() / sizeof(float)});
+    t.return_all_gradients(elements_layouts(), served_, {stage_.as<float>(), stage_.bytes() / sizeof(float)});
     coarse_to_clusters();
     // The local clusters' summary gradients, complete now, in the summaries' own layout.
     for (int b = 0; b < shape.batch; ++b)

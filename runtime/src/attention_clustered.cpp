@@ -76,6 +76,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     g_.local_blocks = sh.local_len() / o.coarse_block();
     g_.first_block = g_.r * g_.local_blocks;
     g_.causal = sh.causal;
+    g_.halo = true;
 
     sel_.causal = sh.causal;
     sel_.unit =
@@ -117,10 +118,8 @@ class ClusteredMode final : public DistributedAttention::Mode {
     bounds_ = allocate(2 * base_.page_summary_pages() * g_.page_elems * sizeof(float));
     resident_counts_ = allocate(base_.page_summary_pages() * o.page_size * sizeof(std::int32_t));
     block_key_counts_.assign(static_cast<std::size_t>(base_.num_blocks()), static_cast<std::int32_t>(o.coarse_block()));
-    // Gradients received in one step: a requester fetched at most min(limit, local_blocks) of this
-    // rank's blocks per (element, KV head); the halo step returns at most two.
-    const std::int64_t stage_blocks = g_.p > 1 ? std::max<std::int64_t>(std::min(limit, g_.local_blocks), 2) : 0;
-    stage_ = allocate(sh.batch * sh.kv_heads * stage_blocks * g_.stage_elems() * sizeof(float));
+    // Gradients one (element, KV head) receives, twice: one unit lands while the next one travels.
+    stage_ = allocate(2 * g_.unit_stage_elems(limit) * sizeof(float));
     requests_ = allocate(request_scratch_ints(g_, base_.fetch_capacity) * sizeof(std::int32_t));
     d_tokens_ = allocate(2 * sh.batch * sh.local_len() * sh.kv_heads * d * sizeof(float));
     d_q_ = allocate(sh.batch * sh.local_len() * sh.heads * d * sizeof(float));
@@ -176,10 +175,30 @@ class ClusteredMode final : public DistributedAttention::Mode {
   void backward(const AttentionBackwardArgs& a) override {
     RINGCAST_CHECK(elements_.front().tables->built(), "clustered mode: backward() needs a forward() first");
     for (int b = 0; b < shape.batch; ++b) attend_backward(a, b);
-    ClusteredTransfer t(session.comm(), ctx, g_, pool_view(d_pools_));
-    const std::span<float> stage(stage_.as<float>(), stage_.bytes() / sizeof(float));
-    t.return_halo_gradients(elements_layouts(), stage);
-    t.return_fetched_gradients(elements_layouts(), served_, stage);
+    // Pipelined over (element, KV head) units: unit u's halo and fetched gradients travel home (and
+    // the peers' for this rank's blocks land in a stage slot) while the next unit's page-summary
+    // gradients fold into its pages and the previous unit's landed gradients are added.
+    const ElementLayouts layouts = elements_layouts();
+    const int units = shape.batch * shape.kv_heads;
+    const std::size_t slot = stage_.bytes() / sizeof(float) / 2;
+    const auto stage = [&](int u) { return std::span<float>(stage_.as<float>() + (u % 2) * slot, slot); };
+    std::vector<ClusteredTransfer::Landing> landed[2];
+    const auto send_back = [&](int u) {
+      overlap_.start([this, &layouts, &landed, &stage, u](Stream stream) {
+        const kernels::ExecContext comm_ctx{ctx.device, stream};
+        landed[u % 2] = ClusteredTransfer(session.comm(), comm_ctx, g_, pool_view(d_pools_))
+                            .return_gradients(layouts, served_, u / shape.kv_heads, u % shape.kv_heads, stage(u));
+      });
+    };
+    const ClusteredTransfer local(session.comm(), ctx, g_, pool_view(d_pools_));
+    fold_summaries(0, 0);
+    send_back(0);
+    for (int u = 0; u < units; ++u) {
+      if (u + 1 < units) fold_summaries((u + 1) / shape.kv_heads, (u + 1) % shape.kv_heads);
+      overlap_.wait();
+      if (u + 1 < units) send_back(u + 1);
+      local.add_landed(landed[u % 2], stage(u));
+    }
     const std::int64_t tokens = std::int64_t{shape.batch} * shape.local_len() * shape.kv_heads * shape.head_dim;
     float* d_k = d_tokens_.as<float>();
     float* d_v = d_k + tokens;
@@ -476,9 +495,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     return p;
   }
 
-  // Attention backward over element b's pool, then page-summary gradients folded into their pages
-  // (a summary's gradient reaches each of its keys divided by the count), so that a page's gradient
-  // is complete before it leaves for its owner.
+  // Attention backward over element b's pool (every KV head's pages written).
   void attend_backward(const AttentionBackwardArgs& a, int b) {
     const ElementPool& e = elements_[b];
     const std::int64_t rows = shape.local_len() * shape.heads, d = shape.head_dim;
@@ -497,13 +514,17 @@ class ClusteredMode final : public DistributedAttention::Mode {
     p.workspace = bwd_ws_.data();
     p.workspace_bytes = bwd_ws_.bytes();
     kernels::attention_backward(p, ctx);
-    for (int g = 0; g < shape.kv_heads; ++g) {
-      const kernels::ClusteredLayout& L = e.layouts[g];
-      float* dk = pool(d_pools_, b, g, 0);
-      float* dv = pool(d_pools_, b, g, 1);
-      const std::int64_t first = L.page_summary_first_page() * g_.page_elems;
-      kernels::page_summaries_backward({resident_shape(L), dk + first, dv + first, dk, dv}, ctx);
-    }
+  }
+
+  // Element b, KV head g: the page summaries' gradients folded into their pages (a summary's gradient
+  // reaches each of its keys divided by the count), so that a page's gradient is complete before it
+  // leaves for its owner.
+  void fold_summaries(int b, int g) {
+    const kernels::ClusteredLayout& L = elements_[b].layouts[g];
+    float* dk = pool(d_pools_, b, g, 0);
+    float* dv = pool(d_pools_, b, g, 1);
+    const std::int64_t first = L.page_summary_first_page() * g_.page_elems;
+    kernels::page_summaries_backward({resident_shape(L), dk + first, dv + first, dk, dv}, ctx);
   }
 
   // Coarse summaries' gradients: every rank holds them for every block; each owner receives the sum

@@ -35,11 +35,19 @@ struct ClusterGeometry {
   std::int64_t pool_elems = 0;   // one element's K (or V) pool at the largest fetch capacity
   int head_dim = 0;
   bool block_summaries = false;  // surrogate clusters: page summaries and counts travel with a block
+  bool halo = false;             // blocks: each rank holds its neighbours' edge blocks (exchange_halo)
   int owner(std::int64_t block) const { return static_cast<int>(block / local_blocks); }
   // f32 values of one block's page summaries (K or V): none in blocks mode (recomputed on arrival).
   std::int64_t summary_elems() const { return block_summaries ? std::int64_t{coarse_pages} * head_dim : 0; }
   // A block's gradient as staged on its owner: dK, dV pages, then dK, dV page summaries.
   std::int64_t stage_elems() const { return 2 * block_elems + 2 * summary_elems(); }
+  // Stage (f32 elements) for the gradients one (element, KV head) receives in return_gradients(), when
+  // requesters fetch at most fetch_limit blocks per (element, KV head): the halo's two and at most
+  // min(fetch_limit, local_blocks) from each peer.
+  std::int64_t unit_stage_elems(std::int64_t fetch_limit) const {
+    if (p == 1) return 0;
+    return ((halo ? 2 : 0) + (p - 1) * std::min(fetch_limit, local_blocks)) * stage_elems();
+  }
 };
 
 // The first K (kv = 0) or V (kv = 1) page of KV head g's pool of batch element b (elements of the
@@ -85,18 +93,24 @@ class ClusteredTransfer {
   void transfer_blocks(const ElementLayouts& layouts, const std::vector<ServedRequests>& served, int b, int g);
   // exchange_requests, then transfer_blocks for every (element, KV head).
   void fetch_blocks(const ElementLayouts& layouts, std::vector<ServedRequests>& served);
-  // Backward, on gradient pools: the reverse of each, received gradients added to the local pages.
-  // `stage` holds stage_elems() per block received in one step.
-  void return_halo_gradients(const ElementLayouts& layouts, std::span<float> stage);
-  void return_fetched_gradients(const ElementLayouts& layouts, const std::vector<ServedRequests>& served,
-                                std::span<float> stage);
-
- private:
-  struct Landing {  // a received block's gradient: stage slot -> element, head, first local pool page
+  // A received block's gradient: stage slot -> element, head, first local pool page.
+  struct Landing {
     int b, g;
     const kernels::ClusteredLayout* layout;
     std::int64_t page;
   };
+  // Backward, on gradient pools, for element b and KV head g: the reverse of the forward's transfers in
+  // one grouped exchange -- the gradients of its halo (with geometry.halo) and fetched blocks to their
+  // owners, and into `stage` (geometry.unit_stage_elems()) those the peers return for this rank's own
+  // blocks. add_landed() then adds them to the local pages. Units are independent, as in the forward.
+  std::vector<Landing> return_gradients(const ElementLayouts& layouts, const std::vector<ServedRequests>& served,
+                                        int b, int g, std::span<float> stage);
+  void add_landed(const std::vector<Landing>& landings, std::span<const float> stage) const;
+  // return_gradients then add_landed for every (element, KV head) in turn.
+  void return_all_gradients(const ElementLayouts& layouts, const std::vector<ServedRequests>& served,
+                            std::span<float> stage);
+
+ private:
   // The block at pool page `page` of (b, g): its K, V pages and, with block_summaries, its page
   // summaries (K, V) and (forward only, `with_counts`) their counts.
   void send_block(std::vector<comm::SendOp>& ops, int peer, int b, int g, const kernels::ClusteredLayout& L,
@@ -105,7 +119,6 @@ class ClusteredTransfer {
                   std::int64_t page) const;
   void recv_to_stage(std::vector<comm::RecvOp>& ops, std::vector<Landing>& landings, std::span<float> stage, int peer,
                      int b, int g, const kernels::ClusteredLayout& L, std::int64_t page) const;
-  void add_landed(const std::vector<Landing>& landings, std::span<const float> stage) const;
   // Ring shift step s (1 <= s < P) of host int32 lists through the request scratch: `send` to r + s,
   // `recv` (sized by the caller; the counts may differ) from r - s; synchronous.
   void shift_ints(std::span<const std::int32_t> send, std::span<std::int32_t> recv, int step);

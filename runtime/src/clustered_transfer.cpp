@@ -133,6 +133,7 @@ void ClusteredTransfer::shift_ints(std::span<const std::int32_t> send, std::span
 }
 
 void ClusteredTransfer::exchange_halo(const ElementLayouts& layouts) {
+  RINGCAST_CHECK(g_.halo, "clustered mode: exchange_halo() with a geometry that has no halo");
   std::vector<comm::SendOp> sends;
   std::vector<comm::RecvOp> recvs;
   for (int b = 0; b < g_.batch; ++b)
@@ -197,44 +198,37 @@ void ClusteredTransfer::fetch_blocks(const ElementLayouts& layouts, std::vector<
     for (int g = 0; g < g_.kv_heads; ++g) transfer_blocks(layouts, served, b, g);
 }
 
-void ClusteredTransfer::return_halo_gradients(const ElementLayouts& layouts, std::span<float> stage) {
+std::vector<ClusteredTransfer::Landing> ClusteredTransfer::return_gradients(const ElementLayouts& layouts,
+                                                                           const std::vector<ServedRequests>& served,
+                                                                           int b, int g, std::span<float> stage) {
+  const kernels::ClusteredLayout& L = layouts[b][g];
+  const std::size_t unit = static_cast<std::size_t>(b) * g_.kv_heads + g;
   std::vector<comm::SendOp> sends;
   std::vector<comm::RecvOp> recvs;
   std::vector<Landing> landings;
-  for (int b = 0; b < g_.batch; ++b)
-    for (int g = 0; g < g_.kv_heads; ++g) {
-      const kernels::ClusteredLayout& L = layouts[b][g];
-      if (L.halo_before >= 0) send_block(sends, g_.r - 1, b, g, L, L.block_pool_page(L.halo_before), false);
-      if (L.halo_after >= 0) send_block(sends, g_.r + 1, b, g, L, L.block_pool_page(L.halo_after), false);
-      if (g_.r + 1 < g_.p)
-        recv_to_stage(recvs, landings, stage, g_.r + 1, b, g, L, (g_.local_blocks - 1) * g_.coarse_pages);
-      if (!g_.causal && g_.r > 0) recv_to_stage(recvs, landings, stage, g_.r - 1, b, g, L, 0);
-    }
-  comm_.exchange(sends, recvs, ctx_.stream);
-  add_landed(landings, stage);
-}
-
-void ClusteredTransfer::return_fetched_gradients(const ElementLayouts& layouts,
-                                                 const std::vector<ServedRequests>& served,
-                                                 std::span<float> stage) {
+  if (g_.halo) {
+    if (L.halo_before >= 0) send_block(sends, g_.r - 1, b, g, L, L.block_pool_page(L.halo_before), false);
+    if (L.halo_after >= 0) send_block(sends, g_.r + 1, b, g, L, L.block_pool_page(L.halo_after), false);
+    if (g_.r + 1 < g_.p)
+      recv_to_stage(recvs, landings, stage, g_.r + 1, b, g, L, (g_.local_blocks - 1) * g_.coarse_pages);
+    if (!g_.causal && g_.r > 0) recv_to_stage(recvs, landings, stage, g_.r - 1, b, g, L, 0);
+  }
   for (int s = 1; s < g_.p; ++s) {
     const int to = (g_.r + s) % g_.p, from = (g_.r - s + g_.p) % g_.p;
     const ServedRequests& sv = served[s - 1];
-    std::vector<comm::SendOp> sends;
-    std::vector<comm::RecvOp> recvs;
-    std::vector<Landing> landings;
-    std::size_t next = 0;
-    for (int b = 0; b < g_.batch; ++b)
-      for (int g = 0; g < g_.kv_heads; ++g) {
-        const kernels::ClusteredLayout& L = layouts[b][g];
-        for (const std::int64_t id : L.fetched)
-          if (g_.owner(id) == to) send_block(sends, to, b, g, L, L.block_pool_page(id), false);
-        for (std::int32_t i = 0; i < sv.counts[b * g_.kv_heads + g]; ++i)
-          recv_to_stage(recvs, landings, stage, from, b, g, L, (sv.ids[next++] - g_.first_block) * g_.coarse_pages);
-      }
-    comm_.exchange(sends, recvs, ctx_.stream);
-    add_landed(landings, stage);
+    for (const std::int64_t id : L.fetched)
+      if (g_.owner(id) == to) send_block(sends, to, b, g, L, L.block_pool_page(id), false);
+    for (std::int64_t i = sv.first[unit]; i < sv.first[unit + 1]; ++i)
+      recv_to_stage(recvs, landings, stage, from, b, g, L, (sv.ids[i] - g_.first_block) * g_.coarse_pages);
   }
+  comm_.exchange(sends, recvs, ctx_.stream);
+  return landings;
+}
+
+void ClusteredTransfer::return_all_gradients(const ElementLayouts& layouts, const std::vector<ServedRequests>& served,
+                                             std::span<float> stage) {
+  for (int b = 0; b < g_.batch; ++b)
+    for (int g = 0; g < g_.kv_heads; ++g) add_landed(return_gradients(layouts, served, b, g, stage), stage);
 }
 
 }  // namespace ringcast
