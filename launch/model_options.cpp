@@ -33,6 +33,8 @@ void add_model_options(po::options_description& desc) {
       ("dim", po::value<int>()->default_value(256), "D: the residual stream width")
       ("layers", po::value<int>()->default_value(2), "blocks")
       ("ffn-hidden", po::value<int>()->default_value(768), "F: the SwiGLU FFN's hidden width")
+      ("row-chunk", po::value<std::int64_t>()->default_value(ModelConfig{}.row_chunk),
+       "rows the FFN and the attention projections run at once (FFN scratch: 6 x rows x F floats)")
       ("seed", po::value<std::uint64_t>()->default_value(0), "parameters and training data")
       ("colt5", po::value<bool>()->default_value(false), "CoLT5 conditional FFN and attention (encoders)")
       ("colt5-light-heads", po::value<int>()->default_value(0), "CoLT5: heads of the light window attention (0: h/4)")
@@ -56,12 +58,14 @@ void read_model_options(const po::variables_map& vm, const LayerShape& layer, co
   c.dim = vm["dim"].as<int>();
   c.layers = vm["layers"].as<int>();
   c.ffn_hidden = vm["ffn-hidden"].as<int>();
+  c.row_chunk = vm["row-chunk"].as<std::int64_t>();
   c.seed = vm["seed"].as<std::uint64_t>();
   c.heads = layer.heads;
   c.kv_heads = layer.kv_heads;
   c.head_dim = layer.head_dim;
   c.attention = attention;
-  if (c.dim < 1 || c.layers < 1 || c.ffn_hidden < 1) throw UsageError("--dim, --layers and --ffn-hidden must be positive");
+  if (c.dim < 1 || c.layers < 1 || c.ffn_hidden < 1 || c.row_chunk < 1)
+    throw UsageError("--dim, --layers, --ffn-hidden and --row-chunk must be positive");
   c.colt5.enabled = vm["colt5"].as<bool>();
   c.colt5.light_heads = vm["colt5-light-heads"].as<int>();
   c.colt5.window_radius = vm["colt5-window"].as<int>();

@@ -133,8 +133,6 @@ class ClusteredMode final : public DistributedAttention::Mode {
     fwd_ws_ = allocate(kernels::attention_forward_workspace_bytes(widest, ctx));
     bwd_ws_ = allocate(kernels::attention_backward_workspace_bytes(widest, ctx));
     if (sh.dtype != DType::kF32) {
-      q32_ = allocate(d_q_.bytes());
-      kv32_ = allocate(d_tokens_.bytes());
       attn_pools_ = allocate(pools_.bytes() / sizeof(float) * dtype_size(sh.dtype));
       key_bias_host_.resize(key_bias_.bytes() / sizeof(float));
     }
@@ -389,13 +387,15 @@ class ClusteredMode final : public DistributedAttention::Mode {
     return q + std::int64_t{b} * shape.local_len() * shape.heads * shape.head_dim;
   }
 
-  // The inputs in fp32: the caller's on the CPU backend, converted copies on CUDA.
+  // The inputs in fp32: the caller's on the CPU backend, converted copies on CUDA. The copies live in
+  // the backward's d_q and d_tokens buffers (same sizes): only the forward reads them, and a backward
+  // never needs them (a model's layer recomputes its forward right before its backward).
   Fp32Inputs fp32_inputs(const AttentionForwardArgs& a) const {
     if (shape.dtype == DType::kF32) return {a.q.as<const float>(), a.k.as<const float>(), a.v.as<const float>()};
     const std::int64_t q_elems = std::int64_t{shape.batch} * shape.local_len() * shape.heads * shape.head_dim;
     const std::int64_t kv_elems = std::int64_t{shape.batch} * shape.local_len() * shape.kv_heads * shape.head_dim;
-    float* q = q32_.as<float>();
-    float* k = kv32_.as<float>();
+    float* q = d_q_.as<float>();
+    float* k = d_tokens_.as<float>();
     float* v = k + kv_elems;
     kernels::copy_strided(kernels::StridedCopy::flat(a.q.data, shape.dtype, q, DType::kF32, q_elems), ctx);
     kernels::copy_strided(kernels::StridedCopy::flat(a.k.data, shape.dtype, k, DType::kF32, kv_elems), ctx);
@@ -560,8 +560,8 @@ class ClusteredMode final : public DistributedAttention::Mode {
   DeviceBuffer pools_, d_pools_, key_bias_, page_sums_, page_counts_, block_sums_, block_counts_, gather_send_,
       gather_recv_, coarse_, bounds_, resident_counts_, stage_, d_tokens_, d_q_, d_block_sums_, d_page_sums_,
       scatter_send_, scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_;
-  // CUDA only: fp32 copies of the inputs, the storage pools (kv_pool), the key bias built on the host.
-  DeviceBuffer q32_, kv32_, attn_pools_;
+  // CUDA only: the storage pools (kv_pool) and the key bias built on the host.
+  DeviceBuffer attn_pools_;
   std::vector<float> key_bias_host_;
 };
 

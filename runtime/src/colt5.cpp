@@ -1,16 +1,28 @@
-// CoLT5 mixers on the CPU backend (colt5.hpp). Activations are host [rows, ·] matrices, rows =
-// batch * n_loc in position order. Light attention: the rank's window keys (its own rows plus halos
-// of up to window_radius positions from the ranks around it, one grouped exchange) in page pools, and
-// one kernel call over all heads whose table gives the light KV heads the exact band |i - j| <= r
-// (KeyMeta row masks on the pages that straddle its edges) and the heavy KV heads nothing; the heavy
-// heads' slots of O are then filled from one GatheredAttention call for the whole batch. Gradients of
-// halo keys go back to their owners by the reverse exchange; every sum runs in a fixed order.
+// CoLT5 mixers (colt5.hpp), one code path for both backends. Activations are [rows, ·] fp32 matrices
+// in the session device's memory, rows = batch * n_loc in position order; every operation on them is
+// a kernels:: call enqueued on the session's stream (routed rows move by gather_segments, scaled by
+// s̃, and dL/ds̃ comes from rowwise_dot on the routed rows). Light attention: the rank's window keys
+// (its own rows plus halos of up to window_radius positions from the ranks around it, one grouped
+// exchange of fp32 rows) in page pools of the storage dtype, and one kernel call over all heads whose
+// table gives the light KV heads the exact band |i - j| <= r (KeyMeta row masks on the pages that
+// straddle its edges) and the heavy KV heads nothing; the heavy heads' slots of O are then filled from
+// one GatheredAttention call for the whole batch. Gradients of halo keys go back to their owners by
+// the reverse exchange; every sum runs in a fixed order.
+// The host sees only routing metadata (select_hard): each router downloads its scores, all-gathers
+// its candidates through device buffers and downloads them, then uploads its routed rows. That waits
+// for the stream twice per router and forward (the scores, the all-gather); the other copies find it
+// idle. GatheredAttention adds about one wait per pass (gathered_attention.cpp). So a forward waits
+// twice (FFN) or about five times (attention), a backward never (FFN) or about once (attention), and
+// the host never touches an activation.
 #include "colt5.hpp"
 
 #include <ringcast/error.hpp>
+#include <ringcast/kernels/block_table.hpp>
 #include <ringcast/kernels/layers.hpp>
 #include <ringcast/kernels/layout.hpp>
 #include <ringcast/kernels/routing.hpp>
+#include <ringcast/kernels/segment_gather.hpp>
+#include <ringcast/memory.hpp>
 
 #include <algorithm>
 #include <bit>
@@ -32,6 +44,16 @@ std::int64_t floats_for(std::size_t bytes) {
   return static_cast<std::int64_t>((bytes + sizeof(float) - 1) / sizeof(float));
 }
 
+// The scratch floats that n elements of dtype fill.
+std::int64_t floats_for(std::int64_t n, DType dtype) {
+  return floats_for(static_cast<std::size_t>(n) * dtype_size(dtype));
+}
+
+// Element `offset` of an array of dtype at base.
+void* element(void* base, DType dtype, std::int64_t offset) {
+  return static_cast<char*>(base) + offset * static_cast<std::int64_t>(dtype_size(dtype));
+}
+
 // The soft top-k's cross-rank reduction: user is the Session whose ranks hold the slices.
 void all_reduce_slices(float* values, int count, kernels::ReduceOp op, void* user) {
   const Session& session = *static_cast<const Session*>(user);
@@ -45,9 +67,10 @@ struct Strides {
   std::int64_t head, batch, row;
 };
 
-// dst (+)= src over heads x batch x rows x d elements.
-void copy_block(const float* src, Strides s, float* dst, Strides t, int heads, int batch, std::int64_t rows, int d,
-                bool accumulate, const RunContext& rc) {
+// dst (+)= src over heads x batch x rows x d elements; src is fp32, dst fp32 or (when not
+// accumulating) the storage dtype of a page pool.
+void copy_block(const float* src, Strides s, void* dst, DType dst_dtype, Strides t, int heads, int batch,
+                std::int64_t rows, int d, bool accumulate, const RunContext& rc) {
   if (heads == 0 || rows == 0) return;
   kernels::StridedCopy c;
   c.ndim = 4;
@@ -56,6 +79,7 @@ void copy_block(const float* src, Strides s, float* dst, Strides t, int heads, i
   c.dst_strides = {t.head, t.batch, t.row, 1};
   c.src = src;
   c.dst = dst;
+  c.dst_dtype = dst_dtype;
   c.accumulate = accumulate;
   kernels::copy_strided(c, rc.exec);
 }
@@ -65,14 +89,14 @@ struct HaloRows {
   std::int64_t first, count;
 };
 
-// One message per neighbour, [K | V] x [batch, rows, heads, d]: rows out(peer) of (src_k, src_v) go to
-// the peer, and what arrives from it lands in rows in(peer) of (dst_k, dst_v) -- added with
-// `accumulate`, in peer order so sums repeat exactly. The light attention's halo (token rows into
-// window slots) and its transpose (slot gradients back into token rows) are this one exchange.
+// One message per neighbour, fp32 [K | V] x [batch, rows, heads, d]: rows out(peer) of (src_k, src_v)
+// go to the peer, and what arrives from it lands in rows in(peer) of (dst_k, dst_v), of dst_dtype --
+// added with `accumulate`, in peer order so sums repeat exactly. The light attention's halo (token
+// rows into window slots) and its transpose (slot gradients back into token rows) are this one exchange.
 template <typename Peers, typename Out, typename In>
 void exchange_halo(const RunContext& rc, const Peers& peers, int heads, int batch, int d, const float* src_k,
-                   const float* src_v, Strides src, Out out, float* dst_k, float* dst_v, Strides dst, In in,
-                   bool accumulate) {
+                   const float* src_v, Strides src, Out out, void* dst_k, void* dst_v, DType dst_dtype, Strides dst,
+                   In in, bool accumulate) {
   float *send = rc.scratch.get("colt5.attn.halo_send"), *recv = rc.scratch.get("colt5.attn.halo_recv");
   const auto halo = [&](std::int64_t rows) { return Strides{d, rows * heads * d, std::int64_t{heads} * d}; };
   std::vector<comm::SendOp> sends;
@@ -82,8 +106,9 @@ void exchange_halo(const RunContext& rc, const Peers& peers, int heads, int batc
     const HaloRows o = out(p);
     const std::int64_t part = std::int64_t{batch} * o.count * heads * d;
     float* msg = send + sent;
-    copy_block(src_k + o.first * src.row, src, msg, halo(o.count), heads, batch, o.count, d, false, rc);
-    copy_block(src_v + o.first * src.row, src, msg + part, halo(o.count), heads, batch, o.count, d, false, rc);
+    copy_block(src_k + o.first * src.row, src, msg, DType::kF32, halo(o.count), heads, batch, o.count, d, false, rc);
+    copy_block(src_v + o.first * src.row, src, msg + part, DType::kF32, halo(o.count), heads, batch, o.count, d, false,
+               rc);
     sends.push_back({p.rank, {msg, static_cast<std::size_t>(2 * part), DType::kF32}});
     sent += 2 * part;
     const std::int64_t arriving = 2 * std::int64_t{batch} * in(p).count * heads * d;
@@ -95,22 +120,29 @@ void exchange_halo(const RunContext& rc, const Peers& peers, int heads, int batc
   for (const auto& p : peers) {
     const HaloRows i = in(p);
     const std::int64_t part = std::int64_t{batch} * i.count * heads * d;
-    copy_block(recv + received, halo(i.count), dst_k + i.first * dst.row, dst, heads, batch, i.count, d, accumulate, rc);
-    copy_block(recv + received + part, halo(i.count), dst_v + i.first * dst.row, dst, heads, batch, i.count, d,
-               accumulate, rc);
+    copy_block(recv + received, halo(i.count), element(dst_k, dst_dtype, i.first * dst.row), dst_dtype, dst, heads,
+               batch, i.count, d, accumulate, rc);
+    copy_block(recv + received + part, halo(i.count), element(dst_v, dst_dtype, i.first * dst.row), dst_dtype, dst,
+               heads, batch, i.count, d, accumulate, rc);
     received += 2 * part;
   }
 }
 
-float dot(const float* a, const float* b, std::int64_t n) {
-  float s = 0.0f;
-  for (std::int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+// Routed rows move between a full matrix (rows of full_stride floats) and a packed one (rows of
+// `width` floats), `width` columns at a time, optionally weighted per routed row ([count()]).
+// packed[t] = w_t · full[rows[t]]
+void gather_routed(const RunContext& rc, const Router& router, int width, const float* full, std::int64_t full_stride,
+                   float* packed, const float* weights = nullptr) {
+  kernels::gather_segments({router.count(), width, full_stride, width, nullptr, router.device_rows(rc), nullptr,
+                            weights, 1.0f, full, packed, false},
+                           rc.exec);
 }
-
-// y[i] (+)= scale · x[i].
-void scaled(const float* x, float scale, float* y, std::int64_t n, bool accumulate) {
-  for (std::int64_t i = 0; i < n; ++i) y[i] = (accumulate ? y[i] : 0.0f) + scale * x[i];
+// full[rows[t]] (+)= w_t · packed[t]; the other rows keep their values.
+void scatter_routed(const RunContext& rc, const Router& router, int width, const float* packed, float* full,
+                    std::int64_t full_stride, const float* weights, bool accumulate) {
+  kernels::gather_segments({router.count(), width, width, full_stride, nullptr, nullptr, router.device_rows(rc),
+                            weights, 1.0f, packed, full, accumulate},
+                           rc.exec);
 }
 
 // Routed rows per sequence from a router's offsets.
@@ -173,13 +205,23 @@ Router::Router(const Session& session, ParameterTable& table, Scratch& scratch, 
       key_(scratch_key) {
   RINGCAST_CHECK(k >= 1 && k <= g.seq_len, "Router '{}': routes {} of {} tokens", name, k, g.seq_len);
   u_ = table.add(name, 1, c.dim, false, Init::kFanIn);
-  for (const char* part : {".s", ".weights", ".d_s"}) scratch.reserve(key_ + part, g.rows());
+  for (const char* part : {".s", ".weights", ".d_weights", ".d_s"}) scratch.reserve(key_ + part, g.rows());
   scratch.reserve(key_ + ".a", std::int64_t{g.batch} * iterations_);
+  const std::int64_t candidates = 2 * std::int64_t{g.batch} * max_local();  // (score bits, position) pairs
+  scratch.reserve(key_ + ".mine", floats_for(static_cast<std::size_t>(candidates) * sizeof(std::int32_t)));
+  scratch.reserve(key_ + ".all",
+                  floats_for(static_cast<std::size_t>(candidates * session.size()) * sizeof(std::int32_t)));
+  scratch.reserve(key_ + ".rows", floats_for(static_cast<std::size_t>(g.batch * max_local()) * sizeof(std::int64_t)));
+  scratch.reserve(key_ + ".routed_weights", g.batch * max_local());
 }
 
 std::int64_t Router::max_local() const { return std::min(k_, geom_.local_len); }
 
-const float* Router::weights(const RunContext& rc) const { return rc.scratch.get(key_ + ".weights"); }
+const std::int64_t* Router::device_rows(const RunContext& rc) const {
+  return reinterpret_cast<const std::int64_t*>(rc.scratch.get(key_ + ".rows"));
+}
+
+const float* Router::routed_weights(const RunContext& rc) const { return rc.scratch.get(key_ + ".routed_weights"); }
 
 void Router::forward(const RunContext& rc, const float* x) {
   const Scratch& sc = rc.scratch;
@@ -196,13 +238,20 @@ void Router::forward(const RunContext& rc, const float* x) {
   p.a_history = a;
   p.reduce = {all_reduce_slices, const_cast<void*>(static_cast<const void*>(&session_))};
   kernels::soft_topk(p, rc.exec);
-  select_hard(s);
+  select_hard(rc, s);
+  gather_routed(rc, *this, 1, weights, 1, sc.get(key_ + ".routed_weights"));
 }
 
 // The global top-k of each sequence by (score desc, position asc). A token of the global top-k is in
 // its rank's local top-min(k, n_loc) under the same order, so gathering those candidates as
-// (score bits, position) pairs suffices, and every rank then picks the same set.
-void Router::select_hard(const float* s) {
+// (score bits, position) pairs suffices, and every rank then picks the same set. On the host: the
+// scores come down, the candidates go through the communicator's memory, the routed rows go back up.
+void Router::select_hard(const RunContext& rc, const float* s_dev) {
+  const Device& device = rc.exec.device;
+  const Stream stream = rc.exec.stream;
+  std::vector<float> scores(static_cast<std::size_t>(geom_.rows()));
+  copy_to_host(scores.data(), s_dev, scores.size() * sizeof(float), device, stream);
+  const float* s = scores.data();
   const int ranks = session_.size(), batch = geom_.batch;
   const std::int64_t n_loc = geom_.local_len, first = std::int64_t{session_.rank()} * n_loc, c = max_local();
   const std::size_t pair = 2;
@@ -222,8 +271,12 @@ void Router::select_hard(const float* s) {
     }
   }
   std::vector<std::int32_t> all(mine.size() * static_cast<std::size_t>(ranks));
-  session_.comm().all_gather(comm::buffer(std::span<const std::int32_t>(mine)), comm::buffer(std::span(all)),
-                             session_.stream());
+  auto* mine_dev = reinterpret_cast<std::int32_t*>(rc.scratch.get(key_ + ".mine"));
+  auto* all_dev = reinterpret_cast<std::int32_t*>(rc.scratch.get(key_ + ".all"));
+  copy_from_host(mine_dev, mine.data(), mine.size() * sizeof(std::int32_t), device, stream);
+  session_.comm().all_gather({mine_dev, mine.size(), DType::kI32}, {all_dev, all.size(), DType::kI32}, stream);
+  session_.comm().synchronize(stream);
+  copy_to_host(all.data(), all_dev, all.size() * sizeof(std::int32_t), device, stream);
 
   struct Candidate {
     float score;
@@ -248,11 +301,15 @@ void Router::select_hard(const float* s) {
     std::sort(rows_.begin() + static_cast<std::ptrdiff_t>(begin), rows_.end());
     offsets_.push_back(static_cast<std::int64_t>(rows_.size()));
   }
+  copy_from_host(rc.scratch.get(key_ + ".rows"), rows_.data(), rows_.size() * sizeof(std::int64_t), device, stream);
 }
 
-void Router::backward(const RunContext& rc, const float* x, const float* d_weight, float* dx) {
+void Router::backward(const RunContext& rc, const float* x, const float* d_routed, float* dx) {
   const Scratch& sc = rc.scratch;
   float *s = sc.get(key_ + ".s"), *a = sc.get(key_ + ".a"), *d_s = sc.get(key_ + ".d_s");
+  float* d_weights = sc.get(key_ + ".d_weights");
+  zero(d_weights, geom_.rows(), rc);
+  scatter_routed(rc, *this, 1, d_routed, d_weights, 1, nullptr, false);
   zero(d_s, geom_.rows(), rc);
   kernels::SoftTopkBackwardParams p;
   p.batch = geom_.batch;
@@ -262,7 +319,7 @@ void Router::backward(const RunContext& rc, const float* x, const float* d_weigh
   p.iterations = iterations_;
   p.s = s;
   p.a_history = a;
-  p.d_s_tilde = d_weight;
+  p.d_s_tilde = d_weights;
   p.d_s = d_s;
   p.reduce = {all_reduce_slices, const_cast<void*>(static_cast<const void*>(&session_))};
   kernels::soft_topk_backward(p, rc.exec);
@@ -275,47 +332,43 @@ Colt5Ffn::Colt5Ffn(const Session& session, ParameterTable& table, Scratch& scrat
                    const ModelConfig& c, const Geometry& g)
     : geom_(g), plan_(plan_colt5(c, g, session.size(), session.rank())), dim_(c.dim),
       router_(session, table, scratch, prefix + "router_ffn", "colt5.ffn.router", c, g, plan_.ffn_tokens),
-      light_(table, scratch, prefix + "ffn_light.", "colt5.ffn_light", c.dim, plan_.light_ffn_hidden, g.rows()),
+      light_(table, scratch, prefix + "ffn_light.", "colt5.ffn_light", c.dim, plan_.light_ffn_hidden, g.rows(),
+             c.row_chunk),
       heavy_(table, scratch, prefix + "ffn_heavy.", "colt5.ffn_heavy", c.dim, plan_.heavy_ffn_hidden,
-             g.batch * router_.max_local()) {
+             g.batch * router_.max_local(), c.row_chunk) {
   const std::int64_t routed = g.batch * router_.max_local() * c.dim;
   for (const char* key : {"colt5.ffn.x", "colt5.ffn.h", "colt5.ffn.d_h", "colt5.ffn.d_x"}) scratch.reserve(key, routed);
-  scratch.reserve("colt5.ffn.d_weight", g.rows());
+  scratch.reserve("colt5.ffn.d_weight", g.batch * router_.max_local());
 }
 
 void Colt5Ffn::forward(const RunContext& rc, const float* x, float* y) {
   const Scratch& sc = rc.scratch;
   router_.forward(rc, x);
-  const auto rows = router_.rows();
-  const auto nr = static_cast<std::int64_t>(rows.size());
+  const std::int64_t nr = router_.count();
   float *xr = sc.get("colt5.ffn.x"), *hr = sc.get("colt5.ffn.h");
-  for (std::int64_t t = 0; t < nr; ++t) std::copy_n(x + rows[t] * dim_, dim_, xr + t * dim_);
+  gather_routed(rc, router_, dim_, x, dim_, xr);
   if (nr > 0) {
     zero(hr, nr * dim_, rc);
     heavy_.forward_rows(rc, nr, xr, hr);
   }
-  const float* w = router_.weights(rc);
-  for (std::int64_t t = 0; t < nr; ++t) scaled(hr + t * dim_, w[rows[t]], y + rows[t] * dim_, dim_, true);
+  scatter_routed(rc, router_, dim_, hr, y, dim_, router_.routed_weights(rc), true);  // y += s̃ FFN_heavy
   light_.forward(rc, x, y);
 }
 
 void Colt5Ffn::backward(const RunContext& rc, const float* x, const float* dy, float* dx) {
   const Scratch& sc = rc.scratch;
-  const auto rows = router_.rows();
-  const auto nr = static_cast<std::int64_t>(rows.size());
+  const std::int64_t nr = router_.count();
   float *xr = sc.get("colt5.ffn.x"), *hr = sc.get("colt5.ffn.h"), *d_h = sc.get("colt5.ffn.d_h");
   float *d_xr = sc.get("colt5.ffn.d_x"), *d_weight = sc.get("colt5.ffn.d_weight");
-  const float* w = router_.weights(rc);
-  zero(d_weight, geom_.rows(), rc);
-  for (std::int64_t t = 0; t < nr; ++t) {
-    const float* dy_row = dy + rows[t] * dim_;
-    d_weight[rows[t]] = dot(dy_row, hr + t * dim_, dim_);
-    scaled(dy_row, w[rows[t]], d_h + t * dim_, dim_, false);
-  }
+  float* dy_r = d_xr;  // the routed rows of dy, until the heavy backward needs d_xr
+  gather_routed(rc, router_, dim_, dy, dim_, dy_r);
+  kernels::rowwise_dot({nr, dim_, dy_r, hr, d_weight}, rc.exec);  // dL/ds̃ = dy · FFN_heavy
+  kernels::gather_segments({nr, dim_, 0, 0, nullptr, nullptr, nullptr, router_.routed_weights(rc), 1.0f, dy_r, d_h},
+                           rc.exec);  // s̃ dy
   if (nr > 0) {
     zero(d_xr, nr * dim_, rc);
     heavy_.backward_rows(rc, nr, xr, d_h, d_xr);
-    for (std::int64_t t = 0; t < nr; ++t) scaled(d_xr + t * dim_, 1.0f, dx + rows[t] * dim_, dim_, true);
+    scatter_routed(rc, router_, dim_, d_xr, dx, dim_, nullptr, true);
   }
   light_.backward(rc, x, dy, dx);
   router_.backward(rc, x, d_weight, dx);
@@ -325,14 +378,14 @@ void Colt5Ffn::backward(const RunContext& rc, const float* x, const float* dy, f
 
 Colt5Attention::Colt5Attention(const Session& session, ParameterTable& table, Scratch& scratch,
                                const std::string& prefix, const ModelConfig& c, const Geometry& g)
-    : session_(session), geom_(g), plan_(plan_colt5(c, g, session.size(), session.rank())), proj_(table, prefix, c),
-      light_heads_(plan_.light_heads), light_kv_heads_(plan_.light_heads / (c.heads / c.kv_heads)),
-      radius_(c.colt5.window_radius),
+    : session_(session), geom_(g), plan_(plan_colt5(c, g, session.size(), session.rank())),
+      storage_(attention_dtype(session.device())), proj_(table, prefix, c), light_heads_(plan_.light_heads),
+      light_kv_heads_(plan_.light_heads / (c.heads / c.kv_heads)), radius_(c.colt5.window_radius),
       router_q_(session, table, scratch, prefix + "router_q", "colt5.attn.router_q", c, g, plan_.query_tokens),
       router_kv_(session, table, scratch, prefix + "router_kv", "colt5.attn.router_kv", c, g, plan_.kv_tokens),
       gathered_(session, GatheredAttentionShape{c.heads - light_heads_, c.kv_heads - light_kv_heads_, c.head_dim,
                                                 g.batch, g.batch * router_q_.max_local(),
-                                                g.batch * router_kv_.max_local(), g.batch * plan_.kv_tokens}) {
+                                                g.batch * router_kv_.max_local(), g.batch * plan_.kv_tokens, false}) {
   build_window(session.size(), session.rank());
   const std::int64_t rows = g.rows(), qw = proj_.q_width(), kw = proj_.kv_width(), d = c.head_dim;
   for (const char* key : {"colt5.attn.q", "colt5.attn.o", "colt5.attn.d_q", "colt5.attn.d_o"})
@@ -340,9 +393,12 @@ Colt5Attention::Colt5Attention(const Session& session, ParameterTable& table, Sc
   for (const char* key : {"colt5.attn.k", "colt5.attn.v", "colt5.attn.d_k", "colt5.attn.d_v"})
     scratch.reserve(key, rows * kw);
   scratch.reserve("colt5.attn.lse", rows * c.heads);
+  if (storage_ != DType::kF32)
+    for (const char* key : {"colt5.attn.q_s", "colt5.attn.d_o_s"})
+      scratch.reserve(key, floats_for(rows * qw, storage_));
   const std::int64_t pool = std::int64_t{c.kv_heads} * g.batch * window_pages_ * kWindowPageSize * d;
-  for (const char* key : {"colt5.attn.pool_k", "colt5.attn.pool_v", "colt5.attn.d_pool_k", "colt5.attn.d_pool_v"})
-    scratch.reserve(key, pool);
+  for (const char* key : {"colt5.attn.pool_k", "colt5.attn.pool_v"}) scratch.reserve(key, floats_for(pool, storage_));
+  for (const char* key : {"colt5.attn.d_pool_k", "colt5.attn.d_pool_v"}) scratch.reserve(key, pool);
   std::int64_t halo_send = 0, halo_recv = 0;
   for (const HaloPeer& p : peers_) {
     halo_send += p.send_count;
@@ -362,7 +418,9 @@ Colt5Attention::Colt5Attention(const Session& session, ParameterTable& table, Sc
   scratch.reserve("colt5.attn.lse_h", mq * heavy);
   for (const char* key : {"colt5.attn.kh", "colt5.attn.vh", "colt5.attn.d_kh", "colt5.attn.d_vh"})
     scratch.reserve(key, mkv * heavy_kv * d);
-  for (const char* key : {"colt5.attn.d_weight_q", "colt5.attn.d_weight_kv"}) scratch.reserve(key, rows);
+  scratch.reserve("colt5.attn.d_weight_q", mq);
+  scratch.reserve("colt5.attn.d_weight_kv", mkv);
+  scratch.reserve("colt5.attn.vr", mkv * heavy_kv * d);
   scratch.reserve("colt5.attn.kept", floats_for(gathered_.kept_bytes()));
   scratch.reserve("colt5.attn.gathered", floats_for(gathered_.workspace_bytes()));
 }
@@ -399,6 +457,7 @@ void Colt5Attention::build_window(int ranks, int rank) {
   light_shape_.page_size = kWindowPageSize;
   light_shape_.num_pages = g.batch * window_pages_;
 
+  kernels::HostBlockTable light_table;
   std::vector<std::vector<kernels::BlockEntry>> tiles(static_cast<std::size_t>(light_shape_.num_tiles()));
   for (std::int64_t tile = 0; tile < light_shape_.num_tiles(); ++tile) {
     const int rows = kernels::tile_rows(light_shape_, tile);
@@ -419,14 +478,14 @@ void Colt5Attention::build_window(int ranks, int rank) {
         e.row_mask[0] = full[0];
         e.row_mask[1] = full[1];
       } else {  // the page straddles an edge of the band: one row mask per key
-        e.key_meta = static_cast<std::int32_t>(light_table_.key_meta.size());
+        e.key_meta = static_cast<std::int32_t>(light_table.key_meta.size());
         for (int j = 0; j < kWindowPageSize; ++j) {  // a page's worth of records; slots past count stay empty
           kernels::KeyMeta m{};
           for (int row = 0; row < rows && j < count; ++row)
             if (std::abs(pos[row] - (k0 + j)) <= r) m.row_mask[row / 64] |= std::uint64_t{1} << (row % 64);
           e.row_mask[0] |= m.row_mask[0];
           e.row_mask[1] |= m.row_mask[1];
-          light_table_.key_meta.push_back(m);
+          light_table.key_meta.push_back(m);
         }
       }
       tiles[static_cast<std::size_t>(tile)].push_back(e);
@@ -438,12 +497,16 @@ void Colt5Attention::build_window(int ranks, int rank) {
         if (kvh < light_kv_heads_) {
           for (kernels::BlockEntry e : entries) {
             e.page += static_cast<std::int32_t>(b * window_pages_);
-            light_table_.entries.push_back(e);
+            light_table.entries.push_back(e);
           }
         }
-        light_table_.offsets.push_back(static_cast<std::int64_t>(light_table_.entries.size()));
+        light_table.offsets.push_back(static_cast<std::int64_t>(light_table.entries.size()));
       }
-  light_transposed_ = kernels::transpose(light_table_, light_shape_);
+  light_tables_ = std::make_unique<DeviceTables>(light_table, light_shape_, session_.device(), session_.stream());
+}
+
+void* Colt5Attention::storage_twin(const RunContext& rc, const char* fp32_key, const char* twin_key) const {
+  return storage_ == DType::kF32 ? static_cast<void*>(rc.scratch.get(fp32_key)) : rc.scratch.get(twin_key);
 }
 
 void Colt5Attention::forward(const RunContext& rc, const float* x, float* y) {
@@ -453,9 +516,9 @@ void Colt5Attention::forward(const RunContext& rc, const float* x, float* y) {
   router_kv_.forward(rc, x);
   light_forward(rc);
   heavy_forward(rc);
-  kernels::linear_forward(
-      {geom_.rows(), static_cast<int>(proj_.q_width()), proj_.dim, sc.get("colt5.attn.o"), rc.p(proj_.wo), y, true},
-      rc.exec);
+  kernels::linear_forward({geom_.rows(), static_cast<int>(proj_.q_width()), proj_.dim, sc.get("colt5.attn.o"),
+                           rc.p(proj_.wo), y, true, rc.compute},
+                          rc.exec);
 }
 
 void Colt5Attention::backward(const RunContext& rc, const float* x, const float* dy, float* dx) {
@@ -464,7 +527,7 @@ void Colt5Attention::backward(const RunContext& rc, const float* x, const float*
   float* d_o = sc.get("colt5.attn.d_o");
   zero(d_o, geom_.rows() * proj_.q_width(), rc);
   kernels::linear_backward({geom_.rows(), static_cast<int>(proj_.q_width()), proj_.dim, sc.get("colt5.attn.o"),
-                            rc.p(proj_.wo), dy, d_o, rc.g(proj_.wo)},
+                            rc.p(proj_.wo), dy, d_o, rc.g(proj_.wo), rc.compute},
                            rc.exec);
   light_backward(rc);  // writes d_q (every head), d_k and d_v
   heavy_backward(rc);  // adds the heavy heads' share, and dL/ds̃ of both routers
@@ -473,31 +536,40 @@ void Colt5Attention::backward(const RunContext& rc, const float* x, const float*
   proj_.project_backward(rc, geom_, x, d_q, d_k, d_v, dx);
 }
 
+// The light kernel reads q, the pools and d_o in the storage dtype and writes O (fp32: o_dtype), LSE,
+// dQ and the pool gradients in fp32, so only q, the pools and d_o are converted.
 void Colt5Attention::light_forward(const RunContext& rc) {
   const Scratch& sc = rc.scratch;
   const int batch = geom_.batch, lkv = light_kv_heads_, d = proj_.head_dim;
   const std::int64_t n_loc = geom_.local_len, kw = proj_.kv_width(), slots = window_pages_ * kWindowPageSize;
-  const float *k = sc.get("colt5.attn.k"), *v = sc.get("colt5.attn.v");
-  float *pool_k = sc.get("colt5.attn.pool_k"), *pool_v = sc.get("colt5.attn.pool_v");
+  const float *q = sc.get("colt5.attn.q"), *k = sc.get("colt5.attn.k"), *v = sc.get("colt5.attn.v");
+  void *pool_k = sc.get("colt5.attn.pool_k"), *pool_v = sc.get("colt5.attn.pool_v");
   const Strides tokens{d, n_loc * kw, kw};
   const Strides pool{batch * slots * d, slots * d, d};
   const std::int64_t own_slot = geom_.positions[0] - window_first_;
-  copy_block(k, tokens, pool_k + own_slot * d, pool, lkv, batch, n_loc, d, false, rc);
-  copy_block(v, tokens, pool_v + own_slot * d, pool, lkv, batch, n_loc, d, false, rc);
+  copy_block(k, tokens, element(pool_k, storage_, own_slot * d), storage_, pool, lkv, batch, n_loc, d, false, rc);
+  copy_block(v, tokens, element(pool_v, storage_, own_slot * d), storage_, pool, lkv, batch, n_loc, d, false, rc);
 
   // Halos: the neighbours' edge rows into their window slots.
-  exchange_halo(rc, peers_, lkv, batch, d, k, v, tokens, [](const auto& p) { return HaloRows{p.send_first, p.send_count}; },
-                pool_k, pool_v, pool, [](const auto& p) { return HaloRows{p.recv_slot, p.recv_count}; }, false);
+  exchange_halo(rc, peers_, lkv, batch, d, k, v, tokens,
+                [](const auto& p) { return HaloRows{p.send_first, p.send_count}; }, pool_k, pool_v, storage_, pool,
+                [](const auto& p) { return HaloRows{p.recv_slot, p.recv_count}; }, false);
 
+  void* q_s = storage_twin(rc, "colt5.attn.q", "colt5.attn.q_s");
+  if (q_s != q)
+    kernels::copy_strided(kernels::StridedCopy::flat(q, DType::kF32, q_s, storage_, geom_.rows() * proj_.q_width()),
+                          rc.exec);
   float* ws = sc.get("colt5.attn.kernel");
   kernels::AttentionForwardParams p;
   p.shape = light_shape_;
+  p.dtype = storage_;
+  p.o_dtype = DType::kF32;
   p.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-  p.q = sc.get("colt5.attn.q");
+  p.q = q_s;
   p.k_pages = pool_k;
   p.v_pages = pool_v;
-  p.q_pos = geom_.positions.data();
-  p.table = light_table_.view();
+  p.q_pos = geom_.kernel_positions(rc.exec.device);
+  p.table = light_tables_->table();
   p.o = sc.get("colt5.attn.o");
   p.lse = sc.get("colt5.attn.lse");
   p.workspace = ws;
@@ -512,19 +584,26 @@ void Colt5Attention::light_backward(const RunContext& rc) {
   float *d_k = sc.get("colt5.attn.d_k"), *d_v = sc.get("colt5.attn.d_v");
   float *d_pool_k = sc.get("colt5.attn.d_pool_k"), *d_pool_v = sc.get("colt5.attn.d_pool_v");
 
+  const float* d_o = sc.get("colt5.attn.d_o");
+  void* d_o_s = storage_twin(rc, "colt5.attn.d_o", "colt5.attn.d_o_s");
+  if (d_o_s != d_o)
+    kernels::copy_strided(
+        kernels::StridedCopy::flat(d_o, DType::kF32, d_o_s, storage_, geom_.rows() * proj_.q_width()), rc.exec);
   float* ws = sc.get("colt5.attn.kernel");
   kernels::AttentionBackwardParams p;
   p.fwd.shape = light_shape_;
+  p.fwd.dtype = storage_;
+  p.fwd.o_dtype = DType::kF32;
   p.fwd.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-  p.fwd.q = sc.get("colt5.attn.q");
+  p.fwd.q = storage_twin(rc, "colt5.attn.q", "colt5.attn.q_s");  // converted by the forward
   p.fwd.k_pages = sc.get("colt5.attn.pool_k");
   p.fwd.v_pages = sc.get("colt5.attn.pool_v");
-  p.fwd.q_pos = geom_.positions.data();
-  p.fwd.table = light_table_.view();
+  p.fwd.q_pos = geom_.kernel_positions(rc.exec.device);
+  p.fwd.table = light_tables_->table();
   p.fwd.o = sc.get("colt5.attn.o");
   p.fwd.lse = sc.get("colt5.attn.lse");
-  p.d_o = sc.get("colt5.attn.d_o");
-  p.transposed = light_transposed_.view();
+  p.d_o = d_o_s;
+  p.transposed = light_tables_->transposed();
   p.d_q = sc.get("colt5.attn.d_q");
   p.d_k_pages = d_pool_k;
   p.d_v_pages = d_pool_v;
@@ -538,12 +617,12 @@ void Colt5Attention::light_backward(const RunContext& rc) {
   const Strides tokens{d, n_loc * kw, kw};
   const Strides pool{batch * slots * d, slots * d, d};
   const std::int64_t own_slot = geom_.positions[0] - window_first_;
-  copy_block(d_pool_k + own_slot * d, pool, d_k, tokens, lkv, batch, n_loc, d, true, rc);
-  copy_block(d_pool_v + own_slot * d, pool, d_v, tokens, lkv, batch, n_loc, d, true, rc);
+  copy_block(d_pool_k + own_slot * d, pool, d_k, DType::kF32, tokens, lkv, batch, n_loc, d, true, rc);
+  copy_block(d_pool_v + own_slot * d, pool, d_v, DType::kF32, tokens, lkv, batch, n_loc, d, true, rc);
 
   // The transpose: halo slots' gradients go back to their owners and add into their rows.
   exchange_halo(rc, peers_, lkv, batch, d, d_pool_k, d_pool_v, pool,
-                [](const auto& p) { return HaloRows{p.recv_slot, p.recv_count}; }, d_k, d_v, tokens,
+                [](const auto& p) { return HaloRows{p.recv_slot, p.recv_count}; }, d_k, d_v, DType::kF32, tokens,
                 [](const auto& p) { return HaloRows{p.send_first, p.send_count}; }, true);
 }
 
@@ -551,23 +630,18 @@ void Colt5Attention::heavy_forward(const RunContext& rc) {
   const Scratch& sc = rc.scratch;
   const int d = proj_.head_dim;
   const std::int64_t qw = proj_.q_width(), kw = proj_.kv_width();
-  const std::int64_t hq = (proj_.heads - light_heads_) * std::int64_t{d},
-                     hk = (proj_.kv_heads - light_kv_heads_) * std::int64_t{d};
+  const int hq = (proj_.heads - light_heads_) * d, hk = (proj_.kv_heads - light_kv_heads_) * d;
   const std::int64_t lq = std::int64_t{light_heads_} * d, lk = std::int64_t{light_kv_heads_} * d;
   const float *q = sc.get("colt5.attn.q"), *k = sc.get("colt5.attn.k"), *v = sc.get("colt5.attn.v");
   float *qh = sc.get("colt5.attn.qh"), *kh = sc.get("colt5.attn.kh"), *vh = sc.get("colt5.attn.vh");
   float *oh = sc.get("colt5.attn.oh"), *lse_h = sc.get("colt5.attn.lse_h"), *o = sc.get("colt5.attn.o");
-  const auto q_rows = router_q_.rows(), kv_rows = router_kv_.rows();
-  const float *wq = router_q_.weights(rc), *wkv = router_kv_.weights(rc);
-  for (std::size_t t = 0; t < q_rows.size(); ++t) std::copy_n(q + q_rows[t] * qw + lq, hq, qh + t * hq);
-  for (std::size_t t = 0; t < kv_rows.size(); ++t) {
-    std::copy_n(k + kv_rows[t] * kw + lk, hk, kh + t * hk);
-    scaled(v + kv_rows[t] * kw + lk, wkv[kv_rows[t]], vh + t * hk, hk, false);  // V scaled by s̃^kv
-  }
+  gather_routed(rc, router_q_, hq, q + lq, qw, qh);
+  gather_routed(rc, router_kv_, hk, k + lk, kw, kh);
+  gather_routed(rc, router_kv_, hk, v + lk, kw, vh, router_kv_.routed_weights(rc));  // V scaled by s̃^kv
   const std::vector<std::int64_t> n_q = per_sequence(router_q_.offsets()), n_k = per_sequence(router_kv_.offsets());
   GatheredForwardArgs a;
-  a.n_q = static_cast<std::int64_t>(q_rows.size());
-  a.n_k = static_cast<std::int64_t>(kv_rows.size());
+  a.n_q = router_q_.count();
+  a.n_k = router_kv_.count();
   a.q_counts = n_q;
   a.k_counts = n_k;
   a.q = qh;
@@ -579,33 +653,28 @@ void Colt5Attention::heavy_forward(const RunContext& rc) {
   a.workspace = sc.get("colt5.attn.gathered");
   gathered_.forward(a);
   // The light kernel left the heavy heads' slots of O at 0: unrouted queries keep that.
-  for (std::size_t t = 0; t < q_rows.size(); ++t)
-    scaled(oh + t * hq, wq[q_rows[t]], o + q_rows[t] * qw + lq, hq, false);
+  scatter_routed(rc, router_q_, hq, oh, o + lq, qw, router_q_.routed_weights(rc), false);
 }
 
 void Colt5Attention::heavy_backward(const RunContext& rc) {
   const Scratch& sc = rc.scratch;
   const int d = proj_.head_dim;
   const std::int64_t qw = proj_.q_width(), kw = proj_.kv_width();
-  const std::int64_t hq = (proj_.heads - light_heads_) * std::int64_t{d},
-                     hk = (proj_.kv_heads - light_kv_heads_) * std::int64_t{d};
+  const int hq = (proj_.heads - light_heads_) * d, hk = (proj_.kv_heads - light_kv_heads_) * d;
   const std::int64_t lq = std::int64_t{light_heads_} * d, lk = std::int64_t{light_kv_heads_} * d;
   const float* v = sc.get("colt5.attn.v");
   const float *d_o = sc.get("colt5.attn.d_o"), *oh = sc.get("colt5.attn.oh");
   float *d_q = sc.get("colt5.attn.d_q"), *d_k = sc.get("colt5.attn.d_k"), *d_v = sc.get("colt5.attn.d_v");
   float *d_oh = sc.get("colt5.attn.d_oh"), *d_qh = sc.get("colt5.attn.d_qh");
-  float *d_kh = sc.get("colt5.attn.d_kh"), *d_vh = sc.get("colt5.attn.d_vh");
+  float *d_kh = sc.get("colt5.attn.d_kh"), *d_vh = sc.get("colt5.attn.d_vh"), *vr = sc.get("colt5.attn.vr");
   float *d_wq = sc.get("colt5.attn.d_weight_q"), *d_wkv = sc.get("colt5.attn.d_weight_kv");
-  const auto q_rows = router_q_.rows(), kv_rows = router_kv_.rows();
-  const float *wq = router_q_.weights(rc), *wkv = router_kv_.weights(rc);
-  const auto nq = static_cast<std::int64_t>(q_rows.size()), nkv = static_cast<std::int64_t>(kv_rows.size());
+  const std::int64_t nq = router_q_.count(), nkv = router_kv_.count();
 
-  zero(d_wq, geom_.rows(), rc);
-  for (std::int64_t t = 0; t < nq; ++t) {
-    const float* d_row = d_o + q_rows[t] * qw + lq;
-    d_wq[q_rows[t]] = dot(d_row, oh + t * hq, hq);
-    scaled(d_row, wq[q_rows[t]], d_oh + t * hq, hq, false);
-  }
+  float* d_o_r = d_qh;  // the routed rows of dO's heavy heads, until the gathered backward needs d_qh
+  gather_routed(rc, router_q_, hq, d_o + lq, qw, d_o_r);
+  kernels::rowwise_dot({nq, hq, d_o_r, oh, d_wq}, rc.exec);  // dL/ds̃^q = dO · A_heavy
+  kernels::gather_segments({nq, hq, 0, 0, nullptr, nullptr, nullptr, router_q_.routed_weights(rc), 1.0f, d_o_r, d_oh},
+                           rc.exec);  // s̃^q dO
   zero(d_qh, nq * hq, rc);
   zero(d_kh, nkv * hk, rc);
   zero(d_vh, nkv * hk, rc);
@@ -627,14 +696,11 @@ void Colt5Attention::heavy_backward(const RunContext& rc) {
   a.kept = sc.get("colt5.attn.kept");
   a.workspace = sc.get("colt5.attn.gathered");
   gathered_.backward(a);
-  for (std::int64_t t = 0; t < nq; ++t) scaled(d_qh + t * hq, 1.0f, d_q + q_rows[t] * qw + lq, hq, true);
-  zero(d_wkv, geom_.rows(), rc);
-  for (std::int64_t t = 0; t < nkv; ++t) {
-    const std::int64_t row = kv_rows[t];
-    scaled(d_kh + t * hk, 1.0f, d_k + row * kw + lk, hk, true);
-    scaled(d_vh + t * hk, wkv[row], d_v + row * kw + lk, hk, true);
-    d_wkv[row] = dot(d_vh + t * hk, v + row * kw + lk, hk);
-  }
+  scatter_routed(rc, router_q_, hq, d_qh, d_q + lq, qw, nullptr, true);
+  scatter_routed(rc, router_kv_, hk, d_kh, d_k + lk, kw, nullptr, true);
+  scatter_routed(rc, router_kv_, hk, d_vh, d_v + lk, kw, router_kv_.routed_weights(rc), true);
+  gather_routed(rc, router_kv_, hk, v + lk, kw, vr);
+  kernels::rowwise_dot({nkv, hk, d_vh, vr, d_wkv}, rc.exec);  // dL/ds̃^kv = dV_heavy · V
 }
 
 }  // namespace ringcast::model

@@ -7,14 +7,15 @@
 // iteration) and the hard top-k with ties toward the lower position, identical on every rank; each
 // rank holds its own routed rows, so per-rank counts vary. Bidirectional stacks with the contiguous
 // placement only (rank r holds positions [r n_loc, (r + 1) n_loc)). Scratch keys start with "colt5.";
-// what forward() leaves there and in the mixers' members is what backward() reads.
+// what forward() leaves there and in the mixers' members is what backward() reads. Both backends run
+// the same code: activations in the session device's memory, attention in its storage dtype
+// (attention_dtype: f32 on the CPU, bf16 on CUDA, head_dim 64 or 128 there).
 #pragma once
 
+#include "attention_internal.hpp"
 #include "gathered_attention.hpp"
 #include "model_mixers.hpp"
 #include "model_parts.hpp"
-
-#include <ringcast/kernels/block_table.hpp>
 
 #include <cstdint>
 #include <memory>
@@ -47,19 +48,23 @@ class Router {
          const std::string& scratch_key, const ModelConfig& c, const Geometry& g, std::int64_t k);
   // Collective. Scores and routes x [rows, D].
   void forward(const RunContext& rc, const float* x);
-  // dx += (∂s̃/∂x)ᵀ d_weight and d_u likewise; d_weight [rows] is dL/ds̃ (zero on unrouted rows).
-  void backward(const RunContext& rc, const float* x, const float* d_weight, float* dx);
+  // dx += (∂s̃/∂x)ᵀ d_s̃ and d_u likewise, where d_s̃ is d_routed [count()] on the routed rows (in
+  // rows() order) and zero elsewhere.
+  void backward(const RunContext& rc, const float* x, const float* d_routed, float* dx);
 
-  const float* weights(const RunContext& rc) const;  // s̃ [rows]
   // Routed rows (indices into [rows], increasing); those of batch element b are
-  // rows()[offsets()[b], offsets()[b + 1]).
+  // rows()[offsets()[b], offsets()[b + 1]). Host memory; device_rows() is the same list where the
+  // kernels read it, and routed_weights() their s̃ [count()] (the session device's memory).
+  std::int64_t count() const { return static_cast<std::int64_t>(rows_.size()); }
   std::span<const std::int64_t> rows() const { return rows_; }
   std::span<const std::int64_t> offsets() const { return offsets_; }
+  const std::int64_t* device_rows(const RunContext& rc) const;
+  const float* routed_weights(const RunContext& rc) const;
   // The most routed rows one sequence can have on a rank.
   std::int64_t max_local() const;
 
  private:
-  void select_hard(const float* s);
+  void select_hard(const RunContext& rc, const float* s);
 
   const Session& session_;
   const Geometry& geom_;
@@ -109,10 +114,13 @@ class Colt5Attention final : public Mixer {
   void heavy_forward(const RunContext& rc);
   void heavy_backward(const RunContext& rc);
   void build_window(int ranks, int rank);
+  // The light kernel's q and d_o in the storage dtype: scratch twins on CUDA, the fp32 buffers on the CPU.
+  void* storage_twin(const RunContext& rc, const char* fp32_key, const char* twin_key) const;
 
   const Session& session_;
   const Geometry& geom_;
   const Colt5Plan plan_;
+  const DType storage_;  // the attention kernels' dtype of q, k, v, d_o (attention_dtype)
   AttentionProjections proj_;
   int light_heads_, light_kv_heads_;
   std::int64_t radius_;
@@ -124,8 +132,7 @@ class Colt5Attention final : public Mixer {
   std::int64_t window_first_ = 0, window_pages_ = 0;
   std::vector<HaloPeer> peers_;
   kernels::AttentionShape light_shape_;
-  kernels::HostBlockTable light_table_;
-  kernels::HostTransposedTable light_transposed_;
+  std::unique_ptr<DeviceTables> light_tables_;  // the light table and its transpose, built once
 };
 
 }  // namespace ringcast::model

@@ -7,9 +7,11 @@
 // all-gather). One call carries the `sequences` of a batch, so a layer costs one gather and one
 // return whatever the batch. Softmax scale 1/sqrt(head_dim); query head h uses KV head
 // h / (heads / kv_heads).
-// Layouts (fp32, host memory: CPU backend), rows sequence after sequence: q, o [n_q, h, d];
-// k, v [n_k, h_kv, d]; key_bias [n_k] (shared by the heads); lse [h, n_q]. Queries whose sequence has
-// no key on any rank get O = 0 and LSE = -inf.
+// Layouts (fp32, in the session device's memory: host on the CPU, device memory on CUDA, every call
+// enqueued on the session's stream), rows sequence after sequence: q, o [n_q, h, d]; k, v [n_k, h_kv, d];
+// key_bias [n_k] (shared by the heads); lse [h, n_q]. Queries whose sequence has no key on any rank get
+// O = 0 and LSE = -inf. On CUDA the kernel reads q, k, v and d_o rounded to bf16 (its storage dtype)
+// and head_dim must be 64 or 128 (64 for calls with a key bias, whose feature pads the head to 128).
 // Memory comes from the caller, so a stack can share it between layers: `kept` (kept_bytes()) carries
 // the gathered keys from forward() to the backward() of the same call -- one region per call in
 // flight between the passes; `workspace` (workspace_bytes()) holds one call's temporaries.
@@ -32,6 +34,7 @@ struct GatheredAttentionShape {
   std::int64_t max_queries = 0;     // most queries, summed over the sequences, this rank passes in a call
   std::int64_t max_keys = 0;        // most keys, summed over the sequences, this rank passes in a call
   std::int64_t max_total_keys = 0;  // most keys of a call summed over ranks and sequences (same everywhere)
+  bool key_bias = true;             // whether calls may pass a key bias (false: no memory for its padded feature)
 };
 
 struct GatheredForwardArgs {
@@ -69,8 +72,8 @@ struct GatheredBackwardArgs {
 
 class GatheredAttention {
  public:
-  // Collective (agrees on heads, kv_heads, head_dim, sequences and max_total_keys across ranks).
-  // CPU backend. The session must outlive the object.
+  // Collective (agrees on heads, kv_heads, head_dim, sequences, max_total_keys and the backend across
+  // ranks). The session must outlive the object.
   GatheredAttention(const Session& session, const GatheredAttentionShape& shape);
   ~GatheredAttention();
   GatheredAttention(const GatheredAttention&) = delete;

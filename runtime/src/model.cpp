@@ -19,6 +19,7 @@
 #include <ringcast/kernels/layout.hpp>
 #include <ringcast/memory.hpp>
 #include <ringcast/model.hpp>
+#include <ringcast/plan.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -86,9 +87,9 @@ DType resolve_compute_dtype(const ModelConfig& c, const Device& device) {
 }
 
 void validate_config(const ModelConfig& c, const SequenceShape& shape) {
-  RINGCAST_CHECK(c.vocab > 0 && c.dim > 0 && c.layers > 0 && c.ffn_hidden > 0 && c.ce_chunk > 0,
-                 "Model: vocab ({}), dim ({}), layers ({}), ffn_hidden ({}) and ce_chunk ({}) must be positive",
-                 c.vocab, c.dim, c.layers, c.ffn_hidden, c.ce_chunk);
+  RINGCAST_CHECK(c.vocab > 0 && c.dim > 0 && c.layers > 0 && c.ffn_hidden > 0 && c.ce_chunk > 0 && c.row_chunk > 0,
+                 "Model: vocab ({}), dim ({}), layers ({}), ffn_hidden ({}), ce_chunk ({}) and row_chunk ({}) must be "
+                 "positive", c.vocab, c.dim, c.layers, c.ffn_hidden, c.ce_chunk, c.row_chunk);
   RINGCAST_CHECK(shape.batch > 0 && shape.seq_len > 0, "Model: batch ({}) and seq_len ({}) must be positive",
                  shape.batch, shape.seq_len);
   const bool encoder = c.kind == ModelKind::kEncoder;
@@ -112,6 +113,43 @@ void validate_config(const ModelConfig& c, const SequenceShape& shape) {
                  "Model: Pyramidion pooling needs contiguous placement (the pooled sequence is contiguous per rank)");
 }
 
+// The model's own buffers besides the layers' scratch, in floats: layer inputs, the head's and the
+// residual stream's. The constructor allocates by it and estimate_memory() counts by it.
+// layer_rows: each layer's input rows; out_rows: the last layer's output rows; head: the head
+// weight's size.
+struct StackFloats {
+  std::int64_t activations = 0, final_out = 0, d_a = 0, d_b = 0, d_final = 0, pooled = 0, d_pooled = 0,
+               head_sink = 0;
+  std::vector<std::int64_t> in_offset;  // layer l reads activations + in_offset[l]; the output at the last
+};
+
+StackFloats stack_floats(const ModelConfig& c, const SequenceShape& shape, std::span<const std::int64_t> layer_rows,
+                         std::int64_t out_rows, std::int64_t head) {
+  const std::int64_t D = c.dim;
+  StackFloats f;
+  std::int64_t max_rows = out_rows;
+  for (const std::int64_t rows : layer_rows) {
+    f.in_offset.push_back(f.activations);
+    f.activations += rows * D;
+    max_rows = std::max(max_rows, rows);
+  }
+  f.in_offset.push_back(f.activations);
+  f.activations += out_rows * D;
+  f.final_out = out_rows * D;
+  f.d_a = f.d_b = max_rows * D;
+  if (c.kind == ModelKind::kEncoder) {
+    f.d_final = out_rows * D;
+    f.pooled = f.d_pooled = std::int64_t{shape.batch} * D;
+    f.head_sink = head + c.num_classes;
+  } else {
+    f.d_pooled = out_rows * D;  // doubles as dL/d(final_out)
+  }
+  return f;
+}
+
+// The bytes of Floats(n): never empty.
+std::int64_t float_bytes(std::int64_t n) { return std::max<std::int64_t>(n, 1) * std::int64_t{sizeof(float)}; }
+
 }  // namespace
 
 struct Model::State {
@@ -124,6 +162,7 @@ struct Model::State {
 
   model::ParameterTable table;
   model::Scratch scratch;
+  model::AttentionOperators attention_ops;  // before the layers, which point into it
   ParamRef embedding, final_norm, head_w, head_b;
   std::vector<std::unique_ptr<Layer>> layers;
   Geometry input;  // the embedding's rows
@@ -150,7 +189,8 @@ struct Model::State {
         seq(sh),
         ctx{s.device(), s.stream()},
         encoder(c.kind == ModelKind::kEncoder),
-        compute(resolve_compute_dtype(c, s.device())) {}
+        compute(resolve_compute_dtype(c, s.device())),
+        attention_ops(s, c.attention) {}
 
   const Geometry& output() const { return layers.back()->out_geometry(); }
   model::RunContext run_context(bool training) {
@@ -178,10 +218,6 @@ void Model::State::build() {
   input.batch = seq.batch;
   input.seq_len = seq.seq_len;
   input.causal = !encoder;
-  const bool seed_layers = c.colt5.enabled || c.vcc.enabled || !c.pyramidion.pool_after.empty();
-  RINGCAST_CHECK(session.device().kind == DeviceKind::kCpu || !seed_layers,
-                 "Model: the CoLT5, Pyramidion and VCC layers run on the CPU backend only, and this session is on "
-                 "CUDA device {} (use Backend::kCpu for them)", session.device().index);
   const LayerShape shape = model::attention_shape(c, input, session.size(), model::attention_dtype(session.device()));
   validate(shape, c.attention);
   input.local_len = shape.local_len();
@@ -201,9 +237,10 @@ void Model::State::build() {
         block->set_branches(std::make_unique<model::Colt5Attention>(session, table, scratch, prefix, c, bg),
                             std::make_unique<model::Colt5Ffn>(session, table, scratch, prefix, c, bg));
       else
-        block->set_branches(std::make_unique<model::SelfAttention>(session, table, scratch, prefix, c, bg),
-                            std::make_unique<model::SwiGluFfn>(table, scratch, prefix, "ffn", c.dim, c.ffn_hidden,
-                                                               bg.rows()));
+        block->set_branches(
+            std::make_unique<model::SelfAttention>(session, table, scratch, attention_ops, prefix, c, bg),
+            std::make_unique<model::SwiGluFfn>(table, scratch, prefix, "ffn", c.dim, c.ffn_hidden, bg.rows(),
+                                               c.row_chunk));
       layers.push_back(std::move(block));
     }
     g = &layers.back()->out_geometry();
@@ -404,28 +441,20 @@ Model::Model(const Session& session, const ModelConfig& config, const SequenceSh
   s.adam_v.zero(s.ctx);
   s.init_parameters();
 
-  const std::int64_t D = config.dim;
-  std::int64_t offset = 0, max_rows = s.input.rows();
-  for (const auto& layer : s.layers) {
-    s.in_offset.push_back(offset);
-    offset += layer->in_geometry().rows() * D;
-    max_rows = std::max(max_rows, layer->in_geometry().rows());
-  }
-  s.in_offset.push_back(offset);
-  offset += s.output().rows() * D;
-  s.activations = Floats(offset, dev);
-  const std::int64_t out_rows = s.output().rows();
-  s.final_out = Floats(out_rows * D, dev);
-  s.d_a = Floats(max_rows * D, dev);
-  s.d_b = Floats(max_rows * D, dev);
+  std::vector<std::int64_t> layer_rows;
+  for (const auto& layer : s.layers) layer_rows.push_back(layer->in_geometry().rows());
+  const StackFloats f = stack_floats(config, shape, layer_rows, s.output().rows(), s.table.info(s.head_w).numel());
+  s.in_offset = f.in_offset;
+  s.activations = Floats(f.activations, dev);
+  s.final_out = Floats(f.final_out, dev);
+  s.d_a = Floats(f.d_a, dev);
+  s.d_b = Floats(f.d_b, dev);
   if (s.encoder) {
-    s.d_final = Floats(out_rows * D, dev);
-    s.pooled = Floats(shape.batch * D, dev);
-    s.d_pooled = Floats(shape.batch * D, dev);
-    s.head_sink = Floats(s.table.info(s.head_w).numel() + config.num_classes, dev);
-  } else {
-    s.d_pooled = Floats(out_rows * D, dev);
+    s.d_final = Floats(f.d_final, dev);
+    s.pooled = Floats(f.pooled, dev);
+    s.head_sink = Floats(f.head_sink, dev);
   }
+  s.d_pooled = Floats(f.d_pooled, dev);
   s.ids = DeviceBuffer(static_cast<std::size_t>(s.input.rows() + target_count()) * sizeof(std::int32_t), dev);
   s.scalars_buf = DeviceBuffer(sizeof(Scalars), dev);
   s.flags = DeviceBuffer(s.table.infos().size() * sizeof(std::int32_t), dev);
@@ -585,6 +614,71 @@ std::vector<std::byte> Model::load(const std::string& path) {
   s.steps = loaded.steps;
   s.have_forward = s.have_gradients = false;
   return std::move(loaded.user_state);
+}
+
+MemoryEstimate estimate_memory(const ModelConfig& c, const SequenceShape& shape, int ranks, DeviceKind device) {
+  validate_config(c, shape);
+  RINGCAST_CHECK(!c.colt5.enabled && !c.vcc.enabled && c.pyramidion.pool_after.empty(),
+                 "estimate_memory: CoLT5, VCC and Pyramidion stacks are not estimated (standard blocks only)");
+  RINGCAST_CHECK(!c.attention.uses_surrogates(), "estimate_memory: CAST surrogate clusters are not estimated");
+  RINGCAST_CHECK(ranks > 0, "estimate_memory: ranks ({}) must be positive", ranks);
+  const Device dev{device, 0};
+  const DType compute = resolve_compute_dtype(c, dev);
+  const DType storage = model::attention_dtype(dev);
+  const bool encoder = c.kind == ModelKind::kEncoder;
+  Geometry g;
+  g.batch = shape.batch;
+  g.seq_len = shape.seq_len;
+  g.causal = !encoder;
+  const LayerShape layer = model::attention_shape(c, g, ranks, storage);
+  validate(layer, c.attention);
+  g.local_len = layer.local_len();
+  constexpr std::int64_t kF32 = sizeof(float);
+  const std::int64_t D = c.dim, F = c.ffn_hidden, V = c.vocab, rows = g.rows();
+  const std::int64_t q = std::int64_t{c.heads} * c.head_dim, kv = std::int64_t{c.kv_heads} * c.head_dim;
+
+  // The parameter table of build(): embedding, per block two norm gains, Q/K/V/O and W1/W3/W2, the
+  // final norm and the head.
+  const std::int64_t head = encoder ? std::int64_t{c.num_classes} * D : V * D;
+  const std::int64_t per_layer = 2 * D + (q + 2 * kv) * D + D * q + 3 * F * D;
+  const std::int64_t params = V * D + c.layers * per_layer + D + head + (encoder ? c.num_classes : 0);
+  const std::int64_t tensors = 1 + 9 * std::int64_t{c.layers} + 1 + (encoder ? 2 : 1);
+
+  MemoryEstimate m;
+  m.parameters = m.gradients = float_bytes(params);
+  m.optimizer = 2 * float_bytes(params);
+  const std::vector<std::int64_t> layer_rows(static_cast<std::size_t>(c.layers), rows);
+  const StackFloats f = stack_floats(c, shape, layer_rows, rows, head);
+  m.layer_inputs = float_bytes(f.activations);
+  m.residual = float_bytes(f.final_out) + float_bytes(f.d_a) + float_bytes(f.d_b) + float_bytes(f.d_pooled);
+  if (encoder) m.residual += float_bytes(f.d_final) + float_bytes(f.pooled) + float_bytes(f.head_sink);
+  const std::int64_t targets = encoder ? shape.batch : rows;
+  m.residual += (rows + targets) * std::int64_t{sizeof(std::int32_t)} + std::int64_t{sizeof(Scalars)} +
+                tensors * std::int64_t{sizeof(std::int32_t)};
+  if (device == DeviceKind::kCuda) m.residual += g.local_len * std::int64_t{sizeof(std::int32_t)};  // positions
+  m.block_scratch = 4 * float_bytes(rows * D);
+  m.attention_projections = model::SelfAttention::scratch_floats(c, g, storage) * kF32;
+  m.ffn_chunks = float_bytes(model::SwiGluFfn::scratch_floats(c.ffn_hidden, rows, c.row_chunk));
+  m.attention_workspace = attention_workspace_bytes(layer, c.attention, device);
+  // The input checks' counters and their all-gather, alive during a call (agreement.cpp).
+  if (c.attention.check_inputs) m.attention_workspace += (6 + 3 * std::int64_t{ranks}) * 8;
+
+  // The loss chunk: its fp32 logits on either backend (CPU: a host vector per call); on CUDA the
+  // stream scratch grows to the largest call's needs: the loss chunk with its bf16 copies, or a bf16
+  // product's rounded weight and row chunk (8192 rows, layers_gemm_cuda.cu).
+  const std::int64_t ce_rows = std::min(c.ce_chunk, encoder ? std::int64_t{shape.batch} : rows);
+  const std::int64_t classes = encoder ? c.num_classes : V;
+  std::int64_t ce = ce_rows * classes * kF32 + 2 * rows * kF32;
+  if (device == DeviceKind::kCuda && compute == DType::kBF16) {
+    ce += (classes * D + ce_rows * D + ce_rows * classes) * 2;
+    const std::int64_t chunk = std::min<std::int64_t>(rows, 8192), widest = std::max({q, kv, F, D});
+    m.kernel_temporaries = std::max(ce, (widest * D + chunk * (widest + D)) * 2);
+    m.runtime = std::int64_t{1} << 30;
+  } else {
+    m.kernel_temporaries = ce;
+    if (device == DeviceKind::kCuda) m.runtime = std::int64_t{1} << 30;
+  }
+  return m;
 }
 
 }  // namespace ringcast

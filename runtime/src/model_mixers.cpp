@@ -7,6 +7,7 @@
 #include <ringcast/kernels/layers.hpp>
 #include <ringcast/kernels/layout.hpp>
 
+#include <algorithm>
 #include <array>
 
 namespace ringcast::model {
@@ -52,31 +53,50 @@ AttentionProjections::AttentionProjections(ParameterTable& table, const std::str
   wo = table.add(prefix + "wo", dim, q_width(), true, Init::kFanIn);
 }
 
-void AttentionProjections::project(const RunContext& rc, const Geometry& g, const float* x, float* q, float* k,
-                                   float* v) const {
-  const std::int64_t rows = g.rows(), n = g.local_len, qd = q_width(), kd = kv_width();
+namespace {
+
+// RoPE (or its transpose) on q, k holding rows [first, first + rows) of geometry g.
+void rope_rows(const AttentionProjections& p, const RunContext& rc, const Geometry& g, std::int64_t first,
+               std::int64_t rows, float* q, float* k, bool backward) {
+  const int heads = p.heads, kv_heads = p.kv_heads, head_dim = p.head_dim;
+  const float rope_theta = p.rope_theta;
+  const std::int64_t n = g.local_len, qd = p.q_width(), kd = p.kv_width();
   const std::int32_t* positions = g.kernel_positions(rc.exec.device);
-  kernels::linear_forward({rows, dim, static_cast<int>(qd), x, rc.p(wq), q, false, rc.compute}, rc.exec);
-  kernels::linear_forward({rows, dim, static_cast<int>(kd), x, rc.p(wk), k, false, rc.compute}, rc.exec);
-  kernels::linear_forward({rows, dim, static_cast<int>(kd), x, rc.p(wv), v, false, rc.compute}, rc.exec);
   // Rows are [batch][local_len]: each batch element's rows carry the same positions.
-  for (int b = 0; b < g.batch; ++b) {
-    kernels::rope_forward({n, heads, head_dim, rope_theta, positions, q + b * n * qd}, rc.exec);
-    kernels::rope_forward({n, kv_heads, head_dim, rope_theta, positions, k + b * n * kd}, rc.exec);
+  for (std::int64_t r = first; r < first + rows;) {
+    const std::int64_t t = r % n, count = std::min(n - t, first + rows - r), at = r - first;
+    const kernels::RopeParams pq{count, heads, head_dim, rope_theta, positions + t, q + at * qd};
+    const kernels::RopeParams pk{count, kv_heads, head_dim, rope_theta, positions + t, k + at * kd};
+    if (backward) {
+      kernels::rope_backward(pq, rc.exec);
+      kernels::rope_backward(pk, rc.exec);
+    } else {
+      kernels::rope_forward(pq, rc.exec);
+      kernels::rope_forward(pk, rc.exec);
+    }
+    r += count;
   }
 }
 
-void AttentionProjections::project_backward(const RunContext& rc, const Geometry& g, const float* x, float* d_q,
-                                            float* d_k, const float* d_v, float* dx) const {
-  const std::int64_t rows = g.rows(), n = g.local_len, qd = q_width(), kd = kv_width();
-  const std::int32_t* positions = g.kernel_positions(rc.exec.device);
-  for (int b = 0; b < g.batch; ++b) {
-    kernels::rope_backward({n, heads, head_dim, rope_theta, positions, d_q + b * n * qd}, rc.exec);
-    kernels::rope_backward({n, kv_heads, head_dim, rope_theta, positions, d_k + b * n * kd}, rc.exec);
-  }
-  kernels::linear_backward({rows, dim, static_cast<int>(qd), x, rc.p(wq), d_q, dx, rc.g(wq), rc.compute}, rc.exec);
-  kernels::linear_backward({rows, dim, static_cast<int>(kd), x, rc.p(wk), d_k, dx, rc.g(wk), rc.compute}, rc.exec);
-  kernels::linear_backward({rows, dim, static_cast<int>(kd), x, rc.p(wv), d_v, dx, rc.g(wv), rc.compute}, rc.exec);
+}  // namespace
+
+void AttentionProjections::project_rows(const RunContext& rc, const Geometry& g, std::int64_t first, std::int64_t rows,
+                                        const float* x, float* q, float* k, float* v) const {
+  const int qd = static_cast<int>(q_width()), kd = static_cast<int>(kv_width());
+  kernels::linear_forward({rows, dim, qd, x, rc.p(wq), q, false, rc.compute}, rc.exec);
+  kernels::linear_forward({rows, dim, kd, x, rc.p(wk), k, false, rc.compute}, rc.exec);
+  kernels::linear_forward({rows, dim, kd, x, rc.p(wv), v, false, rc.compute}, rc.exec);
+  rope_rows(*this, rc, g, first, rows, q, k, false);
+}
+
+void AttentionProjections::project_rows_backward(const RunContext& rc, const Geometry& g, std::int64_t first,
+                                                 std::int64_t rows, const float* x, float* d_q, float* d_k,
+                                                 const float* d_v, float* dx) const {
+  const int qd = static_cast<int>(q_width()), kd = static_cast<int>(kv_width());
+  rope_rows(*this, rc, g, first, rows, d_q, d_k, true);
+  kernels::linear_backward({rows, dim, qd, x, rc.p(wq), d_q, dx, rc.g(wq), rc.compute}, rc.exec);
+  kernels::linear_backward({rows, dim, kd, x, rc.p(wk), d_k, dx, rc.g(wk), rc.compute}, rc.exec);
+  kernels::linear_backward({rows, dim, kd, x, rc.p(wv), d_v, dx, rc.g(wv), rc.compute}, rc.exec);
 }
 
 DType attention_dtype(const Device& device) {
@@ -96,31 +116,62 @@ LayerShape attention_shape(const ModelConfig& c, const Geometry& g, int ranks, D
   return shape;
 }
 
-// The fp32 buffers the projections read and write (q|k|v, o, their gradients, the LSE), and the ones
-// the operator reads and writes: the same buffers when its dtype is f32 (CPU), bf16 twins (CUDA).
-struct SelfAttention::Buffers {
-  float *qkv, *o, *d_qkv, *d_o, *lse;
-  void *qkv_s, *o_s, *d_qkv_s, *d_o_s;
+AttentionOperators::AttentionOperators(const Session& session, const AttentionOptions& options)
+    : session_(session), options_(options) {}
+
+DistributedAttention& AttentionOperators::get(const LayerShape& shape) {
+  const auto same = [&](const std::unique_ptr<DistributedAttention>& op) {
+    const LayerShape& s = op->shape();
+    return s.seq_len == shape.seq_len && s.ranks == shape.ranks && s.batch == shape.batch && s.heads == shape.heads &&
+           s.kv_heads == shape.kv_heads && s.head_dim == shape.head_dim && s.dtype == shape.dtype &&
+           s.causal == shape.causal;
+  };
+  const auto it = std::find_if(operators_.begin(), operators_.end(), same);
+  if (it != operators_.end()) return **it;
+  operators_.push_back(std::make_unique<DistributedAttention>(session_, shape, options_));
+  return *operators_.back();
+}
+
+// The operator's buffers, whole, in its storage dtype: q|k|v and their gradients packed back to back
+// (packed_views), o and d_o; the LSE in fp32. And fp32 buffers for one chunk of rows: the
+// projections' q|k|v (or their gradients), then o (or d_o).
+namespace {
+
+struct AttentionScratch {
+  std::int64_t qkv, o, lse, chunk;  // elements
 };
 
+AttentionScratch attention_scratch(const ModelConfig& c, const Geometry& g) {
+  const std::int64_t rows = g.rows(), q = std::int64_t{c.heads} * c.head_dim;
+  const std::int64_t kv = std::int64_t{c.kv_heads} * c.head_dim;
+  return {rows * (q + 2 * kv), rows * q, rows * c.heads, std::min(rows, c.row_chunk) * (2 * q + 2 * kv)};
+}
+
+}  // namespace
+
+std::int64_t SelfAttention::scratch_floats(const ModelConfig& c, const Geometry& g, DType storage) {
+  const AttentionScratch a = attention_scratch(c, g);
+  return 2 * floats_for(a.qkv, storage) + 2 * floats_for(a.o, storage) + a.lse + a.chunk;
+}
+
 SelfAttention::SelfAttention(const Session& session, ParameterTable& table, Scratch& scratch,
-                             const std::string& prefix, const ModelConfig& c, const Geometry& g)
-    : proj_(table, prefix, c), geom_(g), storage_(attention_dtype(session.device())) {
+                             AttentionOperators& operators, const std::string& prefix, const ModelConfig& c,
+                             const Geometry& g)
+    : proj_(table, prefix, c), geom_(g), storage_(attention_dtype(session.device())),
+      chunk_(std::max<std::int64_t>(1, std::min(g.rows(), c.row_chunk))) {
   const LayerShape shape = attention_shape(c, g, session.size(), storage_);
-  attention_ = std::make_unique<DistributedAttention>(session, shape, c.attention);
+  attention_ = &operators.get(shape);
   if (c.attention.uses_surrogates()) {
     RINGCAST_CHECK(storage_ == DType::kF32, "Model: CAST surrogate clusters run on the CPU backend only");
     surrogate_shape_ = surrogate_shape(shape, c.attention);
     const auto [kv_heads, clusters, head_dim] = surrogate_shape_;
     surrogates_ = table.add(prefix + "surrogates", kv_heads * clusters, head_dim, false, Init::kFanIn);
   }
-  const std::int64_t rows = g.rows(), qkv = rows * (proj_.q_width() + 2 * proj_.kv_width()), o = rows * proj_.q_width();
-  for (const char* key : {"attn.qkv", "attn.d_qkv"}) scratch.reserve(key, qkv);
-  for (const char* key : {"attn.o", "attn.d_o"}) scratch.reserve(key, o);
-  scratch.reserve("attn.lse", rows * c.heads);
-  if (storage_ == DType::kF32) return;
-  for (const char* key : {"attn.qkv_s", "attn.d_qkv_s"}) scratch.reserve(key, floats_for(qkv, storage_));
-  for (const char* key : {"attn.o_s", "attn.d_o_s"}) scratch.reserve(key, floats_for(o, storage_));
+  const AttentionScratch a = attention_scratch(c, g);
+  for (const char* key : {"attn.qkv", "attn.d_qkv"}) scratch.reserve(key, floats_for(a.qkv, storage_));
+  for (const char* key : {"attn.o", "attn.d_o"}) scratch.reserve(key, floats_for(a.o, storage_));
+  scratch.reserve("attn.lse", a.lse);
+  scratch.reserve("attn.chunk", a.chunk);
 }
 
 TensorView SelfAttention::surrogates(const RunContext& rc) const {
@@ -135,84 +186,137 @@ TensorView SelfAttention::d_surrogates(const RunContext& rc) const {
                                 {surrogate_shape_[0], surrogate_shape_[1], surrogate_shape_[2]}, rc.session.device());
 }
 
-SelfAttention::Buffers SelfAttention::buffers(const RunContext& rc) const {
-  const Scratch& s = rc.scratch;
-  Buffers b{s.get("attn.qkv"), s.get("attn.o"), s.get("attn.d_qkv"), s.get("attn.d_o"), s.get("attn.lse"),
-            nullptr, nullptr, nullptr, nullptr};
-  const bool same = storage_ == DType::kF32;
-  b.qkv_s = same ? static_cast<void*>(b.qkv) : s.get("attn.qkv_s");
-  b.o_s = same ? static_cast<void*>(b.o) : s.get("attn.o_s");
-  b.d_qkv_s = same ? static_cast<void*>(b.d_qkv) : s.get("attn.d_qkv_s");
-  b.d_o_s = same ? static_cast<void*>(b.d_o) : s.get("attn.d_o_s");
-  return b;
+// Rows [r0, r0 + m) of a [rows, width] matrix of the storage dtype: a pointer offset in bytes.
+void* SelfAttention::storage_rows(void* base, std::int64_t r0, std::int64_t width) const {
+  return static_cast<char*>(base) + static_cast<std::size_t>(r0 * width) * dtype_size(storage_);
 }
 
+// Q, K, V are projected chunk by chunk into fp32 and stored in the operator's dtype; O is read back
+// chunk by chunk for W_o, straight into y.
 void SelfAttention::forward(const RunContext& rc, const float* x, float* y) {
   const Device& dev = rc.session.device();
-  const Buffers b = buffers(rc);
+  const Scratch& s = rc.scratch;
+  void *qkv = s.get("attn.qkv"), *o = s.get("attn.o");
+  float *lse = s.get("attn.lse"), *chunk = s.get("attn.chunk");
   const std::int64_t rows = geom_.rows(), qd = proj_.q_width(), kd = proj_.kv_width();
-  const bool converted = storage_ != DType::kF32;
-  proj_.project(rc, geom_, x, b.qkv, b.qkv + rows * qd, b.qkv + rows * (qd + kd));
-  if (converted) copy(b.qkv, DType::kF32, b.qkv_s, storage_, rows * (qd + 2 * kd), rc);
-  const auto [q, k, v] = packed_views(b.qkv_s, storage_, geom_, proj_, dev);
-  attention_->forward({q, k, v, heads_view(b.o_s, storage_, geom_, proj_.heads, proj_.head_dim, dev),
-                       TensorView::contiguous(b.lse, DType::kF32, {geom_.batch, proj_.heads, geom_.local_len}, dev),
+  const auto [q, k, v] = packed_views(qkv, storage_, geom_, proj_, dev);
+  for (std::int64_t r0 = 0; r0 < rows; r0 += chunk_) {
+    const std::int64_t m = std::min(chunk_, rows - r0);
+    float *qc = chunk, *kc = qc + m * qd, *vc = kc + m * kd;
+    proj_.project_rows(rc, geom_, r0, m, x + r0 * proj_.dim, qc, kc, vc);
+    copy(qc, DType::kF32, storage_rows(q.data, r0, qd), storage_, m * qd, rc);
+    copy(kc, DType::kF32, storage_rows(k.data, r0, kd), storage_, m * kd, rc);
+    copy(vc, DType::kF32, storage_rows(v.data, r0, kd), storage_, m * kd, rc);
+  }
+  attention_->forward({q, k, v, heads_view(o, storage_, geom_, proj_.heads, proj_.head_dim, dev),
+                       TensorView::contiguous(lse, DType::kF32, {geom_.batch, proj_.heads, geom_.local_len}, dev),
                        surrogates(rc)});
-  if (converted) copy(b.o_s, storage_, b.o, DType::kF32, rows * qd, rc);
-  kernels::linear_forward({rows, static_cast<int>(qd), proj_.dim, b.o, rc.p(proj_.wo), y, true, rc.compute}, rc.exec);
+  for (std::int64_t r0 = 0; r0 < rows; r0 += chunk_) {
+    const std::int64_t m = std::min(chunk_, rows - r0);
+    copy(storage_rows(o, r0, qd), storage_, chunk, DType::kF32, m * qd, rc);
+    kernels::linear_forward({m, static_cast<int>(qd), proj_.dim, chunk, rc.p(proj_.wo), y + r0 * proj_.dim, true,
+                             rc.compute},
+                            rc.exec);
+  }
 }
 
+// After forward() on the same x: q|k|v, o and the LSE are the forward's. The weight gradients sum
+// over the chunks (with more than one, in another order than one product would: fp32 rounding).
 void SelfAttention::backward(const RunContext& rc, const float* x, const float* dy, float* dx) {
   const Device& dev = rc.session.device();
-  const Buffers b = buffers(rc);
+  const Scratch& s = rc.scratch;
+  void *qkv = s.get("attn.qkv"), *o = s.get("attn.o"), *d_qkv = s.get("attn.d_qkv"), *d_o = s.get("attn.d_o");
+  float *lse = s.get("attn.lse"), *chunk = s.get("attn.chunk");
   const int h = proj_.heads, d = proj_.head_dim;
   const std::int64_t rows = geom_.rows(), qd = proj_.q_width(), kd = proj_.kv_width();
-  const bool converted = storage_ != DType::kF32;
-  zero(b.d_o, rows * qd, rc);
-  kernels::linear_backward(
-      {rows, static_cast<int>(qd), proj_.dim, b.o, rc.p(proj_.wo), dy, b.d_o, rc.g(proj_.wo), rc.compute}, rc.exec);
-  if (converted) copy(b.d_o, DType::kF32, b.d_o_s, storage_, rows * qd, rc);
-  const auto [q, k, v] = packed_views(b.qkv_s, storage_, geom_, proj_, dev);
-  const auto [d_q, d_k, d_v] = packed_views(b.d_qkv_s, storage_, geom_, proj_, dev);
-  attention_->backward({q, k, v, heads_view(b.o_s, storage_, geom_, h, d, dev),
-                        TensorView::contiguous(b.lse, DType::kF32, {geom_.batch, h, geom_.local_len}, dev),
-                        heads_view(b.d_o_s, storage_, geom_, h, d, dev), d_q, d_k, d_v, surrogates(rc),
-                        d_surrogates(rc)});
-  if (converted) copy(b.d_qkv_s, storage_, b.d_qkv, DType::kF32, rows * (qd + 2 * kd), rc);
-  proj_.project_backward(rc, geom_, x, b.d_qkv, b.d_qkv + rows * qd, b.d_qkv + rows * (qd + kd), dx);
+  for (std::int64_t r0 = 0; r0 < rows; r0 += chunk_) {
+    const std::int64_t m = std::min(chunk_, rows - r0);
+    float *oc = chunk, *d_oc = oc + m * qd;
+    copy(storage_rows(o, r0, qd), storage_, oc, DType::kF32, m * qd, rc);
+    zero(d_oc, m * qd, rc);
+    kernels::linear_backward({m, static_cast<int>(qd), proj_.dim, oc, rc.p(proj_.wo), dy + r0 * proj_.dim, d_oc,
+                              rc.g(proj_.wo), rc.compute},
+                             rc.exec);
+    copy(d_oc, DType::kF32, storage_rows(d_o, r0, qd), storage_, m * qd, rc);
+  }
+  const auto [q, k, v] = packed_views(qkv, storage_, geom_, proj_, dev);
+  const auto [d_q, d_k, d_v] = packed_views(d_qkv, storage_, geom_, proj_, dev);
+  attention_->backward({q, k, v, heads_view(o, storage_, geom_, h, d, dev),
+                        TensorView::contiguous(lse, DType::kF32, {geom_.batch, h, geom_.local_len}, dev),
+                        heads_view(d_o, storage_, geom_, h, d, dev), d_q, d_k, d_v, surrogates(rc), d_surrogates(rc)});
+  for (std::int64_t r0 = 0; r0 < rows; r0 += chunk_) {
+    const std::int64_t m = std::min(chunk_, rows - r0);
+    float *d_qc = chunk, *d_kc = d_qc + m * qd, *d_vc = d_kc + m * kd;
+    copy(storage_rows(d_q.data, r0, qd), storage_, d_qc, DType::kF32, m * qd, rc);
+    copy(storage_rows(d_k.data, r0, kd), storage_, d_kc, DType::kF32, m * kd, rc);
+    copy(storage_rows(d_v.data, r0, kd), storage_, d_vc, DType::kF32, m * kd, rc);
+    proj_.project_rows_backward(rc, geom_, r0, m, x + r0 * proj_.dim, d_qc, d_kc, d_vc, dx + r0 * proj_.dim);
+  }
+}
+
+std::int64_t SwiGluFfn::scratch_floats(int hidden, std::int64_t max_rows, std::int64_t chunk_rows) {
+  return 6 * std::min(max_rows, chunk_rows) * hidden;
 }
 
 SwiGluFfn::SwiGluFfn(ParameterTable& table, Scratch& scratch, const std::string& prefix, const std::string& scratch_key,
-                     int dim, int hidden, std::int64_t max_rows)
-    : dim_(dim), hidden_(hidden), max_rows_(max_rows), key_(scratch_key) {
+                     int dim, int hidden, std::int64_t max_rows, std::int64_t chunk_rows)
+    : dim_(dim),
+      hidden_(hidden),
+      max_rows_(max_rows),
+      chunk_(std::max<std::int64_t>(1, std::min(max_rows, chunk_rows))),
+      key_(scratch_key) {
+  RINGCAST_CHECK(chunk_rows > 0, "SwiGluFfn: chunk_rows ({}) must be positive", chunk_rows);
   w1_ = table.add(prefix + "w1", hidden, dim, true, Init::kFanIn);
   w3_ = table.add(prefix + "w3", hidden, dim, true, Init::kFanIn);
   w2_ = table.add(prefix + "w2", dim, hidden, true, Init::kFanIn);
-  for (const char* part : {".a", ".b", ".h", ".d_a", ".d_b", ".d_h"}) scratch.reserve(key_ + part, max_rows * hidden);
+  scratch.reserve(key_, scratch_floats(hidden, max_rows, chunk_rows));
+}
+
+// The six [chunk, F] matrices a, b, h, d_a, d_b, d_h, back to back in one scratch buffer.
+std::array<float*, 6> SwiGluFfn::chunk_buffers(const RunContext& rc) const {
+  float* base = rc.scratch.get(key_);
+  const std::int64_t size = chunk_ * hidden_;
+  return {base, base + size, base + 2 * size, base + 3 * size, base + 4 * size, base + 5 * size};
 }
 
 void SwiGluFfn::forward_rows(const RunContext& rc, std::int64_t rows, const float* x, float* y) {
   RINGCAST_CHECK(rows <= max_rows_, "SwiGluFfn: {} rows, at most {} reserved", rows, max_rows_);
-  const Scratch& s = rc.scratch;
-  float *a = s.get(key_ + ".a"), *b = s.get(key_ + ".b"), *h = s.get(key_ + ".h");
-  kernels::linear_forward({rows, dim_, hidden_, x, rc.p(w1_), a, false, rc.compute}, rc.exec);
-  kernels::linear_forward({rows, dim_, hidden_, x, rc.p(w3_), b, false, rc.compute}, rc.exec);
-  kernels::swiglu_forward({rows * hidden_, a, b, h}, rc.exec);
-  kernels::linear_forward({rows, hidden_, dim_, h, rc.p(w2_), y, true, rc.compute}, rc.exec);
+  const auto [a, b, h, d_a, d_b, d_h] = chunk_buffers(rc);
+  for (std::int64_t r0 = 0; r0 < rows; r0 += chunk_) {
+    const std::int64_t m = std::min(chunk_, rows - r0);
+    const float* xc = x + r0 * dim_;
+    kernels::linear_forward({m, dim_, hidden_, xc, rc.p(w1_), a, false, rc.compute}, rc.exec);
+    kernels::linear_forward({m, dim_, hidden_, xc, rc.p(w3_), b, false, rc.compute}, rc.exec);
+    kernels::swiglu_forward({m * hidden_, a, b, h}, rc.exec);
+    kernels::linear_forward({m, hidden_, dim_, h, rc.p(w2_), y + r0 * dim_, true, rc.compute}, rc.exec);
+  }
 }
 
+// Chunks run last to first: the last one's a, b, h are still in scratch from the forward (the Mixer
+// contract), the others are recomputed. With more than one chunk the weight gradients sum over rows
+// in another order than one product would (equal up to fp32 rounding).
 void SwiGluFfn::backward_rows(const RunContext& rc, std::int64_t rows, const float* x, const float* dy, float* dx) {
-  const Scratch& s = rc.scratch;
-  float *a = s.get(key_ + ".a"), *b = s.get(key_ + ".b"), *h = s.get(key_ + ".h");
-  float *d_a = s.get(key_ + ".d_a"), *d_b = s.get(key_ + ".d_b"), *d_h = s.get(key_ + ".d_h");
-  const std::int64_t count = rows * hidden_;
-  zero(d_h, count, rc);
-  kernels::linear_backward({rows, hidden_, dim_, h, rc.p(w2_), dy, d_h, rc.g(w2_), rc.compute}, rc.exec);
-  zero(d_a, count, rc);
-  zero(d_b, count, rc);
-  kernels::swiglu_backward({count, a, b, d_h, d_a, d_b}, rc.exec);
-  kernels::linear_backward({rows, dim_, hidden_, x, rc.p(w1_), d_a, dx, rc.g(w1_), rc.compute}, rc.exec);
-  kernels::linear_backward({rows, dim_, hidden_, x, rc.p(w3_), d_b, dx, rc.g(w3_), rc.compute}, rc.exec);
+  RINGCAST_CHECK(rows <= max_rows_, "SwiGluFfn: {} rows, at most {} reserved", rows, max_rows_);
+  const auto [a, b, h, d_a, d_b, d_h] = chunk_buffers(rc);
+  if (rows == 0) return;
+  const std::int64_t last = (rows - 1) / chunk_ * chunk_;
+  for (std::int64_t r0 = last; r0 >= 0; r0 -= chunk_) {
+    const std::int64_t m = std::min(chunk_, rows - r0), count = m * hidden_;
+    const float *xc = x + r0 * dim_, *dyc = dy + r0 * dim_;
+    float* dxc = dx + r0 * dim_;
+    if (r0 != last) {
+      kernels::linear_forward({m, dim_, hidden_, xc, rc.p(w1_), a, false, rc.compute}, rc.exec);
+      kernels::linear_forward({m, dim_, hidden_, xc, rc.p(w3_), b, false, rc.compute}, rc.exec);
+      kernels::swiglu_forward({count, a, b, h}, rc.exec);
+    }
+    zero(d_h, count, rc);
+    kernels::linear_backward({m, hidden_, dim_, h, rc.p(w2_), dyc, d_h, rc.g(w2_), rc.compute}, rc.exec);
+    zero(d_a, count, rc);
+    zero(d_b, count, rc);
+    kernels::swiglu_backward({count, a, b, d_h, d_a, d_b}, rc.exec);
+    kernels::linear_backward({m, dim_, hidden_, xc, rc.p(w1_), d_a, dxc, rc.g(w1_), rc.compute}, rc.exec);
+    kernels::linear_backward({m, dim_, hidden_, xc, rc.p(w3_), d_b, dxc, rc.g(w3_), rc.compute}, rc.exec);
+  }
 }
 
 PreNormBlock::PreNormBlock(ParameterTable& table, Scratch& scratch, const std::string& prefix, const ModelConfig& c,

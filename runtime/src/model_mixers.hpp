@@ -11,6 +11,7 @@
 
 #include <array>
 #include <memory>
+#include <vector>
 
 namespace ringcast::model {
 
@@ -28,26 +29,55 @@ struct AttentionProjections {
   AttentionProjections(ParameterTable& table, const std::string& prefix, const ModelConfig& c);
   std::int64_t q_width() const { return std::int64_t{heads} * head_dim; }
   std::int64_t kv_width() const { return std::int64_t{kv_heads} * head_dim; }
-  // q, k, v [rows, ·] from x [rows, D]; RoPE on q and k at `positions` (rows are [batch][positions]).
-  void project(const RunContext& rc, const Geometry& g, const float* x, float* q, float* k, float* v) const;
-  // dx += from d_q, d_k, d_v (RoPE undone in place on d_q, d_k); weight gradients added.
+  // q, k, v [rows, ·] from x, rows [first, first + rows) of geometry g ([rows, D]); RoPE on q and k
+  // at the rows' global positions (rows are [batch][local_len]).
+  void project_rows(const RunContext& rc, const Geometry& g, std::int64_t first, std::int64_t rows, const float* x,
+                    float* q, float* k, float* v) const;
+  // dx += from d_q, d_k, d_v of the same rows (RoPE undone in place on d_q, d_k); weight gradients added.
+  void project_rows_backward(const RunContext& rc, const Geometry& g, std::int64_t first, std::int64_t rows,
+                             const float* x, float* d_q, float* d_k, const float* d_v, float* dx) const;
+  // Every row of g.
+  void project(const RunContext& rc, const Geometry& g, const float* x, float* q, float* k, float* v) const {
+    project_rows(rc, g, 0, g.rows(), x, q, k, v);
+  }
   void project_backward(const RunContext& rc, const Geometry& g, const float* x, float* d_q, float* d_k,
-                        const float* d_v, float* dx) const;
+                        const float* d_v, float* dx) const {
+    project_rows_backward(rc, g, 0, g.rows(), x, d_q, d_k, d_v, dx);
+  }
 };
 
-// Q, K, V sit back to back in one buffer (and their gradients in another), so that on CUDA one
-// conversion each way moves them to and from the operator's bf16 storage; on the CPU the operator
-// works on the fp32 buffers themselves.
+// The distributed attention operators of a stack, one per distinct layer shape, all with the model's
+// AttentionOptions. Every layer of that shape shares it: a layer's backward recomputes its forward
+// right before (the Mixer contract), so no operator state has to outlive one layer's pass, and the
+// mode's workspace (at 1M tokens the clustered pools are GBs) exists once instead of once per layer.
+// Operators are made in the order the stack asks for them, the same on every rank (collective).
+class AttentionOperators {
+ public:
+  AttentionOperators(const Session& session, const AttentionOptions& options);
+  DistributedAttention& get(const LayerShape& shape);
+
+ private:
+  const Session& session_;
+  AttentionOptions options_;
+  std::vector<std::unique_ptr<DistributedAttention>> operators_;
+};
+
+// The operator reads Q, K, V and writes O in its storage dtype, whole; the projections around it run
+// over chunks of ModelConfig::row_chunk rows in fp32, so that no fp32 copy of Q, K, V or O exists
+// (on CUDA those would be twice the bf16 ones). Q, K, V sit back to back in one buffer (and their
+// gradients in another).
 class SelfAttention final : public Mixer {
  public:
-  SelfAttention(const Session& session, ParameterTable& table, Scratch& scratch, const std::string& prefix,
-                const ModelConfig& c, const Geometry& g);
+  // The operator comes from `operators`, which must outlive the mixer.
+  SelfAttention(const Session& session, ParameterTable& table, Scratch& scratch, AttentionOperators& operators,
+                const std::string& prefix, const ModelConfig& c, const Geometry& g);
+  // The scratch floats the constructor reserves (the memory estimate uses it too).
+  static std::int64_t scratch_floats(const ModelConfig& c, const Geometry& g, DType storage);
   void forward(const RunContext& rc, const float* x, float* y) override;
   void backward(const RunContext& rc, const float* x, const float* dy, float* dx) override;
 
  private:
-  struct Buffers;
-  Buffers buffers(const RunContext& rc) const;
+  void* storage_rows(void* base, std::int64_t r0, std::int64_t width) const;
 
   // CAST (attention.clusters = surrogate): the surrogate tokens [h_kv, c, d] are this layer's
   // parameters ("surrogates", no weight decay); the operator adds this rank's part of their gradient.
@@ -57,28 +87,35 @@ class SelfAttention final : public Mixer {
   AttentionProjections proj_;
   const Geometry& geom_;
   DType storage_;  // the operator's dtype (attention_dtype)
-  std::unique_ptr<DistributedAttention> attention_;
+  std::int64_t chunk_;  // rows per projection chunk
+  DistributedAttention* attention_;
   std::array<std::int64_t, 3> surrogate_shape_{};
   ParamRef surrogates_;
 };
 
+// Token-wise, so it runs over row chunks of at most chunk_rows: its scratch is six [chunk, F]
+// matrices (a = x W1ᵀ, b = x W3ᵀ, h = silu(a) b and their gradients), not six [rows, F].
 class SwiGluFfn final : public Mixer {
  public:
-  // Reserves scratch for max_rows rows under `scratch_key` (branches of different widths need
-  // different keys).
+  // Reserves scratch for chunks of min(max_rows, chunk_rows) rows under `scratch_key` (branches of
+  // different widths need different keys).
   SwiGluFfn(ParameterTable& table, Scratch& scratch, const std::string& prefix, const std::string& scratch_key,
-            int dim, int hidden, std::int64_t max_rows);
+            int dim, int hidden, std::int64_t max_rows, std::int64_t chunk_rows);
+  // The floats the constructor reserves (the memory estimate uses it too).
+  static std::int64_t scratch_floats(int hidden, std::int64_t max_rows, std::int64_t chunk_rows);
   void forward(const RunContext& rc, const float* x, float* y) override { forward_rows(rc, max_rows_, x, y); }
   void backward(const RunContext& rc, const float* x, const float* dy, float* dx) override {
     backward_rows(rc, max_rows_, x, dy, dx);
   }
-  // Token-wise, so any rows <= max_rows may run (CoLT5's heavy branch on the routed tokens).
+  // Any rows <= max_rows may run (CoLT5's heavy branch on the routed tokens).
   void forward_rows(const RunContext& rc, std::int64_t rows, const float* x, float* y);
   void backward_rows(const RunContext& rc, std::int64_t rows, const float* x, const float* dy, float* dx);
 
  private:
+  std::array<float*, 6> chunk_buffers(const RunContext& rc) const;
+
   int dim_, hidden_;
-  std::int64_t max_rows_;
+  std::int64_t max_rows_, chunk_;
   std::string key_;
   ParamRef w1_, w3_, w2_;
 };

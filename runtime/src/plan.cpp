@@ -1,5 +1,11 @@
 // Formulas of plan.hpp. Every term names the message it stands for; the figures are per rank and
 // per layer, summed over the batch.
+#include "attention_internal.hpp"
+
+#include <ringcast/error.hpp>
+#include <ringcast/kernels/attention.hpp>
+#include <ringcast/kernels/selection.hpp>
+#include <ringcast/kernels/summaries.hpp>
 #include <ringcast/plan.hpp>
 
 #include <algorithm>
@@ -149,6 +155,172 @@ LayerPlan plan_layer(const LayerShape& shape, const AttentionOptions& o) {
   plan.bytes_recv_bwd = plan.bytes_sent_bwd;
   plan.attention_flops_fwd = 4.0 * z.b * z.n_loc * plan.keys_per_query * z.d * z.h;
   return plan;
+}
+
+namespace {
+
+// attention_workspace_bytes(), term by term. Every figure is one allocation of the mode's
+// constructor (or, for clustered tables, of its forward), in its order.
+constexpr std::int64_t kEntry = sizeof(kernels::BlockEntry), kRef = sizeof(kernels::PageRef);
+constexpr std::int64_t kMeta = sizeof(kernels::KeyMeta), kI64 = 8, kI32 = 4;
+
+// The attention kernels' own workspace for one call of `s`: the CPU kernels' per-thread scratch, or
+// the CUDA kernels' (attention_cuda.cu: none forward, the backward's per-row delta, 256-byte aligned).
+std::int64_t kernel_workspace(const kernels::AttentionShape& s, DeviceKind device) {
+  if (device == DeviceKind::kCpu) {
+    const kernels::ExecContext cpu{};
+    return static_cast<std::int64_t>(kernels::attention_forward_workspace_bytes(s, cpu) +
+                                     kernels::attention_backward_workspace_bytes(s, cpu));
+  }
+  const std::int64_t delta = std::int64_t{s.batch} * s.heads * s.seq_q * kF32;
+  return (delta + 255) / 256 * 256;
+}
+
+// A dense table (kernels::dense_table) and its transpose as DeviceTables holds them: queries at
+// q_pos (tiles of kQueryTile rows), keys in `ranges` of (first position, count), pages of kPage.
+std::int64_t dense_table_bytes(const kernels::AttentionShape& s, const std::vector<std::int32_t>& q_pos,
+                               const std::vector<std::pair<std::int64_t, std::int64_t>>& ranges, bool causal) {
+  const std::int64_t ps = s.page_size, tiles = s.num_tiles();
+  std::int64_t per_head = 0;  // entries of one KV head (the builder copies them for every head)
+  for (std::int64_t t = 0; t < tiles; ++t) {
+    const auto first = q_pos.begin() + t * kQueryTile;
+    const auto end = std::min<std::int64_t>((t + 1) * kQueryTile, static_cast<std::int64_t>(q_pos.size()));
+    const auto last = q_pos.begin() + end;
+    const std::int64_t t_max = *std::max_element(first, last);
+    for (const auto& [pos0, count] : ranges) {
+      const std::int64_t pages = (count + ps - 1) / ps;
+      per_head += !causal ? pages : t_max < pos0 ? 0 : std::min(pages, (t_max - pos0) / ps + 1);
+    }
+  }
+  const std::int64_t entries = per_head * s.kv_heads * s.batch;
+  return (s.batch * tiles * s.kv_heads + 1) * kI64 + entries * (kEntry + kRef) + (s.kv_heads * s.num_pages + 1) * kI64;
+}
+
+std::vector<std::pair<std::int64_t, std::int64_t>> key_ranges(const Segments& seg) {
+  std::vector<std::pair<std::int64_t, std::int64_t>> out;
+  for (const std::int32_t p : seg.pos0) out.emplace_back(p, seg.len);
+  return out;
+}
+
+// attention_ring.cpp (ring and all-gather), for rank r.
+std::int64_t ring_workspace(const LayerShape& sh, const AttentionOptions& o, int r, DeviceKind device) {
+  const std::int64_t n = sh.local_len(), d = sh.head_dim, e = static_cast<std::int64_t>(dtype_size(sh.dtype));
+  const bool gather = o.mode == AttentionMode::kAllGather;
+  const Segments local = shard_segments(sh, o, r, kExactPageSize);
+  const kernels::AttentionShape k{1, n, sh.heads, sh.kv_heads, sh.head_dim, kExactPageSize, local.pages()};
+  const std::vector<std::int32_t> pos = shard_positions(sh, o, r);
+  std::int64_t bytes = n * kI32;  // q_pos
+  for (int src = 0; src < sh.ranks; ++src)
+    bytes += dense_table_bytes(k, pos, key_ranges(shard_segments(sh, o, src, kExactPageSize)), sh.causal);
+  const std::int64_t block = 2 * std::int64_t{sh.batch} * sh.kv_heads * local.pages() * kExactPageSize * d;
+  const std::int64_t blocks = gather ? sh.ranks : 2;
+  bytes += blocks * block * (e + kF32) + (gather ? block * (e + kF32) : 0);
+  const std::int64_t rows = std::int64_t{sh.batch} * n * sh.heads;
+  bytes += 3 * rows * d * kF32 + 2 * rows * kF32;  // o_acc, o_part, dq_acc; lse_acc, lse_part
+  return bytes + kernel_workspace(k, device);
+}
+
+// attention_ulysses.cpp.
+std::int64_t ulysses_workspace(const LayerShape& sh, const AttentionOptions& o, DeviceKind device) {
+  const std::int64_t p = sh.ranks, g = o.resolved_pipeline_groups(sh), n = sh.seq_len, d = sh.head_dim;
+  const std::int64_t hqg = sh.heads / p / g, hkqg = sh.kv_heads / p / g;
+  const std::int64_t e = static_cast<std::int64_t>(dtype_size(sh.dtype));
+  std::vector<std::int32_t> all_pos;
+  std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
+  std::int64_t pages = 0;
+  for (int src = 0; src < sh.ranks; ++src) {
+    const Segments seg = shard_segments(sh, o, src, kExactPageSize);
+    const auto r = key_ranges(seg);
+    ranges.insert(ranges.end(), r.begin(), r.end());
+    pages += seg.pages();
+    const auto pos = shard_positions(sh, o, src);
+    all_pos.insert(all_pos.end(), pos.begin(), pos.end());
+  }
+  const kernels::AttentionShape k{1, n, static_cast<int>(hqg), static_cast<int>(hkqg), sh.head_dim, kExactPageSize,
+                                  pages};
+  std::int64_t bytes = n * kI32 + dense_table_bytes(k, all_pos, ranges, sh.causal);
+  const std::int64_t n_loc = sh.local_len(), b = sh.batch;
+  const std::int64_t block = b * n_loc * (hqg + 2 * hkqg) * d;  // per peer and group: Q | K | V
+  const std::int64_t q_group = b * n * hqg * d, lse_group = b * hqg * n;
+  const std::int64_t pool = g * b * hkqg * pages * kExactPageSize * d;
+  bytes += 2 * g * p * block * kF32;                 // send, recv
+  bytes += 3 * g * q_group * e + g * q_group * kF32;  // Q, O, dO head shards; fp32 dQ
+  bytes += 3 * g * lse_group * kF32;                  // LSE head shard, send, recv
+  bytes += 2 * pool * (e + kF32);                     // K/V pool, fp32 dK/dV pool
+  return bytes + kernel_workspace(k, device);
+}
+
+// attention_clustered.cpp, for rank r, and a bound on the tables of one forward.
+std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o, int r, DeviceKind device) {
+  const bool causal = sh.causal;
+  const std::int64_t p = sh.ranks, d = sh.head_dim, ps = o.page_size, b = sh.batch, hk = sh.kv_heads;
+  kernels::ClusteredLayout base;
+  base.page_size = o.page_size;
+  base.coarse_pages = o.coarse_pages;
+  base.n = sh.seq_len;
+  base.n_loc = sh.local_len();
+  base.first_pos = r * base.n_loc;  // clustered placement is contiguous
+  base.halo_before = r > 0 ? base.first_block() - 1 : -1;
+  base.halo_after = !causal && r + 1 < p ? base.first_block() + base.local_blocks() : -1;
+  const std::int64_t remote = base.num_blocks() - base.local_blocks() - base.halo_pages() / o.coarse_pages;
+  const std::int64_t limit = causal ? o.resolved_remote_cap() : o.remote_blocks;
+  base.fetch_capacity = std::min(limit, remote);
+  const kernels::SummaryShape summary{sh.batch, sh.local_len(), sh.kv_heads, sh.head_dim, o.page_size, o.coarse_pages};
+  constexpr std::int64_t kFields = 4;  // mean key, mean value, min, max
+  const std::int64_t e = static_cast<std::int64_t>(dtype_size(sh.dtype));
+  const std::int64_t max_pages = base.num_pages(), page_elems = ps * d, block_elems = o.coarse_block() * d;
+  const std::int64_t pool = b * 2 * hk * max_pages * page_elems * kF32;
+  const std::int64_t loc_rows = b * base.local_blocks();
+  std::int64_t bytes = 2 * pool;                                            // pools, d_pools
+  bytes += b * hk * max_pages * ps * kF32;                                  // key_bias
+  bytes += (kFields + 2) * hk * summary.page_rows() * d * kF32;             // page_sums, d_page_sums
+  bytes += summary.batch * summary.num_pages() * kI32 + loc_rows * kI32;    // page_counts, block_counts
+  bytes += (kFields + 2) * hk * summary.block_rows() * d * kF32;            // block_sums, d_block_sums
+  bytes += (1 + p) * kFields * hk * loc_rows * d * kF32;                    // gather send, recv
+  bytes += b * hk * kFields * base.num_blocks() * d * kF32;                 // coarse
+  bytes += 2 * base.page_summary_pages() * page_elems * kF32;               // bounds
+  bytes += base.page_summary_pages() * ps * kI32;                           // resident_counts
+  // Two stage slots (double-buffered over units), each the gradients one (element, KV head) gets
+  // back: the halo's two blocks and at most min(limit, local blocks) from every peer.
+  const std::int64_t stage_blocks = p > 1 ? 2 + (p - 1) * std::min(limit, base.local_blocks()) : 0;
+  bytes += 2 * stage_blocks * 2 * block_elems * kF32;                       // stage
+  bytes += 2 * b * hk * (1 + base.fetch_capacity) * kI32;                   // requests
+  const std::int64_t d_tokens = 2 * b * base.n_loc * hk * d * kF32, d_q = b * base.n_loc * sh.heads * d * kF32;
+  bytes += d_tokens + d_q;
+  bytes += (p + 1) * 2 * hk * loc_rows * d * kF32;                          // scatter send, recv
+  bytes += base.n_loc * kI32;                                               // q_pos
+  const kernels::AttentionShape widest{1, base.n_loc, sh.heads, sh.kv_heads, sh.head_dim, o.page_size, max_pages};
+  bytes += kernel_workspace(widest, device);
+  if (sh.dtype != DType::kF32) bytes += pool / kF32 * e;  // attn_pools (the fp32 inputs reuse d_q, d_tokens)
+  // Tables of one forward, per element (clustered_tables.cpp). Entries per (tile, KV head), bounded:
+  // the window's pages and two more on each side, the selected pages, the summary pages that hold
+  // partly selected blocks' page summaries, and every coarse-summary page; summary pages carry
+  // page_size KeyMeta records.
+  const std::int64_t units = o.resolved_selection(sh) == SelectionUnit::kRow ? base.n_loc : base.num_tiles();
+  const std::int64_t window = causal ? o.window_before : 2 * o.window_bidir;
+  const std::int64_t summary_pages = (std::int64_t{o.coarse_k} * o.coarse_pages + ps - 1) / ps + 1 +
+                                     base.coarse_summary_pages();
+  const std::int64_t per_unit = (window + kQueryTile) / ps + 4 + o.top_k + summary_pages;
+  const std::int64_t tile_units = base.num_tiles() * hk;
+  const std::int64_t table = (tile_units + 1) * kI64 + tile_units * per_unit * (kEntry + kRef) +
+                             tile_units * summary_pages * ps * kMeta + (hk * max_pages + 1) * kI64;
+  const std::int64_t slots =
+      device == DeviceKind::kCpu ? 0 : hk * units * (o.top_k * kI32 + o.coarse_k * kI64 + 2 * kI32);
+  return bytes + b * (table + slots);
+}
+
+}  // namespace
+
+std::int64_t attention_workspace_bytes(const LayerShape& shape, const AttentionOptions& o, DeviceKind device) {
+  validate(shape, o);
+  RINGCAST_CHECK(o.clusters != ClusterKind::kSurrogate,
+                 "attention_workspace_bytes: surrogate clusters (CAST) are not estimated");
+  if (o.mode == AttentionMode::kUlysses) return ulysses_workspace(shape, o, device);
+  std::int64_t most = 0;
+  for (int r = 0; r < shape.ranks; ++r)
+    most = std::max(most, o.mode == AttentionMode::kClustered ? clustered_workspace(shape, o, r, device)
+                                                              : ring_workspace(shape, o, r, device));
+  return most;
 }
 
 }  // namespace ringcast

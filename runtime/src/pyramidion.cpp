@@ -6,17 +6,23 @@
 // A row's score is a function of that row alone and ties break by sequence position, so given the
 // same rows every P pairs alike and pools to bitwise the states of one process.
 // Nothing is kept between passes: the backward re-runs the rounds to rebuild plans and pairs.
+// Host traffic per round (the only synchronizations): the all-gathered scores come down for planning
+// (every rank plans alike), and the plan's row lists go up in one copy while the stream is idle. States,
+// scores and the exchange buffers stay in the session device's memory; collectives run on
+// session.stream(), and rows move by kernels::gather_segments.
 #include "pyramidion.hpp"
 
 #include "agreement.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/layers.hpp>
+#include <ringcast/kernels/layout.hpp>
 #include <ringcast/kernels/pooling.hpp>
+#include <ringcast/kernels/seed_scores.hpp>
+#include <ringcast/kernels/segment_gather.hpp>
 
 #include <algorithm>
 #include <bit>
-#include <cmath>
 #include <numeric>
 #include <utility>
 
@@ -40,6 +46,10 @@ constexpr const char* kDPairS = "pool.d_pair_s";
 constexpr const char* kDStateE = "pool.d_state_e";      // backward: gradients of a round's inputs
 constexpr const char* kDStateS = "pool.d_state_s";
 constexpr const char* kDScores = "pool.d_scores";       // backward: round-0 score gradients
+
+void zero(float* x, std::int64_t count, const RunContext& rc) {
+  kernels::fill_zero(x, static_cast<std::size_t>(count) * sizeof(float), rc.exec);
+}
 
 kernels::HalvingShape pair_shape(std::int64_t pairs, int dim, float beta) {
   kernels::HalvingShape s;
@@ -115,6 +125,9 @@ PyramidionPool::PyramidionPool(const Session& session, ParameterTable& table, Sc
   scratch.reserve(kDStateS, B * round_len(1));
   scratch.reserve(kDScores, B * n_loc);
   plans_.resize(static_cast<std::size_t>(rounds_));
+  gathered_.resize(static_cast<std::size_t>(B * n));
+  route_rows_ = DeviceBuffer(static_cast<std::size_t>(std::max<std::int64_t>(2 * pair_rows, 1)) * sizeof(std::int64_t),
+                             session.device());
 }
 
 std::int64_t PyramidionPool::round_len(int round) const { return in_.local_len >> round; }
@@ -179,6 +192,17 @@ void PyramidionPool::plan_round(int round, const float* gathered, RoundPlan& pla
       }
 }
 
+void PyramidionPool::upload_routes(const RunContext& rc, int round, RoundPlan& plan) {
+  std::vector<std::int64_t> rows(plan.inputs.rows);
+  rows.insert(rows.end(), plan.pairs.rows.begin(), plan.pairs.rows.end());
+  const std::size_t at = static_cast<std::size_t>(2 * pairs_offset(round));
+  route_rows_.copy_from_host(rows.data(), rows.size() * sizeof(std::int64_t), at * sizeof(std::int64_t),
+                             rc.session.stream());
+  const std::int64_t* base = route_rows_.as<const std::int64_t>() + at;
+  plan.inputs.device_rows = base;
+  plan.pairs.device_rows = base + plan.inputs.rows.size();
+}
+
 void PyramidionPool::exchange(const RunContext& rc, const Routes& src_routes, const float* src_e, const float* src_s,
                               const Routes& dst_routes, float* dst_e, float* dst_s) const {
   const std::int64_t D = dim_, width = D + 1;
@@ -186,22 +210,22 @@ void PyramidionPool::exchange(const RunContext& rc, const Routes& src_routes, co
   float* recv = rc.scratch.get(kRecv);
   const std::int64_t n_send = static_cast<std::int64_t>(src_routes.rows.size());
   const std::int64_t n_recv = static_cast<std::int64_t>(dst_routes.rows.size());
-  for (std::int64_t k = 0; k < n_send; ++k) {
-    const std::int64_t row = src_routes.rows[static_cast<std::size_t>(k)];
-    std::copy_n(src_e + row * D, D, send + k * width);
-    send[k * width + D] = src_s[row];
-  }
+  // Packed rows are [state | score]: send row k takes source row rows[k], recv row k goes to rows[k].
+  const int dim = dim_;
+  kernels::gather_segments({n_send, dim, 0, width, nullptr, src_routes.device_rows, nullptr, nullptr, 1.0f, src_e, send},
+                           rc.exec);
+  kernels::gather_segments({n_send, 1, 0, width, nullptr, src_routes.device_rows, nullptr, nullptr, 1.0f, src_s, send + D},
+                           rc.exec);
   std::vector<std::size_t> send_counts(src_routes.counts), recv_counts(dst_routes.counts);
   for (auto& v : send_counts) v *= static_cast<std::size_t>(width);
   for (auto& v : recv_counts) v *= static_cast<std::size_t>(width);
   rc.session.comm().all_to_all_v({send, static_cast<std::size_t>(n_send * width), DType::kF32}, send_counts,
                                  {recv, static_cast<std::size_t>(n_recv * width), DType::kF32}, recv_counts,
                                  rc.session.stream());
-  for (std::int64_t k = 0; k < n_recv; ++k) {
-    const std::int64_t row = dst_routes.rows[static_cast<std::size_t>(k)];
-    std::copy_n(recv + k * width, D, dst_e + row * D);
-    dst_s[row] = recv[k * width + D];
-  }
+  kernels::gather_segments({n_recv, dim, width, 0, nullptr, nullptr, dst_routes.device_rows, nullptr, 1.0f, recv, dst_e},
+                           rc.exec);
+  kernels::gather_segments({n_recv, 1, width, 0, nullptr, nullptr, dst_routes.device_rows, nullptr, 1.0f, recv + D, dst_s},
+                           rc.exec);
 }
 
 void PyramidionPool::run_rounds(const RunContext& rc, const float* x, float* out) {
@@ -211,15 +235,8 @@ void PyramidionPool::run_rounds(const RunContext& rc, const float* x, float* out
   float* scores = rc.scratch.get(kScores);
   // The pairing is a hard decision on the scores, so a row's score must depend on that row alone,
   // however many rows a rank holds. A GEMM promises no such thing (a BLAS picks its kernel and
-  // blocking by the matrix shape); one fixed-order dot product per row does.
-  const float* w = rc.p(w_);
-  for (std::int64_t i = 0; i < rows; ++i) {
-    double z = 0.0;
-    for (std::int64_t c = 0; c < D; ++c) z += double{w[c]} * double{x[i * D + c]};
-    logits[i] = static_cast<float>(z);
-  }
-  const float bias = *rc.p(b_);
-  for (std::int64_t i = 0; i < rows; ++i) scores[i] = 1.0f / (1.0f + std::exp(-(logits[i] + bias))) + kScoreFloor;
+  // blocking by the matrix shape); one fixed-order dot product per row (pool_scores) does.
+  kernels::pool_scores({rows, dim_, kScoreFloor, x, rc.p(w_), rc.p(b_), logits, scores}, rc.exec);
 
   float* gathered = rc.scratch.get(kGathered);
   float* pair_e = rc.scratch.get(kPairE);
@@ -233,7 +250,10 @@ void PyramidionPool::run_rounds(const RunContext& rc, const float* x, float* out
     rc.session.comm().all_gather({cur_s, static_cast<std::size_t>(count), DType::kF32},
                                  {gathered, static_cast<std::size_t>(count * ranks_), DType::kF32}, rc.session.stream());
     RoundPlan& plan = plans_[static_cast<std::size_t>(r)];
-    plan_round(r, gathered, plan);
+    copy_to_host(gathered_.data(), gathered, static_cast<std::size_t>(count * ranks_) * sizeof(float),
+                 rc.session.device(), rc.session.stream());
+    plan_round(r, gathered_.data(), plan);
+    upload_routes(rc, r, plan);
     float* pe = pair_e + pairs_offset(r) * D;
     float* ps = pair_s + pairs_offset(r);
     exchange(rc, plan.inputs, cur_e, cur_s, plan.pairs, pe, ps);  // the round's inputs are free from here on
@@ -265,12 +285,12 @@ void PyramidionPool::backward(const RunContext& rc, const float* in, const float
 
   // The pooled scores leave the layer unused: the last round starts from a zero score gradient.
   const float* d_e_out = d_out;
-  std::fill_n(d_state_s, B * round_len(rounds_), 0.0f);
+  zero(d_state_s, B * round_len(rounds_), rc);
   const float* d_s_out = d_state_s;
   for (int r = rounds_ - 1; r >= 0; --r) {
     const std::int64_t count = B * round_len(r);
-    std::fill_n(d_pair_e, count * D, 0.0f);
-    std::fill_n(d_pair_s, count, 0.0f);
+    zero(d_pair_e, count * D, rc);
+    zero(d_pair_s, count, rc);
     kernels::HalvingBackwardParams merge;
     merge.shape = pair_shape(count / 2, dim_, beta_);
     merge.e = pair_e + pairs_offset(r) * D;
@@ -290,14 +310,7 @@ void PyramidionPool::backward(const RunContext& rc, const float* in, const float
   }
 
   // Scorer: s = sigmoid(z + b) + 1e-5, z = x·w.
-  const float* logits = rc.scratch.get(kLogits);
-  const float bias = *rc.p(b_);
-  double d_bias = 0.0;
-  for (std::int64_t i = 0; i < rows; ++i) {
-    const float g = 1.0f / (1.0f + std::exp(-(logits[i] + bias)));
-    d_scores[i] *= g * (1.0f - g);
-    d_bias += d_scores[i];
-  }
+  kernels::pool_scores_backward({rows, rc.scratch.get(kLogits), rc.p(b_), d_scores, rc.g(b_)}, rc.exec);
   kernels::LinearBackwardParams lin;
   lin.rows = rows;
   lin.in_dim = dim_;
@@ -308,7 +321,6 @@ void PyramidionPool::backward(const RunContext& rc, const float* in, const float
   lin.d_x = d_in;
   lin.d_w = rc.g(w_);
   kernels::linear_backward(lin, rc.exec);
-  *rc.g(b_) += static_cast<float>(d_bias);
 }
 
 }  // namespace ringcast::model

@@ -5,10 +5,13 @@
 // [r·m/P, (r+1)·m/P) of the m that remain; the pooled sequence is therefore contiguous per rank and its
 // RoPE positions are the survivor indices 0..pool_to-1 (one geometry for every batch element, whatever
 // each sequence selected). Encoder stacks only (the input geometry is bidirectional).
+// Both backends run one code path: states and scores stay in the session device's memory; each round
+// downloads its gathered scores and plans the pairing on the host (pyramidion.cpp says where).
 #pragma once
 
 #include "model_parts.hpp"
 
+#include <ringcast/memory.hpp>
 #include <ringcast/model.hpp>
 #include <ringcast/session.hpp>
 
@@ -33,13 +36,21 @@ class PyramidionPool final : public Layer {
   int rounds() const { return rounds_; }
   void forward(const RunContext& rc, const float* in, float* out) override;
   void backward(const RunContext& rc, const float* in, const float* d_out, float* d_in) override;
+  // The last pass's plan of `round` (the pairing it chose, as this rank's rows sent and received),
+  // for comparing backends.
+  const std::vector<std::int64_t>& sent_rows(int round) const { return plans_.at(static_cast<std::size_t>(round)).inputs.rows; }
+  const std::vector<std::int64_t>& received_rows(int round) const {
+    return plans_.at(static_cast<std::size_t>(round)).pairs.rows;
+  }
 
  private:
   // Rows that one all_to_all_v moves, in its packed order: rows[k] is a row index of the buffer on
-  // this side, counts[p] how many rows go to (or come from) rank p.
+  // this side, counts[p] how many rows go to (or come from) rank p. device_rows: rows where the
+  // kernels read them (in route_rows_).
   struct Routes {
     std::vector<std::int64_t> rows;
     std::vector<std::size_t> counts;
+    const std::int64_t* device_rows = nullptr;
   };
   // One round for every batch element: input rows b·in_len + j, output slot (b·out_len + o) merges
   // pair rows 2·slot (the better-scored member) and 2·slot + 1.
@@ -53,6 +64,8 @@ class PyramidionPool final : public Layer {
   // last round's states into `out` when it is not null.
   void run_rounds(const RunContext& rc, const float* x, float* out);
   void plan_round(int round, const float* gathered_scores, RoundPlan& plan) const;
+  // Copies the plan's rows to the device, at the round's place in route_rows_.
+  void upload_routes(const RunContext& rc, int round, RoundPlan& plan);
   // Moves rows of D + 1 floats (a state and its score) from src_rows of (src_e, src_s) to dst_rows of
   // (dst_e, dst_s); backward passes the routes of the forward swapped.
   void exchange(const RunContext& rc, const Routes& src_routes, const float* src_e, const float* src_s,
@@ -69,6 +82,8 @@ class PyramidionPool final : public Layer {
   // position_of_[·]; location_of_ is the inverse. Later rounds are contiguous (the identity).
   std::vector<std::int32_t> position_of_, location_of_;
   std::vector<RoundPlan> plans_;
+  std::vector<float> gathered_;  // a round's gathered scores, on the host for planning
+  DeviceBuffer route_rows_;      // int64: round r's inputs then pairs rows at 2 · pairs_offset(r)
 };
 
 }  // namespace ringcast::model

@@ -4,7 +4,13 @@
 // the backward: dσ_row = <dU_row, U_row> + d(key bias)_row, and dπ_j = ±Σ dσ over block j's Z rows.
 // Collectives per example: broadcast of the VIP queries, two all-reduces of [heads, vip] softmax
 // statistics and one of the [blocks] log scores, then GatheredAttention; the backward adds a scalar
-// and a [heads, vip] all-reduce and the all-reduce of the VIP query gradient.
+// and a [heads, vip] all-reduce and the all-reduce of the VIP query gradient. All on session.stream(),
+// on buffers in the session device's memory.
+// Host traffic per example (the only synchronizations): select() downloads the all-reduced [blocks]
+// log scores, ranks them and picks the fine blocks on the host (identical on every rank); compress()
+// builds that example's index lists (Z rows, the token <-> Z row maps, π of this rank's blocks) and
+// uploads them in one copy, plus the Z rows' RoPE positions in another, while the stream is idle.
+// Every other step, on activations or per-block data, is a kernels:: call on either backend.
 #include "vcc.hpp"
 
 #include "agreement.hpp"
@@ -12,12 +18,15 @@
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/layers.hpp>
 #include <ringcast/kernels/layout.hpp>
+#include <ringcast/kernels/seed_scores.hpp>
+#include <ringcast/kernels/segment_gather.hpp>
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
+#include <cstring>
 #include <map>
 #include <numeric>
+#include <span>
 #include <utility>
 
 namespace ringcast::model {
@@ -45,7 +54,6 @@ constexpr const char* kDK = "vcc.d_k";
 constexpr const char* kDV = "vcc.d_v";
 constexpr const char* kDO = "vcc.d_o";
 constexpr const char* kLse = "vcc.lse";
-constexpr const char* kBias = "vcc.bias";  // log(dup) + log σ = log(dup)
 constexpr const char* kDBias = "vcc.d_bias";
 constexpr const char* kDSigma = "vcc.d_sigma";
 constexpr const char* kAttnKept = "vcc.attn_kept";  // GatheredAttention's keys, forward to backward
@@ -66,9 +74,38 @@ constexpr const char* kDQv = "vcc.d_qv";
 constexpr const char* kProbs = "vcc.probs";  // [heads, vip, local blocks]
 constexpr const char* kStats = "vcc.stats";  // [2, heads, vip]
 constexpr const char* kDPi = "vcc.d_pi";     // [local blocks]
+constexpr const char* kP = "vcc.p";          // [local blocks] p_j, the mean VIP attention
+constexpr const char* kLogP = "vcc.log_p";   // [all blocks] l_j
+constexpr const char* kPiDot = "vcc.pi_dot"; // one float64
+constexpr const char* kMeta = "vcc.meta";    // the example's index lists (VccBlock::ExampleIndex)
 
 void zero(float* x, std::int64_t count, const RunContext& rc) {
   kernels::fill_zero(x, static_cast<std::size_t>(count) * sizeof(float), rc.exec);
+}
+
+// dst (+)= src, n floats.
+void copy(const float* src, float* dst, std::int64_t n, const RunContext& rc, bool accumulate = false) {
+  kernels::StridedCopy c = kernels::StridedCopy::flat(src, DType::kF32, dst, DType::kF32, n);
+  c.accumulate = accumulate;
+  kernels::copy_strided(c, rc.exec);
+}
+
+constexpr std::size_t kStagingAlign = alignof(std::int64_t);
+
+std::size_t aligned(std::size_t bytes) { return (bytes + kStagingAlign - 1) / kStagingAlign * kStagingAlign; }
+
+// Appends `values` to `staging` at an aligned offset and returns that offset.
+template <typename T>
+std::size_t stage(std::vector<std::byte>& staging, std::span<const T> values) {
+  const std::size_t at = aligned(staging.size());
+  staging.resize(at + values.size_bytes());
+  if (!values.empty()) std::memcpy(staging.data() + at, values.data(), values.size_bytes());
+  return at;
+}
+
+template <typename T>
+std::size_t stage(std::vector<std::byte>& staging, const std::vector<T>& values) {
+  return stage(staging, std::span<const T>(values));
 }
 
 std::uint64_t splitmix64(std::uint64_t& state) {
@@ -82,12 +119,6 @@ std::uint64_t fnv1a(std::string_view s) {
   std::uint64_t h = 0xCBF29CE484222325ull;
   for (const char ch : s) h = (h ^ static_cast<unsigned char>(ch)) * 0x100000001B3ull;
   return h;
-}
-
-float dot(const float* a, const float* b, int n) {
-  float s = 0.0f;
-  for (int i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
 }
 
 // What is wrong with one rank's rows, gathered so that every rank throws the same Error.
@@ -206,7 +237,7 @@ VccBlock::VccBlock(const Session& session, ParameterTable& table, Scratch& scrat
       geom_(geometry),
       place_(place(session, prefix, c, geometry)),
       proj_(table, prefix, c),
-      ffn_(table, scratch, prefix, "vcc.ffn", c.dim, c.ffn_hidden, place_.max_rows) {
+      ffn_(table, scratch, prefix, "vcc.ffn", c.dim, c.ffn_hidden, place_.max_rows, c.row_chunk) {
   attn_norm_ = table.add(prefix + "attn_norm", 1, c.dim, false, Init::kOnes);
   ffn_norm_ = table.add(prefix + "ffn_norm", 1, c.dim, false, Init::kOnes);
   const std::int64_t n_loc = geom_.local_len, rows = place_.max_rows;
@@ -226,24 +257,71 @@ VccBlock::VccBlock(const Session& session, ParameterTable& table, Scratch& scrat
   z_geom_.batch = 1;
   z_geom_.seq_len = compressed_len();
   z_geom_.causal = false;
-  z_of_row_.resize(static_cast<std::size_t>(n_loc));
+  z_positions_ = std::make_shared<DeviceBuffer>(static_cast<std::size_t>(std::max<std::int64_t>(rows, 1)) *
+                                                    sizeof(std::int32_t),
+                                                session.device());
+  z_geom_.device_positions = z_positions_;
+  upload_index(session);
 
   const std::int64_t D = c.dim, qd = proj_.q_width(), kd = proj_.kv_width(), nb = std::ssize(place_.blocks);
   for (const char* key : {kZ, kZn, kY, kYn, kU, kDZ, kDZn, kDY, kDYn, kDU}) scratch.reserve(key, rows * D);
   for (const char* key : {kQ, kO, kDQ, kDO}) scratch.reserve(key, rows * qd);
   for (const char* key : {kK, kV, kDK, kDV}) scratch.reserve(key, rows * kd);
   scratch.reserve(kLse, rows * c.heads);
-  for (const char* key : {kBias, kDBias, kDSigma}) scratch.reserve(key, rows);
+  for (const char* key : {kDBias, kDSigma}) scratch.reserve(key, rows);
   for (const char* key : {kC, kCn, kDC, kDCn}) scratch.reserve(key, nb * D);
   for (const char* key : {kKc, kDKc}) scratch.reserve(key, nb * kd);
   for (const char* key : {kXv, kXvn, kDXv, kDXvn}) scratch.reserve(key, std::int64_t{vip_} * D);
   for (const char* key : {kQv, kDQv}) scratch.reserve(key, std::int64_t{vip_} * qd);
   scratch.reserve(kProbs, std::int64_t{c.heads} * vip_ * nb);
   scratch.reserve(kStats, 2 * std::int64_t{c.heads} * vip_);
-  scratch.reserve(kDPi, nb);
+  for (const char* key : {kDPi, kP}) scratch.reserve(key, nb);
+  scratch.reserve(kLogP, place_.num_blocks);
+  scratch.reserve(kPiDot, sizeof(double) / sizeof(float));
+  scratch.reserve(kMeta, static_cast<std::int64_t>((example_index_bytes(n_loc, rows, nb) + sizeof(float) - 1) /
+                                                   sizeof(float)));
 }
 
 VccBlock::~VccBlock() = default;
+
+void VccBlock::upload_index(const Session& session) {
+  const std::int64_t nb = std::ssize(place_.blocks);
+  std::vector<std::int64_t> words;
+  for (std::int64_t lb = 0; lb <= nb; ++lb) words.push_back(lb * block_);
+  words.insert(words.end(), place_.block_rows.begin(), place_.block_rows.end());
+  for (std::int64_t lb = 0; lb < nb; ++lb) words.insert(words.end(), static_cast<std::size_t>(block_), lb);
+  words.insert(words.end(), place_.vip_rows.begin(), place_.vip_rows.end());
+  words.insert(words.end(), place_.blocks.begin(), place_.blocks.end());
+  std::vector<std::int32_t> positions(place_.coarse_positions);
+  positions.insert(positions.end(), place_.vip_positions.begin(), place_.vip_positions.end());
+
+  const Device& device = session.device();
+  index_.words = DeviceBuffer(std::max<std::size_t>(words.size(), 1) * sizeof(std::int64_t), device);
+  index_.words.upload(std::span<const std::int64_t>(words), session.stream());
+  index_.positions = DeviceBuffer(std::max<std::size_t>(positions.size(), 1) * sizeof(std::int32_t), device);
+  index_.positions.upload(std::span<const std::int32_t>(positions), session.stream());
+  const std::int64_t* w = index_.words.as<const std::int64_t>();
+  index_.block_offsets = w;
+  index_.block_rows = w + nb + 1;
+  index_.block_of_row = index_.block_rows + nb * block_;
+  index_.vip_rows = index_.block_of_row + nb * block_;
+  index_.block_ids = index_.vip_rows + place_.vip_rows.size();
+  index_.coarse_positions = index_.positions.as<const std::int32_t>();
+  index_.vip_positions = index_.coarse_positions + nb;
+}
+
+// The most bytes compress() stages: every list at its largest, each padded to the alignment.
+std::size_t VccBlock::example_index_bytes(std::int64_t local_len, std::int64_t max_rows, std::int64_t blocks) {
+  const auto words = [](std::int64_t n) { return aligned(static_cast<std::size_t>(n) * sizeof(std::int64_t)); };
+  const auto floats = [](std::int64_t n) { return aligned(static_cast<std::size_t>(n) * sizeof(float)); };
+  return 2 * words(local_len) + words(max_rows + 1) + 2 * words(max_rows) + 2 * words(blocks) + words(blocks + 1) +
+         floats(max_rows) + floats(local_len) + 2 * floats(blocks);
+}
+
+template <typename T>
+const T* VccBlock::example(const RunContext& rc, std::size_t offset) const {
+  return reinterpret_cast<const T*>(reinterpret_cast<const std::byte*>(rc.scratch.get(kMeta)) + offset);
+}
 
 std::int64_t VccBlock::compressed_len() const {
   return vip_ + fine_blocks_ * block_ + (place_.num_blocks - fine_blocks_);
@@ -255,71 +333,47 @@ std::int64_t VccBlock::compressed_len() const {
 void VccBlock::select(const RunContext& rc, int example, const float* x) {
   const Scratch& s = rc.scratch;
   auto& comm = rc.session.comm();
-  const int D = dim_, H = proj_.heads, KV = proj_.kv_heads, hd = proj_.head_dim, group = H / KV;
+  const int D = dim_, H = proj_.heads, KV = proj_.kv_heads, hd = proj_.head_dim;
   const std::int64_t nb = std::ssize(place_.blocks), V = vip_, HV = std::int64_t{H} * V, qd = proj_.q_width(),
                      kd = proj_.kv_width();
   float *c = s.get(kC), *cn = s.get(kCn), *kc = s.get(kKc), *qv = s.get(kQv), *probs = s.get(kProbs);
-  float *row_max = s.get(kStats), *row_sum = row_max + HV;
+  float *row_max = s.get(kStats), *row_sum = row_max + HV, *log_p = s.get(kLogP);
 
-  const float inv_block = 1.0f / static_cast<float>(block_);
-  for (std::int64_t lb = 0; lb < nb; ++lb) {
-    float* cj = c + lb * D;
-    std::fill_n(cj, D, 0.0f);
-    for (int t = 0; t < block_; ++t) {
-      const float* xt = x + place_.block_rows[lb * block_ + t] * D;
-      for (int i = 0; i < D; ++i) cj[i] += xt[i];
-    }
-    for (int i = 0; i < D; ++i) cj[i] *= inv_block;
-  }
   if (nb > 0) {
+    kernels::gather_segments({nb, D, 0, 0, index_.block_offsets, index_.block_rows, nullptr, nullptr,
+                              1.0f / static_cast<float>(block_), x, c},
+                             rc.exec);
     kernels::rms_norm_forward({nb, D, eps_, c, rc.p(attn_norm_), cn}, rc.exec);
-    kernels::linear_forward({nb, D, static_cast<int>(kd), cn, rc.p(proj_.wk), kc}, rc.exec);
-    kernels::rope_forward({nb, KV, hd, proj_.rope_theta, place_.coarse_positions.data(), kc}, rc.exec);
+    kernels::linear_forward({nb, D, static_cast<int>(kd), cn, rc.p(proj_.wk), kc, false, rc.compute}, rc.exec);
+    kernels::rope_forward({nb, KV, hd, proj_.rope_theta, index_.coarse_positions, kc}, rc.exec);
   }
   if (!place_.vip_rows.empty()) {
     float *xv = s.get(kXv), *xvn = s.get(kXvn);
-    for (std::int64_t v = 0; v < V; ++v) std::copy_n(x + place_.vip_rows[v] * D, D, xv + v * D);
+    kernels::gather_segments({V, D, 0, 0, nullptr, index_.vip_rows, nullptr, nullptr, 1.0f, x, xv}, rc.exec);
     kernels::rms_norm_forward({V, D, eps_, xv, rc.p(attn_norm_), xvn}, rc.exec);
-    kernels::linear_forward({V, D, static_cast<int>(qd), xvn, rc.p(proj_.wq), qv}, rc.exec);
-    kernels::rope_forward({V, H, hd, proj_.rope_theta, place_.vip_positions.data(), qv}, rc.exec);
+    kernels::linear_forward({V, D, static_cast<int>(qd), xvn, rc.p(proj_.wq), qv, false, rc.compute}, rc.exec);
+    kernels::rope_forward({V, H, hd, proj_.rope_theta, index_.vip_positions, qv}, rc.exec);
   }
   comm.broadcast({qv, static_cast<std::size_t>(V * qd), DType::kF32}, 0, rc.session.stream());
 
   // a[h, v, j] = softmax_j(q_vh · k_j / sqrt(d)) over all ranks' blocks: max and sum all-reduced.
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  for (int h = 0; h < H; ++h)
-    for (std::int64_t v = 0; v < V; ++v) {
-      const std::int64_t hv = h * V + v;
-      const float* q = qv + (v * H + h) * hd;
-      float m = -std::numeric_limits<float>::infinity();
-      for (std::int64_t lb = 0; lb < nb; ++lb) {
-        const float logit = scale * dot(q, kc + (lb * KV + h / group) * hd, hd);
-        probs[hv * nb + lb] = logit;
-        m = std::max(m, logit);
-      }
-      row_max[hv] = m;
-    }
+  const kernels::VipScoreShape shape{H, KV, hd, V, nb, 1.0f / std::sqrt(static_cast<float>(hd))};
+  kernels::vip_block_logits({shape, qv, kc, probs, row_max}, rc.exec);
   comm.all_reduce({row_max, static_cast<std::size_t>(HV), DType::kF32}, {row_max, static_cast<std::size_t>(HV), DType::kF32},
                   comm::ReduceOp::kMax, rc.session.stream());
-  for (std::int64_t hv = 0; hv < HV; ++hv) {
-    float sum = 0.0f;
-    for (std::int64_t lb = 0; lb < nb; ++lb) sum += probs[hv * nb + lb] = std::exp(probs[hv * nb + lb] - row_max[hv]);
-    row_sum[hv] = sum;
-  }
+  kernels::vip_block_softmax({shape, row_max, probs, row_sum}, rc.exec);
   comm.all_reduce({row_sum, static_cast<std::size_t>(HV), DType::kF32}, {row_sum, static_cast<std::size_t>(HV), DType::kF32},
                   comm::ReduceOp::kSum, rc.session.stream());
-  p_.assign(static_cast<std::size_t>(nb), 0.0f);
-  for (std::int64_t hv = 0; hv < HV; ++hv)
-    for (std::int64_t lb = 0; lb < nb; ++lb) p_[lb] += probs[hv * nb + lb] /= row_sum[hv];
-  const float inv_hv = 1.0f / static_cast<float>(HV);
-  for (float& p : p_) p *= inv_hv;
-
   // Every block's l_j comes from its owner and zeros elsewhere, so the all-reduced sum is exact and
   // every rank ranks the same values.
-  log_p_.assign(static_cast<std::size_t>(place_.num_blocks), 0.0f);
-  for (std::int64_t lb = 0; lb < nb; ++lb) log_p_[place_.blocks[lb]] = std::log(p_[lb] + kProbFloor);
-  comm.all_reduce({log_p_.data(), log_p_.size(), DType::kF32}, {log_p_.data(), log_p_.size(), DType::kF32},
-                  comm::ReduceOp::kSum, rc.session.stream());
+  const std::int64_t all_blocks = place_.num_blocks;
+  zero(log_p, all_blocks, rc);
+  kernels::vip_block_mean({shape, row_sum, index_.block_ids, kProbFloor, probs, s.get(kP), log_p}, rc.exec);
+  comm.all_reduce({log_p, static_cast<std::size_t>(all_blocks), DType::kF32},
+                  {log_p, static_cast<std::size_t>(all_blocks), DType::kF32}, comm::ReduceOp::kSum, rc.session.stream());
+  log_p_.resize(static_cast<std::size_t>(all_blocks));
+  copy_to_host(log_p_.data(), log_p, log_p_.size() * sizeof(float), rc.session.device(), rc.session.stream());
+
   const float l_max = *std::max_element(log_p_.begin(), log_p_.end());
   double total = 0.0;
   for (const float l : log_p_) total += std::exp(static_cast<double>(l - l_max));
@@ -340,36 +394,86 @@ void VccBlock::select(const RunContext& rc, int example, const float* x) {
   for (std::int64_t lb = 0; lb < nb; ++lb) fine_[lb] = selected[place_.blocks[lb]];
 }
 
-// Z on this rank: the VIP tokens (rank 0), then per block its fine tokens or its coarse token.
+// Z on this rank: the VIP tokens (rank 0), then per block its fine tokens or its coarse token. The
+// lists are planned on the host and uploaded; the rows move on the device.
 void VccBlock::compress(const RunContext& rc, const float* x) {
-  const int D = dim_;
-  float *z = rc.scratch.get(kZ), *bias = rc.scratch.get(kBias);
-  const float* c = rc.scratch.get(kC);
-  const float log_block = std::log(static_cast<float>(block_));
+  const std::int64_t n_loc = geom_.local_len, nb = std::ssize(place_.blocks);
+  const float log_block = std::log(static_cast<float>(block_)), inv_block = 1.0f / static_cast<float>(block_);
   std::vector<std::int32_t>& pos = z_geom_.positions;
   pos.clear();
-  z_block_.clear();
-  auto add_row = [&](const float* src, std::int32_t position, std::int64_t lb, float key_bias) {
-    const std::int64_t r = std::ssize(pos);
-    std::copy_n(src, D, z + r * D);
-    bias[r] = key_bias;
+  std::vector<std::int64_t> z_of_row(static_cast<std::size_t>(n_loc)), x_dst, x_src, c_dst, c_src, pi_offsets;
+  std::vector<float> bias, dx_weights(static_cast<std::size_t>(n_loc), 1.0f), pi_signs, pi;
+  auto add_row = [&](std::int32_t position, float key_bias) {
     pos.push_back(position);
-    z_block_.push_back(lb);
-    return r;
+    bias.push_back(key_bias);
+    return std::ssize(pos) - 1;
   };
-  for (std::size_t v = 0; v < place_.vip_rows.size(); ++v)
-    z_of_row_[place_.vip_rows[v]] = add_row(x + place_.vip_rows[v] * D, place_.vip_positions[v], -1, 0.0f);
-  for (std::int64_t lb = 0; lb < std::ssize(place_.blocks); ++lb) {
+  for (std::size_t v = 0; v < place_.vip_rows.size(); ++v) {
+    const std::int64_t row = place_.vip_rows[v], r = add_row(place_.vip_positions[v], 0.0f);
+    z_of_row[row] = r;
+    x_dst.push_back(r);
+    x_src.push_back(row);
+  }
+  for (std::int64_t lb = 0; lb < nb; ++lb) {
     const std::int64_t* rows = place_.block_rows.data() + lb * block_;
+    pi_offsets.push_back(std::ssize(pos));
+    pi_signs.push_back(fine_[lb] ? 1.0f : -1.0f);
+    pi.push_back(pi_[place_.blocks[lb]]);
     if (fine_[lb]) {
-      for (int t = 0; t < block_; ++t)
-        z_of_row_[rows[t]] = add_row(x + rows[t] * D, place_.block_positions[lb * block_ + t], lb, 0.0f);
+      for (int t = 0; t < block_; ++t) {
+        const std::int64_t r = add_row(place_.block_positions[lb * block_ + t], 0.0f);
+        z_of_row[rows[t]] = r;
+        x_dst.push_back(r);
+        x_src.push_back(rows[t]);
+      }
     } else {
-      const std::int64_t r = add_row(c + lb * D, place_.coarse_positions[lb], lb, log_block);
-      for (int t = 0; t < block_; ++t) z_of_row_[rows[t]] = r;
+      const std::int64_t r = add_row(place_.coarse_positions[lb], log_block);
+      c_dst.push_back(r);
+      c_src.push_back(lb);
+      for (int t = 0; t < block_; ++t) {
+        z_of_row[rows[t]] = r;
+        dx_weights[rows[t]] = inv_block;  // a coarse z is its block's mean
+      }
     }
   }
-  z_geom_.local_len = std::ssize(pos);
+  const std::int64_t r_count = std::ssize(pos);
+  pi_offsets.push_back(r_count);
+  z_geom_.local_len = r_count;
+  // The tokens of each Z row, ascending (a counting sort), for the backward's sum of their gradients.
+  std::vector<std::int64_t> du_offsets(static_cast<std::size_t>(r_count + 1), 0), du_tokens(static_cast<std::size_t>(n_loc));
+  for (const std::int64_t r : z_of_row) ++du_offsets[r + 1];
+  std::partial_sum(du_offsets.begin(), du_offsets.end(), du_offsets.begin());
+  std::vector<std::int64_t> fill(du_offsets.begin(), du_offsets.end() - 1);
+  for (std::int64_t t = 0; t < n_loc; ++t) du_tokens[fill[z_of_row[t]]++] = t;
+
+  staging_.clear();
+  ExampleIndex& e = example_;
+  e.x_rows = std::ssize(x_dst);
+  e.c_rows = std::ssize(c_dst);
+  e.z_of_row = stage(staging_, z_of_row);
+  e.du_offsets = stage(staging_, du_offsets);
+  e.du_tokens = stage(staging_, du_tokens);
+  e.x_dst = stage(staging_, x_dst);
+  e.x_src = stage(staging_, x_src);
+  e.c_dst = stage(staging_, c_dst);
+  e.c_src = stage(staging_, c_src);
+  e.pi_offsets = stage(staging_, pi_offsets);
+  e.bias = stage(staging_, bias);
+  e.dx_weights = stage(staging_, dx_weights);
+  e.pi_signs = stage(staging_, pi_signs);
+  e.pi = stage(staging_, pi);
+  const Device& device = rc.session.device();
+  copy_from_host(rc.scratch.get(kMeta), staging_.data(), staging_.size(), device, rc.session.stream());
+  z_positions_->copy_from_host(pos.data(), pos.size() * sizeof(std::int32_t), 0, rc.session.stream());
+
+  const int D = dim_;
+  float* z = rc.scratch.get(kZ);
+  kernels::gather_segments({e.x_rows, D, 0, 0, nullptr, example<std::int64_t>(rc, e.x_src),
+                            example<std::int64_t>(rc, e.x_dst), nullptr, 1.0f, x, z},
+                           rc.exec);
+  kernels::gather_segments({e.c_rows, D, 0, 0, nullptr, example<std::int64_t>(rc, e.c_src),
+                            example<std::int64_t>(rc, e.c_dst), nullptr, 1.0f, rc.scratch.get(kC), z},
+                           rc.exec);
 }
 
 // U = A + F on Z, A = Attn(rms z) over every rank's Z, F = FFN(rms(z + A)); z_new = z + σ⊙U, σ = 1.
@@ -386,14 +490,15 @@ void VccBlock::block_forward(const RunContext& rc) {
   args.q = q;
   args.k = k;
   args.v = v;
-  args.key_bias = s.get(kBias);
+  args.key_bias = example<float>(rc, example_.bias);
   args.o = o;
   args.lse = s.get(kLse);
   args.kept = s.get(kAttnKept);
   args.workspace = s.get(kAttnWork);
   attention_->forward(args);
-  kernels::linear_forward({r, qd, D, o, rc.p(proj_.wo), u}, rc.exec);
-  for (std::int64_t i = 0; i < r * D; ++i) y[i] = z[i] + u[i];
+  kernels::linear_forward({r, qd, D, o, rc.p(proj_.wo), u, false, rc.compute}, rc.exec);
+  copy(z, y, r * D, rc);
+  copy(u, y, r * D, rc, true);
   kernels::rms_norm_forward({r, D, eps_, y, rc.p(ffn_norm_), yn}, rc.exec);
   ffn_.forward_rows(rc, r, yn, u);
 }
@@ -413,10 +518,10 @@ void VccBlock::block_backward(const RunContext& rc) {
   ffn_.backward_rows(rc, r, yn, d_u, d_yn);
   zero(d_y, r * D, rc);
   kernels::rms_norm_backward({r, D, eps_, y, rc.p(ffn_norm_), d_yn, d_y, rc.g(ffn_norm_)}, rc.exec);
-  std::copy_n(d_y, r * D, d_z);                          // y = z + A
-  for (std::int64_t i = 0; i < r * D; ++i) d_y[i] += d_u[i];  // d_y becomes dL/dA
+  copy(d_y, d_z, r * D, rc);        // y = z + A
+  copy(d_u, d_y, r * D, rc, true);  // d_y becomes dL/dA
   zero(d_o, r * qd, rc);
-  kernels::linear_backward({r, qd, D, o, rc.p(proj_.wo), d_y, d_o, rc.g(proj_.wo)}, rc.exec);
+  kernels::linear_backward({r, qd, D, o, rc.p(proj_.wo), d_y, d_o, rc.g(proj_.wo), rc.compute}, rc.exec);
   zero(d_q, r * qd, rc);
   zero(d_k, r * proj_.kv_width(), rc);
   zero(d_v, r * proj_.kv_width(), rc);
@@ -426,7 +531,7 @@ void VccBlock::block_backward(const RunContext& rc) {
   args.q = q;
   args.k = k;
   args.v = v;
-  args.key_bias = s.get(kBias);
+  args.key_bias = example<float>(rc, example_.bias);
   args.o = o;
   args.lse = s.get(kLse);
   args.d_o = d_o;
@@ -437,7 +542,7 @@ void VccBlock::block_backward(const RunContext& rc) {
   args.kept = s.get(kAttnKept);
   args.workspace = s.get(kAttnWork);
   attention_->backward(args);
-  for (std::int64_t i = 0; i < r; ++i) d_sigma[i] += d_bias[i];
+  copy(d_bias, d_sigma, r, rc, true);
   zero(d_zn, r * D, rc);
   proj_.project_backward(rc, z_geom_, zn, d_q, d_k, d_v, d_zn);
   kernels::rms_norm_backward({r, D, eps_, z, rc.p(attn_norm_), d_zn, d_z, rc.g(attn_norm_)}, rc.exec);
@@ -448,79 +553,53 @@ void VccBlock::block_backward(const RunContext& rc) {
 void VccBlock::select_backward(const RunContext& rc, float* d_x) {
   const Scratch& s = rc.scratch;
   auto& comm = rc.session.comm();
-  const int D = dim_, H = proj_.heads, KV = proj_.kv_heads, hd = proj_.head_dim, group = H / KV;
+  const int D = dim_, H = proj_.heads, KV = proj_.kv_heads, hd = proj_.head_dim;
   const std::int64_t nb = std::ssize(place_.blocks), V = vip_, HV = std::int64_t{H} * V, qd = proj_.q_width(),
                      kd = proj_.kv_width();
-  const float *d_sigma = s.get(kDSigma), *probs = s.get(kProbs), *qv = s.get(kQv), *kc = s.get(kKc);
+  const float *probs = s.get(kProbs), *qv = s.get(kQv), *kc = s.get(kKc), *pi = example<float>(rc, example_.pi);
   float *d_pi = s.get(kDPi), *row_dot = s.get(kStats), *d_qv = s.get(kDQv), *d_kc = s.get(kDKc);
+  auto* pi_dot = reinterpret_cast<double*>(s.get(kPiDot));
 
-  // σ_fine = 1 + π − sg(π), σ_coarse = 1 + (1 − π) − sg(1 − π).
-  std::fill_n(d_pi, nb, 0.0f);
-  for (std::size_t row = 0; row < z_block_.size(); ++row) {
-    const std::int64_t lb = z_block_[row];
-    if (lb >= 0) d_pi[lb] += fine_[lb] ? d_sigma[row] : -d_sigma[row];
-  }
-  double pi_dot = 0.0;  // Σ_j π_j dπ_j over every rank's blocks
-  for (std::int64_t lb = 0; lb < nb; ++lb) pi_dot += double{pi_[place_.blocks[lb]]} * d_pi[lb];
-  comm.all_reduce({&pi_dot, 1, DType::kF64}, {&pi_dot, 1, DType::kF64}, comm::ReduceOp::kSum, rc.session.stream());
-  float* d_p = d_pi;  // in place: dl = π (dπ − Σ π dπ), dp = dl / (p + 1e-5)
-  for (std::int64_t lb = 0; lb < nb; ++lb)
-    d_p[lb] = static_cast<float>(pi_[place_.blocks[lb]] * (d_pi[lb] - pi_dot)) / (p_[lb] + kProbFloor);
-
-  // p_j = mean_hv a[h, v, j]: d logit = a (dp − Σ_j a dp) / (H V), with the sum over every rank.
-  for (std::int64_t hv = 0; hv < HV; ++hv) {
-    float t = 0.0f;
-    for (std::int64_t lb = 0; lb < nb; ++lb) t += probs[hv * nb + lb] * d_p[lb];
-    row_dot[hv] = t;
-  }
+  // σ_fine = 1 + π − sg(π), σ_coarse = 1 + (1 − π) − sg(1 − π): dπ_j = ±Σ dσ over block j's Z rows.
+  kernels::gather_segments({nb, 1, 0, 0, example<std::int64_t>(rc, example_.pi_offsets), nullptr, nullptr,
+                            example<float>(rc, example_.pi_signs), 1.0f, s.get(kDSigma), d_pi},
+                           rc.exec);
+  kernels::vip_pi_dot({nb, pi, d_pi, pi_dot}, rc.exec);  // Σ_j π_j dπ_j, then over every rank's blocks
+  comm.all_reduce({pi_dot, 1, DType::kF64}, {pi_dot, 1, DType::kF64}, comm::ReduceOp::kSum, rc.session.stream());
+  // dl = π (dπ − Σ π dπ), dp = dl / (p + 1e-5) in place over d_pi; p_j = mean_hv a[h, v, j] gives
+  // d logit = a (dp − Σ_j a dp) / (H V), with the sum over every rank.
+  const kernels::VipScoreShape shape{H, KV, hd, V, nb, 1.0f / std::sqrt(static_cast<float>(hd))};
+  kernels::vip_scores_backward_rows({shape, pi, s.get(kP), pi_dot, kProbFloor, probs, d_pi, row_dot}, rc.exec);
   comm.all_reduce({row_dot, static_cast<std::size_t>(HV), DType::kF32}, {row_dot, static_cast<std::size_t>(HV), DType::kF32},
                   comm::ReduceOp::kSum, rc.session.stream());
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd)), coef = scale / static_cast<float>(HV);
   zero(d_qv, V * qd, rc);
   zero(d_kc, nb * kd, rc);
-  for (int h = 0; h < H; ++h)
-    for (std::int64_t v = 0; v < V; ++v) {
-      const std::int64_t hv = h * V + v;
-      const float* q = qv + (v * H + h) * hd;
-      float* dq = d_qv + (v * H + h) * hd;
-      for (std::int64_t lb = 0; lb < nb; ++lb) {
-        const float g = coef * probs[hv * nb + lb] * (d_p[lb] - row_dot[hv]);
-        const float* kj = kc + (lb * KV + h / group) * hd;
-        float* dkj = d_kc + (lb * KV + h / group) * hd;
-        for (int i = 0; i < hd; ++i) {
-          dq[i] += g * kj[i];
-          dkj[i] += g * q[i];
-        }
-      }
-    }
+  kernels::vip_scores_backward_inputs({shape, qv, kc, probs, d_pi, row_dot, d_qv, d_kc}, rc.exec);
   comm.all_reduce({d_qv, static_cast<std::size_t>(V * qd), DType::kF32}, {d_qv, static_cast<std::size_t>(V * qd), DType::kF32},
                   comm::ReduceOp::kSum, rc.session.stream());
 
   if (!place_.vip_rows.empty()) {
     float *xv = s.get(kXv), *xvn = s.get(kXvn), *d_xv = s.get(kDXv), *d_xvn = s.get(kDXvn);
-    kernels::rope_backward({V, H, hd, proj_.rope_theta, place_.vip_positions.data(), d_qv}, rc.exec);
+    kernels::rope_backward({V, H, hd, proj_.rope_theta, index_.vip_positions, d_qv}, rc.exec);
     zero(d_xvn, V * D, rc);
-    kernels::linear_backward({V, D, static_cast<int>(qd), xvn, rc.p(proj_.wq), d_qv, d_xvn, rc.g(proj_.wq)}, rc.exec);
+    kernels::linear_backward(
+        {V, D, static_cast<int>(qd), xvn, rc.p(proj_.wq), d_qv, d_xvn, rc.g(proj_.wq), rc.compute}, rc.exec);
     zero(d_xv, V * D, rc);
     kernels::rms_norm_backward({V, D, eps_, xv, rc.p(attn_norm_), d_xvn, d_xv, rc.g(attn_norm_)}, rc.exec);
-    for (std::int64_t v = 0; v < V; ++v) {
-      float* dst = d_x + place_.vip_rows[v] * D;
-      for (int i = 0; i < D; ++i) dst[i] += d_xv[v * D + i];
-    }
+    kernels::gather_segments({V, D, 0, 0, nullptr, nullptr, index_.vip_rows, nullptr, 1.0f, d_xv, d_x, true}, rc.exec);
   }
   if (nb > 0) {
     float *c = s.get(kC), *cn = s.get(kCn), *d_c = s.get(kDC), *d_cn = s.get(kDCn);
-    kernels::rope_backward({nb, KV, hd, proj_.rope_theta, place_.coarse_positions.data(), d_kc}, rc.exec);
+    kernels::rope_backward({nb, KV, hd, proj_.rope_theta, index_.coarse_positions, d_kc}, rc.exec);
     zero(d_cn, nb * D, rc);
-    kernels::linear_backward({nb, D, static_cast<int>(kd), cn, rc.p(proj_.wk), d_kc, d_cn, rc.g(proj_.wk)}, rc.exec);
+    kernels::linear_backward(
+        {nb, D, static_cast<int>(kd), cn, rc.p(proj_.wk), d_kc, d_cn, rc.g(proj_.wk), rc.compute}, rc.exec);
     zero(d_c, nb * D, rc);
     kernels::rms_norm_backward({nb, D, eps_, c, rc.p(attn_norm_), d_cn, d_c, rc.g(attn_norm_)}, rc.exec);
-    const float inv_block = 1.0f / static_cast<float>(block_);
-    for (std::int64_t lb = 0; lb < nb; ++lb)
-      for (int t = 0; t < block_; ++t) {
-        float* dst = d_x + place_.block_rows[lb * block_ + t] * D;
-        for (int i = 0; i < D; ++i) dst[i] += inv_block * d_c[lb * D + i];
-      }
+    // c_j is the mean of block j's rows: each row takes d_c_j / block.
+    kernels::gather_segments({nb * block_, D, 0, 0, nullptr, index_.block_of_row, index_.block_rows, nullptr,
+                              1.0f / static_cast<float>(block_), d_c, d_x, true},
+                             rc.exec);
   }
 }
 
@@ -535,10 +614,10 @@ void VccBlock::forward(const RunContext& rc, const float* in, float* out) {
     block_forward(rc);
     // Decompress: a fine or VIP token's z is its x, and a coarse block's tokens take c_new − c_old =
     // its coarse token's update, so every token is x + U of its Z row.
-    for (std::int64_t t = 0; t < n_loc; ++t) {
-      const float* ut = u + z_of_row_[t] * D;
-      for (std::int64_t i = 0; i < D; ++i) y[t * D + i] = x[t * D + i] + ut[i];
-    }
+    copy(x, y, n_loc * D, rc);
+    kernels::gather_segments({n_loc, dim_, 0, 0, nullptr, example<std::int64_t>(rc, example_.z_of_row), nullptr,
+                              nullptr, 1.0f, u, y, true},
+                             rc.exec);
   }
 }
 
@@ -555,21 +634,16 @@ void VccBlock::backward(const RunContext& rc, const float* in, const float* d_ou
     compress(rc, x);
     block_forward(rc);
     const std::int64_t r = z_geom_.local_len;
-    zero(d_u, r * D, rc);
-    for (std::int64_t t = 0; t < n_loc; ++t) {
-      float* dst = d_u + z_of_row_[t] * D;
-      for (std::int64_t i = 0; i < D; ++i) dst[i] += dy[t * D + i];
-    }
-    std::copy_n(dy, n_loc * D, dx);  // out = x + U
-    for (std::int64_t row = 0; row < r; ++row) d_sigma[row] = dot(d_u + row * D, u + row * D, static_cast<int>(D));
+    // Every Z row has at least one token, so the segment sums write all of d_u.
+    kernels::gather_segments({r, dim_, 0, 0, example<std::int64_t>(rc, example_.du_offsets),
+                              example<std::int64_t>(rc, example_.du_tokens), nullptr, nullptr, 1.0f, dy, d_u},
+                             rc.exec);
+    copy(dy, dx, n_loc * D, rc);  // out = x + U
+    kernels::rowwise_dot({r, dim_, d_u, u, d_sigma}, rc.exec);
     block_backward(rc);
-    const float inv_block = 1.0f / static_cast<float>(block_);
-    for (std::int64_t t = 0; t < n_loc; ++t) {
-      const std::int64_t row = z_of_row_[t];
-      const std::int64_t lb = z_block_[row];
-      const float w = lb >= 0 && !fine_[lb] ? inv_block : 1.0f;  // a coarse z is its block's mean
-      for (std::int64_t i = 0; i < D; ++i) dx[t * D + i] += w * d_z[row * D + i];
-    }
+    kernels::gather_segments({n_loc, dim_, 0, 0, nullptr, example<std::int64_t>(rc, example_.z_of_row), nullptr,
+                              example<float>(rc, example_.dx_weights), 1.0f, d_z, dx, true},
+                             rc.exec);
     select_backward(rc, dx);
   }
 }

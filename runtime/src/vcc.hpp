@@ -6,15 +6,19 @@
 // floor(first + (block - 1) / 2), key bias +log(block)); every rank's Z attends over all ranks' Z
 // (GatheredAttention), and coarse blocks add their token's update to each of their tokens. Selection is
 // hard; it is trained through the straight-through score σ (value 1, gradient of π). Encoder only.
+// Both backends run one code path: activations live in the session device's memory (scratch), and
+// only per-block metadata crosses to the host (vcc.cpp says where).
 #pragma once
 
 #include "gathered_attention.hpp"
 #include "model_mixers.hpp"
 #include "model_parts.hpp"
 
+#include <ringcast/memory.hpp>
 #include <ringcast/model.hpp>
 #include <ringcast/session.hpp>
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -46,6 +50,10 @@ class VccBlock final : public Layer {
   std::int64_t compressed_len() const;
   void forward(const RunContext& rc, const float* in, float* out) override;
   void backward(const RunContext& rc, const float* in, const float* d_out, float* d_in) override;
+  // The last example's selection, for comparing backends: l_j of every block (identical on every
+  // rank) and which of this rank's blocks stayed fine.
+  const std::vector<float>& log_scores() const { return log_p_; }
+  const std::vector<char>& fine() const { return fine_; }
 
  private:
   // One example (x: its [local_len, D] rows); each step leaves its results in scratch and members for
@@ -70,6 +78,39 @@ class VccBlock final : public Layer {
   };
   static Placement place(const Session& session, const std::string& prefix, const ModelConfig& c, const Geometry& g);
 
+  // The placement's index lists where the kernels read them (the session's device), uploaded once.
+  struct DeviceIndex {
+    DeviceBuffer words;      // int64: the lists below, end to end
+    DeviceBuffer positions;  // int32: coarse positions, then VIP positions
+    const std::int64_t* block_offsets = nullptr;  // [blocks + 1]: block lb's rows are [lb·block, (lb+1)·block)
+    const std::int64_t* block_rows = nullptr;     // Placement::block_rows
+    const std::int64_t* block_of_row = nullptr;   // [blocks·block]: the local block of each block row
+    const std::int64_t* vip_rows = nullptr;
+    const std::int64_t* block_ids = nullptr;      // Placement::blocks
+    const std::int32_t* coarse_positions = nullptr;
+    const std::int32_t* vip_positions = nullptr;
+  };
+  void upload_index(const Session& session);
+
+  // One example's index lists and weights, built on the host by compress() and uploaded in one copy
+  // into the "vcc.meta" scratch: byte offsets there.
+  struct ExampleIndex {
+    std::int64_t x_rows = 0, c_rows = 0;  // Z rows copied from x (VIP and fine), from c (coarse)
+    std::size_t z_of_row = 0;     // int64 [local_len]
+    std::size_t du_offsets = 0;   // int64 [Z rows + 1], CSR of the tokens by Z row, tokens ascending
+    std::size_t du_tokens = 0;    // int64 [local_len]
+    std::size_t x_dst = 0, x_src = 0;  // int64 [x_rows]: Z row <- token row
+    std::size_t c_dst = 0, c_src = 0;  // int64 [c_rows]: Z row <- local block
+    std::size_t pi_offsets = 0;   // int64 [blocks + 1]: each local block's Z rows
+    std::size_t bias = 0;         // f32 [Z rows]: log(dup)
+    std::size_t dx_weights = 0;   // f32 [local_len]: 1, or 1/block for a coarse block's token
+    std::size_t pi_signs = 0;     // f32 [blocks]: +1 fine, -1 coarse (dσ/dπ)
+    std::size_t pi = 0;           // f32 [blocks]: π of this rank's blocks
+  };
+  static std::size_t example_index_bytes(std::int64_t local_len, std::int64_t max_rows, std::int64_t blocks);
+  template <typename T>
+  const T* example(const RunContext& rc, std::size_t offset) const;
+
   std::string prefix_;
   int dim_;
   float eps_;
@@ -84,14 +125,16 @@ class VccBlock final : public Layer {
   SwiGluFfn ffn_;
   std::unique_ptr<GatheredAttention> attention_;
 
-  // The current example.
+  DeviceIndex index_;
+
+  // The current example (host).
   std::vector<float> log_p_;         // [num_blocks] l_j = log(p_j + 1e-5), identical on every rank
   std::vector<float> pi_;            // [num_blocks] softmax(l)
-  std::vector<float> p_;             // [blocks_.size()] p_j of this rank's blocks
   std::vector<char> fine_;           // [blocks_.size()]
-  std::vector<std::int64_t> z_of_row_;  // [local_len]: the Z row each token's update comes from
-  std::vector<std::int64_t> z_block_;   // per Z row: its local block, or -1 for a VIP token
+  ExampleIndex example_;
+  std::vector<std::byte> staging_;   // example_'s lists before the upload
   Geometry z_geom_;                  // batch 1, this rank's Z rows at their RoPE positions
+  std::shared_ptr<DeviceBuffer> z_positions_;  // z_geom_'s device positions, [max_rows]
 };
 
 }  // namespace ringcast::model

@@ -309,9 +309,6 @@ TEST(ModelGpuErrors, AreReportedOnEveryRank) {
   Session cpu_session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
   test::expect_error([&] { Model(cpu_session, c, {kSeqLen, kBatch}); },
                      "compute_dtype bf16 is not supported on the CPU");
-  ModelConfig encoder = config_for({"", ModelKind::kEncoder, DType::kBF16, AttentionMode::kAllGather, 4, 2});
-  encoder.colt5.enabled = true;
-  test::expect_error([&] { Model(gpu_session, encoder, {kSeqLen, kBatch}); }, "run on the CPU backend only");
 }
 
 }  // namespace

@@ -5,7 +5,9 @@
 // methods are options of the stack: CAST through attention.clusters, CoLT5, Pyramidion and VCC
 // through their configs below (encoder stacks). Parameters live in one flat buffer (decayed tensors
 // first, then norm gains and the like), gradients in a matching one, so a step is one all-reduce and
-// two AdamW calls. Only each layer's input is kept; backward recomputes the layer.
+// two AdamW calls. Only each layer's input is kept; backward recomputes the layer, and every layer
+// shares one set of scratch (the FFN and projections in row chunks, one attention operator per layer
+// shape), so memory per rank grows as n_loc·D·L plus one layer's working set: estimate_memory().
 // Backends: the session's. On the CPU everything is fp32 host memory. On CUDA parameters, gradients,
 // optimizer state and activations are fp32 device memory (the spans below point there), the matrix
 // products take bf16 inputs with fp32 accumulation (compute_dtype), attention runs in bf16, and all
@@ -81,6 +83,10 @@ struct ModelConfig {
   float norm_eps = 1e-6f;
   float rope_theta = 10000.0f;
   std::int64_t ce_chunk = 1024;  // rows of logits the LM head materialises at once
+  // Rows the token-wise products run at once: the SwiGLU FFN (its scratch is 6 · row_chunk · F
+  // floats) and the attention projections around the operator. Results do not depend on it but for
+  // the order in which the weight gradients sum over chunks (fp32 rounding).
+  std::int64_t row_chunk = 8192;
   std::uint64_t seed = 0;        // parameter initialisation, identical on every rank
   // Inputs of the matrix products (layers.hpp: fp32 accumulation and fp32 tensors either way):
   // unset picks the backend's default, f32 on the CPU (the only choice there) and bf16 on CUDA;
@@ -125,6 +131,39 @@ struct TargetCounts {
   std::int64_t count = 0;
   std::int64_t correct = 0;
 };
+
+// What one training step (forward, backward, step) holds per rank, in bytes, by component: the
+// figures of estimate_memory(). All but kernel_temporaries and runtime are allocated through
+// DeviceBuffer, so peak_allocated_bytes() (memory.hpp) measures their sum, allocated().
+struct MemoryEstimate {
+  std::int64_t parameters = 0;    // fp32 master weights
+  std::int64_t gradients = 0;
+  std::int64_t optimizer = 0;     // AdamW first and second moments
+  std::int64_t layer_inputs = 0;  // the kept activations: every layer's input and the last layer's output
+  std::int64_t residual = 0;      // the final norm's output, the residual-stream gradients, the ids
+  std::int64_t block_scratch = 0;          // the pre-norm block's normed inputs, y and dL/d(normed)
+  std::int64_t attention_projections = 0;  // Q|K|V, O, LSE, their gradients; one row chunk in fp32
+  std::int64_t ffn_chunks = 0;             // the SwiGLU FFN's six [row_chunk, F] matrices
+  std::int64_t attention_workspace = 0;    // the attention operators' own buffers (plan.hpp)
+  // The kernels' temporaries outside DeviceBuffer: the loss chunk's logits, on CUDA the stream
+  // scratch of the bf16 products.
+  std::int64_t kernel_temporaries = 0;
+  // CUDA only: an allowance for the CUDA context, cuBLAS and NCCL (not allocated by ringcast).
+  std::int64_t runtime = 0;
+
+  std::int64_t allocated() const {
+    return parameters + gradients + optimizer + layer_inputs + residual + block_scratch + attention_projections +
+           ffn_chunks + attention_workspace;
+  }
+  std::int64_t total() const { return allocated() + kernel_temporaries + runtime; }
+};
+
+// The memory per rank of a Model(config, shape) trained on `ranks` ranks of a `device` backend, from
+// the formulas the model allocates by (no allocation, no communicator). The largest layer's scratch
+// counts once: layers share it. Throws Error for a configuration the model would refuse, and for
+// the seed-method layers (CoLT5, VCC, Pyramidion) and CAST surrogate clusters, which it does not
+// estimate.
+MemoryEstimate estimate_memory(const ModelConfig& config, const SequenceShape& shape, int ranks, DeviceKind device);
 
 class Model {
  public:

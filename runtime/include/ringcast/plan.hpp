@@ -23,6 +23,7 @@
 #pragma once
 
 #include <ringcast/attention_options.hpp>
+#include <ringcast/tensor.hpp>
 
 #include <cstdint>
 
@@ -39,5 +40,14 @@ struct LayerPlan {
 };
 
 LayerPlan plan_layer(const LayerShape& shape, const AttentionOptions& options);
+
+// The bytes one DistributedAttention of this shape holds on the rank that needs the most, on a
+// `device` backend: what workspace_bytes() reports once it is built (pools, staging, gradient
+// accumulators, the exact modes' block tables, the attention kernels' workspace), plus the tables a
+// clustered forward builds (bounded: their size depends on the selection). From the modes'
+// constructors' formulas (attention_ring.cpp, attention_ulysses.cpp, attention_clustered.cpp),
+// without allocating; the model tests check it against the built operators on the CPU backend.
+// Throws Error for clusters = surrogate (CAST, CPU only: not estimated).
+std::int64_t attention_workspace_bytes(const LayerShape& shape, const AttentionOptions& options, DeviceKind device);
 
 }  // namespace ringcast

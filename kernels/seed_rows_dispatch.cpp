@@ -1,0 +1,133 @@
+// Routes the indexed row movement (segment_gather.hpp) and the seed layers' scores (seed_scores.hpp) to
+// their backend after validating the parameters once. Both backends implement every op.
+#include <ringcast/error.hpp>
+#include <ringcast/kernels/segment_gather.hpp>
+#include <ringcast/kernels/seed_scores.hpp>
+
+#include "cpu/seed_rows_cpu.hpp"
+#include "dispatch_checks.hpp"
+#if RINGCAST_WITH_CUDA
+#include "cuda/seed_rows_cuda.hpp"
+#endif
+
+namespace ringcast::kernels {
+namespace {
+
+void validate(const VipScoreShape& s, const char* op) {
+  RINGCAST_CHECK(s.heads >= 1 && s.kv_heads >= 1 && s.heads % s.kv_heads == 0 && s.head_dim >= 1,
+                 "{}: need heads a positive multiple of kv_heads and head_dim >= 1 (got {}, {}, {})", op, s.heads,
+                 s.kv_heads, s.head_dim);
+  RINGCAST_CHECK(s.vip >= 0 && s.blocks >= 0, "{}: need vip >= 0 and blocks >= 0 (got {}, {})", op, s.vip, s.blocks);
+}
+
+// Empty calls (no rows, no blocks) are valid and may pass null buffers.
+bool empty(const VipScoreShape& s) { return s.vip == 0 || s.blocks == 0; }
+
+}  // namespace
+
+// Expands to the backend call of `op` (a name of both backends) after the checks above.
+#if RINGCAST_WITH_CUDA
+#define RINGCAST_SEED_ROWS_ROUTE(op, p, ctx)                          \
+  do {                                                                \
+    if ((ctx).device.kind == DeviceKind::kCpu) return cpu::op(p);     \
+    return cuda::op(p, ctx);                                          \
+  } while (0)
+#else
+#define RINGCAST_SEED_ROWS_ROUTE(op, p, ctx)                          \
+  do {                                                                \
+    if ((ctx).device.kind == DeviceKind::kCpu) return cpu::op(p);     \
+    no_cuda_backend(#op);                                             \
+  } while (0)
+#endif
+
+void gather_segments(const SegmentGatherParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "gather_segments";
+  RINGCAST_CHECK(p.rows >= 0 && p.dim >= 1 && p.src_stride >= 0 && p.dst_stride >= 0,
+                 "{}: need rows >= 0, dim >= 1 and strides >= 0 (got {}, {}, {}, {})", kOp, p.rows, p.dim, p.src_stride,
+                 p.dst_stride);
+  RINGCAST_CHECK((p.src_stride == 0 || p.src_stride >= p.dim) && (p.dst_stride == 0 || p.dst_stride >= p.dim),
+                 "{}: row strides ({}, {}) below the row width {}", kOp, p.src_stride, p.dst_stride, p.dim);
+  if (p.rows == 0) return;
+  require_pointers(kOp, {p.src, p.dst});
+  RINGCAST_SEED_ROWS_ROUTE(gather_segments, p, ctx);
+}
+
+void rowwise_dot(const RowwiseDotParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "rowwise_dot";
+  RINGCAST_CHECK(p.rows >= 0 && p.dim >= 1, "{}: need rows >= 0 and dim >= 1 (got {}, {})", kOp, p.rows, p.dim);
+  if (p.rows == 0) return;
+  require_pointers(kOp, {p.a, p.b, p.out});
+  RINGCAST_SEED_ROWS_ROUTE(rowwise_dot, p, ctx);
+}
+
+void vip_block_logits(const VipLogitsParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "vip_block_logits";
+  validate(p.shape, kOp);
+  if (p.shape.vip == 0) return;
+  require_pointers(kOp, {p.q, p.row_max});
+  if (p.shape.blocks > 0) require_pointers(kOp, {p.k, p.probs});
+  RINGCAST_SEED_ROWS_ROUTE(vip_block_logits, p, ctx);
+}
+
+void vip_block_softmax(const VipSoftmaxParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "vip_block_softmax";
+  validate(p.shape, kOp);
+  if (p.shape.vip == 0) return;
+  require_pointers(kOp, {p.row_max, p.row_sum});
+  if (p.shape.blocks > 0) require_pointers(kOp, {p.probs});
+  RINGCAST_SEED_ROWS_ROUTE(vip_block_softmax, p, ctx);
+}
+
+void vip_block_mean(const VipMeanParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "vip_block_mean";
+  validate(p.shape, kOp);
+  RINGCAST_CHECK(p.shape.vip >= 1, "{}: the mean over VIP queries needs vip >= 1", kOp);
+  if (p.shape.blocks == 0) return;
+  require_pointers(kOp, {p.row_sum, p.block_ids, p.probs, p.p, p.log_p});
+  RINGCAST_SEED_ROWS_ROUTE(vip_block_mean, p, ctx);
+}
+
+void vip_pi_dot(const VipPiDotParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "vip_pi_dot";
+  RINGCAST_CHECK(p.blocks >= 0, "{}: need blocks >= 0 (got {})", kOp, p.blocks);
+  require_pointers(kOp, {p.pi_dot});
+  if (p.blocks > 0) require_pointers(kOp, {p.pi, p.d_pi});
+  RINGCAST_SEED_ROWS_ROUTE(vip_pi_dot, p, ctx);
+}
+
+void vip_scores_backward_rows(const VipScoresBackwardRowsParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "vip_scores_backward_rows";
+  validate(p.shape, kOp);
+  if (p.shape.vip == 0) return;
+  require_pointers(kOp, {p.pi_dot, p.row_dot});
+  if (p.shape.blocks > 0) require_pointers(kOp, {p.pi, p.p, p.probs, p.d_pi});
+  RINGCAST_SEED_ROWS_ROUTE(vip_scores_backward_rows, p, ctx);
+}
+
+void vip_scores_backward_inputs(const VipScoresBackwardInputsParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "vip_scores_backward_inputs";
+  validate(p.shape, kOp);
+  if (empty(p.shape)) return;
+  require_pointers(kOp, {p.q, p.k, p.probs, p.d_p, p.row_dot, p.d_q, p.d_k});
+  RINGCAST_SEED_ROWS_ROUTE(vip_scores_backward_inputs, p, ctx);
+}
+
+void pool_scores(const PoolScoreParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "pool_scores";
+  RINGCAST_CHECK(p.rows >= 0 && p.dim >= 1, "{}: need rows >= 0 and dim >= 1 (got {}, {})", kOp, p.rows, p.dim);
+  if (p.rows == 0) return;
+  require_pointers(kOp, {p.x, p.w, p.bias, p.logits, p.scores});
+  RINGCAST_SEED_ROWS_ROUTE(pool_scores, p, ctx);
+}
+
+void pool_scores_backward(const PoolScoreBackwardParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "pool_scores_backward";
+  RINGCAST_CHECK(p.rows >= 0, "{}: need rows >= 0 (got {})", kOp, p.rows);
+  require_pointers(kOp, {p.bias, p.d_bias});
+  if (p.rows > 0) require_pointers(kOp, {p.logits, p.d_scores});
+  RINGCAST_SEED_ROWS_ROUTE(pool_scores_backward, p, ctx);
+}
+
+#undef RINGCAST_SEED_ROWS_ROUTE
+
+}  // namespace ringcast::kernels
