@@ -1,9 +1,11 @@
-// Routes the selection building blocks (summaries, CAST, routing, pooling, clustered page selection)
-// to their backend after validating the parameters once. Both backends implement every family; the
+// Routes the selection building blocks (summaries, CAST, routing, pooling, clustered page selection,
+// the surrogate clusters' row and cluster operations) to their backend after validating the
+// parameters once. Both backends implement every family; the
 // device-resident selection and tables of selection_device.hpp exist on CUDA only, and shapes past a
 // CUDA kernel's limits are reported "not supported" by that kernel rather than run somewhere else.
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/cast.hpp>
+#include <ringcast/kernels/cluster_ops.hpp>
 #include <ringcast/kernels/pooling.hpp>
 #include <ringcast/kernels/routing.hpp>
 #include <ringcast/kernels/selection.hpp>
@@ -11,8 +13,10 @@
 #include <ringcast/kernels/summaries.hpp>
 
 #include "dispatch_checks.hpp"
+#include "cpu/cluster_ops_cpu.hpp"
 #include "cpu/selection_cpu.hpp"
 #if RINGCAST_WITH_CUDA
+#include "cuda/cluster_ops_cuda.hpp"
 #include "cuda/seed_cuda.hpp"
 #include "cuda/selection_cuda.hpp"
 #endif
@@ -73,6 +77,26 @@ void validate_selection(const ClusteredLayout* layout, const SelectionOptions& o
                      q.kv_head < q.kv_heads,
                  "{}: need queries, head_dim >= 1, heads ({}) a multiple of kv_heads ({}), kv_head ({}) in range",
                  op, q.heads, q.kv_heads, q.kv_head);
+}
+
+void validate(const RowGather& p, const char* op) {
+  RINGCAST_CHECK(p.rows >= 0 && p.heads >= 1 && p.group >= 1 && p.heads % p.group == 0 && p.width >= 1,
+                 "{}: rows ({}) must be >= 0, heads ({}) a positive multiple of group ({}), width ({}) positive", op,
+                 p.rows, p.heads, p.group, p.width);
+  require_pointers(op, {p.index, p.src, p.dst});
+}
+
+void validate_blocks(std::int64_t blocks, int coarse_pages, int head_dim, const char* op) {
+  RINGCAST_CHECK(blocks >= 0 && coarse_pages >= 1 && head_dim >= 1,
+                 "{}: blocks ({}) must be >= 0, coarse_pages ({}) and head_dim ({}) positive", op, blocks, coarse_pages,
+                 head_dim);
+}
+
+void validate(const ClusterMembers& m, const char* op) {
+  RINGCAST_CHECK(m.batch >= 1 && m.kv_heads >= 1 && m.seq >= 1 && m.clusters >= 1 && m.page_size >= 1,
+                 "{}: batch, kv_heads, seq, clusters and page_size must be positive (got {}, {}, {}, {}, {})", op,
+                 m.batch, m.kv_heads, m.seq, m.clusters, m.page_size);
+  require_pointers(op, {m.members, m.counts});
 }
 
 void require_summaries(const SummaryRows& rows, SelectScore score, const char* what, const char* op) {
@@ -427,6 +451,120 @@ void transpose_on_device(const BlockTable& table, const AttentionShape& shape, s
   require_cuda(ctx, kOp, "transpose");
 #if RINGCAST_WITH_CUDA
   cuda::transpose_on_device(table, shape, offsets, refs, ctx.stream);
+#else
+  no_cuda_backend(kOp);
+#endif
+}
+
+
+void gather_rows(const RowGather& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "gather_rows";
+  validate(p, kOp);
+  RINGCAST_CHECK(p.dtype == DType::kF32 || p.dtype == DType::kBF16 || p.dtype == DType::kF16,
+                 "{}: dtype {} is not supported (f32, bf16, f16)", kOp, dtype_name(p.dtype));
+  RINGCAST_CHECK(p.fill == 0.0f || p.dtype == DType::kF32, "{}: a non-zero fill needs f32 rows", kOp);
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::gather_rows(p);
+#if RINGCAST_WITH_CUDA
+  cuda::gather_rows(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
+}
+
+void scatter_add_rows(const RowGather& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "scatter_add_rows";
+  validate(p, kOp);
+  RINGCAST_CHECK(p.dtype == DType::kF32, "{}: adds f32 rows, got {}", kOp, dtype_name(p.dtype));
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::scatter_add_rows(p);
+#if RINGCAST_WITH_CUDA
+  cuda::scatter_add_rows(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
+}
+
+void page_key_bounds(const PageBoundsParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "page_key_bounds";
+  RINGCAST_CHECK(p.pages >= 0 && p.page_size >= 1 && p.head_dim >= 1,
+                 "{}: pages ({}) must be >= 0, page_size ({}) and head_dim ({}) positive", kOp, p.pages, p.page_size,
+                 p.head_dim);
+  if (p.pages == 0) return;
+  require_pointers(kOp, {p.keys, p.counts, p.key_min, p.key_max});
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::page_key_bounds(p);
+#if RINGCAST_WITH_CUDA
+  cuda::page_key_bounds(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
+}
+
+void cluster_blocks(const ClusterBlockParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "cluster_blocks";
+  validate_blocks(p.blocks, p.coarse_pages, p.head_dim, kOp);
+  if (p.blocks == 0) return;
+  require_pointers(kOp, {p.counts, p.key_mean, p.value_mean, p.key_min, p.key_max, p.block_key_mean,
+                         p.block_value_mean, p.block_key_min, p.block_key_max});
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cluster_blocks(p);
+#if RINGCAST_WITH_CUDA
+  cuda::cluster_blocks(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
+}
+
+void cluster_blocks_backward(const ClusterBlockBackwardParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "cluster_blocks_backward";
+  validate_blocks(p.blocks, p.coarse_pages, p.head_dim, kOp);
+  if (p.blocks == 0) return;
+  require_pointers(kOp, {p.counts, p.d_block_key_mean, p.d_block_value_mean, p.d_key_mean, p.d_value_mean});
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cluster_blocks_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::cluster_blocks_backward(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
+}
+
+void unit_queries(const UnitQueryParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "unit_queries";
+  RINGCAST_CHECK(p.head_dim >= 1 && p.kv_heads >= 1 && p.heads % p.kv_heads == 0 && p.kv_head >= 0 &&
+                     p.kv_head < p.kv_heads && p.rows >= 0 && p.unit_rows >= 1,
+                 "{}: need head_dim >= 1, heads ({}) a multiple of kv_heads ({}), kv_head ({}) in range, rows >= 0 and "
+                 "unit_rows >= 1",
+                 kOp, p.heads, p.kv_heads, p.kv_head);
+  if (p.rows == 0) return;
+  require_pointers(kOp, {p.q, p.order, p.out});
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::unit_queries(p);
+#if RINGCAST_WITH_CUDA
+  cuda::unit_queries(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
+}
+
+void member_lse(const MemberLseParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "member_lse";
+  validate(p.m, kOp);
+  require_pointers(kOp, {p.a_k, p.lse});
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::member_lse(p);
+#if RINGCAST_WITH_CUDA
+  cuda::member_lse(p, ctx);
+#else
+  no_cuda_backend(kOp);
+#endif
+}
+
+void member_lse_merge_backward(const MemberLseMergeBackwardParams& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "member_lse_merge_backward";
+  validate(p.m, kOp);
+  RINGCAST_CHECK(p.head_dim >= 1 && p.summary_rows >= std::int64_t{p.m.batch} * p.m.clusters,
+                 "{}: head_dim ({}) must be positive and summary_rows ({}) hold B * clusters", kOp, p.head_dim,
+                 p.summary_rows);
+  require_pointers(kOp, {p.a_k, p.lse, p.merged_lse, p.local_value, p.merged_value, p.d_merged_value,
+                         p.d_local_value, p.d_a_k});
+  if (ctx.device.kind == DeviceKind::kCpu) return cpu::member_lse_merge_backward(p);
+#if RINGCAST_WITH_CUDA
+  cuda::member_lse_merge_backward(p, ctx);
 #else
   no_cuda_backend(kOp);
 #endif

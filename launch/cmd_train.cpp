@@ -208,7 +208,7 @@ int train_command(const CommandLine& cmd) {
       ("checkpoint-every", po::value<int>()->default_value(0), "write the checkpoint every N steps (0: only at the end)")
       ("resume", po::value<std::string>()->default_value(""), "continue from this checkpoint")
       ("backend", po::value<std::string>()->default_value("auto"),
-       "auto|cpu|cuda; auto: CUDA where a device exists, the CPU for surrogate (CAST) clusters");
+       "auto|cpu|cuda; auto: CUDA where a device exists, else the CPU");
   po::variables_map vm;
   if (!parse_options(cmd, desc, vm, "usage: mpirun -np P ringcast train [--config FILE] [options]", rank == 0))
     return 0;
@@ -270,12 +270,8 @@ int train_command(const CommandLine& cmd) {
   }
   const bool encoder = config.kind == ModelKind::kEncoder;
 
-  // auto: CUDA where a device exists, unless the model has layers that only the CPU backend runs.
-  const bool cpu_only =
-      config.attention.mode == AttentionMode::kClustered && config.attention.clusters == ClusterKind::kSurrogate;
-  const Backend chosen = backend == "cpu" || (backend == "auto" && cpu_only) ? Backend::kCpu
-                         : backend == "cuda"                              ? Backend::kCuda
-                                                                          : Backend::kAuto;
+  // auto: CUDA where a device exists.
+  const Backend chosen = backend == "cpu" ? Backend::kCpu : backend == "cuda" ? Backend::kCuda : Backend::kAuto;
   Session session = Session::from_mpi(MPI_COMM_WORLD, chosen);
   reset_peak_allocated_bytes();
   Model model(session, config, shape);

@@ -1,5 +1,5 @@
 // The clustered mode with clusters = surrogate (CAST; DESIGN.md §4.1-4.2, ALGORITHMS.md §5,
-// docs/clustered-design.md "Surrogate clusters"): bidirectional, contiguous placement, CPU backend.
+// docs/clustered-design.md "Surrogate clusters"): bidirectional, contiguous placement, CPU and CUDA.
 // Per rank, element and KV head, the caller's surrogates S [h_kv, c, d] score the local tokens
 // (A_q = Q Sᵀ per query head, A_k = K Sᵀ), assign them to c clusters of at most page_size members
 // and summarise every cluster by its softmax(A_k)-weighted means (kernels/cast.hpp). Then
@@ -12,13 +12,21 @@
 //    summary merged over the ranks by log-sum-exp (one softmax over all of its members); the output
 //    mixes them with softmax_c(A_q) (kernels::cast_mix).
 // Gradients reach Q, K, V through attention and summaries, S through the affinities (the assignment
-// is hard); dS is this rank's part, added into the caller's buffer. All buffers are host memory.
+// is hard); dS is this rank's part, added into the caller's buffer.
+// Memory: activations, summaries and pools live on the session's device and are touched only by
+// kernels (fp32; bf16 / fp16 inputs converted once per call); the attention reads storage-dtype
+// copies. The host holds the cluster metadata: members and counts (downloaded after the assignment),
+// the rows' order and the tables built from them. Joint forward, host waits per layer: the members;
+// the coarse summaries, block counts and selection queries; the fetch's request exchange; the pool
+// counts, cluster summaries and bounds the selection reads (uploads follow on an idle stream). Cast
+// forward: the members. Backward: none but the fetch's and the collectives'.
 #include "attention_cast.hpp"
 #include "attention_internal.hpp"
 #include "clustered_internal.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/cast.hpp>
+#include <ringcast/kernels/cluster_ops.hpp>
 #include <ringcast/kernels/layout.hpp>
 
 #include <algorithm>
@@ -32,19 +40,13 @@ namespace {
 // The coarse-summary fields that travel and that selection reads, in this order.
 enum Field { kMeanK, kMeanV, kMin, kMax, kFields };
 
-// Per-channel min and max over `count` key rows (row(i) -> pointer); zeros when count is 0.
-template <typename Row>
-void key_bounds(int d, std::int32_t count, Row row, float* mn, float* mx) {
-  std::fill(mn, mn + d, count > 0 ? std::numeric_limits<float>::infinity() : 0.f);
-  std::fill(mx, mx + d, count > 0 ? -std::numeric_limits<float>::infinity() : 0.f);
-  for (std::int32_t i = 0; i < count; ++i) {
-    const float* k = row(i);
-    for (int e = 0; e < d; ++e) {
-      mn[e] = std::min(mn[e], k[e]);
-      mx[e] = std::max(mx[e], k[e]);
-    }
-  }
-}
+// The inputs as the CAST kernels read them: fp32, on the session's device.
+struct Fp32Inputs {
+  const float* q;  // [B, n_loc, heads, d]
+  const float* k;  // [B, n_loc, kv_heads, d]
+  const float* v;
+  const float* s;  // [kv_heads, c, d]
+};
 
 // What the joint forward of one batch element leaves for the backward.
 struct Element {
@@ -56,14 +58,22 @@ struct Element {
   std::optional<DeviceTables> tables;
 };
 
+// Synchronous host <-> device copies of whole buffers in stream order (plain copies on the CPU backend).
+template <typename T>
+void download(std::vector<T>& dst, const DeviceBuffer& src, const kernels::ExecContext& ctx) {
+  dst.resize(src.bytes() / sizeof(T));
+  src.download(std::span<T>(dst), ctx.stream);
+}
+template <typename T>
+void upload(DeviceBuffer& dst, const std::vector<T>& src, const kernels::ExecContext& ctx) {
+  dst.upload(std::span<const T>(src), ctx.stream);
+}
+
 class SurrogateMode final : public DistributedAttention::Mode {
  public:
   SurrogateMode(const Session& s, const LayerShape& sh, const AttentionOptions& o)
       : Mode(s, sh, o), c_(o.resolved_surrogate_clusters(sh)), joint_(o.combine == ClusterCombine::kJoint) {
     check_clustered_support(sh, o);
-    RINGCAST_CHECK(s.device().kind == DeviceKind::kCpu,
-                   "clustered mode with clusters = surrogate: runs on the CPU backend for now (the CAST kernels "
-                   "exist on CUDA but this mode's host-side table builder is not ported); use clusters = blocks");
     const std::int64_t d = sh.head_dim, n = sh.local_len(), ps = o.page_size;
     cast_ = {sh.batch, n, sh.heads, sh.kv_heads, sh.head_dim, c_, o.page_size};
     const std::int64_t q_elems = sh.batch * n * sh.heads * d, kv_elems = sh.batch * n * sh.kv_heads * d;
@@ -77,6 +87,11 @@ class SurrogateMode final : public DistributedAttention::Mode {
     for (DeviceBuffer* b : {&key_sums_, &value_sums_, &d_key_sums_, &d_value_sums_}) *b = allocate(sums * sizeof(float));
     d_q_ = allocate(q_elems * sizeof(float));
     d_kv_ = allocate(2 * kv_elems * sizeof(float));
+    if (sh.dtype != DType::kF32) {
+      q32_ = allocate(q_elems * sizeof(float));
+      kv32_ = allocate(2 * kv_elems * sizeof(float));
+      s32_ = allocate(sh.kv_heads * c_ * d * sizeof(float));
+    }
     // No entry is causal, so the kernel reads no query position: one zero buffer serves every call.
     q_pos_ = allocate(std::max<std::int64_t>(n, cast_.member_rows()) * sizeof(std::int32_t));
     kernels::fill_zero(q_pos_.data(), q_pos_.bytes(), ctx);
@@ -88,11 +103,8 @@ class SurrogateMode final : public DistributedAttention::Mode {
   }
 
   void forward(const AttentionForwardArgs& a) override {
-    const float* q = a.q.as<const float>();
-    const float* k = a.k.as<const float>();
-    const float* v = a.v.as<const float>();
-    const float* s = a.surrogates.as<const float>();
-    kernels::cast_affinities({cast_, q, k, s, a_q_.as<float>(), a_k_.as<float>()}, ctx);
+    const Fp32Inputs in = fp32_inputs(a.q, a.k, a.v, a.surrogates);
+    kernels::cast_affinities({cast_, in.q, in.k, in.s, a_q_.as<float>(), a_k_.as<float>()}, ctx);
     kernels::cast_assign({cast_,
                           options.assignment == SurrogateAssignment::kTopK ? kernels::CastAssignment::kTopK
                                                                            : kernels::CastAssignment::kSingleTopK,
@@ -100,31 +112,33 @@ class SurrogateMode final : public DistributedAttention::Mode {
                           counts_.as<std::int32_t>()},
                          ctx);
     kernels::cast_summaries({cast_, members_.as<const std::int32_t>(), counts_.as<const std::int32_t>(),
-                             a_k_.as<const float>(), k, v, key_sums_.as<float>(), value_sums_.as<float>()},
+                             a_k_.as<const float>(), in.k, in.v, key_sums_.as<float>(), value_sums_.as<float>()},
                             ctx);
+    download(members_host_, members_, ctx);
+    download(counts_host_, counts_, ctx);
     if (joint_) {
-      joint_forward(a);
+      joint_forward(a, in);
     } else {
-      cast_forward(a);
+      cast_forward(a, in);
     }
   }
 
   void backward(const AttentionBackwardArgs& a) override {
     RINGCAST_CHECK(joint_ ? elements_.front().tables.has_value() : intra_tables_.has_value(),
                    "clustered mode: backward() needs a forward() first");
+    const Fp32Inputs in = fp32_inputs(a.q, a.k, a.v, a.surrogates);
     kernels::fill_zero(d_kv_.data(), d_kv_.bytes(), ctx);
     kernels::fill_zero(d_a_k_.data(), d_a_k_.bytes(), ctx);
     if (joint_) {
-      joint_backward(a);
+      joint_backward(a, in);
     } else {
-      cast_backward(a);
+      cast_backward(a, in);
     }
     const std::int64_t kv_elems = std::int64_t{shape.batch} * shape.local_len() * shape.kv_heads * shape.head_dim;
     float* d_k = d_kv_.as<float>();
     float* d_v = d_k + kv_elems;
-    kernels::cast_affinities_backward({cast_, a.q.as<const float>(), a.k.as<const float>(),
-                                       a.surrogates.as<const float>(), d_a_q_.as<const float>(),
-                                       d_a_k_.as<const float>(), d_q_.as<float>(), d_k, a.d_surrogates.as<float>()},
+    kernels::cast_affinities_backward({cast_, in.q, in.k, in.s, d_a_q_.as<const float>(), d_a_k_.as<const float>(),
+                                       d_q_.as<float>(), d_k, a.d_surrogates.as<float>()},
                                       ctx);
     const std::int64_t q_elems = std::int64_t{shape.batch} * shape.local_len() * shape.heads * shape.head_dim;
     kernels::copy_strided(kernels::StridedCopy::flat(d_q_.data(), DType::kF32, a.d_q.data, shape.dtype, q_elems), ctx);
@@ -166,8 +180,7 @@ class SurrogateMode final : public DistributedAttention::Mode {
   std::vector<std::int32_t> cluster_members() const override {
     RINGCAST_CHECK(joint_ ? elements_.front().tables.has_value() : intra_tables_.has_value(),
                    "clustered mode: cluster_members() needs a forward() first");
-    const std::size_t count = members_.bytes() / sizeof(std::int32_t);
-    std::vector<std::int32_t> out(members_.as<const std::int32_t>(), members_.as<const std::int32_t>() + count);
+    std::vector<std::int32_t> out = members_host_;
     for (std::int32_t& j : out)
       if (j >= 0) j = positions[static_cast<std::size_t>(j)];
     return out;
@@ -176,17 +189,36 @@ class SurrogateMode final : public DistributedAttention::Mode {
  private:
   // ---- Addressing (layouts in kernels/cast.hpp and attention_cast.hpp). ----
   std::int64_t unit(int b, int g) const { return std::int64_t{b} * shape.kv_heads + g; }
-  const std::int32_t* members(int b, int g) const {
-    return members_.as<const std::int32_t>() + unit(b, g) * c_ * options.page_size;
+  // Host copies of members [B, kv_heads, c, page_size] and counts [B, kv_heads, c].
+  const std::int32_t* members(int b, int g) const { return members_host_.data() + unit(b, g) * c_ * options.page_size; }
+  const std::int32_t* counts(int b, int g) const { return counts_host_.data() + unit(b, g) * c_; }
+  // The same on the device: element b's members, every KV head, as a gather index [kv_heads][c ps].
+  const std::int32_t* device_members(int b) const {
+    return members_.as<const std::int32_t>() + unit(b, 0) * c_ * options.page_size;
   }
-  const std::int32_t* counts(int b, int g) const { return counts_.as<const std::int32_t>() + unit(b, g) * c_; }
+  const std::int32_t* device_counts(int b, int g) const { return counts_.as<const std::int32_t>() + unit(b, g) * c_; }
   // Cluster cl of (b, g) in a [kv_heads, summary_rows, d] summary buffer: row (g, b * c + cl).
   float* sums(const DeviceBuffer& buf, int b, int g) const {
     return buf.as<float>() + (g * cast_.summary_rows() + std::int64_t{b} * c_) * shape.head_dim;
   }
-  // Local token j of (b, g) in a [B, n_loc, kv_heads, d] buffer.
-  std::int64_t kv_row(int b, std::int64_t j, int g) const {
-    return ((b * shape.local_len() + j) * shape.kv_heads + g) * shape.head_dim;
+  std::int64_t kv_elems_per_element() const { return shape.local_len() * shape.kv_heads * shape.head_dim; }
+  std::int64_t q_elems_per_element() const { return shape.local_len() * shape.heads * shape.head_dim; }
+
+  // The inputs in fp32: the caller's with an fp32 storage dtype, converted copies otherwise.
+  Fp32Inputs fp32_inputs(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& s) const {
+    if (shape.dtype == DType::kF32) return {q.as<const float>(), k.as<const float>(), v.as<const float>(), s.as<const float>()};
+    const std::int64_t q_elems = shape.batch * q_elems_per_element(), kv_elems = shape.batch * kv_elems_per_element();
+    float* q32 = q32_.as<float>();
+    float* k32 = kv32_.as<float>();
+    float* v32 = k32 + kv_elems;
+    float* s32 = s32_.as<float>();
+    kernels::copy_strided(kernels::StridedCopy::flat(q.data, shape.dtype, q32, DType::kF32, q_elems), ctx);
+    kernels::copy_strided(kernels::StridedCopy::flat(k.data, shape.dtype, k32, DType::kF32, kv_elems), ctx);
+    kernels::copy_strided(kernels::StridedCopy::flat(v.data, shape.dtype, v32, DType::kF32, kv_elems), ctx);
+    kernels::copy_strided(kernels::StridedCopy::flat(s.data, shape.dtype, s32, DType::kF32,
+                                                     std::int64_t{shape.kv_heads} * c_ * shape.head_dim),
+                          ctx);
+    return {q32, k32, v32, s32};
   }
 
   // ---- combine = joint ----
@@ -229,26 +261,35 @@ class SurrogateMode final : public DistributedAttention::Mode {
     g_.pool_elems = sh.kv_heads * max_pages * g_.page_elems;
     pools_ = allocate(sh.batch * 2 * g_.pool_elems * sizeof(float));
     d_pools_ = allocate(pools_.bytes());
+    if (sh.dtype != DType::kF32) attn_pools_ = allocate(pools_.bytes() / sizeof(float) * dtype_size(sh.dtype));
     key_bias_ = allocate(sh.batch * sh.kv_heads * max_pages * o.page_size * sizeof(float));
+    key_bias_host_.resize(key_bias_.bytes() / sizeof(float));
     page_counts_ = allocate(units * max_resident_ * sizeof(std::int32_t));
+    page_counts_host_.resize(static_cast<std::size_t>(units * max_resident_));
     bounds_ = allocate(units * 2 * max_resident_ * d * sizeof(float));
+    cluster_keys_ = allocate(sh.batch * sh.kv_heads * base_.n_loc * d * sizeof(float));
     const std::int64_t rows = sh.batch * g_.local_blocks;
     gather_send_ = allocate(kFields * sh.kv_heads * rows * d * sizeof(float));
     gather_recv_ = allocate(g_.p * gather_send_.bytes());
     count_send_ = allocate(sh.kv_heads * rows * sizeof(std::int32_t));
     count_recv_ = allocate(g_.p * count_send_.bytes());
     coarse_ = allocate(units * kFields * num_blocks_ * d * sizeof(float));
-    block_counts_ = allocate(units * num_blocks_ * sizeof(std::int32_t));
+    block_counts_host_.resize(static_cast<std::size_t>(units * num_blocks_));
     scatter_recv_ = allocate(2 * sh.kv_heads * rows * d * sizeof(float));
     scatter_send_ = allocate(g_.p * scatter_recv_.bytes());
     // A requester fetches at most min(R, local_blocks) of this rank's blocks per (element, KV head).
     stage_ = allocate(g_.unit_stage_elems(o.remote_blocks) * sizeof(float));
     requests_ = allocate(request_scratch_ints(g_, o.remote_blocks) * sizeof(std::int32_t));
+    order_ = allocate(units * n * sizeof(std::int32_t));
+    inverse_ = allocate(order_.bytes());
+    const std::int64_t tiles = (n + kernels::kQueryTile - 1) / kernels::kQueryTile;
+    tile_queries_ = allocate(units * tiles * d * sizeof(float));
+    if (sel_.unit == kernels::SelectUnit::kRow) row_queries_ = allocate(units * n * d * sizeof(float));
     const std::int64_t q_elems = n * sh.heads * d;
-    q_rows_ = allocate(sh.batch * q_elems * sizeof(float));
-    o_rows_ = allocate(sh.batch * q_elems * sizeof(float));
+    q_rows_ = allocate(sh.batch * q_elems * dtype_size(sh.dtype));
+    o_rows_ = allocate(q_rows_.bytes());
     lse_rows_ = allocate(sh.batch * sh.heads * n * sizeof(float));
-    d_o_rows_ = allocate(q_elems * sizeof(float));
+    d_o_rows_ = allocate(q_elems * dtype_size(sh.dtype));
     d_q_rows_ = allocate(q_elems * sizeof(float));
     const kernels::AttentionShape widest{1, n, sh.heads, sh.kv_heads, sh.head_dim, o.page_size, max_pages};
     fwd_ws_ = allocate(kernels::attention_forward_workspace_bytes(widest, ctx));
@@ -261,6 +302,12 @@ class SurrogateMode final : public DistributedAttention::Mode {
   float* pool(const DeviceBuffer& buf, int b, int g, int kv) const {
     return buf.as<float>() + (2 * b + kv) * g_.pool_elems + g * elements_[b].shape.num_pages * g_.page_elems;
   }
+  // Element b's K (kv = 0) or V pages as the attention reads them: the fp32 pool, or its copy in the
+  // storage dtype at the same element offsets.
+  void* attention_pool(int b, int kv) const {
+    if (shape.dtype == DType::kF32) return pool(pools_, b, 0, kv);
+    return attn_pools_.as<char>() + (2 * b + kv) * g_.pool_elems * dtype_size(shape.dtype);
+  }
   PoolView pool_view(const DeviceBuffer& buf) const {
     return [this, &buf](int b, int g, int kv) { return pool(buf, b, g, kv); };
   }
@@ -270,110 +317,199 @@ class SurrogateMode final : public DistributedAttention::Mode {
     return out;
   }
   std::int32_t* page_counts(int b, int g) const { return page_counts_.as<std::int32_t>() + unit(b, g) * max_resident_; }
+  std::span<const std::int32_t> host_page_counts(int b, int g) const {
+    return {page_counts_host_.data() + unit(b, g) * max_resident_,
+            static_cast<std::size_t>(elements_[b].layouts[static_cast<std::size_t>(g)].resident_pages())};
+  }
+  std::span<const std::int32_t> host_block_counts(int b, int g) const {
+    return {block_counts_host_.data() + unit(b, g) * num_blocks_, static_cast<std::size_t>(num_blocks_)};
+  }
   float* bounds(int b, int g, int max) const {
     return bounds_.as<float>() + (unit(b, g) * 2 + max) * max_resident_ * shape.head_dim;
+  }
+  const float* host_bounds(int b, int g, int max) const {
+    return bounds_host_.data() + (unit(b, g) * 2 + max) * max_resident_ * shape.head_dim;
   }
   float* coarse(int b, int g, int f) const {
     return coarse_.as<float>() + (unit(b, g) * kFields + f) * num_blocks_ * shape.head_dim;
   }
-  std::int32_t* block_counts(int b, int g) const { return block_counts_.as<std::int32_t>() + unit(b, g) * num_blocks_; }
-  float* key_bias(int b) const { return key_bias_.as<float>() + std::int64_t{b} * g_.pool_elems / shape.head_dim; }
-  float* rows_of(const DeviceBuffer& buf, int b) const {
-    return buf.as<float>() + std::int64_t{b} * shape.local_len() * shape.heads * shape.head_dim;
+  const float* host_coarse(int b, int g, int f) const {
+    return coarse_host_.data() + (unit(b, g) * kFields + f) * num_blocks_ * shape.head_dim;
+  }
+  // Element b's key bias [kv_heads][num_pages_b][ps]: built on the host, read on the device.
+  std::int64_t key_bias_offset(int b) const { return std::int64_t{b} * g_.pool_elems / shape.head_dim; }
+  std::int64_t num_tiles() const { return (shape.local_len() + kernels::kQueryTile - 1) / kernels::kQueryTile; }
+  const float* host_tile_queries(int b, int g) const {
+    return tile_queries_host_.data() + unit(b, g) * num_tiles() * shape.head_dim;
+  }
+  const float* host_unit_queries(int b, int g) const {
+    if (sel_.unit == kernels::SelectUnit::kTile) return host_tile_queries(b, g);
+    return row_queries_host_.data() + unit(b, g) * shape.local_len() * shape.head_dim;
+  }
+  // Element b's rows [n_loc, heads, d] in a rows buffer of `dtype`.
+  void* rows_of(const DeviceBuffer& buf, int b, DType dtype) const {
+    return buf.as<char>() + b * q_elems_per_element() * dtype_size(dtype);
+  }
+  const std::int32_t* device_order(const DeviceBuffer& buf, int b) const {
+    return buf.as<const std::int32_t>() + unit(b, 0) * shape.local_len();
   }
 
-  // rows[i, h] = tokens[order_{h / G}[i], h] ([n_loc, heads, d] of one element), and the inverse.
-  void tokens_to_rows(const Element& e, const float* tokens, float* rows) const {
-    const int d = shape.head_dim, h = shape.heads, group = shape.heads / shape.kv_heads;
-    for (int hh = 0; hh < h; ++hh) {
-      const std::vector<std::int32_t>& order = e.rows[static_cast<std::size_t>(hh / group)].order;
-      for (std::size_t i = 0; i < order.size(); ++i)
-        std::copy_n(tokens + (std::int64_t{order[i]} * h + hh) * d, d, rows + (std::int64_t(i) * h + hh) * d);
-    }
+  // Rows <-> tokens of element b, [n_loc, heads, width] with every query head in its KV head's row
+  // order: `index` is order_ (rows from tokens) or inverse_ (tokens from rows).
+  void permute(const DeviceBuffer& index, int b, const void* src, void* dst, DType dtype) const {
+    const std::int64_t n = shape.local_len(), d = shape.head_dim;
+    kernels::RowGather p;
+    p.rows = n;
+    p.heads = shape.heads;
+    p.group = shape.heads / shape.kv_heads;
+    p.width = d;
+    p.index = device_order(index, b);
+    p.index_stride = n;
+    p.src = src;
+    p.src_row_stride = p.dst_row_stride = shape.heads * d;
+    p.src_head_stride = p.dst_head_stride = d;
+    p.dst = dst;
+    p.dtype = dtype;
+    kernels::gather_rows(p, ctx);
   }
-  void rows_to_tokens(const Element& e, const float* rows, float* tokens) const {
-    const int d = shape.head_dim, h = shape.heads, group = shape.heads / shape.kv_heads;
-    for (int hh = 0; hh < h; ++hh) {
-      const std::vector<std::int32_t>& order = e.rows[static_cast<std::size_t>(hh / group)].order;
-      for (std::size_t i = 0; i < order.size(); ++i)
-        std::copy_n(rows + (std::int64_t(i) * h + hh) * d, d, tokens + (std::int64_t{order[i]} * h + hh) * d);
-    }
+  // The same for a [heads, n_loc] log-sum-exp.
+  void permute_lse(const DeviceBuffer& index, int b, const float* src, float* dst) const {
+    const std::int64_t n = shape.local_len();
+    kernels::RowGather p;
+    p.rows = n;
+    p.heads = shape.heads;
+    p.group = shape.heads / shape.kv_heads;
+    p.width = 1;
+    p.index = device_order(index, b);
+    p.index_stride = n;
+    p.src = src + std::int64_t{b} * shape.heads * n;
+    p.src_row_stride = p.dst_row_stride = 1;
+    p.src_head_stride = p.dst_head_stride = n;
+    p.dst = dst + std::int64_t{b} * shape.heads * n;
+    kernels::gather_rows(p, ctx);
+  }
+  // Members of element b (every KV head) between tokens [n_loc, kv_heads, d] and cluster slots
+  // [kv_heads][c ps][d] at `slots` with `head_stride` between heads: padding slots are zero.
+  kernels::RowGather member_slots(int b) const {
+    kernels::RowGather p;
+    p.rows = std::int64_t{c_} * options.page_size;
+    p.heads = shape.kv_heads;
+    p.width = shape.head_dim;
+    p.index = device_members(b);
+    p.index_stride = p.rows;
+    return p;
+  }
+  void tokens_to_slots(int b, const float* tokens, float* slots, std::int64_t head_stride) const {
+    kernels::RowGather p = member_slots(b);
+    p.src = tokens + b * kv_elems_per_element();
+    p.src_row_stride = std::int64_t{shape.kv_heads} * shape.head_dim;
+    p.src_head_stride = shape.head_dim;
+    p.dst = slots;
+    p.dst_row_stride = shape.head_dim;
+    p.dst_head_stride = head_stride;
+    kernels::gather_rows(p, ctx);
+  }
+  // A token's gradient sums over the slots it was gathered into.
+  void slots_to_tokens(int b, const float* slots, std::int64_t head_stride, float* tokens) const {
+    kernels::RowGather p = member_slots(b);
+    p.src = slots;
+    p.src_row_stride = shape.head_dim;
+    p.src_head_stride = head_stride;
+    p.dst = tokens + b * kv_elems_per_element();
+    p.dst_row_stride = std::int64_t{shape.kv_heads} * shape.head_dim;
+    p.dst_head_stride = shape.head_dim;
+    kernels::scatter_add_rows(p, ctx);
   }
 
-  void joint_forward(const AttentionForwardArgs& a) {
-    const float* k = a.k.as<const float>();
-    const std::int64_t n = shape.local_len(), q_elems = n * shape.heads * shape.head_dim;
+  void joint_forward(const AttentionForwardArgs& a, const Fp32Inputs& in) {
+    plan_rows();
+    summarize_blocks(in);
+    gather_coarse();
+    for (int b = 0; b < shape.batch; ++b) plan_element(in, b);
+    ClusteredTransfer t(session.comm(), ctx, g_, pool_view(pools_),
+                        {requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t)},
+                        [this](int b, int g) { return page_counts(b, g); });
+    t.fetch_blocks(elements_layouts(), served_);
+    complete_pools();
+    for (int b = 0; b < shape.batch; ++b) select_and_build(b);
+    upload(key_bias_, key_bias_host_, ctx);
+    for (int b = 0; b < shape.batch; ++b) attend(a, b);
+  }
+
+  // The rows of every (element, KV head) from the members, their order and its inverse on the
+  // device, and the local clusters' counts as the pools' first counts (the fetch fills the rest).
+  void plan_rows() {
+    const std::int64_t n = shape.local_len();
+    std::vector<std::int32_t> order, inverse(static_cast<std::size_t>(shape.batch * shape.kv_heads * n));
     for (int b = 0; b < shape.batch; ++b) {
       Element& e = elements_[b];
       e.rows.clear();
       e.tables.reset();
-      for (int g = 0; g < shape.kv_heads; ++g)
+      for (int g = 0; g < shape.kv_heads; ++g) {
         e.rows.push_back(surrogate_rows({members(b, g), static_cast<std::size_t>(c_) * options.page_size},
                                         {counts(b, g), static_cast<std::size_t>(c_)}, n, options.page_size));
-      tokens_to_rows(e, a.q.as<const float>() + b * q_elems, rows_of(q_rows_, b));
+        const std::vector<std::int32_t>& rows = e.rows.back().order;
+        for (std::int64_t i = 0; i < n; ++i) inverse[unit(b, g) * n + rows[i]] = static_cast<std::int32_t>(i);
+        order.insert(order.end(), rows.begin(), rows.end());
+        std::int32_t* cnt = page_counts_host_.data() + unit(b, g) * max_resident_;
+        std::copy_n(counts(b, g), c_, cnt);
+        std::fill(cnt + c_, cnt + max_resident_, 0);
+      }
     }
-    summarize_blocks(k);
-    gather_coarse();
-    for (int b = 0; b < shape.batch; ++b) plan_element(a, b);
-    const std::span<std::int32_t> requests(requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t));
-    ClusteredTransfer t(session.comm(), ctx, g_, pool_view(pools_), requests,
-                        [this](int b, int g) { return page_counts(b, g); });
-    t.fetch_blocks(elements_layouts(), served_);
-    for (int b = 0; b < shape.batch; ++b) attend(a, b);
+    upload(order_, order, ctx);
+    upload(inverse_, inverse, ctx);
+    upload(page_counts_, page_counts_host_, ctx);
   }
 
   // Step 2 on this rank: the bounds of every local cluster and the coarse summaries of the local
   // blocks (count-weighted means of their clusters' summaries, min and max of their bounds, member
-  // counts), straight into the all-gather's send layout [kFields][kv_heads][B * local_blocks][d].
-  void summarize_blocks(const float* k) {
+  // counts), straight into the all-gather's send layout [kFields][kv_heads][B * local_blocks][d]; and
+  // the selection queries of the rows.
+  void summarize_blocks(const Fp32Inputs& in) {
     const int d = shape.head_dim, cp = options.coarse_pages;
-    const std::int64_t rows = std::int64_t{shape.batch} * g_.local_blocks;
+    const std::int64_t rows = std::int64_t{shape.batch} * g_.local_blocks, slots = base_.n_loc;
     float* send = gather_send_.as<float>();
     const auto field = [&](int f, int g, std::int64_t row) { return send + ((f * shape.kv_heads + g) * rows + row) * d; };
-    for (int b = 0; b < shape.batch; ++b)
+    std::vector<std::int32_t> totals(static_cast<std::size_t>(shape.kv_heads * rows), 0);
+    for (int b = 0; b < shape.batch; ++b) {
+      float* keys = cluster_keys_.as<float>() + unit(b, 0) * slots * d;
+      tokens_to_slots(b, in.k, keys, slots * d);
       for (int g = 0; g < shape.kv_heads; ++g) {
-        const std::int32_t* mem = members(b, g);
-        const std::int32_t* cnt = counts(b, g);
-        for (int cl = 0; cl < c_; ++cl)
-          key_bounds(
-              d, cnt[cl], [&](std::int32_t s) { return k + kv_row(b, mem[cl * options.page_size + s], g); },
-              bounds(b, g, 0) + std::int64_t{cl} * d, bounds(b, g, 1) + std::int64_t{cl} * d);
-        for (std::int64_t l = 0; l < g_.local_blocks; ++l) {
-          const std::int64_t row = b * g_.local_blocks + l;
-          float *km = field(kMeanK, g, row), *vm = field(kMeanV, g, row), *mn = field(kMin, g, row),
-                *mx = field(kMax, g, row);
-          std::fill(km, km + d, 0.f);
-          std::fill(vm, vm + d, 0.f);
-          std::int32_t total = 0;
-          for (std::int64_t cl = l * cp; cl < (l + 1) * cp; ++cl) {
-            if (cnt[cl] == 0) continue;
-            const float* ks = sums(key_sums_, b, g) + cl * d;
-            const float* vs = sums(value_sums_, b, g) + cl * d;
-            const float* cmn = bounds(b, g, 0) + cl * d;
-            const float* cmx = bounds(b, g, 1) + cl * d;
-            for (int e = 0; e < d; ++e) {
-              km[e] += cnt[cl] * ks[e];
-              vm[e] += cnt[cl] * vs[e];
-              mn[e] = total == 0 ? cmn[e] : std::min(mn[e], cmn[e]);
-              mx[e] = total == 0 ? cmx[e] : std::max(mx[e], cmx[e]);
-            }
-            total += cnt[cl];
-          }
-          if (total == 0) {
-            std::fill(mn, mn + d, 0.f);
-            std::fill(mx, mx + d, 0.f);
-          }
-          const float inv = total > 0 ? 1.f / static_cast<float>(total) : 0.f;
-          for (int e = 0; e < d; ++e) {
-            km[e] *= inv;
-            vm[e] *= inv;
-          }
-          count_send_.as<std::int32_t>()[g * rows + row] = total;
-        }
+        kernels::page_key_bounds({c_, options.page_size, d, keys + g * slots * d, device_counts(b, g), bounds(b, g, 0),
+                                  bounds(b, g, 1)},
+                                 ctx);
+        const std::int64_t row = std::int64_t{b} * g_.local_blocks;
+        kernels::cluster_blocks({g_.local_blocks, cp, d, device_counts(b, g), sums(key_sums_, b, g),
+                                 sums(value_sums_, b, g), bounds(b, g, 0), bounds(b, g, 1), field(kMeanK, g, row),
+                                 field(kMeanV, g, row), field(kMin, g, row), field(kMax, g, row)},
+                                ctx);
+        for (int cl = 0; cl < c_; ++cl) totals[g * rows + row + cl / cp] += counts(b, g)[cl];
+        selection_queries(in, b, g);
       }
+    }
+    upload(count_send_, totals, ctx);
   }
 
-  // Step 3: every rank's coarse summaries and member counts (clusters may be partly filled).
+  void selection_queries(const Fp32Inputs& in, int b, int g) {
+    const std::int64_t n = shape.local_len();
+    kernels::UnitQueryParams p;
+    p.q = in.q + b * q_elems_per_element();
+    p.heads = shape.heads;
+    p.kv_heads = shape.kv_heads;
+    p.head_dim = shape.head_dim;
+    p.kv_head = g;
+    p.order = order_.as<const std::int32_t>() + unit(b, g) * n;
+    p.rows = n;
+    p.out = tile_queries_.as<float>() + unit(b, g) * num_tiles() * shape.head_dim;
+    kernels::unit_queries(p, ctx);
+    if (sel_.unit == kernels::SelectUnit::kTile) return;
+    p.unit_rows = 1;
+    p.out = row_queries_.as<float>() + unit(b, g) * n * shape.head_dim;
+    kernels::unit_queries(p, ctx);
+  }
+
+  // Step 3: every rank's coarse summaries and member counts (clusters may be partly filled); the
+  // host keeps them with the selection queries for steps 4-6.
   void gather_coarse() {
     all_gather_coarse(session.comm(), ctx, g_, kFields, gather_send_.as<float>(), gather_recv_.as<float>(),
                       [this](int b, int g) { return coarse(b, g, 0); });
@@ -381,29 +517,35 @@ class SurrogateMode final : public DistributedAttention::Mode {
     session.comm().all_gather({count_send_.data(), static_cast<std::size_t>(per_rank), DType::kI32},
                               {count_recv_.data(), static_cast<std::size_t>(g_.p * per_rank), DType::kI32},
                               ctx.stream);
-    const std::int32_t* all = count_recv_.as<const std::int32_t>();
+    std::vector<std::int32_t> all;
+    download(all, count_recv_, ctx);
+    download(coarse_host_, coarse_, ctx);
+    download(tile_queries_host_, tile_queries_, ctx);
+    if (sel_.unit == kernels::SelectUnit::kRow) download(row_queries_host_, row_queries_, ctx);
     for (int b = 0; b < shape.batch; ++b)
       for (int g = 0; g < shape.kv_heads; ++g)
         for (int q = 0; q < g_.p; ++q)
-          std::copy_n(all + q * per_rank + g * rows + b * g_.local_blocks, g_.local_blocks,
-                      block_counts(b, g) + q * g_.local_blocks);
+          std::copy_n(all.data() + q * per_rank + g * rows + b * g_.local_blocks, g_.local_blocks,
+                      block_counts_host_.data() + unit(b, g) * num_blocks_ + q * g_.local_blocks);
   }
 
   SurrogateSelectionParams selection_params(int b, int g, const kernels::ClusteredLayout& L) const {
     SurrogateSelectionParams p;
     p.layout = &L;
     p.options = sel_;
-    p.queries = {rows_of(q_rows_, b), shape.heads, shape.kv_heads, shape.head_dim, g};
+    p.head_dim = shape.head_dim;
+    p.tile_queries = host_tile_queries(b, g);
+    p.unit_queries = host_unit_queries(b, g);
     p.rows = &elements_[b].rows[static_cast<std::size_t>(g)];
-    p.page_counts = {page_counts(b, g), static_cast<std::size_t>(L.resident_pages())};
-    p.block_counts = {block_counts(b, g), static_cast<std::size_t>(num_blocks_)};
-    p.coarse = {coarse(b, g, kMeanK), coarse(b, g, kMin), coarse(b, g, kMax)};
+    p.page_counts = {page_counts_host_.data() + unit(b, g) * max_resident_, static_cast<std::size_t>(L.resident_pages())};
+    p.block_counts = host_block_counts(b, g);
+    p.coarse = {host_coarse(b, g, kMeanK), host_coarse(b, g, kMin), host_coarse(b, g, kMax)};
     return p;
   }
 
   // Step 4 (choice) and the pool's shape: top-R per KV head, fetch capacity = the most any head
-  // fetches; the local clusters packed into their pages, their summaries and counts in place.
-  void plan_element(const AttentionForwardArgs& a, int b) {
+  // fetches; the local clusters gathered into their pages, their summaries in place.
+  void plan_element(const Fp32Inputs& in, int b) {
     Element& e = elements_[b];
     e.layouts.clear();
     std::vector<std::vector<std::int64_t>> fetch;
@@ -418,27 +560,46 @@ class SurrogateMode final : public DistributedAttention::Mode {
       L.fetch_capacity = capacity;
       e.layouts.push_back(std::move(L));
     }
-    const int ps = options.page_size, d = shape.head_dim;
-    e.shape = {1, shape.local_len(), shape.heads, shape.kv_heads, d, ps, e.layouts.front().num_pages()};
+    const int d = shape.head_dim;
+    const kernels::ClusteredLayout& L0 = e.layouts.front();
+    e.shape = {1, shape.local_len(), shape.heads, shape.kv_heads, d, options.page_size, L0.num_pages()};
     kernels::fill_zero(pool(pools_, b, 0, 0), 2 * g_.pool_elems * sizeof(float), ctx);
-    const float* k = a.k.as<const float>();
-    const float* v = a.v.as<const float>();
-    for (int g = 0; g < shape.kv_heads; ++g) {
-      const kernels::ClusteredLayout& L = e.layouts[static_cast<std::size_t>(g)];
-      const std::int32_t* mem = members(b, g);
-      for (int cl = 0; cl < c_; ++cl)
-        for (int s = 0; s < counts(b, g)[cl]; ++s) {
-          const std::int64_t slot = (std::int64_t{cl} * ps + s) * d, token = kv_row(b, mem[cl * ps + s], g);
-          std::copy_n(k + token, d, pool(pools_, b, g, 0) + slot);
-          std::copy_n(v + token, d, pool(pools_, b, g, 1) + slot);
-        }
-      const std::int64_t summaries = L.page_summary_first_page() * g_.page_elems;
-      std::copy_n(sums(key_sums_, b, g), std::int64_t{c_} * d, pool(pools_, b, g, 0) + summaries);
-      std::copy_n(sums(value_sums_, b, g), std::int64_t{c_} * d, pool(pools_, b, g, 1) + summaries);
-      std::int32_t* cnt = page_counts(b, g);
-      std::copy_n(counts(b, g), c_, cnt);
-      std::fill(cnt + c_, cnt + max_resident_, 0);
+    const std::int64_t head_stride = e.shape.num_pages * g_.page_elems;
+    const std::int64_t summaries = L0.page_summary_first_page() * g_.page_elems;
+    for (int kv = 0; kv < 2; ++kv) {
+      tokens_to_slots(b, kv ? in.v : in.k, pool(pools_, b, 0, kv), head_stride);
+      strided_copy(ctx, sums(kv ? value_sums_ : key_sums_, b, 0), pool(pools_, b, 0, kv) + summaries,
+                   {{shape.kv_heads, cast_.summary_rows() * d, head_stride}, {std::int64_t{c_} * d, 1, 1}});
     }
+  }
+
+  // After the fetch: the fetched clusters' bounds and the coarse summaries in every pool; then the
+  // host reads what selection needs: pool counts, cluster summaries (keys) and bounds.
+  void complete_pools() {
+    const int ps = options.page_size, d = shape.head_dim;
+    for (int b = 0; b < shape.batch; ++b)
+      for (int g = 0; g < shape.kv_heads; ++g) {
+        const kernels::ClusteredLayout& L = elements_[b].layouts[static_cast<std::size_t>(g)];
+        float* k = pool(pools_, b, g, 0);
+        float* v = pool(pools_, b, g, 1);
+        const std::int64_t first = L.fetched_first_page();
+        kernels::page_key_bounds({L.fetched_pages(), ps, d, k + first * g_.page_elems, page_counts(b, g) + first,
+                                  bounds(b, g, 0) + first * d, bounds(b, g, 1) + first * d},
+                                 ctx);
+        const std::int64_t coarse_keys = L.coarse_summary_first_page() * g_.page_elems;
+        strided_copy(ctx, coarse(b, g, kMeanK), k + coarse_keys, {{num_blocks_ * d, 1, 1}});
+        strided_copy(ctx, coarse(b, g, kMeanV), v + coarse_keys, {{num_blocks_ * d, 1, 1}});
+      }
+    download(page_counts_host_, page_counts_, ctx);
+    download(bounds_host_, bounds_, ctx);
+    page_sums_host_.resize(static_cast<std::size_t>(shape.batch * shape.kv_heads * max_resident_ * d));
+    for (int b = 0; b < shape.batch; ++b)
+      for (int g = 0; g < shape.kv_heads; ++g) {
+        const kernels::ClusteredLayout& L = elements_[b].layouts[static_cast<std::size_t>(g)];
+        copy_to_host(page_sums_host_.data() + unit(b, g) * max_resident_ * d,
+                     pool(pools_, b, g, 0) + L.page_summary_first_page() * g_.page_elems,
+                     L.resident_pages() * d * sizeof(float), session.device(), ctx.stream);
+      }
   }
 
   std::vector<SurrogateHead> surrogate_heads(int b) const {
@@ -446,67 +607,58 @@ class SurrogateMode final : public DistributedAttention::Mode {
     std::vector<SurrogateHead> heads;
     for (int g = 0; g < shape.kv_heads; ++g) {
       const auto gi = static_cast<std::size_t>(g);
-      heads.push_back({&e.layouts[gi], &e.rows[gi], &e.selections[gi],
-                       {page_counts(b, g), static_cast<std::size_t>(e.layouts[gi].resident_pages())},
-                       {block_counts(b, g), static_cast<std::size_t>(num_blocks_)}});
+      heads.push_back({&e.layouts[gi], &e.rows[gi], &e.selections[gi], host_page_counts(b, g), host_block_counts(b, g)});
     }
     return heads;
   }
 
-  // Steps 5-6 for element b: the fetched clusters' bounds, the coarse summaries and biases in the pool,
-  // cluster selection, the table and the attention over rows; O and LSE back to token order.
-  void attend(const AttentionForwardArgs& a, int b) {
+  // Steps 5-6 for element b on the host: cluster selection, the table (uploaded) and the key bias.
+  void select_and_build(int b) {
     Element& e = elements_[b];
     e.selections.clear();
     const int ps = options.page_size, d = shape.head_dim;
     for (int g = 0; g < shape.kv_heads; ++g) {
       const kernels::ClusteredLayout& L = e.layouts[static_cast<std::size_t>(g)];
-      float* k = pool(pools_, b, g, 0);
-      float* v = pool(pools_, b, g, 1);
-      for (std::int64_t page = L.fetched_first_page(); page < L.resident_pages(); ++page)
-        key_bounds(
-            d, page_counts(b, g)[page], [&](std::int32_t s) { return k + (page * ps + s) * d; },
-            bounds(b, g, 0) + page * d, bounds(b, g, 1) + page * d);
-      const std::int64_t coarse_keys = L.coarse_summary_first_page() * g_.page_elems;
-      std::copy_n(coarse(b, g, kMeanK), num_blocks_ * d, k + coarse_keys);
-      std::copy_n(coarse(b, g, kMeanV), num_blocks_ * d, v + coarse_keys);
-      kernels::fill_summary_key_bias(
-          L, {page_counts(b, g), static_cast<std::size_t>(L.resident_pages())},
-          {block_counts(b, g), static_cast<std::size_t>(num_blocks_)},
-          {key_bias(b) + g * e.shape.num_pages * ps, static_cast<std::size_t>(e.shape.num_pages * ps)});
+      kernels::fill_summary_key_bias(L, host_page_counts(b, g), host_block_counts(b, g),
+                                     {key_bias_host_.data() + key_bias_offset(b) + g * e.shape.num_pages * ps,
+                                      static_cast<std::size_t>(e.shape.num_pages * ps)});
       SurrogateSelectionParams p = selection_params(b, g, L);
-      p.pages = {k + L.page_summary_first_page() * g_.page_elems, bounds(b, g, 0), bounds(b, g, 1)};
+      p.pages = {page_sums_host_.data() + unit(b, g) * max_resident_ * d, host_bounds(b, g, 0), host_bounds(b, g, 1)};
       e.selections.push_back(select_surrogate_clusters(p));
     }
-    const std::vector<SurrogateHead> heads = surrogate_heads(b);
-    e.table = build_surrogate_table(heads, sel_.unit);
+    e.table = build_surrogate_table(surrogate_heads(b), sel_.unit);
     e.tables.emplace(e.table, e.shape, session.device(), ctx.stream);
+  }
+
+  // Step 6 on the device: the attention over element b's rows; O and LSE back to token order.
+  void attend(const AttentionForwardArgs& a, int b) {
+    if (shape.dtype != DType::kF32)
+      kernels::copy_strided(kernels::StridedCopy::flat(pool(pools_, b, 0, 0), DType::kF32, attention_pool(b, 0),
+                                                       shape.dtype, 2 * g_.pool_elems),
+                            ctx);
+    const std::size_t elt = dtype_size(shape.dtype);
+    permute(order_, b, static_cast<const char*>(a.q.data) + b * q_elems_per_element() * elt,
+            rows_of(q_rows_, b, shape.dtype), shape.dtype);
     kernels::attention_forward(params(b), ctx);
-    const std::int64_t n = shape.local_len();
-    rows_to_tokens(e, rows_of(o_rows_, b), a.o.as<float>() + b * n * shape.heads * d);
-    const int group = shape.heads / shape.kv_heads;
-    const float* lse_rows = lse_rows_.as<const float>() + std::int64_t{b} * shape.heads * n;
-    float* lse = a.lse.as<float>() + std::int64_t{b} * shape.heads * n;
-    for (int hh = 0; hh < shape.heads; ++hh) {
-      const std::vector<std::int32_t>& order = e.rows[static_cast<std::size_t>(hh / group)].order;
-      for (std::int64_t i = 0; i < n; ++i) lse[hh * n + order[static_cast<std::size_t>(i)]] = lse_rows[hh * n + i];
-    }
+    permute(inverse_, b, rows_of(o_rows_, b, shape.dtype),
+            static_cast<char*>(a.o.data) + b * q_elems_per_element() * elt, shape.dtype);
+    permute_lse(inverse_, b, lse_rows_.as<const float>(), a.lse.as<float>());
   }
 
   kernels::AttentionForwardParams params(int b) const {
     const Element& e = elements_[b];
     kernels::AttentionForwardParams p;
     p.shape = e.shape;
-    p.dtype = DType::kF32;
-    p.o_dtype = DType::kF32;
+    p.dtype = shape.dtype;
+    p.o_dtype = shape.dtype;
     p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
-    p.q = rows_of(q_rows_, b);
-    p.k_pages = pool(pools_, b, 0, 0);
-    p.v_pages = pool(pools_, b, 0, 1);
+    p.q = rows_of(q_rows_, b, shape.dtype);
+    p.k_pages = attention_pool(b, 0);
+    p.v_pages = attention_pool(b, 1);
     p.q_pos = q_pos_.as<const std::int32_t>();
-    p.key_bias = key_bias(b);
+    p.key_bias = key_bias_.as<float>() + key_bias_offset(b);
     p.table = e.tables->table();
-    p.o = rows_of(o_rows_, b);
+    p.o = rows_of(o_rows_, b, shape.dtype);
     p.lse = lse_rows_.as<float>() + std::int64_t{b} * shape.heads * shape.local_len();
     p.workspace = fwd_ws_.data();
     p.workspace_bytes = fwd_ws_.bytes();
@@ -516,12 +668,13 @@ class SurrogateMode final : public DistributedAttention::Mode {
   // Attention backward per element (rows), fetched clusters' page and summary gradients home, coarse
   // summaries' gradients to their clusters, then every local cluster's summary and page gradients to
   // its members (and through the summaries' weights to A_k).
-  void joint_backward(const AttentionBackwardArgs& a) {
-    const int ps = options.page_size, d = shape.head_dim;
-    const std::int64_t n = shape.local_len(), q_elems = n * shape.heads * d;
+  void joint_backward(const AttentionBackwardArgs& a, const Fp32Inputs& in) {
+    const int d = shape.head_dim;
+    const std::size_t elt = dtype_size(shape.dtype);
     for (int b = 0; b < shape.batch; ++b) {
       const Element& e = elements_[b];
-      tokens_to_rows(e, a.d_o.as<const float>() + b * q_elems, d_o_rows_.as<float>());
+      permute(order_, b, static_cast<const char*>(a.d_o.data) + b * q_elems_per_element() * elt, d_o_rows_.data(),
+              shape.dtype);
       kernels::AttentionBackwardParams p;
       p.fwd = params(b);
       p.d_o = d_o_rows_.data();
@@ -533,39 +686,31 @@ class SurrogateMode final : public DistributedAttention::Mode {
       p.workspace = bwd_ws_.data();
       p.workspace_bytes = bwd_ws_.bytes();
       kernels::attention_backward(p, ctx);
-      rows_to_tokens(e, d_q_rows_.as<const float>(), d_q_.as<float>() + b * q_elems);
+      permute(inverse_, b, d_q_rows_.data(), d_q_.as<float>() + b * q_elems_per_element(), DType::kF32);
     }
     ClusteredTransfer t(session.comm(), ctx, g_, pool_view(d_pools_));
     t.return_all_gradients(elements_layouts(), served_, {stage_.as<float>(), stage_.bytes() / sizeof(float)});
     coarse_to_clusters();
     // The local clusters' summary gradients, complete now, in the summaries' own layout.
-    for (int b = 0; b < shape.batch; ++b)
-      for (int g = 0; g < shape.kv_heads; ++g) {
-        const std::int64_t first = elements_[b].layouts[static_cast<std::size_t>(g)].page_summary_first_page();
-        std::copy_n(pool(d_pools_, b, g, 0) + first * g_.page_elems, std::int64_t{c_} * d, sums(d_key_sums_, b, g));
-        std::copy_n(pool(d_pools_, b, g, 1) + first * g_.page_elems, std::int64_t{c_} * d, sums(d_value_sums_, b, g));
-      }
-    const std::int64_t kv_elems = std::int64_t{shape.batch} * n * shape.kv_heads * d;
+    for (int b = 0; b < shape.batch; ++b) {
+      const std::int64_t head_stride = elements_[b].shape.num_pages * g_.page_elems;
+      const std::int64_t first = elements_[b].layouts.front().page_summary_first_page() * g_.page_elems;
+      for (int kv = 0; kv < 2; ++kv)
+        strided_copy(ctx, pool(d_pools_, b, 0, kv) + first, sums(kv ? d_value_sums_ : d_key_sums_, b, 0),
+                     {{shape.kv_heads, head_stride, cast_.summary_rows() * d}, {std::int64_t{c_} * d, 1, 1}});
+    }
+    const std::int64_t kv_elems = shape.batch * kv_elems_per_element();
     float* d_k = d_kv_.as<float>();
     float* d_v = d_k + kv_elems;
     kernels::cast_summaries_backward({cast_, members_.as<const std::int32_t>(), counts_.as<const std::int32_t>(),
-                                      a_k_.as<const float>(), a.k.as<const float>(), a.v.as<const float>(),
-                                      d_key_sums_.as<const float>(), d_value_sums_.as<const float>(),
-                                      d_a_k_.as<float>(), d_k, d_v},
+                                      a_k_.as<const float>(), in.k, in.v, d_key_sums_.as<const float>(),
+                                      d_value_sums_.as<const float>(), d_a_k_.as<float>(), d_k, d_v},
                                      ctx);
-    // A token's key and value gradient sums over the pages it was gathered into.
-    for (int b = 0; b < shape.batch; ++b)
-      for (int g = 0; g < shape.kv_heads; ++g)
-        for (int cl = 0; cl < c_; ++cl)
-          for (int s = 0; s < counts(b, g)[cl]; ++s) {
-            const std::int64_t slot = (std::int64_t{cl} * ps + s) * d, token = kv_row(b, members(b, g)[cl * ps + s], g);
-            const float* dk = pool(d_pools_, b, g, 0) + slot;
-            const float* dv = pool(d_pools_, b, g, 1) + slot;
-            for (int i = 0; i < d; ++i) {
-              d_k[token + i] += dk[i];
-              d_v[token + i] += dv[i];
-            }
-          }
+    for (int b = 0; b < shape.batch; ++b) {
+      const std::int64_t head_stride = elements_[b].shape.num_pages * g_.page_elems;
+      slots_to_tokens(b, pool(d_pools_, b, 0, 0), head_stride, d_k);
+      slots_to_tokens(b, pool(d_pools_, b, 0, 1), head_stride, d_v);
+    }
   }
 
   // The coarse summaries' gradients, summed over the ranks into each block's owner, then to the
@@ -578,24 +723,17 @@ class SurrogateMode final : public DistributedAttention::Mode {
                  elements_[b].layouts[static_cast<std::size_t>(g)].coarse_summary_first_page() * g_.page_elems;
         },
         scatter_send_.as<float>(), scatter_recv_.as<float>());
-    const int d = shape.head_dim, cp = options.coarse_pages;
+    const int d = shape.head_dim;
     const std::int64_t rows = std::int64_t{shape.batch} * g_.local_blocks;
+    const float* recv = scatter_recv_.as<const float>();
     for (int b = 0; b < shape.batch; ++b)
       for (int g = 0; g < shape.kv_heads; ++g) {
-        const std::int32_t* cnt = counts(b, g);
         const std::int64_t first = elements_[b].layouts[static_cast<std::size_t>(g)].page_summary_first_page();
-        for (std::int64_t l = 0; l < g_.local_blocks; ++l) {
-          std::int32_t total = 0;
-          for (std::int64_t cl = l * cp; cl < (l + 1) * cp; ++cl) total += cnt[cl];
-          for (std::int64_t cl = l * cp; cl < (l + 1) * cp && total > 0; ++cl) {
-            const float w = static_cast<float>(cnt[cl]) / static_cast<float>(total);
-            for (int kv = 0; kv < 2; ++kv) {
-              const float* src = scatter_recv_.as<const float>() + ((kv * shape.kv_heads + g) * rows + b * g_.local_blocks + l) * d;
-              float* dst = pool(d_pools_, b, g, kv) + first * g_.page_elems + cl * d;
-              for (int i = 0; i < d; ++i) dst[i] += w * src[i];
-            }
-          }
-        }
+        const auto block = [&](int kv) { return recv + ((kv * shape.kv_heads + g) * rows + b * g_.local_blocks) * d; };
+        kernels::cluster_blocks_backward({g_.local_blocks, options.coarse_pages, d, device_counts(b, g), block(0),
+                                          block(1), pool(d_pools_, b, g, 0) + first * g_.page_elems,
+                                          pool(d_pools_, b, g, 1) + first * g_.page_elems},
+                                         ctx);
       }
   }
 
@@ -611,6 +749,13 @@ class SurrogateMode final : public DistributedAttention::Mode {
     d_intra_ = allocate(q_gathered_.bytes());
     intra_lse_ = allocate(sh.batch * sh.heads * rows * sizeof(float));
     for (DeviceBuffer* b : {&k_pages_, &v_pages_, &d_k_pages_, &d_v_pages_}) *b = allocate(kv_pages * sizeof(float));
+    if (sh.dtype != DType::kF32) {
+      const std::size_t elt = dtype_size(sh.dtype);
+      attn_q_ = allocate(q_gathered * elt);
+      attn_d_o_ = allocate(q_gathered * elt);
+      attn_kv_ = allocate(2 * kv_pages * elt);
+      o32_ = allocate(sh.batch * sh.local_len() * sh.heads * d * sizeof(float));
+    }
     // Per rank: the value summaries [kv_heads][B c][d], then their log-sum-exps [kv_heads][B c].
     const std::int64_t part = sh.kv_heads * pages * (d + 1);
     summary_send_ = allocate(part * sizeof(float));
@@ -619,6 +764,7 @@ class SurrogateMode final : public DistributedAttention::Mode {
     global_sums_ = allocate(key_sums_.bytes());
     d_global_sums_ = allocate(key_sums_.bytes());
     d_merged_ = allocate(sh.kv_heads * pages * d * sizeof(float));
+    first_slot_ = allocate(sh.batch * sh.kv_heads * sh.local_len() * sizeof(std::int32_t));
     fwd_ws_ = allocate(kernels::attention_forward_workspace_bytes(intra_shape_, ctx));
     bwd_ws_ = allocate(kernels::attention_backward_workspace_bytes(intra_shape_, ctx));
   }
@@ -630,8 +776,21 @@ class SurrogateMode final : public DistributedAttention::Mode {
   float* part_lse(const DeviceBuffer& buf, int rank) const {
     return part_values(buf, rank) + std::int64_t{shape.kv_heads} * shape.batch * c_ * shape.head_dim;
   }
-  // Row (g, b * c + cl) of a part, as a pointer offset in values.
-  std::int64_t part_row(int b, int g, int cl) const { return (std::int64_t{g} * shape.batch + b) * c_ + cl; }
+  // [kv_heads, summary_rows, d] summaries <-> [kv_heads][B c][d] parts.
+  void sums_to_part(const float* sums, float* part) const {
+    const std::int64_t rows = std::int64_t{shape.batch} * c_ * shape.head_dim;
+    strided_copy(ctx, sums, part, {{shape.kv_heads, cast_.summary_rows() * shape.head_dim, rows}, {rows, 1, 1}});
+  }
+  void part_to_sums(const float* part, float* sums) const {
+    const std::int64_t rows = std::int64_t{shape.batch} * c_ * shape.head_dim;
+    strided_copy(ctx, part, sums, {{shape.kv_heads, rows, cast_.summary_rows() * shape.head_dim}, {rows, 1, 1}});
+  }
+  // The gathered queries and pages as the attention reads them: fp32, or copies in the storage dtype.
+  const void* attention_q() const { return shape.dtype == DType::kF32 ? q_gathered_.data() : attn_q_.data(); }
+  void* attention_pages(int kv) const {
+    if (shape.dtype == DType::kF32) return kv ? v_pages_.data() : k_pages_.data();
+    return attn_kv_.as<char>() + kv * (attn_kv_.bytes() / 2);
+  }
 
   // The intra-cluster table: gathered row cl * ps + s is member s of cluster cl (page b * c + cl); a
   // tile's rows meet 128 / ps clusters, each seen by its members' rows, its padding masked.
@@ -657,15 +816,29 @@ class SurrogateMode final : public DistributedAttention::Mode {
     return t;
   }
 
+  // Per token of (b, g): the gathered row of its first (lowest) cluster, or -1 in none. Its LSE is
+  // the token's.
+  std::vector<std::int32_t> first_slots() const {
+    const std::int64_t n = shape.local_len();
+    const int ps = options.page_size;
+    std::vector<std::int32_t> out(static_cast<std::size_t>(shape.batch * shape.kv_heads * n), -1);
+    for (int b = 0; b < shape.batch; ++b)
+      for (int g = 0; g < shape.kv_heads; ++g)
+        for (int cl = c_ - 1; cl >= 0; --cl)  // the lowest cluster writes last
+          for (int s = 0; s < counts(b, g)[cl]; ++s)
+            out[unit(b, g) * n + members(b, g)[cl * ps + s]] = cl * ps + s;
+    return out;
+  }
+
   kernels::AttentionForwardParams intra_params() const {
     kernels::AttentionForwardParams p;
     p.shape = intra_shape_;
-    p.dtype = DType::kF32;
-    p.o_dtype = DType::kF32;
+    p.dtype = shape.dtype;
+    p.o_dtype = DType::kF32;  // the mix reads it in fp32
     p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
-    p.q = q_gathered_.data();
-    p.k_pages = k_pages_.data();
-    p.v_pages = v_pages_.data();
+    p.q = attention_q();
+    p.k_pages = attention_pages(0);
+    p.v_pages = attention_pages(1);
     p.q_pos = q_pos_.as<const std::int32_t>();
     p.table = intra_tables_->table();
     p.o = intra_o_.data();
@@ -675,127 +848,124 @@ class SurrogateMode final : public DistributedAttention::Mode {
     return p;
   }
 
-  void cast_forward(const AttentionForwardArgs& a) {
-    const int ps = options.page_size, d = shape.head_dim;
-    const float* a_k = a_k_.as<const float>();
-    kernels::cast_gather({cast_, members_.as<const std::int32_t>(), counts_.as<const std::int32_t>(),
-                          a.q.as<const float>(), a.k.as<const float>(), a.v.as<const float>(), q_gathered_.as<float>(),
-                          k_pages_.as<float>(), v_pages_.as<float>()},
+  void cast_forward(const AttentionForwardArgs& a, const Fp32Inputs& in) {
+    const int d = shape.head_dim;
+    kernels::cast_gather({cast_, members_.as<const std::int32_t>(), counts_.as<const std::int32_t>(), in.q, in.k, in.v,
+                          q_gathered_.as<float>(), k_pages_.as<float>(), v_pages_.as<float>()},
                          ctx);
     intra_tables_.emplace(intra_table(), intra_shape_, session.device(), ctx.stream);
+    upload(first_slot_, first_slots(), ctx);
+    if (shape.dtype != DType::kF32) {
+      const std::int64_t kv_pages = k_pages_.bytes() / sizeof(float);
+      kernels::copy_strided(kernels::StridedCopy::flat(q_gathered_.data(), DType::kF32, attn_q_.data(), shape.dtype,
+                                                       q_gathered_.bytes() / sizeof(float)),
+                            ctx);
+      for (int kv = 0; kv < 2; ++kv)
+        kernels::copy_strided(kernels::StridedCopy::flat(kv ? v_pages_.data() : k_pages_.data(), DType::kF32,
+                                                         attention_pages(kv), shape.dtype, kv_pages),
+                              ctx);
+    }
     kernels::attention_forward(intra_params(), ctx);
 
     // Each surrogate's summary over the whole sequence: this rank's softmax(A_k)-weighted means and
     // log Σ exp(A_k) of their members, merged over the ranks by log-sum-exp.
-    for (int b = 0; b < shape.batch; ++b)
-      for (int g = 0; g < shape.kv_heads; ++g)
-        for (int cl = 0; cl < c_; ++cl) {
-          const std::int64_t row = part_row(b, g, cl);
-          std::copy_n(sums(value_sums_, b, g) + std::int64_t{cl} * d, d, part_values(summary_send_, 0) + row * d);
-          part_lse(summary_send_, 0)[row] = member_lse(a_k, b, g, cl);
-        }
+    sums_to_part(value_sums_.as<const float>(), part_values(summary_send_, 0));
+    kernels::member_lse({members_view(), a_k_.as<const float>(), part_lse(summary_send_, 0)}, ctx);
     session.comm().all_gather(
         {summary_send_.data(), summary_send_.bytes() / sizeof(float), DType::kF32},
         {summary_recv_.data(), summary_recv_.bytes() / sizeof(float), DType::kF32}, ctx.stream);
     const std::int64_t rows = std::int64_t{shape.kv_heads} * shape.batch * c_;
-    std::copy_n(part_values(summary_recv_, 0), rows * (d + 1), merged_.as<float>());
+    strided_copy(ctx, part_values(summary_recv_, 0), part_values(merged_, 0), {{rows * (d + 1), 1, 1}});
     for (int q = 1; q < shape.ranks; ++q)
       kernels::merge_by_lse({1, rows, 1, d, part_values(merged_, 0), part_lse(merged_, 0),
                              part_values(summary_recv_, q), part_lse(summary_recv_, q)},
                             ctx);
     kernels::fill_zero(global_sums_.data(), global_sums_.bytes(), ctx);
-    for (int b = 0; b < shape.batch; ++b)
-      for (int g = 0; g < shape.kv_heads; ++g)
-        std::copy_n(part_values(merged_, 0) + part_row(b, g, 0) * d, std::int64_t{c_} * d, sums(global_sums_, b, g));
+    part_to_sums(part_values(merged_, 0), global_sums_.as<float>());
 
+    const std::int64_t q_elems = shape.batch * q_elems_per_element();
+    float* o = shape.dtype == DType::kF32 ? a.o.as<float>() : o32_.as<float>();
     kernels::cast_mix({cast_, members_.as<const std::int32_t>(), counts_.as<const std::int32_t>(),
-                       a_q_.as<const float>(), intra_o_.as<const float>(), global_sums_.as<const float>(),
-                       a.o.as<float>()},
+                       a_q_.as<const float>(), intra_o_.as<const float>(), global_sums_.as<const float>(), o},
                       ctx);
+    if (shape.dtype != DType::kF32)
+      kernels::copy_strided(kernels::StridedCopy::flat(o, DType::kF32, a.o.data, shape.dtype, q_elems), ctx);
     // LSE: the intra-cluster attention's, in the token's first cluster (-inf in none).
     const std::int64_t n = shape.local_len(), rows_q = cast_.member_rows();
-    float* lse = a.lse.as<float>();
-    std::fill(lse, lse + std::int64_t{shape.batch} * shape.heads * n, -std::numeric_limits<float>::infinity());
-    const int group = shape.heads / shape.kv_heads;
-    for (int b = 0; b < shape.batch; ++b)
-      for (int hh = 0; hh < shape.heads; ++hh) {
-        const int g = hh / group;
-        float* out = lse + (std::int64_t{b} * shape.heads + hh) * n;
-        const float* intra = intra_lse_.as<const float>() + (std::int64_t{b} * shape.heads + hh) * rows_q;
-        for (std::int64_t cl = c_ - 1; cl >= 0; --cl)  // the lowest cluster writes last
-          for (int s = 0; s < counts(b, g)[cl]; ++s) out[members(b, g)[cl * ps + s]] = intra[cl * ps + s];
-      }
+    for (int b = 0; b < shape.batch; ++b) {
+      kernels::RowGather p;
+      p.rows = n;
+      p.heads = shape.heads;
+      p.group = shape.heads / shape.kv_heads;
+      p.width = 1;
+      p.index = first_slot_.as<const std::int32_t>() + unit(b, 0) * n;
+      p.index_stride = n;
+      p.src = intra_lse_.as<const float>() + std::int64_t{b} * shape.heads * rows_q;
+      p.src_row_stride = p.dst_row_stride = 1;
+      p.src_head_stride = rows_q;
+      p.dst = a.lse.as<float>() + std::int64_t{b} * shape.heads * n;
+      p.dst_head_stride = n;
+      p.fill = -std::numeric_limits<float>::infinity();
+      kernels::gather_rows(p, ctx);
+    }
   }
 
-  // log Σ_{members j} exp(A_k[j, cl]) of cluster cl of (b, g); -inf when it is empty.
-  float member_lse(const float* a_k, int b, int g, int cl) const {
-    const std::int32_t count = counts(b, g)[cl];
-    const std::int32_t* mem = members(b, g) + std::int64_t{cl} * options.page_size;
-    const float* a = a_k + unit(b, g) * shape.local_len() * c_;
-    float m = -std::numeric_limits<float>::infinity();
-    for (std::int32_t s = 0; s < count; ++s) m = std::max(m, a[std::int64_t{mem[s]} * c_ + cl]);
-    if (count == 0) return m;
-    float sum = 0.f;
-    for (std::int32_t s = 0; s < count; ++s) sum += std::exp(a[std::int64_t{mem[s]} * c_ + cl] - m);
-    return m + std::log(sum);
+  kernels::ClusterMembers members_view() const {
+    return {shape.batch, shape.kv_heads, shape.local_len(), c_, options.page_size,
+            members_.as<const std::int32_t>(), counts_.as<const std::int32_t>()};
   }
 
   // The mix's gradients; the merged summaries' gradient summed over the ranks (every rank's queries
-  // read every surrogate's summary), then back through the merge: with α_r = exp(lse_r - lse),
-  // dR_r = α_r dR and dlse_r = α_r (R_r - R)·dR, which reaches A_k through lse_r = log Σ exp(A_k).
-  void cast_backward(const AttentionBackwardArgs& a) {
-    const int ps = options.page_size, d = shape.head_dim;
+  // read every surrogate's summary), then back through the merge (kernels::member_lse_merge_backward).
+  void cast_backward(const AttentionBackwardArgs& a, const Fp32Inputs& in) {
     for (DeviceBuffer* b : {&d_a_q_, &d_intra_, &d_global_sums_, &d_q_, &d_key_sums_, &d_value_sums_})
       kernels::fill_zero(b->data(), b->bytes(), ctx);
+    const float* d_o = a.d_o.as<const float>();
+    if (shape.dtype != DType::kF32) {
+      kernels::copy_strided(kernels::StridedCopy::flat(a.d_o.data, shape.dtype, o32_.data(), DType::kF32,
+                                                       shape.batch * q_elems_per_element()),
+                            ctx);
+      d_o = o32_.as<const float>();
+    }
     kernels::cast_mix_backward({cast_, members_.as<const std::int32_t>(), counts_.as<const std::int32_t>(),
-                                a_q_.as<const float>(), intra_o_.as<const float>(), global_sums_.as<const float>(),
-                                a.d_o.as<const float>(), d_a_q_.as<float>(), d_intra_.as<float>(),
-                                d_global_sums_.as<float>()},
+                                a_q_.as<const float>(), intra_o_.as<const float>(), global_sums_.as<const float>(), d_o,
+                                d_a_q_.as<float>(), d_intra_.as<float>(), d_global_sums_.as<float>()},
                                ctx);
     float* d_merged = d_merged_.as<float>();
-    for (int b = 0; b < shape.batch; ++b)
-      for (int g = 0; g < shape.kv_heads; ++g)
-        std::copy_n(sums(d_global_sums_, b, g), std::int64_t{c_} * d, d_merged + part_row(b, g, 0) * d);
+    sums_to_part(d_global_sums_.as<const float>(), d_merged);
     const auto merged_count = static_cast<std::size_t>(d_merged_.bytes() / sizeof(float));
     session.comm().all_reduce({d_merged, merged_count, DType::kF32}, {d_merged, merged_count, DType::kF32},
                               comm::ReduceOp::kSum, ctx.stream);
-    float* d_a_k = d_a_k_.as<float>();
-    const float* a_k = a_k_.as<const float>();
-    for (int b = 0; b < shape.batch; ++b)
-      for (int g = 0; g < shape.kv_heads; ++g)
-        for (int cl = 0; cl < c_; ++cl) {
-          const std::int64_t row = part_row(b, g, cl);
-          const float lse_r = part_lse(summary_send_, 0)[row];
-          if (counts(b, g)[cl] == 0) continue;
-          const float alpha = std::exp(lse_r - part_lse(merged_, 0)[row]);
-          const float* r_local = sums(value_sums_, b, g) + std::int64_t{cl} * d;
-          const float* r_global = part_values(merged_, 0) + row * d;
-          const float* dr = d_merged + row * d;
-          float* d_local = sums(d_value_sums_, b, g) + std::int64_t{cl} * d;
-          float d_lse = 0.f;
-          for (int e = 0; e < d; ++e) {
-            d_local[e] = alpha * dr[e];
-            d_lse += alpha * (r_local[e] - r_global[e]) * dr[e];
-          }
-          // d lse_r / d A_k[j, cl] = softmax over the members, π_j = exp(A_k[j, cl] - lse_r).
-          const std::int32_t* mem = members(b, g) + std::int64_t{cl} * ps;
-          const float* a = a_k + unit(b, g) * shape.local_len() * c_;
-          float* da = d_a_k + unit(b, g) * shape.local_len() * c_;
-          for (int s = 0; s < counts(b, g)[cl]; ++s) {
-            const std::int64_t at = std::int64_t{mem[s]} * c_ + cl;
-            da[at] += std::exp(a[at] - lse_r) * d_lse;
-          }
-        }
-    const std::int64_t kv_elems = std::int64_t{shape.batch} * shape.local_len() * shape.kv_heads * d;
+    part_to_sums(d_merged, d_global_sums_.as<float>());
+    kernels::MemberLseMergeBackwardParams m;
+    m.m = members_view();
+    m.head_dim = shape.head_dim;
+    m.summary_rows = cast_.summary_rows();
+    m.a_k = a_k_.as<const float>();
+    m.lse = part_lse(summary_send_, 0);
+    m.merged_lse = part_lse(merged_, 0);
+    m.local_value = value_sums_.as<const float>();
+    m.merged_value = global_sums_.as<const float>();
+    m.d_merged_value = d_global_sums_.as<const float>();
+    m.d_local_value = d_value_sums_.as<float>();
+    m.d_a_k = d_a_k_.as<float>();
+    kernels::member_lse_merge_backward(m, ctx);
+    const std::int64_t kv_elems = shape.batch * kv_elems_per_element();
     float* d_k = d_kv_.as<float>();
     float* d_v = d_k + kv_elems;
-    kernels::cast_summaries_backward({cast_, members_.as<const std::int32_t>(), counts_.as<const std::int32_t>(), a_k,
-                                      a.k.as<const float>(), a.v.as<const float>(), d_key_sums_.as<const float>(),
-                                      d_value_sums_.as<const float>(), d_a_k, d_k, d_v},
+    kernels::cast_summaries_backward({cast_, members_.as<const std::int32_t>(), counts_.as<const std::int32_t>(),
+                                      a_k_.as<const float>(), in.k, in.v, d_key_sums_.as<const float>(),
+                                      d_value_sums_.as<const float>(), d_a_k_.as<float>(), d_k, d_v},
                                      ctx);
     kernels::AttentionBackwardParams p;
     p.fwd = intra_params();
     p.d_o = d_intra_.data();
+    if (shape.dtype != DType::kF32) {
+      kernels::copy_strided(kernels::StridedCopy::flat(d_intra_.data(), DType::kF32, attn_d_o_.data(), shape.dtype,
+                                                       d_intra_.bytes() / sizeof(float)),
+                            ctx);
+      p.d_o = attn_d_o_.data();
+    }
     p.transposed = intra_tables_->transposed();
     p.d_q = d_q_gathered_.as<float>();
     p.d_k_pages = d_k_pages_.as<float>();
@@ -815,6 +985,8 @@ class SurrogateMode final : public DistributedAttention::Mode {
   kernels::CastShape cast_;
   DeviceBuffer a_q_, a_k_, d_a_q_, d_a_k_, members_, counts_, key_sums_, value_sums_, d_key_sums_, d_value_sums_, d_q_,
       d_kv_, q_pos_, fwd_ws_, bwd_ws_;
+  DeviceBuffer q32_, kv32_, s32_;  // fp32 copies of the inputs (storage dtype other than fp32)
+  std::vector<std::int32_t> members_host_, counts_host_;
   // joint
   ClusterGeometry g_;
   kernels::SelectionOptions sel_;
@@ -823,13 +995,18 @@ class SurrogateMode final : public DistributedAttention::Mode {
   std::vector<Element> elements_;
   std::vector<ServedRequests> served_;
   DeviceBuffer requests_;  // request lists in flight (ClusteredTransfer)
-  DeviceBuffer pools_, d_pools_, key_bias_, page_counts_, bounds_, gather_send_, gather_recv_, count_send_, count_recv_,
-      coarse_, block_counts_, scatter_send_, scatter_recv_, stage_, q_rows_, o_rows_, lse_rows_, d_o_rows_, d_q_rows_;
+  DeviceBuffer pools_, d_pools_, attn_pools_, key_bias_, page_counts_, bounds_, cluster_keys_, gather_send_,
+      gather_recv_, count_send_, count_recv_, coarse_, scatter_send_, scatter_recv_, stage_, order_, inverse_,
+      tile_queries_, row_queries_, q_rows_, o_rows_, lse_rows_, d_o_rows_, d_q_rows_;
+  // Host copies of what selection and the tables read (attention_cast.hpp).
+  std::vector<std::int32_t> page_counts_host_, block_counts_host_;
+  std::vector<float> coarse_host_, bounds_host_, page_sums_host_, tile_queries_host_, row_queries_host_, key_bias_host_;
   // cast
   kernels::AttentionShape intra_shape_;
   std::optional<DeviceTables> intra_tables_;
   DeviceBuffer q_gathered_, d_q_gathered_, intra_o_, d_intra_, intra_lse_, k_pages_, v_pages_, d_k_pages_, d_v_pages_,
-      summary_send_, summary_recv_, merged_, global_sums_, d_global_sums_, d_merged_;
+      summary_send_, summary_recv_, merged_, global_sums_, d_global_sums_, d_merged_, first_slot_;
+  DeviceBuffer attn_q_, attn_d_o_, attn_kv_, o32_;  // storage-dtype attention inputs, fp32 O / dO (non-fp32 dtype)
 };
 
 }  // namespace

@@ -5,7 +5,8 @@
 // over cluster slots: rank q's cluster cl is global page q * c + cl and lies in global block
 // (q * c + cl) / coarse_pages; there is no halo. Clusters hold count <= page_size members in slots
 // [0, count); a count of 0 (an empty cluster) takes part nowhere. Ties in every top-k break toward
-// the lower global id. Host code (the mode runs on the CPU backend).
+// the lower global id. Host code over host copies of the cluster metadata, summaries and selection
+// queries (attention_cast.cpp downloads them on CUDA); activations never pass through here.
 #pragma once
 
 #include <ringcast/attention.hpp>
@@ -30,11 +31,16 @@ struct SurrogateRows {
 SurrogateRows surrogate_rows(std::span<const std::int32_t> members, std::span<const std::int32_t> counts,
                              std::int64_t n_loc, int page_size);
 
-// What selection reads for one (element, KV head). Queries are the rows in SurrogateRows order.
+// What selection reads for one (element, KV head), in host memory. Units are over the rows in
+// SurrogateRows order.
 struct SurrogateSelectionParams {
   const kernels::ClusteredLayout* layout = nullptr;
   kernels::SelectionOptions options;  // unit, score, top_k, coarse_k, remote_blocks
-  kernels::SelectionQueries queries;
+  int head_dim = 0;
+  // Selection queries (kernels::unit_queries over the rows): [tiles, d] the mean query of each tile,
+  // [units, d] the unit's (the tile queries in tile mode, the rows' own in row mode).
+  const float* tile_queries = nullptr;
+  const float* unit_queries = nullptr;
   const SurrogateRows* rows = nullptr;
   std::span<const std::int32_t> page_counts;   // [resident_pages] members per resident cluster
   std::span<const std::int32_t> block_counts;  // [num_blocks] members per block, the whole sequence

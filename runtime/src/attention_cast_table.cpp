@@ -1,6 +1,7 @@
 // The joint combine's rows, selection and block table over cluster pages (attention_cast.hpp). Scores
 // are those of kernels::select_pages (Quest's bound q+.k_max + q-.k_min, or q.k_mean) with the unit's
-// query summed over the group's heads; everything is per (element, KV head) and deterministic.
+// query summed over the group's heads (kernels::unit_queries); everything is per (element, KV head),
+// host memory and deterministic.
 #include "attention_cast.hpp"
 
 #include <ringcast/error.hpp>
@@ -48,20 +49,6 @@ float score(kernels::SelectScore kind, const float* q, const kernels::SummaryRow
     for (int c = 0; c < d; ++c) s += std::max(q[c] * mx[c], q[c] * mn[c]);
   }
   return s;
-}
-
-// The mean over rows [r0, r1) of the query summed over the KV head's group.
-std::vector<float> unit_query(const kernels::SelectionQueries& sq, std::int64_t r0, std::int64_t r1) {
-  const int d = sq.head_dim, group = sq.heads / sq.kv_heads;
-  std::vector<float> out(static_cast<std::size_t>(d), 0.f);
-  for (std::int64_t r = r0; r < r1; ++r)
-    for (int h = sq.kv_head * group; h < (sq.kv_head + 1) * group; ++h) {
-      const float* q = sq.q + (r * sq.heads + h) * d;
-      for (int c = 0; c < d; ++c) out[static_cast<std::size_t>(c)] += q[c];
-    }
-  const float inv = 1.f / static_cast<float>(r1 - r0);
-  for (float& x : out) x *= inv;
-  return out;
 }
 
 std::int64_t num_rows(const SurrogateRows& rows) { return static_cast<std::int64_t>(rows.order.size()); }
@@ -208,14 +195,13 @@ SurrogateRows surrogate_rows(std::span<const std::int32_t> members, std::span<co
 
 std::vector<std::int64_t> select_remote_surrogate_blocks(const SurrogateSelectionParams& p) {
   const kernels::ClusteredLayout& L = *p.layout;
-  const int d = p.queries.head_dim;
+  const int d = p.head_dim;
   std::vector<Scored> remote;
   for (std::int64_t b = 0; b < L.num_blocks(); ++b)
     if (!L.is_local_block(b) && p.block_counts[b] > 0) remote.push_back({-std::numeric_limits<float>::infinity(), b});
-  const std::int64_t rows = num_rows(*p.rows);
   for (std::int64_t t = 0; t < num_tiles(*p.rows); ++t) {
-    const std::vector<float> q = unit_query(p.queries, t * kQueryTile, std::min(rows, (t + 1) * kQueryTile));
-    for (Scored& s : remote) s.score = std::max(s.score, score(p.options.score, q.data(), p.coarse, s.id, d));
+    const float* q = p.tile_queries + t * d;
+    for (Scored& s : remote) s.score = std::max(s.score, score(p.options.score, q, p.coarse, s.id, d));
   }
   keep_best(remote, p.options.remote_blocks);
   std::vector<std::int64_t> fetch;
@@ -225,7 +211,7 @@ std::vector<std::int64_t> select_remote_surrogate_blocks(const SurrogateSelectio
 
 SurrogateSelection select_surrogate_clusters(const SurrogateSelectionParams& p) {
   const kernels::ClusteredLayout& L = *p.layout;
-  const int d = p.queries.head_dim;
+  const int d = p.head_dim;
   const bool row_units = p.options.unit == kernels::SelectUnit::kRow;
   const std::int64_t rows = num_rows(*p.rows), units = row_units ? rows : num_tiles(*p.rows);
   std::vector<std::int64_t> usable;  // local and fetched blocks that hold members
@@ -244,10 +230,10 @@ SurrogateSelection select_surrogate_clusters(const SurrogateSelectionParams& p) 
     const auto in_window = [&](std::int64_t b) {
       return std::binary_search(window_blocks.begin(), window_blocks.end(), b);
     };
-    const std::vector<float> q = unit_query(p.queries, r0, r1);
+    const float* q = p.unit_queries + u * d;
     coarse.clear();
     for (const std::int64_t b : usable)
-      if (!in_window(b)) coarse.push_back({score(p.options.score, q.data(), p.coarse, b, d), b});
+      if (!in_window(b)) coarse.push_back({score(p.options.score, q, p.coarse, b, d), b});
     keep_best(coarse, p.options.coarse_k);
     std::vector<std::int64_t> blocks = window_blocks;
     for (const Scored& s : coarse) blocks.push_back(s.id);
@@ -256,7 +242,7 @@ SurrogateSelection select_surrogate_clusters(const SurrogateSelectionParams& p) 
       const std::int64_t first = L.block_pool_page(b);
       for (std::int64_t page = first; page < first + L.coarse_pages; ++page) {
         if (p.page_counts[page] == 0 || std::binary_search(w.every.begin(), w.every.end(), page)) continue;
-        fine.push_back({score(p.options.score, q.data(), p.pages, page, d), L.pool_page_global(page)});
+        fine.push_back({score(p.options.score, q, p.pages, page, d), L.pool_page_global(page)});
       }
     }
     keep_best(fine, p.options.top_k);

@@ -162,7 +162,6 @@ SelfAttention::SelfAttention(const Session& session, ParameterTable& table, Scra
   const LayerShape shape = attention_shape(c, g, session.size(), storage_);
   attention_ = &operators.get(shape);
   if (c.attention.uses_surrogates()) {
-    RINGCAST_CHECK(storage_ == DType::kF32, "Model: CAST surrogate clusters run on the CPU backend only");
     surrogate_shape_ = surrogate_shape(shape, c.attention);
     const auto [kv_heads, clusters, head_dim] = surrogate_shape_;
     surrogates_ = table.add(prefix + "surrogates", kv_heads * clusters, head_dim, false, Init::kFanIn);
