@@ -1,21 +1,34 @@
 // Helpers of the GPU tests that run one distributed attention layer on a CUDA session and on the CPU
 // backend with the same global inputs: a layer tensor in the session's memory and storage dtype
-// (uploaded from fp32, read back as fp32), this rank's rows of a global tensor, and the comparison of
-// attended entries.
+// (uploaded from fp32, read back as fp32), this rank's rows of a global tensor, a rank's tensors of one
+// layer run (inputs uploaded, outputs poisoned), and the comparisons of the two runs (attended entries
+// identical; O, LSE and the input gradients within bf16 bounds).
 #pragma once
 
 #include <ringcast/attention.hpp>
 #include <ringcast/memory.hpp>
 #include <ringcast/session.hpp>
 
-#include <cuda_bf16.h>
+#include "test_util.hpp"
 
+#include <cuda_bf16.h>
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <initializer_list>
 #include <span>
 #include <vector>
 
 namespace ringcast::test {
+
+inline int world_size() {
+  int p = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &p);
+  return p;
+}
 
 // One tensor of the layer on the session's device, in its storage dtype; read back as fp32.
 class Tensor {
@@ -53,7 +66,7 @@ class Tensor {
 
 // This rank's rows of a global [B, n, width] tensor, at the layer's positions.
 inline std::vector<float> rows(const std::vector<float>& x, const LayerShape& s, int heads,
-                        std::span<const std::int32_t> pos) {
+                               std::span<const std::int32_t> pos) {
   const std::int64_t width = std::int64_t{heads} * s.head_dim;
   std::vector<float> out;
   for (int b = 0; b < s.batch; ++b)
@@ -68,6 +81,66 @@ inline bool same_entry(const AttendedEntry& a, const AttendedEntry& b) {
   return a.batch == b.batch && a.tile == b.tile && a.first_row_pos == b.first_row_pos && a.kv_head == b.kv_head &&
          a.kind == b.kind && a.global_id == b.global_id && a.row_mask[0] == b.row_mask[0] &&
          a.row_mask[1] == b.row_mask[1] && a.causal == b.causal;
+}
+
+// This rank's tensors of one run of `layer` (shape s, s.dtype the storage dtype) on global q, k, v and
+// d_o: the inputs its rows, the outputs (o, lse, d_q, d_k, d_v) NaN until the layer writes them.
+struct LayerTensors {
+  LayerTensors(const Session& session, const LayerShape& s, std::span<const std::int32_t> pos,
+               const std::vector<float>& q_all, const std::vector<float>& k_all, const std::vector<float>& v_all,
+               const std::vector<float>& d_o_all)
+      : q(tokens(session, s, rows(q_all, s, s.heads, pos), s.heads)),
+        k(tokens(session, s, rows(k_all, s, s.kv_heads, pos), s.kv_heads)),
+        v(tokens(session, s, rows(v_all, s, s.kv_heads, pos), s.kv_heads)),
+        d_o(tokens(session, s, rows(d_o_all, s, s.heads, pos), s.heads)),
+        o(tokens(session, s, poison(s, s.heads), s.heads)),
+        d_q(tokens(session, s, poison(s, s.heads), s.heads)),
+        d_k(tokens(session, s, poison(s, s.kv_heads), s.kv_heads)),
+        d_v(tokens(session, s, poison(s, s.kv_heads), s.kv_heads)),
+        lse(session, DType::kF32,
+            std::vector<float>(static_cast<std::size_t>(s.batch) * s.heads * s.local_len(), NAN),
+            {s.batch, s.heads, s.local_len()}) {}
+
+  AttentionForwardArgs forward_args() const { return {q.view(), k.view(), v.view(), o.view(), lse.view()}; }
+  AttentionBackwardArgs backward_args() const {
+    return {q.view(), k.view(), v.view(), o.view(), lse.view(), d_o.view(), d_q.view(), d_k.view(), d_v.view()};
+  }
+
+  Tensor q, k, v, d_o, o, d_q, d_k, d_v, lse;
+
+ private:
+  static Tensor tokens(const Session& session, const LayerShape& s, const std::vector<float>& x, int heads) {
+    return Tensor(session, s.dtype, x, {s.batch, s.local_len(), heads, s.head_dim});
+  }
+  static std::vector<float> poison(const LayerShape& s, int heads) {
+    return std::vector<float>(static_cast<std::size_t>(s.batch) * s.local_len() * heads * s.head_dim, NAN);
+  }
+};
+
+// What a run left in the layer's outputs, read back as fp32, and what it attended.
+struct LayerResults {
+  std::vector<float> o, lse, d_q, d_k, d_v;
+  std::vector<AttendedEntry> entries;
+
+  LayerResults(const LayerTensors& t, const DistributedAttention& layer, Stream stream)
+      : o(t.o.read(stream)), lse(t.lse.read(stream)), d_q(t.d_q.read(stream)), d_k(t.d_k.read(stream)),
+        d_v(t.d_v.read(stream)), entries(layer.attended_entries()) {}
+};
+
+// The CUDA run attends to exactly the CPU run's entries (a fatal failure when the counts differ), and
+// its outputs and gradients (bf16) are within 1e-2 (O, LSE) and 2e-2 (dQ, dK, dV) of the CPU's.
+inline void expect_same_run(const LayerResults& gpu, const LayerResults& cpu) {
+  ASSERT_EQ(gpu.entries.size(), cpu.entries.size()) << "the backends attend to different numbers of entries";
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < cpu.entries.size(); ++i) differ += !same_entry(gpu.entries[i], cpu.entries[i]);
+  std::printf("    %zu attended entries, %zu differ\n", cpu.entries.size(), differ);
+  EXPECT_EQ(differ, 0u) << "selections or tables differ between CUDA and the CPU backend";
+
+  expect_close("O (bf16) vs CPU", gpu.o, to_double(cpu.o), 1e-2);
+  expect_close("LSE vs CPU", gpu.lse, to_double(cpu.lse), 1e-2);
+  expect_close("dQ (bf16) vs CPU", gpu.d_q, to_double(cpu.d_q), 2e-2);
+  expect_close("dK (bf16) vs CPU", gpu.d_k, to_double(cpu.d_k), 2e-2);
+  expect_close("dV (bf16) vs CPU", gpu.d_v, to_double(cpu.d_v), 2e-2);
 }
 
 }  // namespace ringcast::test

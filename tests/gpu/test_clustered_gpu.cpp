@@ -13,10 +13,8 @@
 #include "test_util.hpp"
 
 #include <ringcast/attention.hpp>
-#include <ringcast/memory.hpp>
 #include <ringcast/session.hpp>
 
-#include <cuda_bf16.h>
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -24,22 +22,13 @@
 #include <cstdint>
 #include <cstdio>
 #include <random>
-#include <span>
 #include <string>
 #include <vector>
 
 namespace ringcast {
 namespace {
 
-using test::rows;
-using test::same_entry;
-using test::Tensor;
-
-int world_size() {
-  int p = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &p);
-  return p;
-}
+using test::world_size;
 
 struct Case {
   std::string name;
@@ -94,8 +83,7 @@ Problem make_problem(const Case& c) {
 }
 
 struct Shard {
-  std::vector<float> o, lse, d_q, d_k, d_v;
-  std::vector<AttendedEntry> entries;
+  test::LayerResults results;
   comm::OpCounters fwd, bwd;
 };
 
@@ -103,35 +91,13 @@ Shard run_layer(const Session& session, const Problem& pr, DType dtype) {
   LayerShape s = pr.shape;
   s.dtype = dtype;
   DistributedAttention layer(session, s, pr.options);
-  const std::span<const std::int32_t> pos = layer.positions();
-  const std::int64_t n = s.local_len();
-  const std::vector<float> q = rows(pr.q, s, s.heads, pos), k = rows(pr.k, s, s.kv_heads, pos);
-  const std::vector<float> v = rows(pr.v, s, s.kv_heads, pos), d_o = rows(pr.d_o, s, s.heads, pos);
-  const std::vector<float> poison_q(q.size(), NAN), poison_k(k.size(), NAN);
-  const std::vector<float> poison_lse(static_cast<std::size_t>(s.batch) * s.heads * n, NAN);
-  const auto tokens = [&](const std::vector<float>& x, int heads, DType t = DType::kF32) {
-    return Tensor(session, t, x, {s.batch, n, heads, s.head_dim});
-  };
-  Tensor tq = tokens(q, s.heads, dtype), tk = tokens(k, s.kv_heads, dtype), tv = tokens(v, s.kv_heads, dtype);
-  Tensor to = tokens(poison_q, s.heads, dtype), tdo = tokens(d_o, s.heads, dtype);
-  Tensor tdq = tokens(poison_q, s.heads, dtype), tdk = tokens(poison_k, s.kv_heads, dtype);
-  Tensor tdv = tokens(poison_k, s.kv_heads, dtype);
-  Tensor tlse(session, DType::kF32, poison_lse, {s.batch, s.heads, n});
-  Shard sh;
+  const test::LayerTensors t(session, s, layer.positions(), pr.q, pr.k, pr.v, pr.d_o);
   session.comm().reset_counters();
-  layer.forward({tq.view(), tk.view(), tv.view(), to.view(), tlse.view()});
-  sh.fwd = session.comm().counters().total();
+  layer.forward(t.forward_args());
+  const comm::OpCounters fwd = session.comm().counters().total();
   session.comm().reset_counters();
-  layer.backward({tq.view(), tk.view(), tv.view(), to.view(), tlse.view(), tdo.view(), tdq.view(), tdk.view(),
-                  tdv.view()});
-  sh.bwd = session.comm().counters().total();
-  sh.o = to.read(session.stream());
-  sh.lse = tlse.read(session.stream());
-  sh.d_q = tdq.read(session.stream());
-  sh.d_k = tdk.read(session.stream());
-  sh.d_v = tdv.read(session.stream());
-  sh.entries = layer.attended_entries();
-  return sh;
+  layer.backward(t.backward_args());
+  return {test::LayerResults(t, layer, session.stream()), fwd, session.comm().counters().total()};
 }
 
 class ClusteredGpu : public ::testing::TestWithParam<Case> {};
@@ -144,17 +110,8 @@ TEST_P(ClusteredGpu, AttendsToTheCpuEntriesAndMatchesItsResults) {
   const Shard cpu = run_layer(cpu_session, pr, DType::kF32);
   const Shard gpu = run_layer(gpu_session, pr, DType::kBF16);
 
-  ASSERT_EQ(gpu.entries.size(), cpu.entries.size()) << "the backends attend to different numbers of entries";
-  std::size_t differ = 0;
-  for (std::size_t i = 0; i < cpu.entries.size(); ++i) differ += !same_entry(gpu.entries[i], cpu.entries[i]);
-  std::printf("    %zu attended entries, %zu differ\n", cpu.entries.size(), differ);
-  EXPECT_EQ(differ, 0u) << "selections or tables differ between CUDA and the CPU backend";
-
-  test::expect_close("O (bf16) vs CPU", gpu.o, test::to_double(cpu.o), 1e-2);
-  test::expect_close("LSE vs CPU", gpu.lse, test::to_double(cpu.lse), 1e-2);
-  test::expect_close("dQ (bf16) vs CPU", gpu.d_q, test::to_double(cpu.d_q), 2e-2);
-  test::expect_close("dK (bf16) vs CPU", gpu.d_k, test::to_double(cpu.d_k), 2e-2);
-  test::expect_close("dV (bf16) vs CPU", gpu.d_v, test::to_double(cpu.d_v), 2e-2);
+  test::expect_same_run(gpu.results, cpu.results);
+  if (HasFatalFailure()) return;
 
   std::printf("    forward bytes sent: %llu (CUDA) vs %llu (CPU)\n", static_cast<unsigned long long>(gpu.fwd.bytes_sent),
               static_cast<unsigned long long>(cpu.fwd.bytes_sent));
