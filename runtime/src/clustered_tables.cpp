@@ -95,10 +95,4 @@ kernels::HostBlockTable ClusteredTables::host_table() const {
   return t;
 }
 
-std::size_t ClusteredTables::bytes() const {
-  std::size_t total = cpu_tables_ ? cpu_tables_->bytes() : 0;
-  for (const DeviceBuffer& b : slot_buffers_) total += b.bytes();
-  return total + offsets_.bytes() + entries_.bytes() + key_meta_.bytes() + t_offsets_.bytes() + t_refs_.bytes();
-}
-
 }  // namespace ringcast

@@ -34,7 +34,6 @@ class ClusteredTables {
   // The forward table in host memory (downloaded on CUDA: for inspection, not for the hot path).
   kernels::HostBlockTable host_table() const;
   bool built() const { return built_; }
-  std::size_t bytes() const;
 
  private:
   void build_on_device(std::span<const kernels::ClusteredLayout> layouts, const kernels::AttentionShape& shape);
