@@ -51,7 +51,8 @@ struct Problem {
   int c = 0;
 };
 
-// n = 1536 (not a power of two): clusters of 32, c = 1536 / (32 P) per rank, coarse blocks of 2.
+// n = 1536 (not a power of two): clusters of 64 (the only page size of the CUDA attention kernels),
+// c = 1536 / (64 P) per rank, coarse blocks of 2.
 Problem make_problem(const Case& cs) {
   Problem pr;
   LayerShape& s = pr.shape;
@@ -69,7 +70,7 @@ Problem make_problem(const Case& cs) {
   o.assignment = cs.assignment;
   o.selection = cs.unit;
   o.score = cs.score;
-  o.page_size = 32;
+  o.page_size = 64;
   o.coarse_pages = 2;
   o.top_k = 3;
   o.coarse_k = 2;
