@@ -44,6 +44,7 @@ class DeviceArray {
   explicit DeviceArray(std::size_t count) : count_(count) {
     cuda_require(cudaMalloc(&ptr_, std::max<std::size_t>(count * sizeof(T), 16)), "cudaMalloc");
     cuda_require(cudaMemset(ptr_, 0xFF, count * sizeof(T)), "cudaMemset");
+    ready();
   }
   explicit DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) { upload(host); }
   DeviceArray(const DeviceArray&) = delete;
@@ -53,6 +54,7 @@ class DeviceArray {
   void upload(const std::vector<T>& host) {
     cuda_require(host.size() == count_ ? cudaSuccess : cudaErrorInvalidValue, "DeviceArray::upload size");
     cuda_require(cudaMemcpy(ptr_, host.data(), count_ * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+    ready();
   }
   std::vector<T> download() const {
     std::vector<T> host(count_);
@@ -64,6 +66,11 @@ class DeviceArray {
   std::size_t size() const { return count_; }
 
  private:
+  // The poison and the upload run on the legacy default stream: cudaMemset returns before it lands and
+  // a cudaMemcpy from pageable memory may return before its DMA does, and nothing orders that stream
+  // with the non-blocking streams of a Session. Waiting here makes the array ready for any stream.
+  static void ready() { cuda_require(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
+
   void* ptr_ = nullptr;
   std::size_t count_;
 };
