@@ -1,7 +1,7 @@
-// Routes the indexed row movement (segment_gather.hpp) and the seed layers' scores (seed_scores.hpp) to
+// Routes the indexed row movement (row_gather.hpp) and the seed layers' scores (seed_scores.hpp) to
 // their backend after validating the parameters once. Both backends implement every op.
 #include <ringcast/error.hpp>
-#include <ringcast/kernels/segment_gather.hpp>
+#include <ringcast/kernels/row_gather.hpp>
 #include <ringcast/kernels/seed_scores.hpp>
 
 #include "cpu/seed_rows_cpu.hpp"
@@ -12,6 +12,17 @@
 
 namespace ringcast::kernels {
 namespace {
+
+// The shape and strides shared by the gather and the scatter.
+void validate_rows(const char* op, std::int64_t rows, std::int64_t width, int heads, int group,
+                   std::int64_t index_stride, std::int64_t src_row_stride, std::int64_t dst_row_stride) {
+  RINGCAST_CHECK(rows >= 0 && width >= 1 && heads >= 1 && group >= 1 && heads % group == 0 && index_stride >= 0,
+                 "{}: need rows >= 0 ({}), width >= 1 ({}), heads ({}) a positive multiple of group ({}) and "
+                 "index_stride >= 0 ({})",
+                 op, rows, width, heads, group, index_stride);
+  RINGCAST_CHECK((src_row_stride == 0 || src_row_stride >= width) && (dst_row_stride == 0 || dst_row_stride >= width),
+                 "{}: row strides ({}, {}) below the row width {}", op, src_row_stride, dst_row_stride, width);
+}
 
 void validate(const VipScoreShape& s, const char* op) {
   RINGCAST_CHECK(s.heads >= 1 && s.kv_heads >= 1 && s.heads % s.kv_heads == 0 && s.head_dim >= 1,
@@ -40,16 +51,27 @@ bool empty(const VipScoreShape& s) { return s.vip == 0 || s.blocks == 0; }
   } while (0)
 #endif
 
-void gather_segments(const SegmentGatherParams& p, const ExecContext& ctx) {
-  constexpr const char* kOp = "gather_segments";
-  RINGCAST_CHECK(p.rows >= 0 && p.dim >= 1 && p.src_stride >= 0 && p.dst_stride >= 0,
-                 "{}: need rows >= 0, dim >= 1 and strides >= 0 (got {}, {}, {}, {})", kOp, p.rows, p.dim, p.src_stride,
-                 p.dst_stride);
-  RINGCAST_CHECK((p.src_stride == 0 || p.src_stride >= p.dim) && (p.dst_stride == 0 || p.dst_stride >= p.dim),
-                 "{}: row strides ({}, {}) below the row width {}", kOp, p.src_stride, p.dst_stride, p.dim);
+void gather_rows(const RowGather& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "gather_rows";
+  validate_rows(kOp, p.rows, p.width, p.heads, p.group, p.index_stride, p.src_row_stride, p.dst_row_stride);
+  RINGCAST_CHECK(p.dtype == DType::kF32 || p.dtype == DType::kBF16 || p.dtype == DType::kF16,
+                 "{}: dtype {} is not supported (f32, bf16, f16)", kOp, dtype_name(p.dtype));
+  RINGCAST_CHECK(p.dtype == DType::kF32 || (!p.offsets && !p.weights && p.scale == 1.0f && p.fill == 0.0f &&
+                                            !p.accumulate),
+                 "{}: {} rows are copied bits: one term per row, no weight or scale, fill 0, no accumulate", kOp,
+                 dtype_name(p.dtype));
   if (p.rows == 0) return;
   require_pointers(kOp, {p.src, p.dst});
-  RINGCAST_SEED_ROWS_ROUTE(gather_segments, p, ctx);
+  RINGCAST_SEED_ROWS_ROUTE(gather_rows, p, ctx);
+}
+
+void scatter_add_rows(const RowScatter& p, const ExecContext& ctx) {
+  constexpr const char* kOp = "scatter_add_rows";
+  validate_rows(kOp, p.rows, p.width, p.heads, p.group, p.index_stride, p.src_row_stride, p.dst_row_stride);
+  RINGCAST_CHECK(p.out_rows >= 0, "{}: need out_rows >= 0 (got {})", kOp, p.out_rows);
+  if (p.rows == 0 || p.out_rows == 0) return;
+  require_pointers(kOp, {p.index.data, p.src, p.dst});
+  RINGCAST_SEED_ROWS_ROUTE(scatter_add_rows, p, ctx);
 }
 
 void rowwise_dot(const RowwiseDotParams& p, const ExecContext& ctx) {

@@ -1,5 +1,5 @@
 // Routes the selection building blocks (summaries, CAST, routing, pooling, clustered page selection,
-// the surrogate clusters' row and cluster operations) to their backend after validating the
+// the surrogate clusters' cluster operations) to their backend after validating the
 // parameters once. Both backends implement every family; the
 // device-resident selection and tables of selection_device.hpp exist on CUDA only, and shapes past a
 // CUDA kernel's limits are reported "not supported" by that kernel rather than run somewhere else.
@@ -77,13 +77,6 @@ void validate_selection(const ClusteredLayout* layout, const SelectionOptions& o
                      q.kv_head < q.kv_heads,
                  "{}: need queries, head_dim >= 1, heads ({}) a multiple of kv_heads ({}), kv_head ({}) in range",
                  op, q.heads, q.kv_heads, q.kv_head);
-}
-
-void validate(const RowGather& p, const char* op) {
-  RINGCAST_CHECK(p.rows >= 0 && p.heads >= 1 && p.group >= 1 && p.heads % p.group == 0 && p.width >= 1,
-                 "{}: rows ({}) must be >= 0, heads ({}) a positive multiple of group ({}), width ({}) positive", op,
-                 p.rows, p.heads, p.group, p.width);
-  require_pointers(op, {p.index, p.src, p.dst});
 }
 
 void validate_blocks(std::int64_t blocks, int coarse_pages, int head_dim, const char* op) {
@@ -456,32 +449,6 @@ void transpose_on_device(const BlockTable& table, const AttentionShape& shape, s
 #endif
 }
 
-
-void gather_rows(const RowGather& p, const ExecContext& ctx) {
-  constexpr const char* kOp = "gather_rows";
-  validate(p, kOp);
-  RINGCAST_CHECK(p.dtype == DType::kF32 || p.dtype == DType::kBF16 || p.dtype == DType::kF16,
-                 "{}: dtype {} is not supported (f32, bf16, f16)", kOp, dtype_name(p.dtype));
-  RINGCAST_CHECK(p.fill == 0.0f || p.dtype == DType::kF32, "{}: a non-zero fill needs f32 rows", kOp);
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::gather_rows(p);
-#if RINGCAST_WITH_CUDA
-  cuda::gather_rows(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
-}
-
-void scatter_add_rows(const RowGather& p, const ExecContext& ctx) {
-  constexpr const char* kOp = "scatter_add_rows";
-  validate(p, kOp);
-  RINGCAST_CHECK(p.dtype == DType::kF32, "{}: adds f32 rows, got {}", kOp, dtype_name(p.dtype));
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::scatter_add_rows(p);
-#if RINGCAST_WITH_CUDA
-  cuda::scatter_add_rows(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
-}
 
 void page_key_bounds(const PageBoundsParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "page_key_bounds";

@@ -5,51 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 
 namespace ringcast::kernels::cpu {
-namespace {
-
-// Copies `width` elements of `size` bytes between strided rows: bits, no conversion.
-void copy_row(const RowGather& p, std::size_t size, std::int64_t src_elem, std::int64_t dst_elem) {
-  std::memcpy(static_cast<char*>(p.dst) + dst_elem * size, static_cast<const char*>(p.src) + src_elem * size,
-              static_cast<std::size_t>(p.width) * size);
-}
-
-}  // namespace
-
-void gather_rows(const RowGather& p) {
-  const std::size_t size = dtype_size(p.dtype);
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int h = 0; h < p.heads; ++h)
-    for (std::int64_t i = 0; i < p.rows; ++i) {
-      const std::int32_t j = p.index[(h / p.group) * p.index_stride + i];
-      const std::int64_t dst = i * p.dst_row_stride + h * p.dst_head_stride;
-      if (j >= 0) {
-        copy_row(p, size, j * p.src_row_stride + h * p.src_head_stride, dst);
-      } else if (p.dtype == DType::kF32) {
-        std::fill_n(static_cast<float*>(p.dst) + dst, p.width, p.fill);
-      } else {
-        std::memset(static_cast<char*>(p.dst) + dst * size, 0, static_cast<std::size_t>(p.width) * size);
-      }
-    }
-}
-
-void scatter_add_rows(const RowGather& p) {
-  const auto* src = static_cast<const float*>(p.src);
-  auto* dst = static_cast<float*>(p.dst);
-  // Heads write disjoint rows; within a head, rows add in ascending i.
-#pragma omp parallel for schedule(static)
-  for (int h = 0; h < p.heads; ++h)
-    for (std::int64_t i = 0; i < p.rows; ++i) {
-      const std::int32_t j = p.index[(h / p.group) * p.index_stride + i];
-      if (j < 0) continue;
-      const float* s = src + i * p.src_row_stride + h * p.src_head_stride;
-      float* d = dst + j * p.dst_row_stride + h * p.dst_head_stride;
-      for (std::int64_t e = 0; e < p.width; ++e) d[e] += s[e];
-    }
-}
 
 void page_key_bounds(const PageBoundsParams& p) {
   const int d = p.head_dim;

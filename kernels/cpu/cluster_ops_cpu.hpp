@@ -1,4 +1,4 @@
-// CPU backend of the surrogate clusters' row and cluster operations (cluster_ops.hpp): the reference
+// CPU backend of the surrogate clusters' cluster operations (cluster_ops.hpp): the reference
 // the CUDA backend is compared with. Parameters arrive validated (selection_dispatch.cpp).
 #pragma once
 
@@ -6,8 +6,6 @@
 
 namespace ringcast::kernels::cpu {
 
-void gather_rows(const RowGather& p);
-void scatter_add_rows(const RowGather& p);
 void page_key_bounds(const PageBoundsParams& p);
 void cluster_blocks(const ClusterBlockParams& p);
 void cluster_blocks_backward(const ClusterBlockBackwardParams& p);

@@ -1,14 +1,16 @@
-// CPU backend of the indexed row movement (segment_gather.hpp) and the seed layers' scores
-// (seed_scores.hpp), called by seed_rows_dispatch.cpp with validated parameters. Host memory; rows are
-// independent, so OpenMP splits them without changing any sum.
+// CPU backend of the indexed row movement (row_gather.hpp) and the seed layers' scores
+// (seed_scores.hpp), called by seed_rows_dispatch.cpp with validated parameters: the reference the CUDA
+// backend is compared with. Host memory; rows are independent, so OpenMP splits them without changing
+// any sum.
 #pragma once
 
-#include <ringcast/kernels/segment_gather.hpp>
+#include <ringcast/kernels/row_gather.hpp>
 #include <ringcast/kernels/seed_scores.hpp>
 
 namespace ringcast::kernels::cpu {
 
-void gather_segments(const SegmentGatherParams& p);
+void gather_rows(const RowGather& p);
+void scatter_add_rows(const RowScatter& p);
 void rowwise_dot(const RowwiseDotParams& p);
 
 void vip_block_logits(const VipLogitsParams& p);

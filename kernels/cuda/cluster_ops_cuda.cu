@@ -1,9 +1,8 @@
 // CUDA surrogate-cluster operations (cluster_ops.hpp): grid-stride loops, one thread per output
-// element (row element, page or block channel, unit channel) or per cluster. Sums run in the CPU
-// backend's order with explicit rounding (__fadd_rn / __fmul_rn, no contraction) and min / max
-// compare as std::min / std::max do, so gathers, bounds, blocks and unit queries equal the CPU's
-// bitwise; scatter_add_rows adds with atomics, and member_lse(_merge_backward) round expf / logf
-// differently from the CPU's libm (relative differences of the order of 1e-7).
+// element (page or block channel, unit channel) or per cluster. Sums run in the CPU backend's order
+// with explicit rounding (__fadd_rn / __fmul_rn, no contraction) and min / max compare as std::min /
+// std::max do, so bounds, blocks and unit queries equal the CPU's bitwise; member_lse(_merge_backward)
+// round expf / logf differently from the CPU's libm (relative differences of the order of 1e-7).
 #include "cluster_ops_cuda.hpp"
 
 #include <ringcast/cuda_check.hpp>
@@ -28,32 +27,6 @@ __device__ __forceinline__ std::int64_t thread_stride() { return std::int64_t{gr
 // std::min / std::max: the first argument unless the second compares strictly smaller / larger.
 __device__ __forceinline__ float min_as_std(float a, float b) { return b < a ? b : a; }
 __device__ __forceinline__ float max_as_std(float a, float b) { return a < b ? b : a; }
-
-template <typename T>
-__global__ void gather_rows_kernel(const RowGather p, T fill) {
-  const std::int64_t total = p.rows * p.heads * p.width;
-  const T* src = static_cast<const T*>(p.src);
-  T* dst = static_cast<T*>(p.dst);
-  for (std::int64_t x = thread_index(); x < total; x += thread_stride()) {
-    const std::int64_t e = x % p.width, i = (x / p.width) % p.rows;
-    const int h = static_cast<int>(x / (p.width * p.rows));
-    const std::int32_t j = p.index[(h / p.group) * p.index_stride + i];
-    dst[i * p.dst_row_stride + h * p.dst_head_stride + e] =
-        j >= 0 ? src[j * p.src_row_stride + h * p.src_head_stride + e] : fill;
-  }
-}
-
-__global__ void scatter_add_rows_kernel(const RowGather p) {
-  const std::int64_t total = p.rows * p.heads * p.width;
-  const float* src = static_cast<const float*>(p.src);
-  float* dst = static_cast<float*>(p.dst);
-  for (std::int64_t x = thread_index(); x < total; x += thread_stride()) {
-    const std::int64_t e = x % p.width, i = (x / p.width) % p.rows;
-    const int h = static_cast<int>(x / (p.width * p.rows));
-    const std::int32_t j = p.index[(h / p.group) * p.index_stride + i];
-    if (j >= 0) atomicAdd(dst + j * p.dst_row_stride + h * p.dst_head_stride + e, src[i * p.src_row_stride + h * p.src_head_stride + e]);
-  }
-}
 
 __global__ void page_key_bounds_kernel(const PageBoundsParams p) {
   const int d = p.head_dim;
@@ -185,21 +158,6 @@ __global__ void member_lse_merge_backward_kernel(const MemberLseMergeBackwardPar
 cudaStream_t stream_of(const ExecContext& ctx) { return static_cast<cudaStream_t>(ctx.stream); }
 
 }  // namespace
-
-void gather_rows(const RowGather& p, const ExecContext& ctx) {
-  const unsigned blocks = grid_for(p.rows * p.heads * p.width);
-  if (dtype_size(p.dtype) == 4) {
-    gather_rows_kernel<float><<<blocks, kThreads, 0, stream_of(ctx)>>>(p, p.fill);
-  } else {  // bf16 / f16 bits; the fill is zero (selection_dispatch.cpp)
-    gather_rows_kernel<std::uint16_t><<<blocks, kThreads, 0, stream_of(ctx)>>>(p, std::uint16_t{0});
-  }
-  RINGCAST_CUDA_CHECK_LAUNCH();
-}
-
-void scatter_add_rows(const RowGather& p, const ExecContext& ctx) {
-  scatter_add_rows_kernel<<<grid_for(p.rows * p.heads * p.width), kThreads, 0, stream_of(ctx)>>>(p);
-  RINGCAST_CUDA_CHECK_LAUNCH();
-}
 
 void page_key_bounds(const PageBoundsParams& p, const ExecContext& ctx) {
   page_key_bounds_kernel<<<grid_for(p.pages * p.head_dim), kThreads, 0, stream_of(ctx)>>>(p);

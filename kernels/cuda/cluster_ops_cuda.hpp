@@ -1,4 +1,4 @@
-// CUDA backend of the surrogate clusters' row and cluster operations (cluster_ops.hpp), called by
+// CUDA backend of the surrogate clusters' cluster operations (cluster_ops.hpp), called by
 // selection_dispatch.cpp with validated parameters. Pointers are device memory of the current device;
 // work is enqueued on ctx.stream and nothing synchronizes the host.
 #pragma once
@@ -7,8 +7,6 @@
 
 namespace ringcast::kernels::cuda {
 
-void gather_rows(const RowGather& p, const ExecContext& ctx);
-void scatter_add_rows(const RowGather& p, const ExecContext& ctx);
 void page_key_bounds(const PageBoundsParams& p, const ExecContext& ctx);
 void cluster_blocks(const ClusterBlockParams& p, const ExecContext& ctx);
 void cluster_blocks_backward(const ClusterBlockBackwardParams& p, const ExecContext& ctx);

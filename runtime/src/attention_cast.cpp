@@ -28,6 +28,7 @@
 #include <ringcast/kernels/cast.hpp>
 #include <ringcast/kernels/cluster_ops.hpp>
 #include <ringcast/kernels/layout.hpp>
+#include <ringcast/kernels/row_gather.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -409,9 +410,15 @@ class SurrogateMode final : public DistributedAttention::Mode {
     p.dst_head_stride = head_stride;
     kernels::gather_rows(p, ctx);
   }
-  // A token's gradient sums over the slots it was gathered into.
+  // A token's gradient sums over the slots it was gathered into, in ascending slot order.
   void slots_to_tokens(int b, const float* slots, std::int64_t head_stride, float* tokens) const {
-    kernels::RowGather p = member_slots(b);
+    kernels::RowScatter p;
+    p.rows = std::int64_t{c_} * options.page_size;
+    p.out_rows = shape.local_len();
+    p.width = shape.head_dim;
+    p.heads = shape.kv_heads;
+    p.index = device_members(b);
+    p.index_stride = p.rows;
     p.src = slots;
     p.src_row_stride = shape.head_dim;
     p.src_head_stride = head_stride;

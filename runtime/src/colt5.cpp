@@ -1,6 +1,6 @@
 // CoLT5 mixers (colt5.hpp), one code path for both backends. Activations are [rows, ·] fp32 matrices
 // in the session device's memory, rows = batch * n_loc in position order; every operation on them is
-// a kernels:: call enqueued on the session's stream (routed rows move by gather_segments, scaled by
+// a kernels:: call enqueued on the session's stream (routed rows move by gather_rows, scaled by
 // s̃, and dL/ds̃ comes from rowwise_dot on the routed rows). Light attention: the rank's window keys
 // (its own rows plus halos of up to window_radius positions from the ranks around it, one grouped
 // exchange of fp32 rows) in page pools of the storage dtype, and one kernel call over all heads whose
@@ -21,7 +21,7 @@
 #include <ringcast/kernels/layers.hpp>
 #include <ringcast/kernels/layout.hpp>
 #include <ringcast/kernels/routing.hpp>
-#include <ringcast/kernels/segment_gather.hpp>
+#include <ringcast/kernels/row_gather.hpp>
 #include <ringcast/memory.hpp>
 
 #include <algorithm>
@@ -133,16 +133,27 @@ void exchange_halo(const RunContext& rc, const Peers& peers, int heads, int batc
 // packed[t] = w_t · full[rows[t]]
 void gather_routed(const RunContext& rc, const Router& router, int width, const float* full, std::int64_t full_stride,
                    float* packed, const float* weights = nullptr) {
-  kernels::gather_segments({router.count(), width, full_stride, width, nullptr, router.device_rows(rc), nullptr,
-                            weights, 1.0f, full, packed, false},
-                           rc.exec);
+  kernels::gather_rows({.rows = router.count(),
+                        .width = width,
+                        .index = router.device_rows(rc),
+                        .weights = weights,
+                        .src = full,
+                        .src_row_stride = full_stride,
+                        .dst = packed},
+                       rc.exec);
 }
 // full[rows[t]] (+)= w_t · packed[t]; the other rows keep their values.
 void scatter_routed(const RunContext& rc, const Router& router, int width, const float* packed, float* full,
                     std::int64_t full_stride, const float* weights, bool accumulate) {
-  kernels::gather_segments({router.count(), width, width, full_stride, nullptr, nullptr, router.device_rows(rc),
-                            weights, 1.0f, packed, full, accumulate},
-                           rc.exec);
+  kernels::gather_rows({.rows = router.count(),
+                        .width = width,
+                        .dst_rows = router.device_rows(rc),
+                        .weights = weights,
+                        .accumulate = accumulate,
+                        .src = packed,
+                        .dst = full,
+                        .dst_row_stride = full_stride},
+                       rc.exec);
 }
 
 // Routed rows per sequence from a router's offsets.
@@ -363,8 +374,8 @@ void Colt5Ffn::backward(const RunContext& rc, const float* x, const float* dy, f
   float* dy_r = d_xr;  // the routed rows of dy, until the heavy backward needs d_xr
   gather_routed(rc, router_, dim_, dy, dim_, dy_r);
   kernels::rowwise_dot({nr, dim_, dy_r, hr, d_weight}, rc.exec);  // dL/ds̃ = dy · FFN_heavy
-  kernels::gather_segments({nr, dim_, 0, 0, nullptr, nullptr, nullptr, router_.routed_weights(rc), 1.0f, dy_r, d_h},
-                           rc.exec);  // s̃ dy
+  kernels::gather_rows({.rows = nr, .width = dim_, .weights = router_.routed_weights(rc), .src = dy_r, .dst = d_h},
+                       rc.exec);  // s̃ dy
   if (nr > 0) {
     zero(d_xr, nr * dim_, rc);
     heavy_.backward_rows(rc, nr, xr, d_h, d_xr);
@@ -673,8 +684,8 @@ void Colt5Attention::heavy_backward(const RunContext& rc) {
   float* d_o_r = d_qh;  // the routed rows of dO's heavy heads, until the gathered backward needs d_qh
   gather_routed(rc, router_q_, hq, d_o + lq, qw, d_o_r);
   kernels::rowwise_dot({nq, hq, d_o_r, oh, d_wq}, rc.exec);  // dL/ds̃^q = dO · A_heavy
-  kernels::gather_segments({nq, hq, 0, 0, nullptr, nullptr, nullptr, router_q_.routed_weights(rc), 1.0f, d_o_r, d_oh},
-                           rc.exec);  // s̃^q dO
+  kernels::gather_rows({.rows = nq, .width = hq, .weights = router_q_.routed_weights(rc), .src = d_o_r, .dst = d_oh},
+                       rc.exec);  // s̃^q dO
   zero(d_qh, nq * hq, rc);
   zero(d_kh, nkv * hk, rc);
   zero(d_vh, nkv * hk, rc);

@@ -9,7 +9,7 @@
 // Host traffic per round (the only synchronizations): the all-gathered scores come down for planning
 // (every rank plans alike), and the plan's row lists go up in one copy while the stream is idle. States,
 // scores and the exchange buffers stay in the session device's memory; collectives run on
-// session.stream(), and rows move by kernels::gather_segments.
+// session.stream(), and rows move by kernels::gather_rows.
 #include "pyramidion.hpp"
 
 #include "agreement.hpp"
@@ -19,7 +19,7 @@
 #include <ringcast/kernels/layout.hpp>
 #include <ringcast/kernels/pooling.hpp>
 #include <ringcast/kernels/seed_scores.hpp>
-#include <ringcast/kernels/segment_gather.hpp>
+#include <ringcast/kernels/row_gather.hpp>
 
 #include <algorithm>
 #include <bit>
@@ -212,20 +212,24 @@ void PyramidionPool::exchange(const RunContext& rc, const Routes& src_routes, co
   const std::int64_t n_recv = static_cast<std::int64_t>(dst_routes.rows.size());
   // Packed rows are [state | score]: send row k takes source row rows[k], recv row k goes to rows[k].
   const int dim = dim_;
-  kernels::gather_segments({n_send, dim, 0, width, nullptr, src_routes.device_rows, nullptr, nullptr, 1.0f, src_e, send},
-                           rc.exec);
-  kernels::gather_segments({n_send, 1, 0, width, nullptr, src_routes.device_rows, nullptr, nullptr, 1.0f, src_s, send + D},
-                           rc.exec);
+  kernels::gather_rows({.rows = n_send, .width = dim, .index = src_routes.device_rows, .src = src_e, .dst = send,
+                        .dst_row_stride = width},
+                       rc.exec);
+  kernels::gather_rows({.rows = n_send, .width = 1, .index = src_routes.device_rows, .src = src_s, .dst = send + D,
+                        .dst_row_stride = width},
+                       rc.exec);
   std::vector<std::size_t> send_counts(src_routes.counts), recv_counts(dst_routes.counts);
   for (auto& v : send_counts) v *= static_cast<std::size_t>(width);
   for (auto& v : recv_counts) v *= static_cast<std::size_t>(width);
   rc.session.comm().all_to_all_v({send, static_cast<std::size_t>(n_send * width), DType::kF32}, send_counts,
                                  {recv, static_cast<std::size_t>(n_recv * width), DType::kF32}, recv_counts,
                                  rc.session.stream());
-  kernels::gather_segments({n_recv, dim, width, 0, nullptr, nullptr, dst_routes.device_rows, nullptr, 1.0f, recv, dst_e},
-                           rc.exec);
-  kernels::gather_segments({n_recv, 1, width, 0, nullptr, nullptr, dst_routes.device_rows, nullptr, 1.0f, recv + D, dst_s},
-                           rc.exec);
+  kernels::gather_rows({.rows = n_recv, .width = dim, .dst_rows = dst_routes.device_rows, .src = recv,
+                        .src_row_stride = width, .dst = dst_e},
+                       rc.exec);
+  kernels::gather_rows({.rows = n_recv, .width = 1, .dst_rows = dst_routes.device_rows, .src = recv + D,
+                        .src_row_stride = width, .dst = dst_s},
+                       rc.exec);
 }
 
 void PyramidionPool::run_rounds(const RunContext& rc, const float* x, float* out) {

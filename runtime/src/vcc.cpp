@@ -19,7 +19,7 @@
 #include <ringcast/kernels/layers.hpp>
 #include <ringcast/kernels/layout.hpp>
 #include <ringcast/kernels/seed_scores.hpp>
-#include <ringcast/kernels/segment_gather.hpp>
+#include <ringcast/kernels/row_gather.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -340,16 +340,21 @@ void VccBlock::select(const RunContext& rc, int example, const float* x) {
   float *row_max = s.get(kStats), *row_sum = row_max + HV, *log_p = s.get(kLogP);
 
   if (nb > 0) {
-    kernels::gather_segments({nb, D, 0, 0, index_.block_offsets, index_.block_rows, nullptr, nullptr,
-                              1.0f / static_cast<float>(block_), x, c},
-                             rc.exec);
+    kernels::gather_rows({.rows = nb,
+                          .width = D,
+                          .offsets = index_.block_offsets,
+                          .index = index_.block_rows,
+                          .scale = 1.0f / static_cast<float>(block_),
+                          .src = x,
+                          .dst = c},
+                         rc.exec);
     kernels::rms_norm_forward({nb, D, eps_, c, rc.p(attn_norm_), cn}, rc.exec);
     kernels::linear_forward({nb, D, static_cast<int>(kd), cn, rc.p(proj_.wk), kc, false, rc.compute}, rc.exec);
     kernels::rope_forward({nb, KV, hd, proj_.rope_theta, index_.coarse_positions, kc}, rc.exec);
   }
   if (!place_.vip_rows.empty()) {
     float *xv = s.get(kXv), *xvn = s.get(kXvn);
-    kernels::gather_segments({V, D, 0, 0, nullptr, index_.vip_rows, nullptr, nullptr, 1.0f, x, xv}, rc.exec);
+    kernels::gather_rows({.rows = V, .width = D, .index = index_.vip_rows, .src = x, .dst = xv}, rc.exec);
     kernels::rms_norm_forward({V, D, eps_, xv, rc.p(attn_norm_), xvn}, rc.exec);
     kernels::linear_forward({V, D, static_cast<int>(qd), xvn, rc.p(proj_.wq), qv, false, rc.compute}, rc.exec);
     kernels::rope_forward({V, H, hd, proj_.rope_theta, index_.vip_positions, qv}, rc.exec);
@@ -468,12 +473,20 @@ void VccBlock::compress(const RunContext& rc, const float* x) {
 
   const int D = dim_;
   float* z = rc.scratch.get(kZ);
-  kernels::gather_segments({e.x_rows, D, 0, 0, nullptr, example<std::int64_t>(rc, e.x_src),
-                            example<std::int64_t>(rc, e.x_dst), nullptr, 1.0f, x, z},
-                           rc.exec);
-  kernels::gather_segments({e.c_rows, D, 0, 0, nullptr, example<std::int64_t>(rc, e.c_src),
-                            example<std::int64_t>(rc, e.c_dst), nullptr, 1.0f, rc.scratch.get(kC), z},
-                           rc.exec);
+  kernels::gather_rows({.rows = e.x_rows,
+                        .width = D,
+                        .index = example<std::int64_t>(rc, e.x_src),
+                        .dst_rows = example<std::int64_t>(rc, e.x_dst),
+                        .src = x,
+                        .dst = z},
+                       rc.exec);
+  kernels::gather_rows({.rows = e.c_rows,
+                        .width = D,
+                        .index = example<std::int64_t>(rc, e.c_src),
+                        .dst_rows = example<std::int64_t>(rc, e.c_dst),
+                        .src = rc.scratch.get(kC),
+                        .dst = z},
+                       rc.exec);
 }
 
 // U = A + F on Z, A = Attn(rms z) over every rank's Z, F = FFN(rms(z + A)); z_new = z + σ⊙U, σ = 1.
@@ -561,9 +574,13 @@ void VccBlock::select_backward(const RunContext& rc, float* d_x) {
   auto* pi_dot = reinterpret_cast<double*>(s.get(kPiDot));
 
   // σ_fine = 1 + π − sg(π), σ_coarse = 1 + (1 − π) − sg(1 − π): dπ_j = ±Σ dσ over block j's Z rows.
-  kernels::gather_segments({nb, 1, 0, 0, example<std::int64_t>(rc, example_.pi_offsets), nullptr, nullptr,
-                            example<float>(rc, example_.pi_signs), 1.0f, s.get(kDSigma), d_pi},
-                           rc.exec);
+  kernels::gather_rows({.rows = nb,
+                        .width = 1,
+                        .offsets = example<std::int64_t>(rc, example_.pi_offsets),
+                        .weights = example<float>(rc, example_.pi_signs),
+                        .src = s.get(kDSigma),
+                        .dst = d_pi},
+                       rc.exec);
   kernels::vip_pi_dot({nb, pi, d_pi, pi_dot}, rc.exec);  // Σ_j π_j dπ_j, then over every rank's blocks
   comm.all_reduce({pi_dot, 1, DType::kF64}, {pi_dot, 1, DType::kF64}, comm::ReduceOp::kSum, rc.session.stream());
   // dl = π (dπ − Σ π dπ), dp = dl / (p + 1e-5) in place over d_pi; p_j = mean_hv a[h, v, j] gives
@@ -586,7 +603,8 @@ void VccBlock::select_backward(const RunContext& rc, float* d_x) {
         {V, D, static_cast<int>(qd), xvn, rc.p(proj_.wq), d_qv, d_xvn, rc.g(proj_.wq), rc.compute}, rc.exec);
     zero(d_xv, V * D, rc);
     kernels::rms_norm_backward({V, D, eps_, xv, rc.p(attn_norm_), d_xvn, d_xv, rc.g(attn_norm_)}, rc.exec);
-    kernels::gather_segments({V, D, 0, 0, nullptr, nullptr, index_.vip_rows, nullptr, 1.0f, d_xv, d_x, true}, rc.exec);
+    kernels::gather_rows(
+        {.rows = V, .width = D, .dst_rows = index_.vip_rows, .accumulate = true, .src = d_xv, .dst = d_x}, rc.exec);
   }
   if (nb > 0) {
     float *c = s.get(kC), *cn = s.get(kCn), *d_c = s.get(kDC), *d_cn = s.get(kDCn);
@@ -597,9 +615,15 @@ void VccBlock::select_backward(const RunContext& rc, float* d_x) {
     zero(d_c, nb * D, rc);
     kernels::rms_norm_backward({nb, D, eps_, c, rc.p(attn_norm_), d_cn, d_c, rc.g(attn_norm_)}, rc.exec);
     // c_j is the mean of block j's rows: each row takes d_c_j / block.
-    kernels::gather_segments({nb * block_, D, 0, 0, nullptr, index_.block_of_row, index_.block_rows, nullptr,
-                              1.0f / static_cast<float>(block_), d_c, d_x, true},
-                             rc.exec);
+    kernels::gather_rows({.rows = nb * block_,
+                          .width = D,
+                          .index = index_.block_of_row,
+                          .dst_rows = index_.block_rows,
+                          .scale = 1.0f / static_cast<float>(block_),
+                          .accumulate = true,
+                          .src = d_c,
+                          .dst = d_x},
+                         rc.exec);
   }
 }
 
@@ -615,9 +639,13 @@ void VccBlock::forward(const RunContext& rc, const float* in, float* out) {
     // Decompress: a fine or VIP token's z is its x, and a coarse block's tokens take c_new − c_old =
     // its coarse token's update, so every token is x + U of its Z row.
     copy(x, y, n_loc * D, rc);
-    kernels::gather_segments({n_loc, dim_, 0, 0, nullptr, example<std::int64_t>(rc, example_.z_of_row), nullptr,
-                              nullptr, 1.0f, u, y, true},
-                             rc.exec);
+    kernels::gather_rows({.rows = n_loc,
+                          .width = dim_,
+                          .index = example<std::int64_t>(rc, example_.z_of_row),
+                          .accumulate = true,
+                          .src = u,
+                          .dst = y},
+                         rc.exec);
   }
 }
 
@@ -635,15 +663,24 @@ void VccBlock::backward(const RunContext& rc, const float* in, const float* d_ou
     block_forward(rc);
     const std::int64_t r = z_geom_.local_len;
     // Every Z row has at least one token, so the segment sums write all of d_u.
-    kernels::gather_segments({r, dim_, 0, 0, example<std::int64_t>(rc, example_.du_offsets),
-                              example<std::int64_t>(rc, example_.du_tokens), nullptr, nullptr, 1.0f, dy, d_u},
-                             rc.exec);
+    kernels::gather_rows({.rows = r,
+                          .width = dim_,
+                          .offsets = example<std::int64_t>(rc, example_.du_offsets),
+                          .index = example<std::int64_t>(rc, example_.du_tokens),
+                          .src = dy,
+                          .dst = d_u},
+                         rc.exec);
     copy(dy, dx, n_loc * D, rc);  // out = x + U
     kernels::rowwise_dot({r, dim_, d_u, u, d_sigma}, rc.exec);
     block_backward(rc);
-    kernels::gather_segments({n_loc, dim_, 0, 0, nullptr, example<std::int64_t>(rc, example_.z_of_row), nullptr,
-                              example<float>(rc, example_.dx_weights), 1.0f, d_z, dx, true},
-                             rc.exec);
+    kernels::gather_rows({.rows = n_loc,
+                          .width = dim_,
+                          .index = example<std::int64_t>(rc, example_.z_of_row),
+                          .weights = example<float>(rc, example_.dx_weights),
+                          .accumulate = true,
+                          .src = d_z,
+                          .dst = dx},
+                         rc.exec);
     select_backward(rc, dx);
   }
 }

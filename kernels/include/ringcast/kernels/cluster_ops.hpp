@@ -1,39 +1,16 @@
-// Row and cluster operations of the clustered mode with surrogate clusters (runtime/src/
-// attention_cast.cpp; DESIGN.md §4.1, docs/clustered-design.md "Surrogate clusters"), so that the mode
-// touches activations only through kernels: index gathers between token order, cluster order and
-// cluster pages; key bounds of partly filled pages; coarse blocks of clusters; selection queries of
-// rows in cluster order; the log-sum-exp merge of CAST summaries. fp32 unless stated; CPU and CUDA
-// produce the same values bitwise except where a comment says otherwise.
+// Cluster operations of the clustered mode with surrogate clusters (runtime/src/attention_cast.cpp;
+// DESIGN.md §4.1, docs/clustered-design.md "Surrogate clusters"), so that the mode touches activations
+// only through kernels (its rows move between token order, cluster order and cluster pages by
+// row_gather.hpp): key bounds of partly filled pages; coarse blocks of clusters; selection queries of
+// rows in cluster order; the log-sum-exp merge of CAST summaries. fp32; CPU and CUDA produce the same
+// values bitwise except where a comment says otherwise.
 #pragma once
 
-#include <ringcast/dtype.hpp>
 #include <ringcast/kernels/attention.hpp>
 
 #include <cstdint>
 
 namespace ringcast::kernels {
-
-// Rows of `width` elements addressed as (row, head) with per-buffer strides (elements); head h uses
-// index list h / group, index[(h / group) * index_stride + i]. The index names a row of the indexed
-// side for row i of the dense side: gather_rows reads it (dst row i = src row index), scatter_add_rows
-// writes it (dst row index += src row i). A negative index: gather writes `fill`, scatter skips.
-struct RowGather {
-  std::int64_t rows = 0;  // rows of the dense side
-  int heads = 1;
-  int group = 1;
-  std::int64_t width = 0;
-  const std::int32_t* index = nullptr;
-  std::int64_t index_stride = 0;
-  const void* src = nullptr;
-  std::int64_t src_row_stride = 0, src_head_stride = 0;
-  void* dst = nullptr;
-  std::int64_t dst_row_stride = 0, dst_head_stride = 0;
-  DType dtype = DType::kF32;  // gather: f32, bf16 or f16 (bits copied); scatter_add: f32
-  float fill = 0.0f;          // non-zero only with f32
-};
-void gather_rows(const RowGather& p, const ExecContext& ctx);
-// Adds in ascending i on the CPU; atomics on CUDA (sums over a repeated index in any order).
-void scatter_add_rows(const RowGather& p, const ExecContext& ctx);
 
 // Per page of [pages, page_size, head_dim] keys: the channel-wise min and max over slots [0, count);
 // zeros for an empty page. Outputs [pages, head_dim].
