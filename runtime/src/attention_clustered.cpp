@@ -10,7 +10,10 @@
 // (what the attention reads and the blocks travel in; converted region by region), and selection and
 // tables stay on the device (clustered_tables.hpp). Pool buffers hold every batch element at the
 // largest capacity; element b's pool is [2 (K, V)][kv_heads][num_pages_b][page_size][head_dim] at its
-// start.
+// start. Workspace by phase: on CUDA the fp32 pool is read by the forward only (the attention reads the
+// storage pool), so the backward's fp32 gradient pool is the same buffer; the CPU's fp32 pool is the
+// storage pool and has a gradient pool of its own. dK, dV are finished in the gradient pool's local
+// pages and written to the caller's outputs from there.
 #include "attention_internal.hpp"
 #include "clustered_internal.hpp"
 #include "clustered_tables.hpp"
@@ -105,7 +108,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     const std::int64_t max_pages = base_.num_pages();
     g_.pool_elems = sh.kv_heads * max_pages * g_.page_elems;
     pools_ = allocate(sh.batch * 2 * g_.pool_elems * sizeof(float));
-    d_pools_ = allocate(sh.batch * 2 * g_.pool_elems * sizeof(float));
+    if (sh.dtype == DType::kF32) own_d_pools_ = allocate(pools_.bytes());  // else d_pools() is pools_
     key_bias_ = allocate(sh.batch * sh.kv_heads * max_pages * o.page_size * sizeof(float));
     const std::int64_t d = sh.head_dim, loc_rows = sh.batch * g_.local_blocks;
     page_sums_ = allocate(kFields * sh.kv_heads * summary_.page_rows() * d * sizeof(float));
@@ -121,8 +124,8 @@ class ClusteredMode final : public DistributedAttention::Mode {
     // Gradients one (element, KV head) receives, twice: one unit lands while the next one travels.
     stage_ = allocate(2 * g_.unit_stage_elems(limit) * sizeof(float));
     requests_ = allocate(request_scratch_ints(g_, base_.fetch_capacity) * sizeof(std::int32_t));
-    d_tokens_ = allocate(2 * sh.batch * sh.local_len() * sh.kv_heads * d * sizeof(float));
-    d_q_ = allocate(sh.batch * sh.local_len() * sh.heads * d * sizeof(float));
+    // The fp32 dQ (the caller's output when that is fp32), also the forward's fp32 copy of Q.
+    if (sh.dtype != DType::kF32) d_q_ = allocate(sh.batch * sh.local_len() * sh.heads * d * sizeof(float));
     d_block_sums_ = allocate(2 * sh.kv_heads * summary_.block_rows() * d * sizeof(float));
     d_page_sums_ = allocate(2 * sh.kv_heads * summary_.page_rows() * d * sizeof(float));
     scatter_send_ = allocate(g_.p * 2 * sh.kv_heads * loc_rows * d * sizeof(float));
@@ -145,7 +148,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     const Fp32Inputs in = fp32_inputs(a);
     summarize_local(in.k, in.v);
     gather_coarse();
-    for (int b = 0; b < shape.batch; ++b) plan_element(a, in, b);
+    for (int b = 0; b < shape.batch; ++b) plan_element(a, in.q, b);
     const ElementLayouts layouts = elements_layouts();
     ClusteredTransfer t(session.comm(), ctx, g_, storage_view(),
                         {requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t)}, {}, shape.dtype);
@@ -184,11 +187,11 @@ class ClusteredMode final : public DistributedAttention::Mode {
     const auto send_back = [&](int u) {
       overlap_.start([this, &layouts, &landed, &stage, u](Stream stream) {
         const kernels::ExecContext comm_ctx{ctx.device, stream};
-        landed[u % 2] = ClusteredTransfer(session.comm(), comm_ctx, g_, pool_view(d_pools_))
+        landed[u % 2] = ClusteredTransfer(session.comm(), comm_ctx, g_, pool_view(d_pools()))
                             .return_gradients(layouts, served_, u / shape.kv_heads, u % shape.kv_heads, stage(u));
       });
     };
-    const ClusteredTransfer local(session.comm(), ctx, g_, pool_view(d_pools_));
+    const ClusteredTransfer local(session.comm(), ctx, g_, pool_view(d_pools()));
     fold_summaries(0, 0);
     send_back(0);
     for (int u = 0; u < units; ++u) {
@@ -197,22 +200,19 @@ class ClusteredMode final : public DistributedAttention::Mode {
       if (u + 1 < units) send_back(u + 1);
       local.add_landed(landed[u % 2], stage(u));
     }
-    const std::int64_t tokens = std::int64_t{shape.batch} * shape.local_len() * shape.kv_heads * shape.head_dim;
-    float* d_k = d_tokens_.as<float>();
-    float* d_v = d_k + tokens;
+    coarse_backward();
+    // The local pages now hold the complete dK, dV: written out in the caller's dtype.
+    const std::size_t tokens = std::size_t(shape.local_len()) * shape.kv_heads * shape.head_dim * dtype_size(shape.dtype);
     for (int b = 0; b < shape.batch; ++b) {
-      const std::int64_t offset = b * shape.local_len() * shape.kv_heads * shape.head_dim;
       const kernels::AttentionShape& s = elements_[b].shape;
-      unpack_from_pool(pool(d_pools_, b, 0, 0), d_k + offset, DType::kF32, 1, shape.kv_heads, shape.head_dim,
-                       local_seg_, options.page_size, ctx, {s.num_pages, 0});
-      unpack_from_pool(pool(d_pools_, b, 0, 1), d_v + offset, DType::kF32, 1, shape.kv_heads, shape.head_dim,
-                       local_seg_, options.page_size, ctx, {s.num_pages, 0});
+      for (int kv = 0; kv < 2; ++kv)
+        unpack_from_pool(pool(d_pools(), b, 0, kv), static_cast<char*>((kv ? a.d_v : a.d_k).data) + b * tokens,
+                         shape.dtype, 1, shape.kv_heads, shape.head_dim, local_seg_, options.page_size, ctx,
+                         {s.num_pages, 0});
     }
-    coarse_backward(d_k, d_v);
+    if (shape.dtype == DType::kF32) return;  // the attention wrote dQ into the caller's output
     const std::int64_t q_elems = std::int64_t{shape.batch} * shape.local_len() * shape.heads * shape.head_dim;
     kernels::copy_strided(kernels::StridedCopy::flat(d_q_.data(), DType::kF32, a.d_q.data, shape.dtype, q_elems), ctx);
-    kernels::copy_strided(kernels::StridedCopy::flat(d_k, DType::kF32, a.d_k.data, shape.dtype, tokens), ctx);
-    kernels::copy_strided(kernels::StridedCopy::flat(d_v, DType::kF32, a.d_v.data, shape.dtype, tokens), ctx);
   }
 
   // The host tables translated from pool pages to global pages and blocks: exact entries on resident
@@ -267,6 +267,9 @@ class ClusteredMode final : public DistributedAttention::Mode {
   }
 
  private:
+  // The fp32 gradient pool: its own buffer on the CPU, where pools_ is what the backward's attention
+  // reads; on CUDA the fp32 pool, which only the forward reads.
+  const DeviceBuffer& d_pools() const { return shape.dtype == DType::kF32 ? own_d_pools_ : pools_; }
   // Head g's K (kv = 0) or V (kv = 1) pages of element b in a pool buffer.
   float* pool(const DeviceBuffer& buf, int b, int g, int kv) const {
     return buf.as<float>() + (2 * b + kv) * g_.pool_elems + g * elements_[b].shape.num_pages * g_.page_elems;
@@ -349,11 +352,11 @@ class ClusteredMode final : public DistributedAttention::Mode {
 
   // Step 4 (choice) and the pool's shape: top-R per KV head, fetch capacity = the most any head
   // fetches, local pages packed, everything else zero until the transfers fill it.
-  void plan_element(const AttentionForwardArgs& a, const Fp32Inputs& in, int b) {
+  void plan_element(const AttentionForwardArgs& a, const float* q32, int b) {
     ElementPool& e = elements_[b];
     e.remote.clear();
     e.layouts.clear();
-    const float* q = query(in.q, b);
+    const float* q = query(q32, b);
     std::int64_t capacity = 0;
     for (int g = 0; g < shape.kv_heads; ++g) {
       const kernels::SummaryRows rows{coarse(b, g, kMeanK), coarse(b, g, kMin), coarse(b, g, kMax)};
@@ -369,33 +372,33 @@ class ClusteredMode final : public DistributedAttention::Mode {
     }
     const kernels::ClusteredLayout& L0 = e.layouts.front();
     e.shape = {1, shape.local_len(), shape.heads, shape.kv_heads, shape.head_dim, options.page_size, L0.num_pages()};
-    kernels::fill_zero(pool(pools_, b, 0, 0), 2 * g_.pool_elems * sizeof(float), ctx);
-    const std::int64_t tokens = shape.local_len() * shape.kv_heads * shape.head_dim;
-    for (int kv = 0; kv < 2; ++kv)
-      pack_to_pool((kv ? in.v : in.k) + b * tokens, DType::kF32, pool(pools_, b, 0, kv), 1,
-                   shape.kv_heads, shape.head_dim, local_seg_, options.page_size, ctx, {e.shape.num_pages, 0});
-    if (shape.dtype == DType::kF32) return;
-    // CUDA: the storage pool too (the caller's own values; the padding must be zeros, not NaN).
+    // The caller's K/V into the storage pool (the padding must be zeros, not NaN); on CUDA the local
+    // pages then into the fp32 pool (which held the fp32 inputs until now: summarize_local has read them).
     const std::size_t elt = dtype_size(shape.dtype);
+    const std::int64_t tokens = shape.local_len() * shape.kv_heads * shape.head_dim;
     kernels::fill_zero(kv_pool(b, 0, 0), 2 * g_.pool_elems * elt, ctx);
     for (int kv = 0; kv < 2; ++kv)
       pack_to_pool(static_cast<const char*>((kv ? a.v : a.k).data) + b * tokens * elt, shape.dtype, kv_pool(b, 0, kv),
                    1, shape.kv_heads, shape.head_dim, local_seg_, options.page_size, ctx, {e.shape.num_pages, 0});
+    if (shape.dtype == DType::kF32) return;
+    kernels::fill_zero(pool(pools_, b, 0, 0), 2 * g_.pool_elems * sizeof(float), ctx);
+    convert_pages(b, 0, shape.kv_heads, 0, L0.local_pages(), false);
   }
 
   const float* query(const float* q, int b) const {
     return q + std::int64_t{b} * shape.local_len() * shape.heads * shape.head_dim;
   }
 
-  // The inputs in fp32: the caller's on the CPU backend, converted copies on CUDA. The copies live in
-  // the backward's d_q and d_tokens buffers (same sizes): only the forward reads them, and a backward
-  // never needs them (a model's layer recomputes its forward right before its backward).
+  // The inputs in fp32: the caller's on the CPU backend, converted copies on CUDA. Q's copy lives in
+  // the backward's dQ buffer (same size; a backward never needs it: a model's layer recomputes its
+  // forward right before its backward); K's and V's in the fp32 pool (at least as large), which
+  // plan_element() fills only after summarize_local() has read them.
   Fp32Inputs fp32_inputs(const AttentionForwardArgs& a) const {
     if (shape.dtype == DType::kF32) return {a.q.as<const float>(), a.k.as<const float>(), a.v.as<const float>()};
     const std::int64_t q_elems = std::int64_t{shape.batch} * shape.local_len() * shape.heads * shape.head_dim;
     const std::int64_t kv_elems = std::int64_t{shape.batch} * shape.local_len() * shape.kv_heads * shape.head_dim;
     float* q = d_q_.as<float>();
-    float* k = d_tokens_.as<float>();
+    float* k = pools_.as<float>();
     float* v = k + kv_elems;
     kernels::copy_strided(kernels::StridedCopy::flat(a.q.data, shape.dtype, q, DType::kF32, q_elems), ctx);
     kernels::copy_strided(kernels::StridedCopy::flat(a.k.data, shape.dtype, k, DType::kF32, kv_elems), ctx);
@@ -507,9 +510,9 @@ class ClusteredMode final : public DistributedAttention::Mode {
     p.fwd.lse = a.lse.as<float>() + b * rows;
     p.d_o = static_cast<const char*>(a.d_o.data) + b * rows * d * elt;
     p.transposed = e.tables->transposed();
-    p.d_q = d_q_.as<float>() + b * rows * d;
-    p.d_k_pages = pool(d_pools_, b, 0, 0);
-    p.d_v_pages = pool(d_pools_, b, 0, 1);
+    p.d_q = (shape.dtype == DType::kF32 ? a.d_q.as<float>() : d_q_.as<float>()) + b * rows * d;
+    p.d_k_pages = pool(d_pools(), b, 0, 0);
+    p.d_v_pages = pool(d_pools(), b, 0, 1);
     p.accumulate = false;  // writes every page of the pool
     p.workspace = bwd_ws_.data();
     p.workspace_bytes = bwd_ws_.bytes();
@@ -521,20 +524,21 @@ class ClusteredMode final : public DistributedAttention::Mode {
   // leaves for its owner.
   void fold_summaries(int b, int g) {
     const kernels::ClusteredLayout& L = elements_[b].layouts[g];
-    float* dk = pool(d_pools_, b, g, 0);
-    float* dv = pool(d_pools_, b, g, 1);
+    float* dk = pool(d_pools(), b, g, 0);
+    float* dv = pool(d_pools(), b, g, 1);
     const std::int64_t first = L.page_summary_first_page() * g_.page_elems;
     kernels::page_summaries_backward({resident_shape(L), dk + first, dv + first, dk, dv}, ctx);
   }
 
   // Coarse summaries' gradients: every rank holds them for every block; each owner receives the sum
-  // for its own blocks (reduce-scatter), then back through coarse and page summaries to its keys.
-  void coarse_backward(float* d_k, float* d_v) {
+  // for its own blocks (reduce-scatter), then back through coarse and page summaries to its keys, the
+  // local pages of the gradient pool (one head's local pages are its keys in order).
+  void coarse_backward() {
     const std::int64_t d = shape.head_dim, rows = std::int64_t{shape.batch} * g_.local_blocks;
     reduce_scatter_coarse(
         session.comm(), ctx, g_,
         [this](int b, int g, int kv) {
-          return pool(d_pools_, b, g, kv) + elements_[b].layouts[g].coarse_summary_first_page() * g_.page_elems;
+          return pool(d_pools(), b, g, kv) + elements_[b].layouts[g].coarse_summary_first_page() * g_.page_elems;
         },
         scatter_send_.as<float>(), scatter_recv_.as<float>());
     const std::int64_t br = summary_.block_rows(), pr = summary_.page_rows();
@@ -545,7 +549,14 @@ class ClusteredMode final : public DistributedAttention::Mode {
     kernels::coarse_summaries_backward({summary_, field(d_block_sums_, br, 0), field(d_block_sums_, br, 1),
                                         field(d_page_sums_, pr, 0), field(d_page_sums_, pr, 1)},
                                        ctx);
-    kernels::page_summaries_backward({summary_, field(d_page_sums_, pr, 0), field(d_page_sums_, pr, 1), d_k, d_v}, ctx);
+    const kernels::SummaryShape head{1, shape.local_len(), 1, shape.head_dim, options.page_size, options.coarse_pages};
+    for (int b = 0; b < shape.batch; ++b)
+      for (int g = 0; g < shape.kv_heads; ++g) {
+        const std::int64_t rows = (g * pr + b * summary_.num_pages()) * d;
+        kernels::page_summaries_backward({head, field(d_page_sums_, pr, 0) + rows, field(d_page_sums_, pr, 1) + rows,
+                                          pool(d_pools(), b, g, 0), pool(d_pools(), b, g, 1)},
+                                         ctx);
+      }
   }
 
   ClusterGeometry g_;
@@ -557,9 +568,9 @@ class ClusteredMode final : public DistributedAttention::Mode {
   std::vector<ElementPool> elements_;
   std::vector<ServedRequests> served_;  // per ring step: the blocks the rank r - s fetched from this rank
   CommOverlap overlap_;
-  DeviceBuffer pools_, d_pools_, key_bias_, page_sums_, page_counts_, block_sums_, block_counts_, gather_send_,
-      gather_recv_, coarse_, bounds_, resident_counts_, stage_, d_tokens_, d_q_, d_block_sums_, d_page_sums_,
-      scatter_send_, scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_;
+  DeviceBuffer pools_, own_d_pools_, key_bias_, page_sums_, page_counts_, block_sums_, block_counts_, gather_send_,
+      gather_recv_, coarse_, bounds_, resident_counts_, stage_, d_q_, d_block_sums_, d_page_sums_, scatter_send_,
+      scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_;
   // CUDA only: the storage pools (kv_pool) and the key bias built on the host.
   DeviceBuffer attn_pools_;
   std::vector<float> key_bias_host_;

@@ -271,7 +271,9 @@ std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o
   const std::int64_t max_pages = base.num_pages(), page_elems = ps * d, block_elems = o.coarse_block() * d;
   const std::int64_t pool = b * 2 * hk * max_pages * page_elems * kF32;
   const std::int64_t loc_rows = b * base.local_blocks();
-  std::int64_t bytes = 2 * pool;                                            // pools, d_pools
+  // The fp32 pool; its gradients have their own pool on fp32 storage (CPU) and reuse it otherwise.
+  const bool f32 = sh.dtype == DType::kF32;
+  std::int64_t bytes = (f32 ? 2 : 1) * pool;                                // pools, own_d_pools
   bytes += b * hk * max_pages * ps * kF32;                                  // key_bias
   bytes += (kFields + 2) * hk * summary.page_rows() * d * kF32;             // page_sums, d_page_sums
   bytes += summary.batch * summary.num_pages() * kI32 + loc_rows * kI32;    // page_counts, block_counts
@@ -285,13 +287,12 @@ std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o
   const std::int64_t stage_blocks = p > 1 ? 2 + (p - 1) * std::min(limit, base.local_blocks()) : 0;
   bytes += 2 * stage_blocks * 2 * block_elems * kF32;                       // stage
   bytes += 2 * b * hk * (1 + base.fetch_capacity) * kI32;                   // requests
-  const std::int64_t d_tokens = 2 * b * base.n_loc * hk * d * kF32, d_q = b * base.n_loc * sh.heads * d * kF32;
-  bytes += d_tokens + d_q;
+  bytes += f32 ? 0 : b * base.n_loc * sh.heads * d * kF32;                 // d_q (fp32 dQ is the caller's on f32)
   bytes += (p + 1) * 2 * hk * loc_rows * d * kF32;                          // scatter send, recv
   bytes += base.n_loc * kI32;                                               // q_pos
   const kernels::AttentionShape widest{1, base.n_loc, sh.heads, sh.kv_heads, sh.head_dim, o.page_size, max_pages};
   bytes += kernel_workspace(widest, device);
-  if (sh.dtype != DType::kF32) bytes += pool / kF32 * e;  // attn_pools (the fp32 inputs reuse d_q, d_tokens)
+  if (!f32) bytes += pool / kF32 * e;  // attn_pools (the fp32 inputs reuse d_q and the fp32 pool)
   // Tables of one forward, per element (clustered_tables.cpp). Entries per (tile, KV head), bounded:
   // the window's pages and two more on each side, the selected pages, the summary pages that hold
   // partly selected blocks' page summaries, and every coarse-summary page; summary pages carry

@@ -8,11 +8,14 @@
 // dQ / dK / dV <= 2e-2. Bytes: the same messages, but the forward's halo and fetched blocks travel in
 // bf16 on CUDA (fp32 on the CPU), so with P > 1 the forward sends less than the CPU's and more than
 // half of it (summaries and requests are the same); the backward's (fp32 gradients) are equal.
+// Memory: on both backends the layer's workspace is at most what plan's attention_workspace_bytes()
+// estimates for that device (the CUDA mode's fp32 gradient pool reuses its fp32 pool).
 #include "device_array.hpp"
 #include "layer_compare.hpp"
 #include "test_util.hpp"
 
 #include <ringcast/attention.hpp>
+#include <ringcast/plan.hpp>
 #include <ringcast/session.hpp>
 
 #include <gtest/gtest.h>
@@ -91,6 +94,8 @@ Shard run_layer(const Session& session, const Problem& pr, DType dtype) {
   LayerShape s = pr.shape;
   s.dtype = dtype;
   DistributedAttention layer(session, s, pr.options);
+  const auto built = static_cast<std::int64_t>(layer.workspace_bytes());
+  EXPECT_GE(attention_workspace_bytes(s, pr.options, session.device().kind), built) << dtype_name(dtype);
   const test::LayerTensors t(session, s, layer.positions(), pr.q, pr.k, pr.v, pr.d_o);
   session.comm().reset_counters();
   layer.forward(t.forward_args());

@@ -46,7 +46,8 @@ LayerPlan plan_layer(const LayerShape& shape, const AttentionOptions& options);
 // accumulators, the exact modes' block tables, the attention kernels' workspace), plus the tables a
 // clustered forward builds (bounded: their size depends on the selection). From the modes'
 // constructors' formulas (attention_ring.cpp, attention_ulysses.cpp, attention_clustered.cpp),
-// without allocating; the model tests check it against the built operators on the CPU backend.
+// without allocating; the model tests check it against the built operators on the CPU backend, the
+// clustered GPU test on CUDA.
 // Throws Error for clusters = surrogate (CAST, CPU only: not estimated).
 std::int64_t attention_workspace_bytes(const LayerShape& shape, const AttentionOptions& options, DeviceKind device);
 
