@@ -1,8 +1,9 @@
-// ringcast::Model: assembles the stack of model_parts.hpp layers from the ModelConfig (pre-norm
-// blocks with standard or CoLT5 branches, VCC blocks, Pyramidion pooling stages), runs the embedding,
-// the layers, the final norm and the head (LM: chunked cross-entropy over every rank's rows; encoder:
-// mean pooling over the whole sequence and a classification head), the one gradient all-reduce and the
-// AdamW step. Layer inputs are the only activations kept; every layer recomputes itself in backward.
+// ringcast::Model: assembles the stack of model_parts.hpp layers from the ModelConfig (standard
+// blocks; through Fp32Layer, pre-norm blocks with CoLT5 branches, VCC blocks, Pyramidion pooling
+// stages), runs the embedding, the layers, the final norm and the head (LM: chunked cross-entropy over
+// every rank's rows; encoder: mean pooling over the whole sequence and a classification head), the
+// one gradient all-reduce and the AdamW step. Layer inputs (model::attention_dtype) are the only
+// activations kept; every layer recomputes itself in backward.
 // Every buffer lives in the memory of the session's device, and so do the communicator's buffers:
 // host memory and MPI on the CPU; device memory, NCCL and the session's stream on CUDA. The host
 // touches that memory only through synchronous copies: ids in, parameters at initialisation and load,
@@ -31,6 +32,7 @@ namespace {
 using model::Geometry;
 using model::Init;
 using model::Layer;
+using model::StackLayer;
 using model::ParamRef;
 
 // splitmix64: a counter-based generator, so each tensor's values depend only on (seed, tensor index)
@@ -113,10 +115,11 @@ void validate_config(const ModelConfig& c, const SequenceShape& shape) {
                  "Model: Pyramidion pooling needs contiguous placement (the pooled sequence is contiguous per rank)");
 }
 
-// The model's own buffers besides the layers' scratch, in floats: layer inputs, the head's and the
-// residual stream's. The constructor allocates by it and estimate_memory() counts by it.
-// layer_rows: each layer's input rows; out_rows: the last layer's output rows; head: the head
-// weight's size.
+// The model's own buffers besides the layers' scratch: layer inputs (elements of the activation
+// dtype), the head's and the residual stream's (floats). The constructor allocates by it and
+// estimate_memory() counts by it. layer_rows: each layer's input rows; out_rows: the last layer's
+// output rows; head: the head weight's size; in_place: every layer's backward takes d_in == d_out, so
+// one residual-stream gradient buffer serves the whole backward (d_b is empty).
 struct StackFloats {
   std::int64_t activations = 0, final_out = 0, d_a = 0, d_b = 0, d_final = 0, pooled = 0, d_pooled = 0,
                head_sink = 0;
@@ -124,7 +127,7 @@ struct StackFloats {
 };
 
 StackFloats stack_floats(const ModelConfig& c, const SequenceShape& shape, std::span<const std::int64_t> layer_rows,
-                         std::int64_t out_rows, std::int64_t head) {
+                         std::int64_t out_rows, std::int64_t head, bool in_place) {
   const std::int64_t D = c.dim;
   StackFloats f;
   std::int64_t max_rows = out_rows;
@@ -136,7 +139,9 @@ StackFloats stack_floats(const ModelConfig& c, const SequenceShape& shape, std::
   f.in_offset.push_back(f.activations);
   f.activations += out_rows * D;
   f.final_out = out_rows * D;
-  f.d_a = f.d_b = max_rows * D;
+  // d_a also stages the embedding's fp32 output and the final norm's input in the forward.
+  f.d_a = max_rows * D;
+  f.d_b = in_place ? 0 : max_rows * D;
   if (c.kind == ModelKind::kEncoder) {
     f.d_final = out_rows * D;
     f.pooled = f.d_pooled = std::int64_t{shape.batch} * D;
@@ -147,8 +152,11 @@ StackFloats stack_floats(const ModelConfig& c, const SequenceShape& shape, std::
   return f;
 }
 
-// The bytes of Floats(n): never empty.
+// The bytes of Floats(n) (never empty), and of n elements of `dtype` (the layer inputs).
 std::int64_t float_bytes(std::int64_t n) { return std::max<std::int64_t>(n, 1) * std::int64_t{sizeof(float)}; }
+std::int64_t element_bytes(std::int64_t n, DType dtype) {
+  return std::max<std::int64_t>(n, 1) * static_cast<std::int64_t>(dtype_size(dtype));
+}
 
 }  // namespace
 
@@ -159,12 +167,13 @@ struct Model::State {
   const kernels::ExecContext ctx;
   const bool encoder;
   const DType compute;  // inputs of the matrix products
+  const DType stored;   // the layer inputs (model::attention_dtype)
 
   model::ParameterTable table;
   model::Scratch scratch;
   model::AttentionOperators attention_ops;  // before the layers, which point into it
   ParamRef embedding, final_norm, head_w, head_b;
-  std::vector<std::unique_ptr<Layer>> layers;
+  std::vector<std::unique_ptr<StackLayer>> layers;
   Geometry input;  // the embedding's rows
 
   Floats params, grads, adam_m, adam_v, head_sink;
@@ -174,10 +183,12 @@ struct Model::State {
   TargetCounts targets;
   bool have_forward = false, have_gradients = false;
 
-  // Layer inputs: layer l reads activations + in_offset[l]; the final hidden state sits at
-  // in_offset[L]. d_a, d_b ping-pong the residual-stream gradient between layers.
+  // Layer inputs, `stored` elements: layer l reads layer_input(l); the final hidden state is
+  // layer_input(L). The residual-stream gradient stays in d_a when every layer's backward runs in
+  // place, else d_a and d_b ping-pong it between layers.
   std::vector<std::int64_t> in_offset;
-  Floats activations, final_out, d_final, d_a, d_b, pooled, d_pooled;
+  DeviceBuffer activations;
+  Floats final_out, d_final, d_a, d_b, pooled, d_pooled;
   // The latest pass's ids: tokens [input.rows()] (kept for the embedding backward), then targets.
   DeviceBuffer ids;
   DeviceBuffer scalars_buf;  // one Scalars
@@ -190,9 +201,16 @@ struct Model::State {
         ctx{s.device(), s.stream()},
         encoder(c.kind == ModelKind::kEncoder),
         compute(resolve_compute_dtype(c, s.device())),
+        stored(model::attention_dtype(s.device())),
         attention_ops(s, c.attention) {}
 
   const Geometry& output() const { return layers.back()->out_geometry(); }
+  bool gradient_in_place() const {
+    return std::all_of(layers.begin(), layers.end(), [](const auto& l) { return l->gradient_in_place(); });
+  }
+  void* layer_input(std::size_t l) const {
+    return activations.as<char>() + static_cast<std::size_t>(in_offset[l]) * dtype_size(stored);
+  }
   model::RunContext run_context(bool training) {
     return {session, ctx, table, params.data(), grads.data(), scratch, static_cast<std::uint64_t>(steps), training,
             compute};
@@ -228,27 +246,27 @@ void Model::State::build() {
   const Geometry* g = &input;
   for (int l = 0; l < c.layers; ++l) {
     const std::string prefix = fmt::format("layers.{}.", l);
+    // The seed-method layers are fp32 Layers, run through Fp32Layer.
+    const auto add_fp32 = [&](std::unique_ptr<Layer> layer) {
+      layers.push_back(std::make_unique<model::Fp32Layer>(std::move(layer), scratch, c.dim, stored));
+    };
     if (c.vcc.enabled && l >= c.vcc.first_layer) {
-      layers.push_back(std::make_unique<model::VccBlock>(session, table, scratch, prefix, c, *g));
-    } else {
+      add_fp32(std::make_unique<model::VccBlock>(session, table, scratch, prefix, c, *g));
+    } else if (c.colt5.enabled) {
       auto block = std::make_unique<model::PreNormBlock>(table, scratch, prefix, c, *g);
       const Geometry& bg = block->in_geometry();
-      if (c.colt5.enabled)
-        block->set_branches(std::make_unique<model::Colt5Attention>(session, table, scratch, prefix, c, bg),
-                            std::make_unique<model::Colt5Ffn>(session, table, scratch, prefix, c, bg));
-      else
-        block->set_branches(
-            std::make_unique<model::SelfAttention>(session, table, scratch, attention_ops, prefix, c, bg),
-            std::make_unique<model::SwiGluFfn>(table, scratch, prefix, "ffn", c.dim, c.ffn_hidden, bg.rows(),
-                                               c.row_chunk));
-      layers.push_back(std::move(block));
+      block->set_branches(std::make_unique<model::Colt5Attention>(session, table, scratch, prefix, c, bg),
+                          std::make_unique<model::Colt5Ffn>(session, table, scratch, prefix, c, bg));
+      add_fp32(std::move(block));
+    } else {
+      layers.push_back(std::make_unique<model::StandardBlock>(session, table, scratch, attention_ops, prefix, c, *g));
     }
     g = &layers.back()->out_geometry();
     // Pyramidion: pooling stages after the layers the config names.
     for (std::size_t j = 0; j < c.pyramidion.pool_after.size(); ++j)
       if (c.pyramidion.pool_after[j] == l) {
-        layers.push_back(std::make_unique<model::PyramidionPool>(session, table, scratch, fmt::format("pool.{}.", l), c,
-                                                                 *g, c.pyramidion.pool_to[j]));
+        add_fp32(std::make_unique<model::PyramidionPool>(session, table, scratch, fmt::format("pool.{}.", l), c, *g,
+                                                         c.pyramidion.pool_to[j]));
         g = &layers.back()->out_geometry();
       }
   }
@@ -338,24 +356,27 @@ void Model::State::load_ids(std::span<const std::int32_t> tokens, std::span<cons
   copy_from_host(dst + R, labels.data(), labels.size_bytes(), session.device(), session.stream());
 }
 
+// The embedding runs in fp32 into d_a (free until the head), then is stored like every layer input.
 void Model::State::forward_layers(const model::RunContext& rc) {
   const int D = config.dim;
-  kernels::embedding_forward({input.rows(), D, config.vocab, token_ids(), params.data() + table.info(embedding).offset,
-                              activations.data() + in_offset[0]},
-                             ctx);
-  for (std::size_t l = 0; l < layers.size(); ++l)
-    layers[l]->forward(rc, activations.data() + in_offset[l], activations.data() + in_offset[l + 1]);
+  kernels::embedding_forward(
+      {input.rows(), D, config.vocab, token_ids(), params.data() + table.info(embedding).offset, d_a.data()}, ctx);
+  model::convert(d_a.data(), DType::kF32, layer_input(0), stored, input.rows() * D, ctx);
+  for (std::size_t l = 0; l < layers.size(); ++l) layers[l]->forward(rc, layer_input(l), layer_input(l + 1));
 }
 
 // The final norm and the head on the output of the last layer: sets loss and targets, and with
-// with_gradient adds the head's parameter gradients into grads and leaves dL/d(hidden) in d_a.
+// with_gradient adds the head's parameter gradients into grads and leaves dL/d(hidden) in d_a. The
+// norm reads the stored hidden state in fp32: staged in d_a for the forward, in final_out (free once
+// the loss has run) for the backward.
 double Model::State::head(bool with_gradient) {
   const ModelConfig& c = config;
   const Geometry& out = output();
   const std::int64_t R = out.rows();
-  const float* hidden = activations.data() + in_offset[layers.size()];
+  const void* hidden = layer_input(layers.size());
   const float* gain = params.data() + table.info(final_norm).offset;
-  kernels::rms_norm_forward({R, c.dim, c.norm_eps, hidden, gain, final_out.data()}, ctx);
+  model::convert(hidden, stored, d_a.data(), DType::kF32, R * c.dim, ctx);
+  kernels::rms_norm_forward({R, c.dim, c.norm_eps, d_a.data(), gain, final_out.data()}, ctx);
   auto& comm = session.comm();
   const Stream stream = session.stream();
   Scalars* d = scalars();
@@ -415,9 +436,11 @@ double Model::State::head(bool with_gradient) {
     d_out = d_final.data();
   }
   float* d_hidden = d_a.data();
+  model::convert(hidden, stored, final_out.data(), DType::kF32, R * c.dim, ctx);
   kernels::fill_zero(d_hidden, static_cast<std::size_t>(R * c.dim) * sizeof(float), ctx);
-  kernels::rms_norm_backward({R, c.dim, c.norm_eps, hidden, gain, d_out, d_hidden, grads.data() + table.info(final_norm).offset},
-                             ctx);
+  kernels::rms_norm_backward(
+      {R, c.dim, c.norm_eps, final_out.data(), gain, d_out, d_hidden, grads.data() + table.info(final_norm).offset},
+      ctx);
   return loss;
 }
 
@@ -443,9 +466,10 @@ Model::Model(const Session& session, const ModelConfig& config, const SequenceSh
 
   std::vector<std::int64_t> layer_rows;
   for (const auto& layer : s.layers) layer_rows.push_back(layer->in_geometry().rows());
-  const StackFloats f = stack_floats(config, shape, layer_rows, s.output().rows(), s.table.info(s.head_w).numel());
+  const StackFloats f = stack_floats(config, shape, layer_rows, s.output().rows(), s.table.info(s.head_w).numel(),
+                                     s.gradient_in_place());
   s.in_offset = f.in_offset;
-  s.activations = Floats(f.activations, dev);
+  s.activations = DeviceBuffer(static_cast<std::size_t>(element_bytes(f.activations, s.stored)), dev);
   s.final_out = Floats(f.final_out, dev);
   s.d_a = Floats(f.d_a, dev);
   s.d_b = Floats(f.d_b, dev);
@@ -524,9 +548,10 @@ void Model::backward() {
   // A non-finite loss (the same on every rank) has no gradient worth computing: step() refuses it.
   if (std::isfinite(s.loss)) {
     const model::RunContext rc = s.run_context(true);
-    float *d_out = s.d_a.data(), *d_in = s.d_b.data();
+    const bool in_place = s.gradient_in_place();
+    float *d_out = s.d_a.data(), *d_in = in_place ? d_out : s.d_b.data();
     for (std::size_t l = s.layers.size(); l-- > 0;) {
-      s.layers[l]->backward(rc, s.activations.data() + s.in_offset[l], d_out, d_in);
+      s.layers[l]->backward(rc, s.layer_input(l), d_out, d_in);
       std::swap(d_out, d_in);
     }
     kernels::embedding_backward({s.input.rows(), c.dim, c.vocab, s.token_ids(), d_out,
@@ -648,15 +673,15 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const SequenceShape& shape,
   m.parameters = m.gradients = float_bytes(params);
   m.optimizer = 2 * float_bytes(params);
   const std::vector<std::int64_t> layer_rows(static_cast<std::size_t>(c.layers), rows);
-  const StackFloats f = stack_floats(c, shape, layer_rows, rows, head);
-  m.layer_inputs = float_bytes(f.activations);
+  const StackFloats f = stack_floats(c, shape, layer_rows, rows, head, true);  // standard blocks: in place
+  m.layer_inputs = element_bytes(f.activations, storage);
   m.residual = float_bytes(f.final_out) + float_bytes(f.d_a) + float_bytes(f.d_b) + float_bytes(f.d_pooled);
   if (encoder) m.residual += float_bytes(f.d_final) + float_bytes(f.pooled) + float_bytes(f.head_sink);
   const std::int64_t targets = encoder ? shape.batch : rows;
   m.residual += (rows + targets) * std::int64_t{sizeof(std::int32_t)} + std::int64_t{sizeof(Scalars)} +
                 tensors * std::int64_t{sizeof(std::int32_t)};
   if (device == DeviceKind::kCuda) m.residual += g.local_len * std::int64_t{sizeof(std::int32_t)};  // positions
-  m.block_scratch = 4 * float_bytes(rows * D);
+  m.block_scratch = float_bytes(model::StandardBlock::scratch_floats(c, g));
   m.attention_projections = model::SelfAttention::scratch_floats(c, g, storage) * kF32;
   m.ffn_chunks = float_bytes(model::SwiGluFfn::scratch_floats(c.ffn_hidden, rows, c.row_chunk));
   m.attention_workspace = attention_workspace_bytes(layer, c.attention, device);

@@ -1,5 +1,5 @@
-// SelfAttention, SwiGluFfn and PreNormBlock (model_mixers.hpp), on the per-token kernels of either
-// backend: every buffer is in the memory of rc.exec's device and every call is enqueued on its stream.
+// SelfAttention, SwiGluFfn, StandardBlock and PreNormBlock (model_mixers.hpp), on the per-token
+// kernels of either backend: every buffer is in the memory of rc.exec's device and every call is enqueued on its stream.
 // Scratch keys are per branch kind, shared by every layer of the stack.
 #include "model_mixers.hpp"
 
@@ -15,11 +15,6 @@ namespace {
 
 void zero(float* x, std::int64_t count, const RunContext& rc) {
   kernels::fill_zero(x, static_cast<std::size_t>(count) * sizeof(float), rc.exec);
-}
-
-// dst = src, n elements, converted when the dtypes differ.
-void copy(const void* src, DType from, void* dst, DType to, std::int64_t n, const RunContext& rc) {
-  kernels::copy_strided(kernels::StridedCopy::flat(src, from, dst, to, n), rc.exec);
 }
 
 // Scratch is reserved in floats: the floats that n elements of dtype fill.
@@ -190,67 +185,70 @@ void* SelfAttention::storage_rows(void* base, std::int64_t r0, std::int64_t widt
   return static_cast<char*>(base) + static_cast<std::size_t>(r0 * width) * dtype_size(storage_);
 }
 
-// Q, K, V are projected chunk by chunk into fp32 and stored in the operator's dtype; O is read back
-// chunk by chunk for W_o, straight into y.
-void SelfAttention::forward(const RunContext& rc, const float* x, float* y) {
-  const Device& dev = rc.session.device();
-  const Scratch& s = rc.scratch;
-  void *qkv = s.get("attn.qkv"), *o = s.get("attn.o");
-  float *lse = s.get("attn.lse"), *chunk = s.get("attn.chunk");
-  const std::int64_t rows = geom_.rows(), qd = proj_.q_width(), kd = proj_.kv_width();
-  const auto [q, k, v] = packed_views(qkv, storage_, geom_, proj_, dev);
-  for (std::int64_t r0 = 0; r0 < rows; r0 += chunk_) {
-    const std::int64_t m = std::min(chunk_, rows - r0);
-    float *qc = chunk, *kc = qc + m * qd, *vc = kc + m * kd;
-    proj_.project_rows(rc, geom_, r0, m, x + r0 * proj_.dim, qc, kc, vc);
-    copy(qc, DType::kF32, storage_rows(q.data, r0, qd), storage_, m * qd, rc);
-    copy(kc, DType::kF32, storage_rows(k.data, r0, kd), storage_, m * kd, rc);
-    copy(vc, DType::kF32, storage_rows(v.data, r0, kd), storage_, m * kd, rc);
-  }
-  attention_->forward({q, k, v, heads_view(o, storage_, geom_, proj_.heads, proj_.head_dim, dev),
-                       TensorView::contiguous(lse, DType::kF32, {geom_.batch, proj_.heads, geom_.local_len}, dev),
-                       surrogates(rc)});
-  for (std::int64_t r0 = 0; r0 < rows; r0 += chunk_) {
-    const std::int64_t m = std::min(chunk_, rows - r0);
-    copy(storage_rows(o, r0, qd), storage_, chunk, DType::kF32, m * qd, rc);
-    kernels::linear_forward({m, static_cast<int>(qd), proj_.dim, chunk, rc.p(proj_.wo), y + r0 * proj_.dim, true,
-                             rc.compute},
-                            rc.exec);
-  }
+// Q, K, V are projected into fp32 (the chunk scratch) and stored in the operator's dtype.
+void SelfAttention::project(const RunContext& rc, std::int64_t r0, std::int64_t m, const float* xn) const {
+  const std::int64_t qd = proj_.q_width(), kd = proj_.kv_width();
+  const auto [q, k, v] = packed_views(rc.scratch.get("attn.qkv"), storage_, geom_, proj_, rc.session.device());
+  float* qc = rc.scratch.get("attn.chunk");
+  float *kc = qc + m * qd, *vc = kc + m * kd;
+  proj_.project_rows(rc, geom_, r0, m, xn, qc, kc, vc);
+  convert(qc, DType::kF32, storage_rows(q.data, r0, qd), storage_, m * qd, rc.exec);
+  convert(kc, DType::kF32, storage_rows(k.data, r0, kd), storage_, m * kd, rc.exec);
+  convert(vc, DType::kF32, storage_rows(v.data, r0, kd), storage_, m * kd, rc.exec);
 }
 
-// After forward() on the same x: q|k|v, o and the LSE are the forward's. The weight gradients sum
-// over the chunks (with more than one, in another order than one product would: fp32 rounding).
-void SelfAttention::backward(const RunContext& rc, const float* x, const float* dy, float* dx) {
+void SelfAttention::attend(const RunContext& rc) {
   const Device& dev = rc.session.device();
   const Scratch& s = rc.scratch;
-  void *qkv = s.get("attn.qkv"), *o = s.get("attn.o"), *d_qkv = s.get("attn.d_qkv"), *d_o = s.get("attn.d_o");
-  float *lse = s.get("attn.lse"), *chunk = s.get("attn.chunk");
+  const auto [q, k, v] = packed_views(s.get("attn.qkv"), storage_, geom_, proj_, dev);
+  attention_->forward({q, k, v, heads_view(s.get("attn.o"), storage_, geom_, proj_.heads, proj_.head_dim, dev),
+                       TensorView::contiguous(s.get("attn.lse"), DType::kF32, {geom_.batch, proj_.heads, geom_.local_len},
+                                              dev),
+                       surrogates(rc)});
+}
+
+// O is read back into fp32 (the chunk scratch) for W_o, whose product adds straight into y.
+void SelfAttention::add_output(const RunContext& rc, std::int64_t r0, std::int64_t m, float* y) const {
+  const std::int64_t qd = proj_.q_width();
+  float* oc = rc.scratch.get("attn.chunk");
+  convert(storage_rows(rc.scratch.get("attn.o"), r0, qd), storage_, oc, DType::kF32, m * qd, rc.exec);
+  kernels::linear_forward({m, static_cast<int>(qd), proj_.dim, oc, rc.p(proj_.wo), y, true, rc.compute}, rc.exec);
+}
+
+void SelfAttention::output_backward(const RunContext& rc, std::int64_t r0, std::int64_t m, const float* dy) const {
+  const std::int64_t qd = proj_.q_width();
+  float* oc = rc.scratch.get("attn.chunk");
+  float* d_oc = oc + m * qd;
+  convert(storage_rows(rc.scratch.get("attn.o"), r0, qd), storage_, oc, DType::kF32, m * qd, rc.exec);
+  zero(d_oc, m * qd, rc);
+  kernels::linear_backward(
+      {m, static_cast<int>(qd), proj_.dim, oc, rc.p(proj_.wo), dy, d_oc, rc.g(proj_.wo), rc.compute}, rc.exec);
+  convert(d_oc, DType::kF32, storage_rows(rc.scratch.get("attn.d_o"), r0, qd), storage_, m * qd, rc.exec);
+}
+
+// After attend() on the same rows: q|k|v, o and the LSE are the forward's.
+void SelfAttention::attend_backward(const RunContext& rc) {
+  const Device& dev = rc.session.device();
+  const Scratch& s = rc.scratch;
   const int h = proj_.heads, d = proj_.head_dim;
-  const std::int64_t rows = geom_.rows(), qd = proj_.q_width(), kd = proj_.kv_width();
-  for (std::int64_t r0 = 0; r0 < rows; r0 += chunk_) {
-    const std::int64_t m = std::min(chunk_, rows - r0);
-    float *oc = chunk, *d_oc = oc + m * qd;
-    copy(storage_rows(o, r0, qd), storage_, oc, DType::kF32, m * qd, rc);
-    zero(d_oc, m * qd, rc);
-    kernels::linear_backward({m, static_cast<int>(qd), proj_.dim, oc, rc.p(proj_.wo), dy + r0 * proj_.dim, d_oc,
-                              rc.g(proj_.wo), rc.compute},
-                             rc.exec);
-    copy(d_oc, DType::kF32, storage_rows(d_o, r0, qd), storage_, m * qd, rc);
-  }
-  const auto [q, k, v] = packed_views(qkv, storage_, geom_, proj_, dev);
-  const auto [d_q, d_k, d_v] = packed_views(d_qkv, storage_, geom_, proj_, dev);
-  attention_->backward({q, k, v, heads_view(o, storage_, geom_, h, d, dev),
-                        TensorView::contiguous(lse, DType::kF32, {geom_.batch, h, geom_.local_len}, dev),
-                        heads_view(d_o, storage_, geom_, h, d, dev), d_q, d_k, d_v, surrogates(rc), d_surrogates(rc)});
-  for (std::int64_t r0 = 0; r0 < rows; r0 += chunk_) {
-    const std::int64_t m = std::min(chunk_, rows - r0);
-    float *d_qc = chunk, *d_kc = d_qc + m * qd, *d_vc = d_kc + m * kd;
-    copy(storage_rows(d_q.data, r0, qd), storage_, d_qc, DType::kF32, m * qd, rc);
-    copy(storage_rows(d_k.data, r0, kd), storage_, d_kc, DType::kF32, m * kd, rc);
-    copy(storage_rows(d_v.data, r0, kd), storage_, d_vc, DType::kF32, m * kd, rc);
-    proj_.project_rows_backward(rc, geom_, r0, m, x + r0 * proj_.dim, d_qc, d_kc, d_vc, dx + r0 * proj_.dim);
-  }
+  const auto [q, k, v] = packed_views(s.get("attn.qkv"), storage_, geom_, proj_, dev);
+  const auto [d_q, d_k, d_v] = packed_views(s.get("attn.d_qkv"), storage_, geom_, proj_, dev);
+  attention_->backward({q, k, v, heads_view(s.get("attn.o"), storage_, geom_, h, d, dev),
+                        TensorView::contiguous(s.get("attn.lse"), DType::kF32, {geom_.batch, h, geom_.local_len}, dev),
+                        heads_view(s.get("attn.d_o"), storage_, geom_, h, d, dev), d_q, d_k, d_v, surrogates(rc),
+                        d_surrogates(rc)});
+}
+
+void SelfAttention::project_backward(const RunContext& rc, std::int64_t r0, std::int64_t m, const float* xn,
+                                     float* d_xn) const {
+  const std::int64_t qd = proj_.q_width(), kd = proj_.kv_width();
+  const auto [d_q, d_k, d_v] = packed_views(rc.scratch.get("attn.d_qkv"), storage_, geom_, proj_, rc.session.device());
+  float* d_qc = rc.scratch.get("attn.chunk");
+  float *d_kc = d_qc + m * qd, *d_vc = d_kc + m * kd;
+  convert(storage_rows(d_q.data, r0, qd), storage_, d_qc, DType::kF32, m * qd, rc.exec);
+  convert(storage_rows(d_k.data, r0, kd), storage_, d_kc, DType::kF32, m * kd, rc.exec);
+  convert(storage_rows(d_v.data, r0, kd), storage_, d_vc, DType::kF32, m * kd, rc.exec);
+  proj_.project_rows_backward(rc, geom_, r0, m, xn, d_qc, d_kc, d_vc, d_xn);
 }
 
 std::int64_t SwiGluFfn::scratch_floats(int hidden, std::int64_t max_rows, std::int64_t chunk_rows) {
@@ -318,6 +316,104 @@ void SwiGluFfn::backward_rows(const RunContext& rc, std::int64_t rows, const flo
   }
 }
 
+std::int64_t StandardBlock::scratch_floats(const ModelConfig& c, const Geometry& g) {
+  return 3 * std::min(g.rows(), c.row_chunk) * c.dim;
+}
+
+StandardBlock::StandardBlock(const Session& session, ParameterTable& table, Scratch& scratch,
+                             AttentionOperators& operators, const std::string& prefix, const ModelConfig& c,
+                             Geometry geometry)
+    : dim_(c.dim),
+      eps_(c.norm_eps),
+      geom_(std::move(geometry)),
+      stored_(attention_dtype(session.device())),
+      chunk_(std::max<std::int64_t>(1, std::min(geom_.rows(), c.row_chunk))),
+      attn_norm_(table.add(prefix + "attn_norm", 1, c.dim, false, Init::kOnes)),
+      ffn_norm_(table.add(prefix + "ffn_norm", 1, c.dim, false, Init::kOnes)),
+      ffn_(table, scratch, prefix, "ffn", c.dim, c.ffn_hidden, geom_.rows(), c.row_chunk),
+      attention_(session, table, scratch, operators, prefix, c, geom_) {
+  RINGCAST_CHECK(attention_.chunk_rows() == chunk_, "StandardBlock: the attention's row chunk ({}) is not the block's ({})",
+                 attention_.chunk_rows(), chunk_);
+  for (const char* key : {"block.x", "block.xn", "block.d_xn"}) scratch.reserve(key, chunk_ * dim_);
+}
+
+// The three [chunk, D] fp32 matrices: x (an input chunk, or y), xn (its normed rows), d_xn (dL/d(xn),
+// or the recomputed FFN output nobody reads).
+struct StandardBlock::Chunks {
+  float *x, *xn, *d_xn;
+};
+
+StandardBlock::Chunks StandardBlock::chunks(const RunContext& rc) const {
+  return {rc.scratch.get("block.x"), rc.scratch.get("block.xn"), rc.scratch.get("block.d_xn")};
+}
+
+void StandardBlock::load_rows(const RunContext& rc, const void* in, std::int64_t r0, std::int64_t m, float* x) const {
+  const void* rows = static_cast<const char*>(in) + static_cast<std::size_t>(r0 * dim_) * dtype_size(stored_);
+  convert(rows, stored_, x, DType::kF32, m * dim_, rc.exec);
+}
+
+void StandardBlock::attend(const RunContext& rc, const void* in) {
+  const Chunks b = chunks(rc);
+  for (std::int64_t r0 = 0; r0 < geom_.rows(); r0 += chunk_) {
+    const std::int64_t m = std::min(chunk_, geom_.rows() - r0);
+    load_rows(rc, in, r0, m, b.x);
+    kernels::rms_norm_forward({m, dim_, eps_, b.x, rc.p(attn_norm_), b.xn}, rc.exec);
+    attention_.project(rc, r0, m, b.xn);
+  }
+  attention_.attend(rc);
+}
+
+// out = y + F(rms(y)), y = in + A(rms(in)), chunk by chunk once the operator has run.
+void StandardBlock::forward(const RunContext& rc, const void* in, void* out) {
+  attend(rc, in);
+  const Chunks b = chunks(rc);
+  for (std::int64_t r0 = 0; r0 < geom_.rows(); r0 += chunk_) {
+    const std::int64_t m = std::min(chunk_, geom_.rows() - r0);
+    float* y = b.x;
+    load_rows(rc, in, r0, m, y);
+    attention_.add_output(rc, r0, m, y);
+    kernels::rms_norm_forward({m, dim_, eps_, y, rc.p(ffn_norm_), b.xn}, rc.exec);
+    ffn_.forward_rows(rc, m, b.xn, y);
+    void* dst = static_cast<char*>(out) + static_cast<std::size_t>(r0 * dim_) * dtype_size(stored_);
+    convert(y, DType::kF32, dst, stored_, m * dim_, rc.exec);
+  }
+}
+
+// Recomputes the forward chunk by chunk (y, the FFN's a, b, h) right before differentiating it: the
+// FFN and W_o per chunk, the operator, then the projections per chunk. A chunk's dL/dout is read (as
+// the FFN's dy) before dL/dy is added into d_in, so d_in may be d_out.
+void StandardBlock::backward(const RunContext& rc, const void* in, const float* d_out, float* d_in) {
+  attend(rc, in);
+  const Chunks b = chunks(rc);
+  const std::int64_t rows = geom_.rows();
+  for (std::int64_t r0 = 0; r0 < rows; r0 += chunk_) {
+    const std::int64_t m = std::min(chunk_, rows - r0), count = m * dim_;
+    const float* d_out_c = d_out + r0 * dim_;
+    float* d_in_c = d_in + r0 * dim_;
+    float* y = b.x;
+    load_rows(rc, in, r0, m, y);
+    attention_.add_output(rc, r0, m, y);
+    kernels::rms_norm_forward({m, dim_, eps_, y, rc.p(ffn_norm_), b.xn}, rc.exec);
+    ffn_.forward_rows(rc, m, b.xn, b.d_xn);  // leaves the chunk's a, b, h for backward_rows
+    if (d_in != d_out) convert(d_out_c, DType::kF32, d_in_c, DType::kF32, count, rc.exec);
+    zero(b.d_xn, count, rc);
+    ffn_.backward_rows(rc, m, b.xn, d_out_c, b.d_xn);
+    kernels::rms_norm_backward({m, dim_, eps_, y, rc.p(ffn_norm_), b.d_xn, d_in_c, rc.g(ffn_norm_)}, rc.exec);
+    // d_in_c now holds dL/dy.
+    attention_.output_backward(rc, r0, m, d_in_c);
+  }
+  attention_.attend_backward(rc);
+  for (std::int64_t r0 = 0; r0 < rows; r0 += chunk_) {
+    const std::int64_t m = std::min(chunk_, rows - r0), count = m * dim_;
+    load_rows(rc, in, r0, m, b.x);
+    kernels::rms_norm_forward({m, dim_, eps_, b.x, rc.p(attn_norm_), b.xn}, rc.exec);
+    zero(b.d_xn, count, rc);
+    attention_.project_backward(rc, r0, m, b.xn, b.d_xn);
+    kernels::rms_norm_backward({m, dim_, eps_, b.x, rc.p(attn_norm_), b.d_xn, d_in + r0 * dim_, rc.g(attn_norm_)},
+                               rc.exec);
+  }
+}
+
 PreNormBlock::PreNormBlock(ParameterTable& table, Scratch& scratch, const std::string& prefix, const ModelConfig& c,
                            Geometry geometry)
     : dim_(c.dim), eps_(c.norm_eps), geom_(std::move(geometry)) {
@@ -337,7 +433,7 @@ void PreNormBlock::forward(const RunContext& rc, const float* in, float* out) {
   const std::int64_t rows = geom_.rows(), count = rows * dim_;
   float *xn_a = rc.scratch.get("block.xn_attn"), *xn_f = rc.scratch.get("block.xn_ffn");
   kernels::rms_norm_forward({rows, dim_, eps_, in, rc.p(attn_norm_), xn_a}, rc.exec);
-  copy(in, DType::kF32, out, DType::kF32, count, rc);
+  convert(in, DType::kF32, out, DType::kF32, count, rc.exec);
   attention_->forward(rc, xn_a, out);
   kernels::rms_norm_forward({rows, dim_, eps_, out, rc.p(ffn_norm_), xn_f}, rc.exec);
   ffn_->forward(rc, xn_f, out);
@@ -351,12 +447,12 @@ void PreNormBlock::backward(const RunContext& rc, const float* in, const float* 
   float *xn_a = s.get("block.xn_attn"), *xn_f = s.get("block.xn_ffn"), *mid = s.get("block.mid");
   float* d_xn = s.get("block.d_xn");
   kernels::rms_norm_forward({rows, dim_, eps_, in, rc.p(attn_norm_), xn_a}, rc.exec);
-  copy(in, DType::kF32, mid, DType::kF32, count, rc);
+  convert(in, DType::kF32, mid, DType::kF32, count, rc.exec);
   attention_->forward(rc, xn_a, mid);
   kernels::rms_norm_forward({rows, dim_, eps_, mid, rc.p(ffn_norm_), xn_f}, rc.exec);
   ffn_->forward(rc, xn_f, d_in);
 
-  copy(d_out, DType::kF32, d_in, DType::kF32, count, rc);
+  convert(d_out, DType::kF32, d_in, DType::kF32, count, rc.exec);
   zero(d_xn, count, rc);
   ffn_->backward(rc, xn_f, d_out, d_xn);
   kernels::rms_norm_backward({rows, dim_, eps_, mid, rc.p(ffn_norm_), d_xn, d_in, rc.g(ffn_norm_)}, rc.exec);

@@ -1,7 +1,8 @@
-// The standard mixers and block of the stack: SelfAttention (Q/K/V/O projections, RoPE at the
-// geometry's global positions, GQA, and the distributed attention operator), SwiGluFfn, and the
-// pre-norm residual block out = y + F(rms(y)), y = x + A(rms(x)) that most layers are. These run on
-// both backends; the matrix products take rc.compute inputs, attention its storage dtype.
+// The standard pieces of the stack: SelfAttention (Q/K/V/O projections, RoPE at the geometry's
+// global positions, GQA, and the distributed attention operator), SwiGluFfn, and the pre-norm
+// residual block out = y + F(rms(y)), y = x + A(rms(x)): StandardBlock with those two branches in row
+// chunks, PreNormBlock around any Mixer. These run on both backends; the matrix products take
+// rc.compute inputs, attention and the stack's layer inputs the storage dtype.
 #pragma once
 
 #include "model_parts.hpp"
@@ -15,7 +16,8 @@
 
 namespace ringcast::model {
 
-// The attention operator's storage dtype on `device`: f32 on the CPU, bf16 on CUDA.
+// The attention operator's storage dtype on `device`, and the stack's kept layer inputs': f32 on the
+// CPU, bf16 on CUDA.
 DType attention_dtype(const Device& device);
 
 // The distributed attention operator's shape for a layer of geometry g.
@@ -62,19 +64,33 @@ class AttentionOperators {
   std::vector<std::unique_ptr<DistributedAttention>> operators_;
 };
 
-// The operator reads Q, K, V and writes O in its storage dtype, whole; the projections around it run
-// over chunks of ModelConfig::row_chunk rows in fp32, so that no fp32 copy of Q, K, V or O exists
-// (on CUDA those would be twice the bf16 ones). Q, K, V sit back to back in one buffer (and their
-// gradients in another).
-class SelfAttention final : public Mixer {
+// The attention branch of a StandardBlock, in row-chunk steps around the distributed operator. The
+// operator reads Q, K, V and writes O in its storage dtype, whole; the projections around it run over
+// chunks of rows in fp32 (chunk_rows(), ModelConfig::row_chunk), so that no fp32 copy of Q, K, V or O
+// exists (on CUDA those would be twice the bf16 ones), and the block can feed them normed rows one
+// chunk at a time. Q, K, V sit back to back in one buffer (and their gradients in another).
+// Forward: project() every chunk, attend(), add_output() every chunk. Backward, right after a forward
+// on the same rows: output_backward() every chunk, attend_backward(), project_backward() every chunk.
+// Weight gradients sum over chunks in call order (fp32 rounding differs from one product's).
+class SelfAttention {
  public:
-  // The operator comes from `operators`, which must outlive the mixer.
+  // The operator comes from `operators`, which must outlive the branch.
   SelfAttention(const Session& session, ParameterTable& table, Scratch& scratch, AttentionOperators& operators,
                 const std::string& prefix, const ModelConfig& c, const Geometry& g);
   // The scratch floats the constructor reserves (the memory estimate uses it too).
   static std::int64_t scratch_floats(const ModelConfig& c, const Geometry& g, DType storage);
-  void forward(const RunContext& rc, const float* x, float* y) override;
-  void backward(const RunContext& rc, const float* x, const float* dy, float* dx) override;
+  std::int64_t chunk_rows() const { return chunk_; }
+
+  // Q, K, V of rows [r0, r0 + m) (m <= chunk_rows()) from their normed inputs xn [m, D].
+  void project(const RunContext& rc, std::int64_t r0, std::int64_t m, const float* xn) const;
+  void attend(const RunContext& rc);
+  // y [m, D] += O W_oᵀ of rows [r0, r0 + m).
+  void add_output(const RunContext& rc, std::int64_t r0, std::int64_t m, float* y) const;
+  // dO of rows [r0, r0 + m) from dy [m, D]; W_o's gradient added.
+  void output_backward(const RunContext& rc, std::int64_t r0, std::int64_t m, const float* dy) const;
+  void attend_backward(const RunContext& rc);
+  // d_xn [m, D] += from dQ, dK, dV of rows [r0, r0 + m); the projections' gradients added.
+  void project_backward(const RunContext& rc, std::int64_t r0, std::int64_t m, const float* xn, float* d_xn) const;
 
  private:
   void* storage_rows(void* base, std::int64_t r0, std::int64_t width) const;
@@ -120,6 +136,8 @@ class SwiGluFfn final : public Mixer {
   ParamRef w1_, w3_, w2_;
 };
 
+// The pre-norm residual block with any Mixer branches (CoLT5's, which route over all rows): fp32
+// [rows, D] normed inputs, y and dL/d(normed) as scratch.
 class PreNormBlock final : public Layer {
  public:
   PreNormBlock(ParameterTable& table, Scratch& scratch, const std::string& prefix, const ModelConfig& c,
@@ -137,6 +155,45 @@ class PreNormBlock final : public Layer {
   Geometry geom_;
   ParamRef attn_norm_, ffn_norm_;
   std::unique_ptr<Mixer> attention_, ffn_;
+};
+
+// The standard transformer block, the same function as a PreNormBlock with SelfAttention and
+// SwiGluFfn branches but with every token-wise step in chunks of row_chunk rows: the RMSNorms, the
+// projections, the residual adds and the FFN, so its scratch is four [chunk, D] fp32 matrices (x or y,
+// normed rows, the FFN's output sink, dL/d(normed)) besides the branches' own. in and out are in the
+// stack's activation dtype (attention_dtype()); y = in + A(rms(in)) lives in fp32 one chunk at a time
+// and out is rounded once, when stored. The norm gains' gradients add up chunk by chunk in row order.
+// backward takes d_in == d_out: each chunk's dL/dout is read before the chunk's dL/dy replaces it.
+class StandardBlock final : public StackLayer {
+ public:
+  StandardBlock(const Session& session, ParameterTable& table, Scratch& scratch, AttentionOperators& operators,
+                const std::string& prefix, const ModelConfig& c, Geometry geometry);
+  // The block's own scratch floats (the memory estimate uses it too; the branches' are theirs).
+  static std::int64_t scratch_floats(const ModelConfig& c, const Geometry& g);
+  const Geometry& in_geometry() const override { return geom_; }
+  const Geometry& out_geometry() const override { return geom_; }
+  void forward(const RunContext& rc, const void* in, void* out) override;
+  void backward(const RunContext& rc, const void* in, const float* d_out, float* d_in) override;
+  bool gradient_in_place() const override { return true; }
+
+ private:
+  struct Chunks;
+  Chunks chunks(const RunContext& rc) const;
+  // Rows [r0, r0 + m) of `in` (stored dtype) into x [m, D] fp32.
+  void load_rows(const RunContext& rc, const void* in, std::int64_t r0, std::int64_t m, float* x) const;
+  // rms(in) W_q, W_k, W_v of every chunk and the attention operator: the forward up to O.
+  void attend(const RunContext& rc, const void* in);
+
+  int dim_;
+  float eps_;
+  Geometry geom_;
+  DType stored_;  // the activation dtype of in and out
+  std::int64_t chunk_;
+  ParamRef attn_norm_, ffn_norm_;
+  // The FFN declares its weights before the attention's: the parameter table's order (initial values
+  // and checkpoints depend on it).
+  SwiGluFfn ffn_;
+  SelfAttention attention_;
 };
 
 }  // namespace ringcast::model

@@ -1,8 +1,9 @@
-// ParameterTable layout, the shared Scratch buffers and Geometry's device positions of the model
-// stack (model_parts.hpp).
+// ParameterTable layout, the shared Scratch buffers, Geometry's device positions and the fp32 layer
+// adapter of the model stack (model_parts.hpp).
 #include "model_parts.hpp"
 
 #include <ringcast/error.hpp>
+#include <ringcast/kernels/layout.hpp>
 
 #include <algorithm>
 
@@ -87,6 +88,39 @@ const std::int32_t* Geometry::kernel_positions(const Device& device) const {
   if (device.kind == DeviceKind::kCpu) return positions.data();
   RINGCAST_CHECK(device_positions, "Geometry: the positions were not copied to the device (bind_positions())");
   return device_positions->as<const std::int32_t>();
+}
+
+Fp32Layer::Fp32Layer(std::unique_ptr<Layer> layer, Scratch& scratch, int dim, DType activations)
+    : layer_(std::move(layer)), dim_(dim), activations_(activations) {
+  if (activations_ == DType::kF32) return;
+  scratch.reserve("stage.in", layer_->in_geometry().rows() * dim_);
+  scratch.reserve("stage.out", layer_->out_geometry().rows() * dim_);
+}
+
+void convert(const void* src, DType from, void* dst, DType to, std::int64_t n, const kernels::ExecContext& exec) {
+  kernels::copy_strided(kernels::StridedCopy::flat(src, from, dst, to, n), exec);
+}
+
+void Fp32Layer::forward(const RunContext& rc, const void* in, void* out) {
+  if (activations_ == DType::kF32) {
+    layer_->forward(rc, static_cast<const float*>(in), static_cast<float*>(out));
+    return;
+  }
+  float *in32 = rc.scratch.get("stage.in"), *out32 = rc.scratch.get("stage.out");
+  const std::int64_t in_count = in_geometry().rows() * dim_, out_count = out_geometry().rows() * dim_;
+  convert(in, activations_, in32, DType::kF32, in_count, rc.exec);
+  layer_->forward(rc, in32, out32);
+  convert(out32, DType::kF32, out, activations_, out_count, rc.exec);
+}
+
+void Fp32Layer::backward(const RunContext& rc, const void* in, const float* d_out, float* d_in) {
+  if (activations_ == DType::kF32) {
+    layer_->backward(rc, static_cast<const float*>(in), d_out, d_in);
+    return;
+  }
+  float* in32 = rc.scratch.get("stage.in");
+  convert(in, activations_, in32, DType::kF32, in_geometry().rows() * dim_, rc.exec);
+  layer_->backward(rc, in32, d_out, d_in);
 }
 
 }  // namespace ringcast::model

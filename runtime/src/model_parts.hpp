@@ -104,6 +104,9 @@ struct RunContext {
   float* g(ParamRef r) const { return grads + table.info(r).offset; }
 };
 
+// dst = src, n elements, converted (bf16 rounded to nearest even) when the dtypes differ.
+void convert(const void* src, DType from, void* dst, DType to, std::int64_t n, const kernels::ExecContext& exec);
+
 // One residual branch: forward adds f(x) into y; backward, after a forward on the same x (nothing
 // else may run in between but the other branch of the same block), adds (∂f/∂x)ᵀ dy into dx and the
 // parameter gradients into rc.grads. x, y, dx, dy are [rows, D] of the block's geometry.
@@ -114,7 +117,7 @@ class Mixer {
   virtual void backward(const RunContext& rc, const float* x, const float* dy, float* dx) = 0;
 };
 
-// One step of the stack: out = f(in), in [in_geometry rows, D], out [out_geometry rows, D].
+// One step of the stack: out = f(in), in [in_geometry rows, D], out [out_geometry rows, D], fp32.
 // backward recomputes from `in` and writes d_in = (∂out/∂in)ᵀ d_out (overwriting), adding parameter
 // gradients into rc.grads. Collective wherever the layer communicates: every rank calls alike.
 class Layer {
@@ -124,6 +127,39 @@ class Layer {
   virtual const Geometry& out_geometry() const = 0;
   virtual void forward(const RunContext& rc, const float* in, float* out) = 0;
   virtual void backward(const RunContext& rc, const float* in, const float* d_out, float* d_in) = 0;
+};
+
+// A layer as the stack runs it: `in` and `out` are layer inputs as the model keeps them, in the
+// stack's activation dtype (attention_dtype(), model_mixers.hpp: f32 on the CPU, bf16 on CUDA), so an
+// output is rounded once, when it is stored, and the next layer's forward and its recompute in
+// backward read the same stored value. Gradients stay fp32. Otherwise Layer's contract.
+class StackLayer {
+ public:
+  virtual ~StackLayer() = default;
+  virtual const Geometry& in_geometry() const = 0;
+  virtual const Geometry& out_geometry() const = 0;
+  virtual void forward(const RunContext& rc, const void* in, void* out) = 0;
+  // d_in may be d_out when gradient_in_place().
+  virtual void backward(const RunContext& rc, const void* in, const float* d_out, float* d_in) = 0;
+  virtual bool gradient_in_place() const = 0;
+};
+
+// Runs an fp32 Layer in the stack: with an fp32 activation dtype it passes the buffers through;
+// otherwise it converts the layer's input (and output) through fp32 scratch ("stage.in", "stage.out",
+// reserved here), which holds [rows, D] fp32 of the layer's geometries.
+class Fp32Layer final : public StackLayer {
+ public:
+  Fp32Layer(std::unique_ptr<Layer> layer, Scratch& scratch, int dim, DType activations);
+  const Geometry& in_geometry() const override { return layer_->in_geometry(); }
+  const Geometry& out_geometry() const override { return layer_->out_geometry(); }
+  void forward(const RunContext& rc, const void* in, void* out) override;
+  void backward(const RunContext& rc, const void* in, const float* d_out, float* d_in) override;
+  bool gradient_in_place() const override { return false; }
+
+ private:
+  std::unique_ptr<Layer> layer_;
+  int dim_;
+  DType activations_;
 };
 
 }  // namespace ringcast::model

@@ -3,13 +3,16 @@
 // NCCL_HOSTID, see select_device). Every rank builds the same global batch, takes its rows and checks
 // its own results; both models start from the same seed. Bounds (relative errors, all printed):
 //  - initial parameters: bitwise (one host generator, uploaded);
-//  - the first loss: <= 1e-2 with bf16 products; <= 1e-3 with f32 products, where only attention's
-//    bf16 operands (its storage dtype on CUDA) differ from the CPU, and their independent roundings
-//    (2^-9 relative, random sign) largely cancel in a mean over tokens;
-//  - each tensor's gradient, ||gpu - cpu|| / ||cpu||: <= 5e-2 with bf16 products, <= 2e-2 with f32
+//  - the first loss: <= 1e-2 with bf16 products; <= 2e-3 with f32 products, where only bf16 storage
+//    differs from the CPU: attention's operands and the kept layer inputs (the residual stream is
+//    rounded to bf16 once per layer on CUDA), whose independent roundings (2^-9 relative, random sign)
+//    largely cancel in a mean over tokens. The layer inputs' rounding is one more of the same size per
+//    layer, so the f32 bounds are twice those set for attention's alone; with bf16 products every
+//    product input is rounded already and those bounds stand;
+//  - each tensor's gradient, ||gpu - cpu|| / ||cpu||: <= 5e-2 with bf16 products, <= 4e-2 with f32
 //    products (d_q, d_k, d_v come back in bf16). A layer's gradient carries the rounding of every layer
 //    above it, and the norm gains' gradients are sums over rows that cancel, which amplifies it;
-//  - five AdamW steps (clipping active): each loss <= 2e-2 (bf16) or <= 5e-3 (f32) from the CPU run's.
+//  - five AdamW steps (clipping active): each loss <= 2e-2 (bf16) or <= 1e-2 (f32) from the CPU run's.
 //    Adam's first steps move every weight by about lr whatever its gradient's size, so weights whose
 //    gradient is below the rounding noise move the other way; the loss barely feels them;
 //  - a checkpoint written on one backend loads bitwise into the other; evaluate() repeats forward()'s
@@ -85,9 +88,11 @@ ModelConfig config_for(const Case& k) {
 constexpr int kBatch = 2;
 constexpr std::int64_t kSeqLen = 200;  // n_loc = 200 / P: not a multiple of a page or a query tile
 
-double loss_tolerance(DType compute) { return compute == DType::kBF16 ? 1e-2 : 1e-3; }
-double gradient_tolerance(DType compute) { return compute == DType::kBF16 ? 5e-2 : 2e-2; }
-double trajectory_tolerance(DType compute) { return compute == DType::kBF16 ? 2e-2 : 5e-3; }
+// The f32 bounds are twice the ones attention's bf16 operands alone needed: the layer inputs are kept
+// in bf16 too (header).
+double loss_tolerance(DType compute) { return compute == DType::kBF16 ? 1e-2 : 2e-3; }
+double gradient_tolerance(DType compute) { return compute == DType::kBF16 ? 5e-2 : 4e-2; }
+double trajectory_tolerance(DType compute) { return compute == DType::kBF16 ? 2e-2 : 1e-2; }
 
 // This rank's tokens and targets (decoder: next tokens, some ignored; encoder: the [batch] labels) of
 // a seeded global batch.

@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -160,6 +161,29 @@ TEST(MemoryEstimate, LayersShareOneAttentionOperator) {
               static_cast<long long>(peak[1] - peak[0]), static_cast<long long>(16 * block),
               static_cast<long long>(input), static_cast<long long>(workspace));
   EXPECT_EQ(peak[1] - peak[0], 16 * block + input + 9 * 4);
+}
+
+// The figures a CUDA session would allocate, which no CPU run measures: the layer inputs in bf16 (the
+// storage dtype), the block's scratch in [row_chunk, D] chunks, one residual-stream gradient buffer.
+TEST(MemoryEstimate, CudaKeepsLayerInputsInBf16) {
+  Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
+  const SequenceShape shape{1536, 2};
+  for (const ModelKind kind : {ModelKind::kDecoder, ModelKind::kEncoder}) {
+    const ModelConfig c = small_config(AttentionMode::kRing, kind);
+    const MemoryEstimate cpu = estimate_memory(c, shape, session.size(), DeviceKind::kCpu);
+    const MemoryEstimate gpu = estimate_memory(c, shape, session.size(), DeviceKind::kCuda);
+    const std::int64_t local_len = shape.seq_len / session.size(), rows = shape.batch * local_len;
+    const std::int64_t inputs = (c.layers + 1) * rows * c.dim;
+    EXPECT_EQ(cpu.layer_inputs, inputs * 4);
+    EXPECT_EQ(gpu.layer_inputs, inputs * 2);
+    EXPECT_EQ(cpu.block_scratch, 3 * std::min(rows, c.row_chunk) * c.dim * 4);
+    EXPECT_EQ(gpu.block_scratch, cpu.block_scratch);
+    // final_out, d_a and d_pooled (decoder) or d_final (encoder) are [rows, D] fp32, d_b one float.
+    const std::int64_t stream = 3 * rows * c.dim * 4;
+    EXPECT_GE(cpu.residual, stream);
+    EXPECT_LE(cpu.residual, stream + rows * 16 + 4096);
+    EXPECT_EQ(gpu.residual - cpu.residual, local_len * 4) << "CUDA adds the device copy of the positions";
+  }
 }
 
 // The FFN's row chunks: the loss of a forward does not depend on them (the products are

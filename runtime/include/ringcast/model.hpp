@@ -6,12 +6,14 @@
 // through their configs below (encoder stacks). Parameters live in one flat buffer (decayed tensors
 // first, then norm gains and the like), gradients in a matching one, so a step is one all-reduce and
 // two AdamW calls. Only each layer's input is kept; backward recomputes the layer, and every layer
-// shares one set of scratch (the FFN and projections in row chunks, one attention operator per layer
-// shape), so memory per rank grows as n_loc·D·L plus one layer's working set: estimate_memory().
-// Backends: the session's. On the CPU everything is fp32 host memory. On CUDA parameters, gradients,
-// optimizer state and activations are fp32 device memory (the spans below point there), the matrix
-// products take bf16 inputs with fp32 accumulation (compute_dtype), attention runs in bf16, and all
-// work is enqueued on the session's stream; the calls that return a value wait for it. The seed-method
+// shares one set of scratch (a block's norms, projections and FFN in row chunks, one attention
+// operator per layer shape), so memory per rank grows as n_loc·D·L plus one layer's working set:
+// estimate_memory(). Backends: the session's. On the CPU everything is fp32 host memory. On CUDA
+// parameters, gradients, optimizer state and the activations inside a layer are fp32 device memory
+// (the spans below point there), the kept layer inputs are bf16 (rounded once when a layer stores its
+// output; the layer's recompute reads that same value), the matrix products take bf16 inputs with fp32
+// accumulation (compute_dtype), attention runs in bf16, and all work is enqueued on the session's
+// stream; the calls that return a value wait for it. The seed-method
 // layers (CoLT5, Pyramidion, VCC) run on the CPU backend only.
 #pragma once
 
@@ -139,9 +141,11 @@ struct MemoryEstimate {
   std::int64_t parameters = 0;    // fp32 master weights
   std::int64_t gradients = 0;
   std::int64_t optimizer = 0;     // AdamW first and second moments
-  std::int64_t layer_inputs = 0;  // the kept activations: every layer's input and the last layer's output
-  std::int64_t residual = 0;      // the final norm's output, the residual-stream gradients, the ids
-  std::int64_t block_scratch = 0;          // the pre-norm block's normed inputs, y and dL/d(normed)
+  // The kept activations, every layer's input and the last layer's output, in the storage dtype
+  // (bf16 on CUDA, fp32 on the CPU).
+  std::int64_t layer_inputs = 0;
+  std::int64_t residual = 0;      // the final norm's output, the residual-stream gradient, the ids
+  std::int64_t block_scratch = 0;          // one row chunk of a block's input or y, normed rows, dL/d(normed)
   std::int64_t attention_projections = 0;  // Q|K|V, O, LSE, their gradients; one row chunk in fp32
   std::int64_t ffn_chunks = 0;             // the SwiGLU FFN's six [row_chunk, F] matrices
   std::int64_t attention_workspace = 0;    // the attention operators' own buffers (plan.hpp)
