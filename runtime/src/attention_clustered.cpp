@@ -6,14 +6,16 @@
 // layouts and tables stay for the backward, which folds the page summaries' gradients into their
 // pages, returns halo and fetched pages' gradients to their owners and reduce-scatters the coarse
 // summaries' gradients. Summaries, selection and their pools are fp32 on both backends; on CUDA the
-// bf16 / fp16 inputs are converted once per forward, the pages also live in a storage-dtype pool
-// (what the attention reads and the blocks travel in; converted region by region), and selection and
-// tables stay on the device (clustered_tables.hpp). Pool buffers hold every batch element at the
+// bf16 / fp16 keys and values are converted once per forward and the queries one KV head group at
+// a time where selection reads them, the pages also live in a storage-dtype pool (what the attention
+// reads and the blocks travel in; converted region by region), and selection and tables stay on the
+// device (clustered_tables.hpp). Pool buffers hold every batch element at the
 // largest capacity; element b's pool is [2 (K, V)][kv_heads][num_pages_b][page_size][head_dim] at its
 // start. Workspace by phase: on CUDA the fp32 pool is read by the forward only (the attention reads the
 // storage pool), so the backward's fp32 gradient pool is the same buffer; the CPU's fp32 pool is the
 // storage pool and has a gradient pool of its own. dK, dV are finished in the gradient pool's local
-// pages and written to the caller's outputs from there.
+// pages and written to the caller's outputs from there. On CUDA the fp32 dQ buffer holds the
+// forward's selection slots (selection reads the queries one KV head's group at a time, converted).
 #include "attention_internal.hpp"
 #include "clustered_internal.hpp"
 #include "clustered_tables.hpp"
@@ -49,9 +51,8 @@ struct ElementPool {
   std::optional<ClusteredTables> tables;          // rebuilt by every forward (sizes follow the selections)
 };
 
-// The forward's inputs as the summaries and selection read them: fp32, on the session's device.
+// The forward's keys and values as the local summaries read them: fp32, on the session's device.
 struct Fp32Inputs {
-  const float* q;  // [B, n_loc, heads, d]
   const float* k;  // [B, n_loc, kv_heads, d]
   const float* v;
 };
@@ -124,8 +125,6 @@ class ClusteredMode final : public DistributedAttention::Mode {
     // Gradients one (element, KV head) receives, twice: one unit lands while the next one travels.
     stage_ = allocate(2 * g_.unit_stage_elems(limit) * sizeof(float));
     requests_ = allocate(request_scratch_ints(g_, base_.fetch_capacity) * sizeof(std::int32_t));
-    // The fp32 dQ (the caller's output when that is fp32), also the forward's fp32 copy of Q.
-    if (sh.dtype != DType::kF32) d_q_ = allocate(sh.batch * sh.local_len() * sh.heads * d * sizeof(float));
     d_block_sums_ = allocate(2 * sh.kv_heads * summary_.block_rows() * d * sizeof(float));
     d_page_sums_ = allocate(2 * sh.kv_heads * summary_.page_rows() * d * sizeof(float));
     scatter_send_ = allocate(g_.p * 2 * sh.kv_heads * loc_rows * d * sizeof(float));
@@ -135,20 +134,25 @@ class ClusteredMode final : public DistributedAttention::Mode {
     const kernels::AttentionShape widest{1, sh.local_len(), sh.heads, sh.kv_heads, sh.head_dim, o.page_size, max_pages};
     fwd_ws_ = allocate(kernels::attention_forward_workspace_bytes(widest, ctx));
     bwd_ws_ = allocate(kernels::attention_backward_workspace_bytes(widest, ctx));
+    const std::int64_t units = sel_.unit == kernels::SelectUnit::kRow ? sh.local_len() : base_.num_tiles();
+    const std::int64_t slots = ClusteredTables::slot_bytes(sel_, units, sh.kv_heads);
     if (sh.dtype != DType::kF32) {
       attn_pools_ = allocate(pools_.bytes() / sizeof(float) * dtype_size(sh.dtype));
       key_bias_host_.resize(key_bias_.bytes() / sizeof(float));
+      // The fp32 dQ; in the forward every element's selection slots (the caller's dQ when it is fp32).
+      d_q_ = allocate(std::max(sh.batch * sh.local_len() * sh.heads * d * std::int64_t{sizeof(float)}, sh.batch * slots));
+      q_group_ = allocate(sh.local_len() * (sh.heads / sh.kv_heads) * d * sizeof(float));
     }
-    const std::int64_t units = sel_.unit == kernels::SelectUnit::kRow ? sh.local_len() : base_.num_tiles();
     elements_.resize(static_cast<std::size_t>(sh.batch));
-    for (ElementPool& e : elements_) e.tables.emplace(ctx, sel_, units, sh.kv_heads);
+    for (int b = 0; b < sh.batch; ++b)
+      elements_[b].tables.emplace(ctx, sel_, units, sh.kv_heads, d_q_.data() ? d_q_.as<char>() + b * slots : nullptr);
   }
 
   void forward(const AttentionForwardArgs& a) override {
     const Fp32Inputs in = fp32_inputs(a);
     summarize_local(in.k, in.v);
     gather_coarse();
-    for (int b = 0; b < shape.batch; ++b) plan_element(a, in.q, b);
+    for (int b = 0; b < shape.batch; ++b) plan_element(a, b);
     const ElementLayouts layouts = elements_layouts();
     ClusteredTransfer t(session.comm(), ctx, g_, storage_view(),
                         {requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t)}, {}, shape.dtype);
@@ -168,7 +172,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     for (int u = 0; u < units; ++u) {
       overlap_.wait();
       if (u + 1 < units) fetch(u + 1);
-      select_head(in.q, u / shape.kv_heads, u % shape.kv_heads);
+      select_head(a, u / shape.kv_heads, u % shape.kv_heads);
     }
     for (int b = 0; b < shape.batch; ++b) attend(a, b);
   }
@@ -352,16 +356,14 @@ class ClusteredMode final : public DistributedAttention::Mode {
 
   // Step 4 (choice) and the pool's shape: top-R per KV head, fetch capacity = the most any head
   // fetches, local pages packed, everything else zero until the transfers fill it.
-  void plan_element(const AttentionForwardArgs& a, const float* q32, int b) {
+  void plan_element(const AttentionForwardArgs& a, int b) {
     ElementPool& e = elements_[b];
     e.remote.clear();
     e.layouts.clear();
-    const float* q = query(q32, b);
     std::int64_t capacity = 0;
     for (int g = 0; g < shape.kv_heads; ++g) {
       const kernels::SummaryRows rows{coarse(b, g, kMeanK), coarse(b, g, kMin), coarse(b, g, kMax)};
-      e.remote.push_back(kernels::select_remote_blocks(
-          {&base_, sel_, {q, shape.heads, shape.kv_heads, shape.head_dim, g}, rows}, ctx));
+      e.remote.push_back(kernels::select_remote_blocks({&base_, sel_, queries(a, b, g), rows}, ctx));
       capacity = std::max<std::int64_t>(capacity, static_cast<std::int64_t>(e.remote.back().fetch.size()));
     }
     for (int g = 0; g < shape.kv_heads; ++g) {
@@ -385,30 +387,41 @@ class ClusteredMode final : public DistributedAttention::Mode {
     convert_pages(b, 0, shape.kv_heads, 0, L0.local_pages(), false);
   }
 
-  const float* query(const float* q, int b) const {
-    return q + std::int64_t{b} * shape.local_len() * shape.heads * shape.head_dim;
+  // The queries selection reads for element b, KV head g, in fp32: the caller's on the CPU backend;
+  // on CUDA the group's heads converted into q_group_ (valid until the next call; same stream).
+  kernels::SelectionQueries queries(const AttentionForwardArgs& a, int b, int g) const {
+    const std::int64_t rows = shape.local_len(), d = shape.head_dim;
+    const std::int64_t element = b * rows * shape.heads * d;
+    if (shape.dtype == DType::kF32) return {a.q.as<const float>() + element, shape.heads, shape.kv_heads, shape.head_dim, g};
+    const int group = shape.heads / shape.kv_heads;
+    kernels::StridedCopy c;
+    c.ndim = 2;
+    c.shape = {rows, group * d};
+    c.src_strides = {shape.heads * d, 1};
+    c.dst_strides = {group * d, 1};
+    c.src = static_cast<const char*>(a.q.data) + (element + g * group * d) * dtype_size(shape.dtype);
+    c.src_dtype = shape.dtype;
+    c.dst = q_group_.data();
+    kernels::copy_strided(c, ctx);
+    return {q_group_.as<const float>(), group, 1, shape.head_dim, 0};
   }
 
-  // The inputs in fp32: the caller's on the CPU backend, converted copies on CUDA. Q's copy lives in
-  // the backward's dQ buffer (same size; a backward never needs it: a model's layer recomputes its
-  // forward right before its backward); K's and V's in the fp32 pool (at least as large), which
-  // plan_element() fills only after summarize_local() has read them.
+  // The keys and values in fp32: the caller's on the CPU backend, converted copies on CUDA. These live
+  // in the fp32 pool (at least as large), which plan_element() fills only after summarize_local() has
+  // read them.
   Fp32Inputs fp32_inputs(const AttentionForwardArgs& a) const {
-    if (shape.dtype == DType::kF32) return {a.q.as<const float>(), a.k.as<const float>(), a.v.as<const float>()};
-    const std::int64_t q_elems = std::int64_t{shape.batch} * shape.local_len() * shape.heads * shape.head_dim;
+    if (shape.dtype == DType::kF32) return {a.k.as<const float>(), a.v.as<const float>()};
     const std::int64_t kv_elems = std::int64_t{shape.batch} * shape.local_len() * shape.kv_heads * shape.head_dim;
-    float* q = d_q_.as<float>();
     float* k = pools_.as<float>();
     float* v = k + kv_elems;
-    kernels::copy_strided(kernels::StridedCopy::flat(a.q.data, shape.dtype, q, DType::kF32, q_elems), ctx);
     kernels::copy_strided(kernels::StridedCopy::flat(a.k.data, shape.dtype, k, DType::kF32, kv_elems), ctx);
     kernels::copy_strided(kernels::StridedCopy::flat(a.v.data, shape.dtype, v, DType::kF32, kv_elems), ctx);
-    return {q, k, v};
+    return {k, v};
   }
 
   // Step 5 for element b, KV head g: page summaries of its resident pages into the pool, its coarse
   // summaries, its key bias, its page selection.
-  void select_head(const float* q32, int b, int g) {
+  void select_head(const AttentionForwardArgs& a, int b, int g) {
     ElementPool& e = elements_[b];
     const kernels::ClusteredLayout& L = e.layouts[g];
     const int ps = options.page_size;
@@ -440,7 +453,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     kernels::SelectionParams sp;
     sp.layout = &L;
     sp.options = sel_;
-    sp.queries = {query(q32, b), shape.heads, shape.kv_heads, shape.head_dim, g};
+    sp.queries = queries(a, b, g);
     sp.coarse = {coarse(b, g, kMeanK), coarse(b, g, kMin), coarse(b, g, kMax)};
     sp.pages = {k + L.page_summary_first_page() * g_.page_elems, k_min, k_max};
     sp.usable_offsets = e.remote[g].usable_offsets;
@@ -571,8 +584,9 @@ class ClusteredMode final : public DistributedAttention::Mode {
   DeviceBuffer pools_, own_d_pools_, key_bias_, page_sums_, page_counts_, block_sums_, block_counts_, gather_send_,
       gather_recv_, coarse_, bounds_, resident_counts_, stage_, d_q_, d_block_sums_, d_page_sums_, scatter_send_,
       scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_;
-  // CUDA only: the storage pools (kv_pool) and the key bias built on the host.
-  DeviceBuffer attn_pools_;
+  // CUDA only: the storage pools (kv_pool), one KV head group's fp32 queries and the key bias built on
+  // the host.
+  DeviceBuffer attn_pools_, q_group_;
   std::vector<float> key_bias_host_;
 };
 

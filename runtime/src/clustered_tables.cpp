@@ -5,21 +5,26 @@
 
 namespace ringcast {
 
+std::int64_t ClusteredTables::slot_bytes(const kernels::SelectionOptions& options, std::int64_t units,
+                                         int kv_heads) {
+  const std::int64_t per_head = units * (options.coarse_k * std::int64_t{sizeof(std::int64_t)} +
+                                         (options.top_k + 2) * std::int64_t{sizeof(std::int32_t)});
+  return (kv_heads * per_head + 255) / 256 * 256;
+}
+
 ClusteredTables::ClusteredTables(const kernels::ExecContext& ctx, const kernels::SelectionOptions& options,
-                                 std::int64_t units, int kv_heads)
+                                 std::int64_t units, int kv_heads, void* slots)
     : ctx_(ctx), options_(options) {
   if (ctx.device.kind == DeviceKind::kCpu) {
     selections_.resize(static_cast<std::size_t>(kv_heads));
     return;
   }
-  for (int g = 0; g < kv_heads; ++g) {
-    slot_buffers_.emplace_back(units * options.top_k * sizeof(std::int32_t), ctx.device);
-    slot_buffers_.emplace_back(units * options.coarse_k * sizeof(std::int64_t), ctx.device);
-    slot_buffers_.emplace_back(2 * units * sizeof(std::int32_t), ctx.device);
-  }
+  RINGCAST_CHECK(slots != nullptr, "clustered tables: the CUDA selection needs slot memory");
+  auto* blocks = static_cast<std::int64_t*>(slots);
+  auto* pages = reinterpret_cast<std::int32_t*>(blocks + kv_heads * units * options.coarse_k);
+  std::int32_t* counts = pages + kv_heads * units * options.top_k;
   for (int g = 0; g < kv_heads; ++g)
-    slots_.push_back({slot_buffers_[3 * g].as<std::int32_t>(), slot_buffers_[3 * g + 1].as<std::int64_t>(),
-                      slot_buffers_[3 * g + 2].as<std::int32_t>()});
+    slots_.push_back({pages + g * units * options.top_k, blocks + g * units * options.coarse_k, counts + g * units * 2});
 }
 
 void ClusteredTables::select(int g, const kernels::SelectionParams& p) {

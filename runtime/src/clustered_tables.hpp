@@ -2,8 +2,9 @@
 // 5-7), on the session's backend. CPU: select_pages and the host table builder. CUDA: the
 // device-resident path of selection_device.hpp -- selections in per-unit slots, the forward table
 // built from them and its transpose, all on the device (one synchronisation to learn the table's
-// size); nothing of a layer's choice travels to the host unless host_table() asks for it. Buffers
-// grow to the largest table seen and are reused by later forwards.
+// size); nothing of a layer's choice travels to the host unless host_table() asks for it. Table
+// buffers grow to the largest table seen and are reused by later forwards; the selection slots live in
+// device memory the caller lends, read only between select() and build().
 #pragma once
 
 #include "attention_internal.hpp"
@@ -20,9 +21,16 @@ namespace ringcast {
 
 class ClusteredTables {
  public:
-  // units: selection units per KV head (tiles, or rows in row mode) of the element.
+  // Device bytes of the selection slots of `units` units per KV head (CUDA), a multiple of 256: every
+  // head's blocks [units, coarse_k] int64, then every head's pages [units, top_k] int32, then counts
+  // [units, 2] int32.
+  static std::int64_t slot_bytes(const kernels::SelectionOptions& options, std::int64_t units, int kv_heads);
+
+  // units: selection units per KV head (tiles, or rows in row mode) of the element. slots: on CUDA,
+  // slot_bytes() of device memory (256-byte aligned) that nothing else uses from the first select()
+  // of a forward to its build(); unused on the CPU.
   ClusteredTables(const kernels::ExecContext& ctx, const kernels::SelectionOptions& options, std::int64_t units,
-                  int kv_heads);
+                  int kv_heads, void* slots);
 
   // Selects the pages of KV head g (p.layout is its layout); heads may be selected in any order.
   void select(int g, const kernels::SelectionParams& p);
@@ -48,7 +56,6 @@ class ClusteredTables {
   kernels::HostBlockTable host_;
   std::optional<DeviceTables> cpu_tables_;
   // CUDA backend: per KV head the slots (pages, blocks, counts), then the tables.
-  std::vector<DeviceBuffer> slot_buffers_;
   std::vector<kernels::SelectionSlots> slots_;
   DeviceBuffer offsets_, entries_, key_meta_, t_offsets_, t_refs_;
   kernels::TableSize size_;

@@ -1,6 +1,7 @@
 // Formulas of plan.hpp. Every term names the message it stands for; the figures are per rank and
 // per layer, summed over the batch.
 #include "attention_internal.hpp"
+#include "clustered_tables.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/attention.hpp>
@@ -287,17 +288,25 @@ std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o
   const std::int64_t stage_blocks = p > 1 ? 2 + (p - 1) * std::min(limit, base.local_blocks()) : 0;
   bytes += 2 * stage_blocks * 2 * block_elems * kF32;                       // stage
   bytes += 2 * b * hk * (1 + base.fetch_capacity) * kI32;                   // requests
-  bytes += f32 ? 0 : b * base.n_loc * sh.heads * d * kF32;                 // d_q (fp32 dQ is the caller's on f32)
   bytes += (p + 1) * 2 * hk * loc_rows * d * kF32;                          // scatter send, recv
   bytes += base.n_loc * kI32;                                               // q_pos
   const kernels::AttentionShape widest{1, base.n_loc, sh.heads, sh.kv_heads, sh.head_dim, o.page_size, max_pages};
   bytes += kernel_workspace(widest, device);
-  if (!f32) bytes += pool / kF32 * e;  // attn_pools (the fp32 inputs reuse d_q and the fp32 pool)
+  const std::int64_t units = o.resolved_selection(sh) == SelectionUnit::kRow ? base.n_loc : base.num_tiles();
+  if (!f32) {
+    // attn_pools (the fp32 K/V inputs reuse the fp32 pool); the fp32 dQ, which holds every element's
+    // selection slots in the forward (fp32 storage: the caller's dQ); one KV head group's queries.
+    kernels::SelectionOptions sel;
+    sel.top_k = o.top_k;
+    sel.coarse_k = o.coarse_k;
+    bytes += pool / kF32 * e;
+    bytes += std::max(b * base.n_loc * sh.heads * d * kF32, b * ClusteredTables::slot_bytes(sel, units, sh.kv_heads));
+    bytes += base.n_loc * (sh.heads / hk) * d * kF32;
+  }
   // Tables of one forward, per element (clustered_tables.cpp). Entries per (tile, KV head), bounded:
   // the window's pages and two more on each side, the selected pages, the summary pages that hold
   // partly selected blocks' page summaries, and every coarse-summary page; summary pages carry
   // page_size KeyMeta records.
-  const std::int64_t units = o.resolved_selection(sh) == SelectionUnit::kRow ? base.n_loc : base.num_tiles();
   const std::int64_t window = causal ? o.window_before : 2 * o.window_bidir;
   const std::int64_t summary_pages = (std::int64_t{o.coarse_k} * o.coarse_pages + ps - 1) / ps + 1 +
                                      base.coarse_summary_pages();
@@ -305,9 +314,7 @@ std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o
   const std::int64_t tile_units = base.num_tiles() * hk;
   const std::int64_t table = (tile_units + 1) * kI64 + tile_units * per_unit * (kEntry + kRef) +
                              tile_units * summary_pages * ps * kMeta + (hk * max_pages + 1) * kI64;
-  const std::int64_t slots =
-      device == DeviceKind::kCpu ? 0 : hk * units * (o.top_k * kI32 + o.coarse_k * kI64 + 2 * kI32);
-  return bytes + b * (table + slots);
+  return bytes + b * table;
 }
 
 }  // namespace
