@@ -116,7 +116,7 @@ void validate_config(const ModelConfig& c, const SequenceShape& shape) {
 }
 
 // The model's own buffers besides the layers' scratch: layer inputs (elements of the activation
-// dtype), the head's and the residual stream's (floats). The constructor allocates by it and
+// dtype), the encoder head's and the residual stream's (floats; the LM head runs in RowChunks). The constructor allocates by it and
 // estimate_memory() counts by it. layer_rows: each layer's input rows; out_rows: the last layer's
 // output rows; head: the head weight's size; in_place: every layer's backward takes d_in == d_out, so
 // one residual-stream gradient buffer serves the whole backward (d_b is empty).
@@ -138,18 +138,24 @@ StackFloats stack_floats(const ModelConfig& c, const SequenceShape& shape, std::
   }
   f.in_offset.push_back(f.activations);
   f.activations += out_rows * D;
-  f.final_out = out_rows * D;
-  // d_a also stages the embedding's fp32 output and the final norm's input in the forward.
+  // d_a also stages the embedding's fp32 output (and the encoder's final norm input) in the forward.
   f.d_a = max_rows * D;
   f.d_b = in_place ? 0 : max_rows * D;
   if (c.kind == ModelKind::kEncoder) {
-    f.d_final = out_rows * D;
+    f.final_out = f.d_final = out_rows * D;
     f.pooled = f.d_pooled = std::int64_t{shape.batch} * D;
     f.head_sink = head + c.num_classes;
-  } else {
-    f.d_pooled = out_rows * D;  // doubles as dL/d(final_out)
   }
   return f;
+}
+
+// The LM head's row chunks (the blocks' chunk: RowChunks) and how many there are for `rows` rows.
+std::int64_t head_chunk_rows(const ModelConfig& c, std::int64_t rows) {
+  return std::max<std::int64_t>(1, std::min(rows, c.row_chunk));
+}
+std::int64_t head_chunks(const ModelConfig& c, std::int64_t rows) {
+  const std::int64_t chunk = head_chunk_rows(c, rows);
+  return (rows + chunk - 1) / chunk;
 }
 
 // The bytes of Floats(n) (never empty), and of n elements of `dtype` (the layer inputs).
@@ -188,7 +194,8 @@ struct Model::State {
   // place, else d_a and d_b ping-pong it between layers.
   std::vector<std::int64_t> in_offset;
   DeviceBuffer activations;
-  Floats final_out, d_final, d_a, d_b, pooled, d_pooled;
+  Floats final_out, d_final, d_a, d_b, pooled, d_pooled;  // final_out..d_pooled: the encoder's head
+  DeviceBuffer ce_totals;  // the LM head's loss totals, one per row chunk
   // The latest pass's ids: tokens [input.rows()] (kept for the embedding backward), then targets.
   DeviceBuffer ids;
   DeviceBuffer scalars_buf;  // one Scalars
@@ -277,6 +284,7 @@ void Model::State::build() {
   } else {
     head_w = table.add("lm_head", c.vocab, c.dim, true, Init::kFanIn);
   }
+  if (!encoder) model::RowChunks::reserve(scratch, head_chunk_rows(c, output().rows()), c.dim);
   table.finalize();
   scratch.bind(session.device());
 }
@@ -366,17 +374,14 @@ void Model::State::forward_layers(const model::RunContext& rc) {
 }
 
 // The final norm and the head on the output of the last layer: sets loss and targets, and with
-// with_gradient adds the head's parameter gradients into grads and leaves dL/d(hidden) in d_a. The
-// norm reads the stored hidden state in fp32: staged in d_a for the forward, in final_out (free once
-// the loss has run) for the backward.
+// with_gradient adds the head's parameter gradients into grads and leaves dL/d(hidden) in d_a.
 double Model::State::head(bool with_gradient) {
   const ModelConfig& c = config;
   const Geometry& out = output();
   const std::int64_t R = out.rows();
   const void* hidden = layer_input(layers.size());
   const float* gain = params.data() + table.info(final_norm).offset;
-  model::convert(hidden, stored, d_a.data(), DType::kF32, R * c.dim, ctx);
-  kernels::rms_norm_forward({R, c.dim, c.norm_eps, d_a.data(), gain, final_out.data()}, ctx);
+  float* d_gain = grads.data() + table.info(final_norm).offset;
   auto& comm = session.comm();
   const Stream stream = session.stream();
   Scalars* d = scalars();
@@ -384,25 +389,57 @@ double Model::State::head(bool with_gradient) {
   ce.dim = c.dim;
   ce.chunk_rows = c.ce_chunk;
   ce.w = params.data() + table.info(head_w).offset;
-  ce.targets = target_ids();
-  ce.totals = &d->totals;
   ce.loss_scale = static_cast<float>(1.0 / static_cast<double>(targets.count));
   ce.dtype = compute;
+  const auto zero_d_hidden = [&] {
+    kernels::fill_zero(d_a.data(), static_cast<std::size_t>(R * c.dim) * sizeof(float), ctx);
+  };
   if (!encoder) {
-    ce.rows = R;
+    // Token-wise: the final norm, the loss and their backward run over row chunks (the blocks' fp32
+    // RowChunks), each chunk's totals to ce_totals, summed here in chunk order. The norm's backward
+    // runs whatever the loss: backward() ignores d_a and step() refuses the gradients when it is not finite.
+    const model::RowChunks b = model::RowChunks::get(scratch);
+    const std::int64_t chunk = head_chunk_rows(c, R);
+    auto* parts = ce_totals.as<kernels::CrossEntropyTotals>();
     ce.vocab = c.vocab;
-    ce.h = final_out.data();
-    if (with_gradient) {
-      d_pooled.zero(ctx);  // d_pooled doubles as dL/d(final_out) of the decoder
-      ce.d_h = d_pooled.data();
-      ce.d_w = grads.data() + table.info(head_w).offset;
+    if (with_gradient) zero_d_hidden();
+    for (std::int64_t r0 = 0, i = 0; r0 < R; r0 += chunk, ++i) {
+      const std::int64_t m = std::min(chunk, R - r0), count = m * c.dim;
+      model::convert(model::element_at(hidden, stored, r0 * c.dim), stored, b.x, DType::kF32, count, ctx);
+      kernels::rms_norm_forward({m, c.dim, c.norm_eps, b.x, gain, b.normed}, ctx);
+      ce.rows = m;
+      ce.h = b.normed;
+      ce.targets = target_ids() + r0;
+      ce.totals = parts + i;
+      if (with_gradient) {
+        kernels::fill_zero(b.d_normed, static_cast<std::size_t>(count) * sizeof(float), ctx);
+        ce.d_h = b.d_normed;
+        ce.d_w = grads.data() + table.info(head_w).offset;
+      }
+      kernels::linear_cross_entropy(ce, ctx);
+      if (with_gradient)
+        kernels::rms_norm_backward({m, c.dim, c.norm_eps, b.x, gain, b.d_normed, d_a.data() + r0 * c.dim, d_gain},
+                                   ctx);
     }
-    kernels::linear_cross_entropy(ce, ctx);
+    std::vector<kernels::CrossEntropyTotals> host(static_cast<std::size_t>(head_chunks(c, R)));
+    comm.synchronize(stream);
+    copy_to_host(host.data(), parts, host.size() * sizeof(kernels::CrossEntropyTotals), session.device(), stream);
+    kernels::CrossEntropyTotals sum;
+    for (const kernels::CrossEntropyTotals& t : host) {
+      sum.loss_sum += t.loss_sum;
+      sum.count += t.count;
+      sum.correct += t.correct;
+    }
+    copy_from_host(&d->totals, &sum, sizeof(sum), session.device(), stream);
     comm.all_reduce({&d->totals.loss_sum, 1, DType::kF64}, {&d->totals.loss_sum, 1, DType::kF64},
                     comm::ReduceOp::kSum, stream);
     comm.all_reduce({&d->totals.correct, 1, DType::kI64}, {&d->totals.correct, 1, DType::kI64}, comm::ReduceOp::kSum,
                     stream);
   } else {
+    // The final norm's input in fp32: staged in d_a for the forward, in final_out (free once the
+    // loss has run) for the backward.
+    model::convert(hidden, stored, d_a.data(), DType::kF32, R * c.dim, ctx);
+    kernels::rms_norm_forward({R, c.dim, c.norm_eps, d_a.data(), gain, final_out.data()}, ctx);
     // Mean over the whole sequence: local sums scaled by 1/n, then summed over ranks.
     const float scale = static_cast<float>(1.0 / static_cast<double>(out.seq_len));
     kernels::token_pool_forward({out.batch, out.local_len, c.dim, scale, final_out.data(), pooled.data()}, ctx);
@@ -412,6 +449,8 @@ double Model::State::head(bool with_gradient) {
     ce.vocab = c.num_classes;
     ce.h = pooled.data();
     ce.bias = params.data() + table.info(head_b).offset;
+    ce.targets = target_ids();
+    ce.totals = &d->totals;
     // The head runs replicated: rank 0 alone adds its parameter gradients, so the all-reduce counts
     // them once; every rank needs d_pooled.
     if (with_gradient) {
@@ -427,20 +466,13 @@ double Model::State::head(bool with_gradient) {
   const Scalars h = read_scalars();
   loss = h.totals.loss_sum / static_cast<double>(targets.count);
   targets.correct = h.totals.correct;
-  if (!with_gradient || !std::isfinite(loss)) return loss;
-  const float* d_out = d_pooled.data();
-  if (encoder) {
-    d_final.zero(ctx);
-    const float scale = static_cast<float>(1.0 / static_cast<double>(out.seq_len));
-    kernels::token_pool_backward({out.batch, out.local_len, c.dim, scale, d_pooled.data(), d_final.data()}, ctx);
-    d_out = d_final.data();
-  }
-  float* d_hidden = d_a.data();
+  if (!with_gradient || !std::isfinite(loss) || !encoder) return loss;
+  d_final.zero(ctx);
+  zero_d_hidden();
+  const float scale = static_cast<float>(1.0 / static_cast<double>(out.seq_len));
+  kernels::token_pool_backward({out.batch, out.local_len, c.dim, scale, d_pooled.data(), d_final.data()}, ctx);
   model::convert(hidden, stored, final_out.data(), DType::kF32, R * c.dim, ctx);
-  kernels::fill_zero(d_hidden, static_cast<std::size_t>(R * c.dim) * sizeof(float), ctx);
-  kernels::rms_norm_backward(
-      {R, c.dim, c.norm_eps, final_out.data(), gain, d_out, d_hidden, grads.data() + table.info(final_norm).offset},
-      ctx);
+  kernels::rms_norm_backward({R, c.dim, c.norm_eps, final_out.data(), gain, d_final.data(), d_a.data(), d_gain}, ctx);
   return loss;
 }
 
@@ -470,15 +502,19 @@ Model::Model(const Session& session, const ModelConfig& config, const SequenceSh
                                      s.gradient_in_place());
   s.in_offset = f.in_offset;
   s.activations = DeviceBuffer(static_cast<std::size_t>(element_bytes(f.activations, s.stored)), dev);
-  s.final_out = Floats(f.final_out, dev);
   s.d_a = Floats(f.d_a, dev);
   s.d_b = Floats(f.d_b, dev);
   if (s.encoder) {
+    s.final_out = Floats(f.final_out, dev);
     s.d_final = Floats(f.d_final, dev);
     s.pooled = Floats(f.pooled, dev);
+    s.d_pooled = Floats(f.d_pooled, dev);
     s.head_sink = Floats(f.head_sink, dev);
+  } else {
+    s.ce_totals = DeviceBuffer(static_cast<std::size_t>(head_chunks(config, s.output().rows())) *
+                                   sizeof(kernels::CrossEntropyTotals),
+                               dev);
   }
-  s.d_pooled = Floats(f.d_pooled, dev);
   s.ids = DeviceBuffer(static_cast<std::size_t>(s.input.rows() + target_count()) * sizeof(std::int32_t), dev);
   s.scalars_buf = DeviceBuffer(sizeof(Scalars), dev);
   s.flags = DeviceBuffer(s.table.infos().size() * sizeof(std::int32_t), dev);
@@ -675,8 +711,12 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const SequenceShape& shape,
   const std::vector<std::int64_t> layer_rows(static_cast<std::size_t>(c.layers), rows);
   const StackFloats f = stack_floats(c, shape, layer_rows, rows, head, true);  // standard blocks: in place
   m.layer_inputs = element_bytes(f.activations, storage);
-  m.residual = float_bytes(f.final_out) + float_bytes(f.d_a) + float_bytes(f.d_b) + float_bytes(f.d_pooled);
-  if (encoder) m.residual += float_bytes(f.d_final) + float_bytes(f.pooled) + float_bytes(f.head_sink);
+  m.residual = float_bytes(f.d_a) + float_bytes(f.d_b);
+  if (encoder)
+    m.residual += float_bytes(f.final_out) + float_bytes(f.d_final) + float_bytes(f.pooled) + float_bytes(f.d_pooled) +
+                  float_bytes(f.head_sink);
+  else
+    m.residual += head_chunks(c, rows) * std::int64_t{sizeof(kernels::CrossEntropyTotals)};
   const std::int64_t targets = encoder ? shape.batch : rows;
   m.residual += (rows + targets) * std::int64_t{sizeof(std::int32_t)} + std::int64_t{sizeof(Scalars)} +
                 tensors * std::int64_t{sizeof(std::int32_t)};

@@ -182,7 +182,7 @@ TensorView SelfAttention::d_surrogates(const RunContext& rc) const {
 
 // Rows [r0, r0 + m) of a [rows, width] matrix of the storage dtype: a pointer offset in bytes.
 void* SelfAttention::storage_rows(void* base, std::int64_t r0, std::int64_t width) const {
-  return static_cast<char*>(base) + static_cast<std::size_t>(r0 * width) * dtype_size(storage_);
+  return element_at(base, storage_, r0 * width);
 }
 
 // Q, K, V are projected into fp32 (the chunk scratch) and stored in the operator's dtype.
@@ -334,31 +334,28 @@ StandardBlock::StandardBlock(const Session& session, ParameterTable& table, Scra
       attention_(session, table, scratch, operators, prefix, c, geom_) {
   RINGCAST_CHECK(attention_.chunk_rows() == chunk_, "StandardBlock: the attention's row chunk ({}) is not the block's ({})",
                  attention_.chunk_rows(), chunk_);
-  for (const char* key : {"block.x", "block.xn", "block.d_xn"}) scratch.reserve(key, chunk_ * dim_);
+  RowChunks::reserve(scratch, chunk_, dim_);
 }
 
-// The three [chunk, D] fp32 matrices: x (an input chunk, or y), xn (its normed rows), d_xn (dL/d(xn),
-// or the recomputed FFN output nobody reads).
-struct StandardBlock::Chunks {
-  float *x, *xn, *d_xn;
-};
+void RowChunks::reserve(Scratch& scratch, std::int64_t chunk_rows, int dim) {
+  for (const char* key : {"rows.x", "rows.normed", "rows.d_normed"}) scratch.reserve(key, chunk_rows * dim);
+}
 
-StandardBlock::Chunks StandardBlock::chunks(const RunContext& rc) const {
-  return {rc.scratch.get("block.x"), rc.scratch.get("block.xn"), rc.scratch.get("block.d_xn")};
+RowChunks RowChunks::get(const Scratch& scratch) {
+  return {scratch.get("rows.x"), scratch.get("rows.normed"), scratch.get("rows.d_normed")};
 }
 
 void StandardBlock::load_rows(const RunContext& rc, const void* in, std::int64_t r0, std::int64_t m, float* x) const {
-  const void* rows = static_cast<const char*>(in) + static_cast<std::size_t>(r0 * dim_) * dtype_size(stored_);
-  convert(rows, stored_, x, DType::kF32, m * dim_, rc.exec);
+  convert(element_at(in, stored_, r0 * dim_), stored_, x, DType::kF32, m * dim_, rc.exec);
 }
 
 void StandardBlock::attend(const RunContext& rc, const void* in) {
-  const Chunks b = chunks(rc);
+  const RowChunks b = RowChunks::get(rc.scratch);
   for (std::int64_t r0 = 0; r0 < geom_.rows(); r0 += chunk_) {
     const std::int64_t m = std::min(chunk_, geom_.rows() - r0);
     load_rows(rc, in, r0, m, b.x);
-    kernels::rms_norm_forward({m, dim_, eps_, b.x, rc.p(attn_norm_), b.xn}, rc.exec);
-    attention_.project(rc, r0, m, b.xn);
+    kernels::rms_norm_forward({m, dim_, eps_, b.x, rc.p(attn_norm_), b.normed}, rc.exec);
+    attention_.project(rc, r0, m, b.normed);
   }
   attention_.attend(rc);
 }
@@ -366,16 +363,15 @@ void StandardBlock::attend(const RunContext& rc, const void* in) {
 // out = y + F(rms(y)), y = in + A(rms(in)), chunk by chunk once the operator has run.
 void StandardBlock::forward(const RunContext& rc, const void* in, void* out) {
   attend(rc, in);
-  const Chunks b = chunks(rc);
+  const RowChunks b = RowChunks::get(rc.scratch);
   for (std::int64_t r0 = 0; r0 < geom_.rows(); r0 += chunk_) {
     const std::int64_t m = std::min(chunk_, geom_.rows() - r0);
     float* y = b.x;
     load_rows(rc, in, r0, m, y);
     attention_.add_output(rc, r0, m, y);
-    kernels::rms_norm_forward({m, dim_, eps_, y, rc.p(ffn_norm_), b.xn}, rc.exec);
-    ffn_.forward_rows(rc, m, b.xn, y);
-    void* dst = static_cast<char*>(out) + static_cast<std::size_t>(r0 * dim_) * dtype_size(stored_);
-    convert(y, DType::kF32, dst, stored_, m * dim_, rc.exec);
+    kernels::rms_norm_forward({m, dim_, eps_, y, rc.p(ffn_norm_), b.normed}, rc.exec);
+    ffn_.forward_rows(rc, m, b.normed, y);
+    convert(y, DType::kF32, element_at(out, stored_, r0 * dim_), stored_, m * dim_, rc.exec);
   }
 }
 
@@ -384,7 +380,7 @@ void StandardBlock::forward(const RunContext& rc, const void* in, void* out) {
 // the FFN's dy) before dL/dy is added into d_in, so d_in may be d_out.
 void StandardBlock::backward(const RunContext& rc, const void* in, const float* d_out, float* d_in) {
   attend(rc, in);
-  const Chunks b = chunks(rc);
+  const RowChunks b = RowChunks::get(rc.scratch);
   const std::int64_t rows = geom_.rows();
   for (std::int64_t r0 = 0; r0 < rows; r0 += chunk_) {
     const std::int64_t m = std::min(chunk_, rows - r0), count = m * dim_;
@@ -393,12 +389,12 @@ void StandardBlock::backward(const RunContext& rc, const void* in, const float* 
     float* y = b.x;
     load_rows(rc, in, r0, m, y);
     attention_.add_output(rc, r0, m, y);
-    kernels::rms_norm_forward({m, dim_, eps_, y, rc.p(ffn_norm_), b.xn}, rc.exec);
-    ffn_.forward_rows(rc, m, b.xn, b.d_xn);  // leaves the chunk's a, b, h for backward_rows
+    kernels::rms_norm_forward({m, dim_, eps_, y, rc.p(ffn_norm_), b.normed}, rc.exec);
+    ffn_.forward_rows(rc, m, b.normed, b.d_normed);  // leaves the chunk's a, b, h for backward_rows
     if (d_in != d_out) convert(d_out_c, DType::kF32, d_in_c, DType::kF32, count, rc.exec);
-    zero(b.d_xn, count, rc);
-    ffn_.backward_rows(rc, m, b.xn, d_out_c, b.d_xn);
-    kernels::rms_norm_backward({m, dim_, eps_, y, rc.p(ffn_norm_), b.d_xn, d_in_c, rc.g(ffn_norm_)}, rc.exec);
+    zero(b.d_normed, count, rc);
+    ffn_.backward_rows(rc, m, b.normed, d_out_c, b.d_normed);
+    kernels::rms_norm_backward({m, dim_, eps_, y, rc.p(ffn_norm_), b.d_normed, d_in_c, rc.g(ffn_norm_)}, rc.exec);
     // d_in_c now holds dL/dy.
     attention_.output_backward(rc, r0, m, d_in_c);
   }
@@ -406,11 +402,11 @@ void StandardBlock::backward(const RunContext& rc, const void* in, const float* 
   for (std::int64_t r0 = 0; r0 < rows; r0 += chunk_) {
     const std::int64_t m = std::min(chunk_, rows - r0), count = m * dim_;
     load_rows(rc, in, r0, m, b.x);
-    kernels::rms_norm_forward({m, dim_, eps_, b.x, rc.p(attn_norm_), b.xn}, rc.exec);
-    zero(b.d_xn, count, rc);
-    attention_.project_backward(rc, r0, m, b.xn, b.d_xn);
-    kernels::rms_norm_backward({m, dim_, eps_, b.x, rc.p(attn_norm_), b.d_xn, d_in + r0 * dim_, rc.g(attn_norm_)},
-                               rc.exec);
+    kernels::rms_norm_forward({m, dim_, eps_, b.x, rc.p(attn_norm_), b.normed}, rc.exec);
+    zero(b.d_normed, count, rc);
+    attention_.project_backward(rc, r0, m, b.normed, b.d_normed);
+    kernels::rms_norm_backward(
+        {m, dim_, eps_, b.x, rc.p(attn_norm_), b.d_normed, d_in + r0 * dim_, rc.g(attn_norm_)}, rc.exec);
   }
 }
 

@@ -157,10 +157,18 @@ class PreNormBlock final : public Layer {
   std::unique_ptr<Mixer> attention_, ffn_;
 };
 
+// Three [chunk, D] fp32 matrices in scratch that the standard blocks and the LM head share (they never
+// run at once): x (input rows, or y), normed (their RMSNorm), d_normed (dL/d(normed), or a sink).
+struct RowChunks {
+  float *x, *normed, *d_normed;
+  static void reserve(Scratch& scratch, std::int64_t chunk_rows, int dim);
+  static RowChunks get(const Scratch& scratch);
+};
+
 // The standard transformer block, the same function as a PreNormBlock with SelfAttention and
 // SwiGluFfn branches but with every token-wise step in chunks of row_chunk rows: the RMSNorms, the
 // projections, the residual adds and the FFN, so its scratch is four [chunk, D] fp32 matrices (x or y,
-// normed rows, the FFN's output sink, dL/d(normed)) besides the branches' own. in and out are in the
+// normed rows, the FFN's output sink, dL/d(normed): RowChunks) besides the branches' own. in and out are in the
 // stack's activation dtype (attention_dtype()); y = in + A(rms(in)) lives in fp32 one chunk at a time
 // and out is rounded once, when stored. The norm gains' gradients add up chunk by chunk in row order.
 // backward takes d_in == d_out: each chunk's dL/dout is read before the chunk's dL/dy replaces it.
@@ -177,8 +185,6 @@ class StandardBlock final : public StackLayer {
   bool gradient_in_place() const override { return true; }
 
  private:
-  struct Chunks;
-  Chunks chunks(const RunContext& rc) const;
   // Rows [r0, r0 + m) of `in` (stored dtype) into x [m, D] fp32.
   void load_rows(const RunContext& rc, const void* in, std::int64_t r0, std::int64_t m, float* x) const;
   // rms(in) W_q, W_k, W_v of every chunk and the attention operator: the forward up to O.

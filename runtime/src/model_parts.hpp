@@ -104,6 +104,14 @@ struct RunContext {
   float* g(ParamRef r) const { return grads + table.info(r).offset; }
 };
 
+// The address of element `index` of an array of `dtype` at `base`.
+inline void* element_at(void* base, DType dtype, std::int64_t index) {
+  return static_cast<char*>(base) + static_cast<std::size_t>(index) * dtype_size(dtype);
+}
+inline const void* element_at(const void* base, DType dtype, std::int64_t index) {
+  return static_cast<const char*>(base) + static_cast<std::size_t>(index) * dtype_size(dtype);
+}
+
 // dst = src, n elements, converted (bf16 rounded to nearest even) when the dtypes differ.
 void convert(const void* src, DType from, void* dst, DType to, std::int64_t n, const kernels::ExecContext& exec);
 

@@ -164,7 +164,8 @@ TEST(MemoryEstimate, LayersShareOneAttentionOperator) {
 }
 
 // The figures a CUDA session would allocate, which no CPU run measures: the layer inputs in bf16 (the
-// storage dtype), the block's scratch in [row_chunk, D] chunks, one residual-stream gradient buffer.
+// storage dtype), the block's scratch in [row_chunk, D] chunks, one residual-stream gradient buffer
+// (and for the decoder no [rows, D] buffer of the head's).
 TEST(MemoryEstimate, CudaKeepsLayerInputsInBf16) {
   Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
   const SequenceShape shape{1536, 2};
@@ -178,8 +179,9 @@ TEST(MemoryEstimate, CudaKeepsLayerInputsInBf16) {
     EXPECT_EQ(gpu.layer_inputs, inputs * 2);
     EXPECT_EQ(cpu.block_scratch, 3 * std::min(rows, c.row_chunk) * c.dim * 4);
     EXPECT_EQ(gpu.block_scratch, cpu.block_scratch);
-    // final_out, d_a and d_pooled (decoder) or d_final (encoder) are [rows, D] fp32, d_b one float.
-    const std::int64_t stream = 3 * rows * c.dim * 4;
+    // d_a is [rows, D] fp32 (d_b one float); the encoder adds its final norm's output and d_final,
+    // the decoder's LM head runs in the blocks' row chunks.
+    const std::int64_t stream = (kind == ModelKind::kEncoder ? 3 : 1) * rows * c.dim * 4;
     EXPECT_GE(cpu.residual, stream);
     EXPECT_LE(cpu.residual, stream + rows * 16 + 4096);
     EXPECT_EQ(gpu.residual - cpu.residual, local_len * 4) << "CUDA adds the device copy of the positions";

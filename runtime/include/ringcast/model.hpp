@@ -144,8 +144,10 @@ struct MemoryEstimate {
   // The kept activations, every layer's input and the last layer's output, in the storage dtype
   // (bf16 on CUDA, fp32 on the CPU).
   std::int64_t layer_inputs = 0;
-  std::int64_t residual = 0;      // the final norm's output, the residual-stream gradient, the ids
-  std::int64_t block_scratch = 0;          // one row chunk of a block's input or y, normed rows, dL/d(normed)
+  // The residual-stream gradient, the ids; encoders: the final norm's output and its gradient.
+  std::int64_t residual = 0;
+  // One row chunk of a block's (or the LM head's) input or y, normed rows and dL/d(normed).
+  std::int64_t block_scratch = 0;
   std::int64_t attention_projections = 0;  // Q|K|V, O, LSE, their gradients; one row chunk in fp32
   std::int64_t ffn_chunks = 0;             // the SwiGLU FFN's six [row_chunk, F] matrices
   std::int64_t attention_workspace = 0;    // the attention operators' own buffers (plan.hpp)
