@@ -149,12 +149,9 @@ StackFloats stack_floats(const ModelConfig& c, const SequenceShape& shape, std::
   return f;
 }
 
-// The LM head's row chunks (the blocks' chunk: RowChunks) and how many there are for `rows` rows.
-std::int64_t head_chunk_rows(const ModelConfig& c, std::int64_t rows) {
-  return std::max<std::int64_t>(1, std::min(rows, c.row_chunk));
-}
+// How many row chunks the LM head runs `rows` rows in (the blocks' chunks: RowChunks).
 std::int64_t head_chunks(const ModelConfig& c, std::int64_t rows) {
-  const std::int64_t chunk = head_chunk_rows(c, rows);
+  const std::int64_t chunk = model::chunk_rows(rows, c.row_chunk);
   return (rows + chunk - 1) / chunk;
 }
 
@@ -284,7 +281,7 @@ void Model::State::build() {
   } else {
     head_w = table.add("lm_head", c.vocab, c.dim, true, Init::kFanIn);
   }
-  if (!encoder) model::RowChunks::reserve(scratch, head_chunk_rows(c, output().rows()), c.dim);
+  if (!encoder) model::RowChunks::reserve(scratch, model::chunk_rows(output().rows(), c.row_chunk), c.dim);
   table.finalize();
   scratch.bind(session.device());
 }
@@ -399,7 +396,7 @@ double Model::State::head(bool with_gradient) {
     // RowChunks), each chunk's totals to ce_totals, summed here in chunk order. The norm's backward
     // runs whatever the loss: backward() ignores d_a and step() refuses the gradients when it is not finite.
     const model::RowChunks b = model::RowChunks::get(scratch);
-    const std::int64_t chunk = head_chunk_rows(c, R);
+    const std::int64_t chunk = model::chunk_rows(R, c.row_chunk);
     auto* parts = ce_totals.as<kernels::CrossEntropyTotals>();
     ce.vocab = c.vocab;
     if (with_gradient) zero_d_hidden();

@@ -317,7 +317,7 @@ void SwiGluFfn::backward_rows(const RunContext& rc, std::int64_t rows, const flo
 }
 
 std::int64_t StandardBlock::scratch_floats(const ModelConfig& c, const Geometry& g) {
-  return 3 * std::min(g.rows(), c.row_chunk) * c.dim;
+  return RowChunks::floats(chunk_rows(g.rows(), c.row_chunk), c.dim);
 }
 
 StandardBlock::StandardBlock(const Session& session, ParameterTable& table, Scratch& scratch,
@@ -327,7 +327,7 @@ StandardBlock::StandardBlock(const Session& session, ParameterTable& table, Scra
       eps_(c.norm_eps),
       geom_(std::move(geometry)),
       stored_(attention_dtype(session.device())),
-      chunk_(std::max<std::int64_t>(1, std::min(geom_.rows(), c.row_chunk))),
+      chunk_(chunk_rows(geom_.rows(), c.row_chunk)),
       attn_norm_(table.add(prefix + "attn_norm", 1, c.dim, false, Init::kOnes)),
       ffn_norm_(table.add(prefix + "ffn_norm", 1, c.dim, false, Init::kOnes)),
       ffn_(table, scratch, prefix, "ffn", c.dim, c.ffn_hidden, geom_.rows(), c.row_chunk),

@@ -10,6 +10,7 @@
 #include <ringcast/attention.hpp>
 #include <ringcast/model.hpp>
 
+#include <algorithm>
 #include <array>
 #include <memory>
 #include <vector>
@@ -157,19 +158,25 @@ class PreNormBlock final : public Layer {
   std::unique_ptr<Mixer> attention_, ffn_;
 };
 
+// The rows of one chunk of `rows` rows processed `row_chunk` at a time (at least 1).
+inline std::int64_t chunk_rows(std::int64_t rows, std::int64_t row_chunk) {
+  return std::max<std::int64_t>(1, std::min(rows, row_chunk));
+}
+
 // Three [chunk, D] fp32 matrices in scratch that the standard blocks and the LM head share (they never
 // run at once): x (input rows, or y), normed (their RMSNorm), d_normed (dL/d(normed), or a sink).
 struct RowChunks {
   float *x, *normed, *d_normed;
+  static std::int64_t floats(std::int64_t chunk_rows, int dim) { return 3 * chunk_rows * dim; }
   static void reserve(Scratch& scratch, std::int64_t chunk_rows, int dim);
   static RowChunks get(const Scratch& scratch);
 };
 
 // The standard transformer block, the same function as a PreNormBlock with SelfAttention and
 // SwiGluFfn branches but with every token-wise step in chunks of row_chunk rows: the RMSNorms, the
-// projections, the residual adds and the FFN, so its scratch is four [chunk, D] fp32 matrices (x or y,
-// normed rows, the FFN's output sink, dL/d(normed): RowChunks) besides the branches' own. in and out are in the
-// stack's activation dtype (attention_dtype()); y = in + A(rms(in)) lives in fp32 one chunk at a time
+// projections, the residual adds and the FFN, so its own scratch is RowChunks (x or y, normed rows,
+// dL/d(normed) or the FFN's output sink) besides the branches'. in and out are in the stack's
+// activation dtype (attention_dtype()); y = in + A(rms(in)) lives in fp32 one chunk at a time
 // and out is rounded once, when stored. The norm gains' gradients add up chunk by chunk in row order.
 // backward takes d_in == d_out: each chunk's dL/dout is read before the chunk's dL/dy replaces it.
 class StandardBlock final : public StackLayer {
