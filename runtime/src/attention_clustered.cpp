@@ -15,7 +15,7 @@
 // storage pool), so the backward's fp32 gradient pool is the same buffer; the CPU's fp32 pool is the
 // storage pool and has a gradient pool of its own. dK, dV are finished in the gradient pool's local
 // pages and written to the caller's outputs from there. On CUDA the fp32 dQ buffer holds the
-// forward's selection slots (selection reads the queries one KV head's group at a time, converted).
+// forward's selection slots and one KV head group's queries, converted where selection reads them.
 #include "attention_internal.hpp"
 #include "clustered_internal.hpp"
 #include "clustered_tables.hpp"
@@ -139,9 +139,12 @@ class ClusteredMode final : public DistributedAttention::Mode {
     if (sh.dtype != DType::kF32) {
       attn_pools_ = allocate(pools_.bytes() / sizeof(float) * dtype_size(sh.dtype));
       key_bias_host_.resize(key_bias_.bytes() / sizeof(float));
-      // The fp32 dQ; in the forward every element's selection slots (the caller's dQ when it is fp32).
-      d_q_ = allocate(std::max(sh.batch * sh.local_len() * sh.heads * d * std::int64_t{sizeof(float)}, sh.batch * slots));
-      q_group_ = allocate(sh.local_len() * (sh.heads / sh.kv_heads) * d * sizeof(float));
+      // The fp32 dQ (the caller's dQ when it is fp32); in the forward every element's selection slots,
+      // then one KV head group's fp32 queries (queries()).
+      const std::int64_t group_queries = sh.local_len() * (sh.heads / sh.kv_heads) * d * std::int64_t{sizeof(float)};
+      d_q_ = allocate(
+          std::max(sh.batch * sh.local_len() * sh.heads * d * std::int64_t{sizeof(float)}, sh.batch * slots + group_queries));
+      q_group_ = reinterpret_cast<float*>(d_q_.as<char>() + sh.batch * slots);
     }
     elements_.resize(static_cast<std::size_t>(sh.batch));
     for (int b = 0; b < sh.batch; ++b)
@@ -401,9 +404,9 @@ class ClusteredMode final : public DistributedAttention::Mode {
     c.dst_strides = {group * d, 1};
     c.src = static_cast<const char*>(a.q.data) + (element + g * group * d) * dtype_size(shape.dtype);
     c.src_dtype = shape.dtype;
-    c.dst = q_group_.data();
+    c.dst = q_group_;
     kernels::copy_strided(c, ctx);
-    return {q_group_.as<const float>(), group, 1, shape.head_dim, 0};
+    return {q_group_, group, 1, shape.head_dim, 0};
   }
 
   // The keys and values in fp32: the caller's on the CPU backend, converted copies on CUDA. These live
@@ -584,9 +587,10 @@ class ClusteredMode final : public DistributedAttention::Mode {
   DeviceBuffer pools_, own_d_pools_, key_bias_, page_sums_, page_counts_, block_sums_, block_counts_, gather_send_,
       gather_recv_, coarse_, bounds_, resident_counts_, stage_, d_q_, d_block_sums_, d_page_sums_, scatter_send_,
       scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_;
-  // CUDA only: the storage pools (kv_pool), one KV head group's fp32 queries and the key bias built on
-  // the host.
-  DeviceBuffer attn_pools_, q_group_;
+  // CUDA only: the storage pools (kv_pool), one KV head group's fp32 queries (in d_q_) and the key
+  // bias built on the host.
+  DeviceBuffer attn_pools_;
+  float* q_group_ = nullptr;
   std::vector<float> key_bias_host_;
 };
 
