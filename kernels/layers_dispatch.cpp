@@ -3,6 +3,7 @@
 // backend reports them "not supported" rather than compute something else.
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/layers.hpp>
+#include <ringcast/kernels/row_gather.hpp>
 
 #include "dispatch_checks.hpp"
 #include "cpu/layers_cpu.hpp"
@@ -164,12 +165,17 @@ void embedding_backward(const EmbeddingBackwardParams& p, const ExecContext& ctx
   require_matrix(kOp, p.vocab, p.dim);
   RINGCAST_CHECK(p.rows >= 0 && p.vocab >= 1, "{}: need rows >= 0 and vocab >= 1 (got {}, {})", kOp, p.rows, p.vocab);
   require_pointers(kOp, {p.ids, p.d_y, p.d_table});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::embedding_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::embedding_backward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  // The adjoint of the forward's row gather: d_y's rows added into the table by id, each table row in
+  // token order (row_gather.hpp). The CPU rejects ids outside the vocabulary; CUDA skips them.
+  if (ctx.device.kind == DeviceKind::kCpu) cpu::check_embedding_ids(p.ids, p.rows, p.vocab, kOp);
+  RowScatter s;
+  s.rows = p.rows;
+  s.out_rows = p.vocab;
+  s.width = p.dim;
+  s.index = p.ids;
+  s.src = p.d_y;
+  s.dst = p.d_table;
+  scatter_add_rows(s, ctx);
 }
 
 void token_pool_forward(const TokenPoolParams& p, const ExecContext& ctx) {

@@ -1,5 +1,6 @@
 // The inverse index that turns scatter_add_rows into gather_rows (row_gather.hpp), laid out alike by
-// both backends. Entries of list g are sorted stably by bucket: bucket 0 holds the negative entries,
+// both backends. Entries of list g are sorted stably by bucket: bucket 0 holds the entries that add
+// nothing (negative; on CUDA also those at or past out_rows),
 // bucket t + 1 the entries equal to t. `sources` [lists][rows] holds each sorted entry's source row i
 // (ascending within a bucket), `offsets` [lists][out_rows + 1] at [g][t] the absolute position in
 // `sources` where list g's bucket t + 1 starts (t = out_rows: where the list ends), so a gather with

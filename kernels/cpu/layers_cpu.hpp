@@ -23,7 +23,8 @@ void rope_backward(const RopeParams& p);
 void swiglu_forward(const SwigluParams& p);
 void swiglu_backward(const SwigluBackwardParams& p);
 void embedding_forward(const EmbeddingParams& p);
-void embedding_backward(const EmbeddingBackwardParams& p);
+// Throws unless every id of ids[0, rows) lies in [0, vocab), naming `op` and the first bad token.
+void check_embedding_ids(const std::int32_t* ids, std::int64_t rows, std::int64_t vocab, const char* op);
 void token_pool_forward(const TokenPoolParams& p);
 void token_pool_backward(const TokenPoolBackwardParams& p);
 void linear_cross_entropy(const LinearCrossEntropyParams& p);

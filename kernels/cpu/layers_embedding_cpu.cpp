@@ -1,50 +1,30 @@
-// Token embedding and sequence mean pooling on the CPU. The embedding backward buckets tokens by id
-// (a stable counting sort) so that each table row is summed by one thread in token order: no races,
-// and the same result for any thread count. Pooling splits by (sequence, column block) likewise.
+// Token embedding and sequence mean pooling on the CPU (the embedding backward is a row scatter-add,
+// layers_dispatch.cpp). Pooling splits by (sequence, column block), so the result is the same for any
+// thread count.
 #include "cpu/layers_cpu.hpp"
 
 #include <ringcast/error.hpp>
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 namespace ringcast::kernels::cpu {
 namespace {
 
 constexpr int kColumnBlock = 64;
 
-void check_ids(const std::int32_t* ids, std::int64_t rows, std::int64_t vocab, const char* op) {
-  for (std::int64_t t = 0; t < rows; ++t)
-    RINGCAST_CHECK(ids[t] >= 0 && ids[t] < vocab, "{}: token {} has id {} outside [0, {})", op, t, ids[t], vocab);
-}
-
 }  // namespace
 
 void embedding_forward(const EmbeddingParams& p) {
-  check_ids(p.ids, p.rows, p.vocab, "embedding_forward");
+  check_embedding_ids(p.ids, p.rows, p.vocab, "embedding_forward");
 #pragma omp parallel for schedule(static)
   for (std::int64_t t = 0; t < p.rows; ++t)
     std::memcpy(p.y + t * p.dim, p.table + std::int64_t{p.ids[t]} * p.dim, sizeof(float) * p.dim);
 }
 
-void embedding_backward(const EmbeddingBackwardParams& p) {
-  check_ids(p.ids, p.rows, p.vocab, "embedding_backward");
-  std::vector<std::int64_t> start(p.vocab + 1, 0);
-  for (std::int64_t t = 0; t < p.rows; ++t) ++start[p.ids[t] + 1];
-  for (std::int64_t v = 0; v < p.vocab; ++v) start[v + 1] += start[v];
-  std::vector<std::int64_t> tokens(p.rows);
-  std::vector<std::int64_t> fill(start.begin(), start.end() - 1);
-  for (std::int64_t t = 0; t < p.rows; ++t) tokens[fill[p.ids[t]]++] = t;
-#pragma omp parallel for schedule(dynamic, 64)
-  for (std::int64_t v = 0; v < p.vocab; ++v) {
-    float* de = p.d_table + v * p.dim;
-    for (std::int64_t j = start[v]; j < start[v + 1]; ++j) {
-      const float* dy = p.d_y + tokens[j] * p.dim;
-#pragma omp simd
-      for (int c = 0; c < p.dim; ++c) de[c] += dy[c];
-    }
-  }
+void check_embedding_ids(const std::int32_t* ids, std::int64_t rows, std::int64_t vocab, const char* op) {
+  for (std::int64_t t = 0; t < rows; ++t)
+    RINGCAST_CHECK(ids[t] >= 0 && ids[t] < vocab, "{}: token {} has id {} outside [0, {})", op, t, ids[t], vocab);
 }
 
 void token_pool_forward(const TokenPoolParams& p) {

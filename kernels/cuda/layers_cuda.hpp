@@ -19,7 +19,6 @@ void rope_backward(const RopeParams& p, const ExecContext& ctx);
 void swiglu_forward(const SwigluParams& p, const ExecContext& ctx);
 void swiglu_backward(const SwigluBackwardParams& p, const ExecContext& ctx);
 void embedding_forward(const EmbeddingParams& p, const ExecContext& ctx);
-void embedding_backward(const EmbeddingBackwardParams& p, const ExecContext& ctx);
 void token_pool_forward(const TokenPoolParams& p, const ExecContext& ctx);
 void token_pool_backward(const TokenPoolBackwardParams& p, const ExecContext& ctx);
 void linear_cross_entropy(const LinearCrossEntropyParams& p, const ExecContext& ctx);

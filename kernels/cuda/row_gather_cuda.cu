@@ -90,12 +90,13 @@ void launch_gather(const RowGather& p, cudaStream_t stream) {
   RINGCAST_CUDA_CHECK_LAUNCH();
 }
 
-// Entry i of list g: key g (out_rows + 1) + bucket (0 for a negative entry, t + 1 for t), value i.
+// Entry i of list g: key g (out_rows + 1) + bucket (0 for an entry outside [0, out_rows), t + 1 for t),
+// value i.
 __global__ void inverse_keys_kernel(const RowScatter p, std::uint64_t* keys, std::int64_t* sources) {
   for (std::int64_t x = grid_index(); x < (p.heads / p.group) * p.rows; x += grid_stride()) {
     const std::int64_t list = x / p.rows, i = x % p.rows;
     const std::int64_t j = entry(p.index, list * p.index_stride + i);
-    keys[x] = static_cast<std::uint64_t>(list * (p.out_rows + 1) + (j < 0 ? 0 : j + 1));
+    keys[x] = static_cast<std::uint64_t>(list * (p.out_rows + 1) + (j < 0 || j >= p.out_rows ? 0 : j + 1));
     sources[x] = i;
   }
 }

@@ -63,7 +63,8 @@ void gather_rows(const RowGather& p, const ExecContext& ctx);
 
 // The adjoint of a one-term gather by index, fp32: for every head h and source row i in ascending
 // order, dst row index[g index_stride + i] of head h += src row i of head h (nothing for a negative
-// entry; entries are below out_rows). Run as gather_rows with accumulate over the inverse index, a CSR
+// entry; an entry at or past out_rows is an error: the CPU throws, CUDA, which would need a host
+// synchronization to check, adds nothing for it). The embedding backward is this scatter. Run as gather_rows with accumulate over the inverse index, a CSR
 // of every list built by a stable counting sort (backend scratch on CUDA, host memory on the CPU),
 // so each destination row adds its source rows in ascending i on both backends.
 struct RowScatter {
