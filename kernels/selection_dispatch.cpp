@@ -24,6 +24,20 @@
 #include <algorithm>
 #include <initializer_list>
 
+// A dispatcher's last statement, once its checks have passed: runs `fn` on the backend that ctx names,
+// cpu::fn(p) or cuda::fn(p, cuda_arg) (a CUDA kernel takes the context or only its stream). A build
+// without the CUDA backend reports so for a CUDA context.
+#if RINGCAST_WITH_CUDA
+#define RINGCAST_ROUTE(fn, p, ctx, cuda_arg) \
+  return (ctx).device.kind == DeviceKind::kCpu ? cpu::fn(p) : cuda::fn(p, cuda_arg)
+#else
+#define RINGCAST_ROUTE(fn, p, ctx, cuda_arg)                         \
+  do {                                                               \
+    if ((ctx).device.kind != DeviceKind::kCpu) no_cuda_backend(#fn); \
+    return cpu::fn(p);                                               \
+  } while (false)
+#endif
+
 namespace ringcast::kernels {
 namespace {
 
@@ -105,12 +119,7 @@ void page_summaries(const PageSummaryParams& p, const ExecContext& ctx) {
   validate(p.shape, kOp);
   require_pointers(kOp, {p.k, p.v, p.pages.key_mean, p.pages.value_mean, p.pages.key_min, p.pages.key_max,
                          p.pages.count});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::page_summaries(p);
-#if RINGCAST_WITH_CUDA
-  cuda::page_summaries(p, ctx.stream);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(page_summaries, p, ctx, ctx.stream);
 }
 
 void coarse_summaries(const CoarseSummaryParams& p, const ExecContext& ctx) {
@@ -118,108 +127,63 @@ void coarse_summaries(const CoarseSummaryParams& p, const ExecContext& ctx) {
   validate(p.shape, kOp);
   require_pointers(kOp, {p.page_key_mean, p.page_value_mean, p.page_key_min, p.page_key_max, p.page_count,
                          p.blocks.key_mean, p.blocks.value_mean, p.blocks.key_min, p.blocks.key_max, p.blocks.count});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::coarse_summaries(p);
-#if RINGCAST_WITH_CUDA
-  cuda::coarse_summaries(p, ctx.stream);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(coarse_summaries, p, ctx, ctx.stream);
 }
 
 void page_summaries_backward(const PageSummaryBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "page_summaries_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.d_key_mean, p.d_value_mean, p.d_k, p.d_v});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::page_summaries_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::page_summaries_backward(p, ctx.stream);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(page_summaries_backward, p, ctx, ctx.stream);
 }
 
 void coarse_summaries_backward(const CoarseSummaryBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "coarse_summaries_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.d_block_key_mean, p.d_block_value_mean, p.d_page_key_mean, p.d_page_value_mean});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::coarse_summaries_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::coarse_summaries_backward(p, ctx.stream);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(coarse_summaries_backward, p, ctx, ctx.stream);
 }
 
 void cast_affinities(const CastAffinityParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_affinities";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.q, p.k, p.surrogates, p.a_q, p.a_k});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_affinities(p);
-#if RINGCAST_WITH_CUDA
-  cuda::cast_affinities(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(cast_affinities, p, ctx, ctx);
 }
 
 void cast_affinities_backward(const CastAffinityBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_affinities_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.q, p.k, p.surrogates, p.d_a_q, p.d_a_k, p.d_q, p.d_k, p.d_surrogates});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_affinities_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::cast_affinities_backward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(cast_affinities_backward, p, ctx, ctx);
 }
 
 void cast_assign(const CastAssignParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_assign";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.a_q, p.a_k, p.members, p.counts});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_assign(p);
-#if RINGCAST_WITH_CUDA
-  cuda::cast_assign(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(cast_assign, p, ctx, ctx);
 }
 
 void cast_gather(const CastGatherParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_gather";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.q, p.k, p.v, p.q_gathered, p.k_pages, p.v_pages});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_gather(p);
-#if RINGCAST_WITH_CUDA
-  cuda::cast_gather(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(cast_gather, p, ctx, ctx);
 }
 
 void cast_gather_backward(const CastGatherBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_gather_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.d_q_gathered, p.d_k_pages, p.d_v_pages, p.d_q, p.d_k, p.d_v});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_gather_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::cast_gather_backward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(cast_gather_backward, p, ctx, ctx);
 }
 
 void cast_summaries(const CastSummaryParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_summaries";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.a_k, p.k, p.v, p.key_summary, p.value_summary});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_summaries(p);
-#if RINGCAST_WITH_CUDA
-  cuda::cast_summaries(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(cast_summaries, p, ctx, ctx);
 }
 
 void cast_summaries_backward(const CastSummaryBackwardParams& p, const ExecContext& ctx) {
@@ -227,24 +191,14 @@ void cast_summaries_backward(const CastSummaryBackwardParams& p, const ExecConte
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.a_k, p.k, p.v, p.d_key_summary, p.d_value_summary, p.d_a_k, p.d_k,
                          p.d_v});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_summaries_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::cast_summaries_backward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(cast_summaries_backward, p, ctx, ctx);
 }
 
 void cast_mix(const CastMixParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_mix";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.a_q, p.intra, p.value_summary, p.o});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_mix(p);
-#if RINGCAST_WITH_CUDA
-  cuda::cast_mix(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(cast_mix, p, ctx, ctx);
 }
 
 void cast_mix_backward(const CastMixBackwardParams& p, const ExecContext& ctx) {
@@ -252,36 +206,21 @@ void cast_mix_backward(const CastMixBackwardParams& p, const ExecContext& ctx) {
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.a_q, p.intra, p.value_summary, p.d_o, p.d_a_q, p.d_intra,
                          p.d_value_summary});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cast_mix_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::cast_mix_backward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(cast_mix_backward, p, ctx, ctx);
 }
 
 void router_scores(const RouterScoreParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "router_scores";
   validate_router(p.batch, p.seq, p.dim, kOp);
   require_pointers(kOp, {p.x, p.u, p.s});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::router_scores(p);
-#if RINGCAST_WITH_CUDA
-  cuda::router_scores(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(router_scores, p, ctx, ctx);
 }
 
 void router_scores_backward(const RouterScoreBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "router_scores_backward";
   validate_router(p.batch, p.seq, p.dim, kOp);
   require_pointers(kOp, {p.x, p.u, p.d_s, p.d_x, p.d_u});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::router_scores_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::router_scores_backward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(router_scores_backward, p, ctx, ctx);
 }
 
 void soft_topk(const SoftTopkParams& p, const ExecContext& ctx) {
@@ -292,60 +231,35 @@ void soft_topk(const SoftTopkParams& p, const ExecContext& ctx) {
                  "{}: the hard top-k of a sequence split across ranks needs the whole sequence; pass "
                  "top_indices = nullptr with a reduction and select globally",
                  kOp);
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::soft_topk(p);
-#if RINGCAST_WITH_CUDA
-  cuda::soft_topk(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(soft_topk, p, ctx, ctx);
 }
 
 void soft_topk_backward(const SoftTopkBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "soft_topk_backward";
   validate_soft_topk(p.batch, p.seq, p.k, p.epsilon, p.iterations, p.reduce, kOp);
   require_pointers(kOp, {p.s, p.a_history, p.d_s_tilde, p.d_s});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::soft_topk_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::soft_topk_backward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(soft_topk_backward, p, ctx, ctx);
 }
 
 void halving_pool(const HalvingParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "halving_pool";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.e, p.s, p.e_out, p.s_out});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::halving_pool(p);
-#if RINGCAST_WITH_CUDA
-  cuda::halving_pool(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(halving_pool, p, ctx, ctx);
 }
 
 void halving_pool_backward(const HalvingBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "halving_pool_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.e, p.s, p.d_e_out, p.d_s_out, p.d_e, p.d_s});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::halving_pool_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::halving_pool_backward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(halving_pool_backward, p, ctx, ctx);
 }
 
 RemoteSelection select_remote_blocks(const RemoteSelectionParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "select_remote_blocks";
   validate_selection(p.layout, p.options, p.queries, kOp);
   require_summaries(p.coarse, p.options.score, "coarse", kOp);
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::select_remote_blocks(p);
-#if RINGCAST_WITH_CUDA
-  return cuda::select_remote_blocks(p, ctx.stream);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(select_remote_blocks, p, ctx, ctx.stream);
 }
 
 namespace {
@@ -380,12 +294,7 @@ void require_cuda(const ExecContext& ctx, const char* op, const char* host_funct
 ClusteredSelection select_pages(const SelectionParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "select_pages";
   validate_select_pages(p, kOp);
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::select_pages(p);
-#if RINGCAST_WITH_CUDA
-  return cuda::select_pages(p, ctx.stream);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(select_pages, p, ctx, ctx.stream);
 }
 
 void select_pages_to_slots(const SelectionParams& p, const SelectionSlots& out, const ExecContext& ctx) {
@@ -457,12 +366,7 @@ void page_key_bounds(const PageBoundsParams& p, const ExecContext& ctx) {
                  p.head_dim);
   if (p.pages == 0) return;
   require_pointers(kOp, {p.keys, p.counts, p.key_min, p.key_max});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::page_key_bounds(p);
-#if RINGCAST_WITH_CUDA
-  cuda::page_key_bounds(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(page_key_bounds, p, ctx, ctx);
 }
 
 void cluster_blocks(const ClusterBlockParams& p, const ExecContext& ctx) {
@@ -471,12 +375,7 @@ void cluster_blocks(const ClusterBlockParams& p, const ExecContext& ctx) {
   if (p.blocks == 0) return;
   require_pointers(kOp, {p.counts, p.key_mean, p.value_mean, p.key_min, p.key_max, p.block_key_mean,
                          p.block_value_mean, p.block_key_min, p.block_key_max});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cluster_blocks(p);
-#if RINGCAST_WITH_CUDA
-  cuda::cluster_blocks(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(cluster_blocks, p, ctx, ctx);
 }
 
 void cluster_blocks_backward(const ClusterBlockBackwardParams& p, const ExecContext& ctx) {
@@ -484,12 +383,7 @@ void cluster_blocks_backward(const ClusterBlockBackwardParams& p, const ExecCont
   validate_blocks(p.blocks, p.coarse_pages, p.head_dim, kOp);
   if (p.blocks == 0) return;
   require_pointers(kOp, {p.counts, p.d_block_key_mean, p.d_block_value_mean, p.d_key_mean, p.d_value_mean});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::cluster_blocks_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::cluster_blocks_backward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(cluster_blocks_backward, p, ctx, ctx);
 }
 
 void unit_queries(const UnitQueryParams& p, const ExecContext& ctx) {
@@ -501,24 +395,14 @@ void unit_queries(const UnitQueryParams& p, const ExecContext& ctx) {
                  kOp, p.heads, p.kv_heads, p.kv_head);
   if (p.rows == 0) return;
   require_pointers(kOp, {p.q, p.order, p.out});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::unit_queries(p);
-#if RINGCAST_WITH_CUDA
-  cuda::unit_queries(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(unit_queries, p, ctx, ctx);
 }
 
 void member_lse(const MemberLseParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "member_lse";
   validate(p.m, kOp);
   require_pointers(kOp, {p.a_k, p.lse});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::member_lse(p);
-#if RINGCAST_WITH_CUDA
-  cuda::member_lse(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(member_lse, p, ctx, ctx);
 }
 
 void member_lse_merge_backward(const MemberLseMergeBackwardParams& p, const ExecContext& ctx) {
@@ -529,12 +413,7 @@ void member_lse_merge_backward(const MemberLseMergeBackwardParams& p, const Exec
                  p.summary_rows);
   require_pointers(kOp, {p.a_k, p.lse, p.merged_lse, p.local_value, p.merged_value, p.d_merged_value,
                          p.d_local_value, p.d_a_k});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::member_lse_merge_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::member_lse_merge_backward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(member_lse_merge_backward, p, ctx, ctx);
 }
 
 }  // namespace ringcast::kernels
