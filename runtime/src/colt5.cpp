@@ -234,20 +234,27 @@ const std::int64_t* Router::device_rows(const RunContext& rc) const {
 
 const float* Router::routed_weights(const RunContext& rc) const { return rc.scratch.get(key_ + ".routed_weights"); }
 
-void Router::forward(const RunContext& rc, const float* x) {
-  const Scratch& sc = rc.scratch;
-  float *s = sc.get(key_ + ".s"), *weights = sc.get(key_ + ".weights"), *a = sc.get(key_ + ".a");
-  kernels::router_scores({geom_.batch, geom_.local_len, dim_, x, rc.p(u_), s}, rc.exec);
-  kernels::SoftTopkParams p;
+// Each rank holds a slice of every sequence: the soft top-k sums its slices across ranks.
+template <class Params>
+Params Router::soft_topk_settings() const {
+  Params p;
   p.batch = geom_.batch;
   p.seq = geom_.local_len;
   p.k = static_cast<int>(k_);
   p.epsilon = epsilon_;
   p.iterations = iterations_;
+  p.reduce = {all_reduce_slices, const_cast<void*>(static_cast<const void*>(&session_))};
+  return p;
+}
+
+void Router::forward(const RunContext& rc, const float* x) {
+  const Scratch& sc = rc.scratch;
+  float *s = sc.get(key_ + ".s"), *weights = sc.get(key_ + ".weights"), *a = sc.get(key_ + ".a");
+  kernels::router_scores({geom_.batch, geom_.local_len, dim_, x, rc.p(u_), s}, rc.exec);
+  auto p = soft_topk_settings<kernels::SoftTopkParams>();
   p.s = s;
   p.s_tilde = weights;
   p.a_history = a;
-  p.reduce = {all_reduce_slices, const_cast<void*>(static_cast<const void*>(&session_))};
   kernels::soft_topk(p, rc.exec);
   select_hard(rc, s);
   gather_routed(rc, *this, 1, weights, 1, sc.get(key_ + ".routed_weights"));
@@ -322,17 +329,11 @@ void Router::backward(const RunContext& rc, const float* x, const float* d_route
   zero(d_weights, geom_.rows(), rc);
   scatter_routed(rc, *this, 1, d_routed, d_weights, 1, nullptr, false);
   zero(d_s, geom_.rows(), rc);
-  kernels::SoftTopkBackwardParams p;
-  p.batch = geom_.batch;
-  p.seq = geom_.local_len;
-  p.k = static_cast<int>(k_);
-  p.epsilon = epsilon_;
-  p.iterations = iterations_;
+  auto p = soft_topk_settings<kernels::SoftTopkBackwardParams>();
   p.s = s;
   p.a_history = a;
   p.d_s_tilde = d_weights;
   p.d_s = d_s;
-  p.reduce = {all_reduce_slices, const_cast<void*>(static_cast<const void*>(&session_))};
   kernels::soft_topk_backward(p, rc.exec);
   kernels::router_scores_backward({geom_.batch, geom_.local_len, dim_, x, rc.p(u_), d_s, dx, rc.g(u_)}, rc.exec);
 }
@@ -637,6 +638,24 @@ void Colt5Attention::light_backward(const RunContext& rc) {
                 [](const auto& p) { return HaloRows{p.send_first, p.send_count}; }, true);
 }
 
+GatheredForwardArgs Colt5Attention::heavy_args(const RunContext& rc, std::span<const std::int64_t> q_counts,
+                                               std::span<const std::int64_t> k_counts) const {
+  const Scratch& sc = rc.scratch;
+  GatheredForwardArgs a;
+  a.n_q = router_q_.count();
+  a.n_k = router_kv_.count();
+  a.q_counts = q_counts;
+  a.k_counts = k_counts;
+  a.q = sc.get("colt5.attn.qh");
+  a.k = sc.get("colt5.attn.kh");
+  a.v = sc.get("colt5.attn.vh");
+  a.o = sc.get("colt5.attn.oh");
+  a.lse = sc.get("colt5.attn.lse_h");
+  a.kept = sc.get("colt5.attn.kept");
+  a.workspace = sc.get("colt5.attn.gathered");
+  return a;
+}
+
 void Colt5Attention::heavy_forward(const RunContext& rc) {
   const Scratch& sc = rc.scratch;
   const int d = proj_.head_dim;
@@ -645,24 +664,12 @@ void Colt5Attention::heavy_forward(const RunContext& rc) {
   const std::int64_t lq = std::int64_t{light_heads_} * d, lk = std::int64_t{light_kv_heads_} * d;
   const float *q = sc.get("colt5.attn.q"), *k = sc.get("colt5.attn.k"), *v = sc.get("colt5.attn.v");
   float *qh = sc.get("colt5.attn.qh"), *kh = sc.get("colt5.attn.kh"), *vh = sc.get("colt5.attn.vh");
-  float *oh = sc.get("colt5.attn.oh"), *lse_h = sc.get("colt5.attn.lse_h"), *o = sc.get("colt5.attn.o");
+  float *oh = sc.get("colt5.attn.oh"), *o = sc.get("colt5.attn.o");
   gather_routed(rc, router_q_, hq, q + lq, qw, qh);
   gather_routed(rc, router_kv_, hk, k + lk, kw, kh);
   gather_routed(rc, router_kv_, hk, v + lk, kw, vh, router_kv_.routed_weights(rc));  // V scaled by s̃^kv
   const std::vector<std::int64_t> n_q = per_sequence(router_q_.offsets()), n_k = per_sequence(router_kv_.offsets());
-  GatheredForwardArgs a;
-  a.n_q = router_q_.count();
-  a.n_k = router_kv_.count();
-  a.q_counts = n_q;
-  a.k_counts = n_k;
-  a.q = qh;
-  a.k = kh;
-  a.v = vh;
-  a.o = oh;
-  a.lse = lse_h;
-  a.kept = sc.get("colt5.attn.kept");
-  a.workspace = sc.get("colt5.attn.gathered");
-  gathered_.forward(a);
+  gathered_.forward(heavy_args(rc, n_q, n_k));
   // The light kernel left the heavy heads' slots of O at 0: unrouted queries keep that.
   scatter_routed(rc, router_q_, hq, oh, o + lq, qw, router_q_.routed_weights(rc), false);
 }
@@ -690,23 +697,7 @@ void Colt5Attention::heavy_backward(const RunContext& rc) {
   zero(d_kh, nkv * hk, rc);
   zero(d_vh, nkv * hk, rc);
   const std::vector<std::int64_t> n_q = per_sequence(router_q_.offsets()), n_k = per_sequence(router_kv_.offsets());
-  GatheredBackwardArgs a;
-  a.n_q = nq;
-  a.n_k = nkv;
-  a.q_counts = n_q;
-  a.k_counts = n_k;
-  a.q = sc.get("colt5.attn.qh");
-  a.k = sc.get("colt5.attn.kh");
-  a.v = sc.get("colt5.attn.vh");
-  a.o = oh;
-  a.lse = sc.get("colt5.attn.lse_h");
-  a.d_o = d_oh;
-  a.d_q = d_qh;
-  a.d_k = d_kh;
-  a.d_v = d_vh;
-  a.kept = sc.get("colt5.attn.kept");
-  a.workspace = sc.get("colt5.attn.gathered");
-  gathered_.backward(a);
+  gathered_.backward({.fwd = heavy_args(rc, n_q, n_k), .d_o = d_oh, .d_q = d_qh, .d_k = d_kh, .d_v = d_vh});
   scatter_routed(rc, router_q_, hq, d_qh, d_q + lq, qw, nullptr, true);
   scatter_routed(rc, router_kv_, hk, d_kh, d_k + lk, kw, nullptr, true);
   scatter_routed(rc, router_kv_, hk, d_vh, d_v + lk, kw, router_kv_.routed_weights(rc), true);

@@ -65,6 +65,9 @@ class Router {
 
  private:
   void select_hard(const RunContext& rc, const float* s);
+  // SoftTopkParams or SoftTopkBackwardParams with the settings both passes share; buffers left null.
+  template <class Params>
+  Params soft_topk_settings() const;
 
   const Session& session_;
   const Geometry& geom_;
@@ -113,6 +116,9 @@ class Colt5Attention final : public Mixer {
   void light_backward(const RunContext& rc);
   void heavy_forward(const RunContext& rc);
   void heavy_backward(const RunContext& rc);
+  // The gathered attention over the routed rows; q_counts and k_counts: routed rows per sequence.
+  GatheredForwardArgs heavy_args(const RunContext& rc, std::span<const std::int64_t> q_counts,
+                                 std::span<const std::int64_t> k_counts) const;
   void build_window(int ranks, int rank);
   // The light kernel's q and d_o in the storage dtype: scratch twins on CUDA, the fp32 buffers on the CPU.
   void* storage_twin(const RunContext& rc, const char* fp32_key, const char* twin_key) const;

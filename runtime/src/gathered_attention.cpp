@@ -572,36 +572,37 @@ void GatheredAttention::forward(const GatheredForwardArgs& a) {
 }
 
 void GatheredAttention::backward(const GatheredBackwardArgs& a) {
+  const GatheredForwardArgs& fw = a.fwd;
   State& st = *state_;
   const GatheredAttentionShape& sh = st.shape;
   const auto S = static_cast<std::size_t>(sh.sequences);
-  const State::Kept kept = st.kept(const_cast<void*>(a.kept));  // read only: the forward's header and pools
+  const State::Kept kept = st.kept(fw.kept);  // read only: the forward's header and pools
   std::vector<std::int64_t> header(static_cast<std::size_t>(st.header_size()), 0);
-  if (a.kept)
+  if (fw.kept)
     copy_to_host(header.data(), kept.header, header.size() * sizeof(std::int64_t), st.ctx.device, st.ctx.stream);
-  const std::vector<std::int64_t> q_counts = st.split(a.n_q, a.q_counts), k_counts = st.split(a.n_k, a.k_counts);
-  const std::int64_t queries = a.n_q, own_keys = a.n_k;
-  const bool bias = a.kept && header[0] != 0;  // the forward's call had one
+  const std::vector<std::int64_t> q_counts = st.split(fw.n_q, fw.q_counts), k_counts = st.split(fw.n_k, fw.k_counts);
+  const std::int64_t queries = fw.n_q, own_keys = fw.n_k;
+  const bool bias = fw.kept && header[0] != 0;  // the forward's call had one
   const Problem problem = [&] {
-    if (const Problem p = st.check_counts(a.n_q, q_counts, a.n_k, k_counts); p != kFine) return p;
-    if (!a.kept || !a.workspace) return kNullMemory;
+    if (const Problem p = st.check_counts(fw.n_q, q_counts, fw.n_k, k_counts); p != kFine) return p;
+    if (!fw.kept || !fw.workspace) return kNullMemory;
     const std::int64_t* kept_n_k = header.data() + 1 + S + st.session.rank() * S;
     if (!std::equal(q_counts.begin(), q_counts.end(), header.data() + 1) ||
-        !std::equal(k_counts.begin(), k_counts.end(), kept_n_k) || (own_keys > 0 && (a.key_bias != nullptr) != bias))
+        !std::equal(k_counts.begin(), k_counts.end(), kept_n_k) || (own_keys > 0 && (fw.key_bias != nullptr) != bias))
       return kNotTheForward;
     if (a.d_key_bias && !bias) return kBiasGradient;
-    if ((queries > 0 && (!a.q || !a.o || !a.lse || !a.d_o)) || (own_keys > 0 && (!a.k || !a.v))) return kNullInput;
+    if ((queries > 0 && (!fw.q || !fw.o || !fw.lse || !a.d_o)) || (own_keys > 0 && (!fw.k || !fw.v))) return kNullInput;
     if ((queries > 0 && !a.d_q) || (own_keys > 0 && (!a.d_k || !a.d_v))) return kNullOutput;
     return kFine;
   }();
-  st.agree("backward", problem, q_counts, k_counts, a.key_bias != nullptr);
+  st.agree("backward", problem, q_counts, k_counts, fw.key_bias != nullptr);
 
   const KeyLayout keys(std::vector<std::int64_t>(header.begin() + 1 + static_cast<std::ptrdiff_t>(S), header.end()),
                        st.ranks, sh.sequences);
   if (keys.total == 0) return;  // nothing was attended: no gradient anywhere
   const int d = sh.head_dim, hkv = sh.kv_heads, f = st.features(bias);
   const std::int64_t kvd = std::int64_t{hkv} * d, w = st.row_width(bias);
-  const State::Work wk = st.work(a.workspace);
+  const State::Work wk = st.work(fw.workspace);
   const kernels::AttentionShape ks = st.kernel_shape(queries, keys.pages(), f);
   const std::int64_t head_stride = ks.num_pages * kPageSize * f;
   if (queries == 0) {
@@ -621,12 +622,12 @@ void GatheredAttention::backward(const GatheredBackwardArgs& a) {
 
     // Padded features: o' = [o, 0..] (P v' is 0 past d), dO' = [dO, 0..], dQ' into a zeroed pad.
     const std::int64_t rows = queries * sh.heads;
-    const float* o = a.o;
+    float* o = fw.o;  // only read (p.fwd.o): the forward's O or its padded copy
     const void* d_o = a.d_o;
     float* d_q = a.d_q;
     if (f != d) {
       zero(wk.o_pad, rows * f, DType::kF32, st.ctx);
-      copy(a.o, {0, d}, wk.o_pad, {0, f}, 1, rows, d, false, st.ctx);
+      copy(fw.o, {0, d}, wk.o_pad, {0, f}, 1, rows, d, false, st.ctx);
       zero(wk.d_q_pad, rows * f, DType::kF32, st.ctx);
       o = wk.o_pad;
       d_q = wk.d_q_pad;
@@ -641,14 +642,14 @@ void GatheredAttention::backward(const GatheredBackwardArgs& a) {
     p.fwd.dtype = st.storage;
     p.fwd.o_dtype = DType::kF32;
     p.fwd.softmax_scale = st.scale;
-    p.fwd.q = st.kernel_q(wk, a.q, queries, f, bias, tables.at<float>(constants_at));
+    p.fwd.q = st.kernel_q(wk, fw.q, queries, f, bias, tables.at<float>(constants_at));
     p.fwd.k_pages = kept.k_pool;
     p.fwd.v_pages = kept.v_pool;
     p.fwd.q_pos = wk.q_pos;
     p.fwd.table = {tables.at<std::int64_t>(offsets_at), tables.at<kernels::BlockEntry>(entries_at), nullptr,
                    static_cast<std::int64_t>(host_table.entries.size())};
-    p.fwd.o = const_cast<float*>(o);  // the backward only reads the forward's outputs
-    p.fwd.lse = const_cast<float*>(a.lse);
+    p.fwd.o = o;
+    p.fwd.lse = fw.lse;
     p.d_o = d_o;
     p.transposed = {tables.at<std::int64_t>(t_offsets_at), tables.at<kernels::PageRef>(refs_at),
                     static_cast<std::int64_t>(host_transposed.refs.size())};

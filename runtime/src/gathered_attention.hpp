@@ -53,21 +53,14 @@ struct GatheredForwardArgs {
 };
 
 struct GatheredBackwardArgs {
-  std::int64_t n_q = 0, n_k = 0;                     // those of the forward
-  std::span<const std::int64_t> q_counts, k_counts;  // those of the forward
-  const float* q = nullptr;
-  const float* k = nullptr;
-  const float* v = nullptr;
-  const float* key_bias = nullptr;  // as in the forward
-  const float* o = nullptr;
-  const float* lse = nullptr;
+  // The forward call's arguments, as they were: its inputs, O, LSE and `kept` are read, untouched since;
+  // its `workspace` holds this call's temporaries.
+  GatheredForwardArgs fwd;
   const float* d_o = nullptr;
   float* d_q = nullptr;         // added into
   float* d_k = nullptr;         // added into: this rank's keys, summed over every rank's queries
   float* d_v = nullptr;         // added into
   float* d_key_bias = nullptr;  // added into; optional, only in a call with a bias
-  const void* kept = nullptr;   // the forward's, untouched since
-  void* workspace = nullptr;
 };
 
 class GatheredAttention {

@@ -489,6 +489,23 @@ void VccBlock::compress(const RunContext& rc, const float* x) {
                        rc.exec);
 }
 
+// Every rank's Z rows are keys, this rank's its queries; the key bias is +log(block size). The forward
+// and the backward of an example pass the same.
+GatheredForwardArgs VccBlock::attention_args(const RunContext& rc) const {
+  const Scratch& s = rc.scratch;
+  GatheredForwardArgs args;
+  args.n_q = args.n_k = z_geom_.local_len;
+  args.q = s.get(kQ);
+  args.k = s.get(kK);
+  args.v = s.get(kV);
+  args.key_bias = example<float>(rc, example_.bias);
+  args.o = s.get(kO);
+  args.lse = s.get(kLse);
+  args.kept = s.get(kAttnKept);
+  args.workspace = s.get(kAttnWork);
+  return args;
+}
+
 // U = A + F on Z, A = Attn(rms z) over every rank's Z, F = FFN(rms(z + A)); z_new = z + σ⊙U, σ = 1.
 void VccBlock::block_forward(const RunContext& rc) {
   const Scratch& s = rc.scratch;
@@ -498,17 +515,7 @@ void VccBlock::block_forward(const RunContext& rc) {
   float *q = s.get(kQ), *k = s.get(kK), *v = s.get(kV), *o = s.get(kO);
   kernels::rms_norm_forward({r, D, eps_, z, rc.p(attn_norm_), zn}, rc.exec);
   proj_.project(rc, z_geom_, zn, q, k, v);
-  GatheredForwardArgs args;
-  args.n_q = args.n_k = r;
-  args.q = q;
-  args.k = k;
-  args.v = v;
-  args.key_bias = example<float>(rc, example_.bias);
-  args.o = o;
-  args.lse = s.get(kLse);
-  args.kept = s.get(kAttnKept);
-  args.workspace = s.get(kAttnWork);
-  attention_->forward(args);
+  attention_->forward(attention_args(rc));
   kernels::linear_forward({r, qd, D, o, rc.p(proj_.wo), u, false, rc.compute}, rc.exec);
   copy(z, y, r * D, rc);
   copy(u, y, r * D, rc, true);
@@ -522,8 +529,7 @@ void VccBlock::block_backward(const RunContext& rc) {
   const std::int64_t r = z_geom_.local_len;
   const int D = dim_, qd = static_cast<int>(proj_.q_width());
   float *z = s.get(kZ), *zn = s.get(kZn), *y = s.get(kY), *yn = s.get(kYn), *d_u = s.get(kDU);
-  float *d_z = s.get(kDZ), *d_zn = s.get(kDZn), *d_y = s.get(kDY), *d_yn = s.get(kDYn);
-  float *q = s.get(kQ), *k = s.get(kK), *v = s.get(kV), *o = s.get(kO);
+  float *d_z = s.get(kDZ), *d_zn = s.get(kDZn), *d_y = s.get(kDY), *d_yn = s.get(kDYn), *o = s.get(kO);
   float *d_q = s.get(kDQ), *d_k = s.get(kDK), *d_v = s.get(kDV), *d_o = s.get(kDO);
   float *d_bias = s.get(kDBias), *d_sigma = s.get(kDSigma);
 
@@ -539,22 +545,8 @@ void VccBlock::block_backward(const RunContext& rc) {
   zero(d_k, r * proj_.kv_width(), rc);
   zero(d_v, r * proj_.kv_width(), rc);
   zero(d_bias, r, rc);
-  GatheredBackwardArgs args;
-  args.n_q = args.n_k = r;
-  args.q = q;
-  args.k = k;
-  args.v = v;
-  args.key_bias = example<float>(rc, example_.bias);
-  args.o = o;
-  args.lse = s.get(kLse);
-  args.d_o = d_o;
-  args.d_q = d_q;
-  args.d_k = d_k;
-  args.d_v = d_v;
-  args.d_key_bias = d_bias;
-  args.kept = s.get(kAttnKept);
-  args.workspace = s.get(kAttnWork);
-  attention_->backward(args);
+  attention_->backward(
+      {.fwd = attention_args(rc), .d_o = d_o, .d_q = d_q, .d_k = d_k, .d_v = d_v, .d_key_bias = d_bias});
   copy(d_bias, d_sigma, r, rc, true);
   zero(d_zn, r * D, rc);
   proj_.project_backward(rc, z_geom_, zn, d_q, d_k, d_v, d_zn);

@@ -62,6 +62,7 @@ class VccBlock final : public Layer {
   void compress(const RunContext& rc, const float* x);
   void block_forward(const RunContext& rc);
   void block_backward(const RunContext& rc);  // d_u -> d_z, and d_sigma += the key bias gradient
+  GatheredForwardArgs attention_args(const RunContext& rc) const;  // the block's attention over Z
   void select_backward(const RunContext& rc, float* d_x);
 
   // This rank's share of the sequence, fixed at construction. Rank 0 holds the VIP tokens:

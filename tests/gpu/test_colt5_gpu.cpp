@@ -257,25 +257,7 @@ void run_gathered(model::GatheredAttention& attention, const GatheredBuffers& b,
   f.kept = b.kept;
   f.workspace = b.workspace;
   attention.forward(f);
-  model::GatheredBackwardArgs g;
-  g.n_q = f.n_q;
-  g.n_k = f.n_k;
-  g.q_counts = q_counts;
-  g.k_counts = k_counts;
-  g.q = b.q;
-  g.k = b.k;
-  g.v = b.v;
-  g.key_bias = b.bias;
-  g.o = b.o;
-  g.lse = b.lse;
-  g.d_o = b.d_o;
-  g.d_q = b.d_q;
-  g.d_k = b.d_k;
-  g.d_v = b.d_v;
-  g.d_key_bias = b.d_bias;
-  g.kept = b.kept;
-  g.workspace = b.workspace;
-  attention.backward(g);
+  attention.backward({.fwd = f, .d_o = b.d_o, .d_q = b.d_q, .d_k = b.d_k, .d_v = b.d_v, .d_key_bias = b.d_bias});
 }
 
 // GatheredAttention's key-bias call (VCC's): uneven per-rank counts, two sequences, GQA, a bias per

@@ -208,7 +208,7 @@ void run_case(const Case& c) {
   DeviceBuffer kept(2 * attention.kept_bytes(), w.session.device());
   DeviceBuffer workspace(attention.workspace_bytes(), w.session.device());
   Call calls[2] = {make_call(c, w, c.seed), make_call(c, w, c.seed + 100)};
-  for (int i = 0; i < 2; ++i) {
+  auto forward_args = [&](int i) {
     Call& s = calls[i];
     model::GatheredForwardArgs a;
     a.n_q = total(s.n_q);
@@ -223,29 +223,17 @@ void run_case(const Case& c) {
     a.lse = s.lse.data();
     a.kept = static_cast<std::byte*>(kept.data()) + i * attention.kept_bytes();
     a.workspace = workspace.data();
-    attention.forward(a);
-  }
+    return a;
+  };
+  for (int i = 0; i < 2; ++i) attention.forward(forward_args(i));
   for (int i = 1; i >= 0; --i) {
     Call& s = calls[i];
-    model::GatheredBackwardArgs a;
-    a.n_q = total(s.n_q);
-    a.n_k = total(s.n_k);
-    a.q_counts = s.n_q;
-    a.k_counts = s.n_k;
-    a.q = s.q.data();
-    a.k = s.k.data();
-    a.v = s.v.data();
-    a.key_bias = c.bias ? s.bias.data() : nullptr;
-    a.o = s.o.data();
-    a.lse = s.lse.data();
-    a.d_o = s.d_o.data();
-    a.d_q = s.d_q.data();
-    a.d_k = s.d_k.data();
-    a.d_v = s.d_v.data();
-    a.d_key_bias = c.bias ? s.d_bias.data() : nullptr;
-    a.kept = static_cast<const std::byte*>(kept.data()) + i * attention.kept_bytes();
-    a.workspace = workspace.data();
-    attention.backward(a);
+    attention.backward({.fwd = forward_args(i),
+                        .d_o = s.d_o.data(),
+                        .d_q = s.d_q.data(),
+                        .d_k = s.d_k.data(),
+                        .d_v = s.d_v.data(),
+                        .d_key_bias = c.bias ? s.d_bias.data() : nullptr});
   }
   check(c, calls[0], "call 0");
   check(c, calls[1], "call 1");
@@ -317,14 +305,15 @@ TEST(GatheredAttention, BadArgumentsThrowOnEveryRank) {
   forward(4, false);
   std::vector<float> grads(q.size());
   model::GatheredBackwardArgs b;
-  b.n_q = w.rank == last ? 3 : 4;  // not the forward's
-  b.n_k = 4;
-  b.q = b.o = b.d_o = q.data();
-  b.k = b.v = kv.data();
-  b.lse = lse.data();
+  b.fwd.n_q = w.rank == last ? 3 : 4;  // not the forward's
+  b.fwd.n_k = 4;
+  b.fwd.q = b.d_o = q.data();
+  b.fwd.o = o.data();
+  b.fwd.k = b.fwd.v = kv.data();
+  b.fwd.lse = lse.data();
   b.d_q = b.d_k = b.d_v = grads.data();
-  b.kept = kept.data();
-  b.workspace = workspace.data();
+  b.fwd.kept = kept.data();
+  b.fwd.workspace = workspace.data();
   test::expect_error([&] { attention.backward(b); }, "unlike the forward");
 
   if (w.ranks > 1) {
