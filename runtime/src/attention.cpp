@@ -6,6 +6,9 @@
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/layout.hpp>
 
+#include <cstdint>
+#include <iterator>
+
 namespace ringcast {
 
 Segments shard_segments(const LayerShape& shape, const AttentionOptions& options, int rank, int page_size) {
@@ -139,6 +142,13 @@ DeviceBuffer DistributedAttention::Mode::allocate(std::size_t bytes) {
 
 namespace {
 
+// Whether two views share memory (an empty view shares none).
+bool overlaps(const TensorView& a, const TensorView& b) {
+  if (a.data == nullptr || b.data == nullptr) return false;
+  const auto a0 = reinterpret_cast<std::uintptr_t>(a.data), b0 = reinterpret_cast<std::uintptr_t>(b.data);
+  return a0 < b0 + b.bytes() && b0 < a0 + a.bytes();
+}
+
 void check_view(const TensorView& t, const char* name, DType dtype, std::initializer_list<std::int64_t> dims,
                 const Device& device) {
   RINGCAST_CHECK(t.data != nullptr, "attention: {} is null", name);
@@ -189,6 +199,30 @@ void DistributedAttention::Mode::check_args(const AttentionBackwardArgs& a) cons
   check_view(a.d_k, "d_k", s.dtype, {s.batch, n, s.kv_heads, s.head_dim}, dev);
   check_view(a.d_v, "d_v", s.dtype, {s.batch, n, s.kv_heads, s.head_dim}, dev);
   check_surrogates(a.d_surrogates, "d_surrogates", DType::kF32);
+  // Outputs overlap no input and no other output; in place, a gradient may be its own input.
+  const bool in_place = ringcast::backward_in_place(options);
+  const std::pair<const char*, const TensorView*> inputs[] = {{"q", &a.q},     {"k", &a.k},   {"v", &a.v},
+                                                              {"o", &a.o},     {"lse", &a.lse}, {"d_o", &a.d_o},
+                                                              {"surrogates", &a.surrogates}};
+  const std::pair<const char*, const TensorView*> outputs[] = {
+      {"d_q", &a.d_q}, {"d_k", &a.d_k}, {"d_v", &a.d_v}, {"d_surrogates", &a.d_surrogates}};
+  for (std::size_t i = 0; i < std::size(outputs); ++i) {
+    const auto& [out_name, out] = outputs[i];
+    for (std::size_t j = 0; j < std::size(inputs); ++j) {
+      const auto& [in_name, in] = inputs[j];
+      if (!overlaps(*out, *in)) continue;
+      const bool own_input = i < 3 && j == i;
+      RINGCAST_CHECK(!own_input || in_place,
+                     "attention backward: {} overlaps {}: mode {} with clusters = {} does not take gradients in place of "
+                     "its inputs (backward_in_place())",
+                     out_name, in_name, name(options.mode), name(options.clusters));
+      RINGCAST_CHECK(own_input && out->data == in->data && out->bytes() == in->bytes(),
+                     "attention backward: {} overlaps {}", out_name, in_name);
+    }
+    for (std::size_t j = 0; j < i; ++j)
+      RINGCAST_CHECK(!overlaps(*out, *outputs[j].second), "attention backward: {} overlaps {}", out_name,
+                     outputs[j].first);
+  }
 }
 
 DistributedAttention::DistributedAttention(const Session& session, const LayerShape& shape,
@@ -219,6 +253,13 @@ void DistributedAttention::forward(const AttentionForwardArgs& args) {
   }
   mode_->forward(args);
 }
+
+bool backward_in_place(const AttentionOptions& options) {
+  // attention_clustered.cpp writes every gradient after its last read of q, k, v.
+  return options.mode == AttentionMode::kClustered && options.clusters == ClusterKind::kBlocks;
+}
+
+bool DistributedAttention::backward_in_place() const { return ringcast::backward_in_place(options()); }
 
 void DistributedAttention::backward(const AttentionBackwardArgs& args) {
   mode_->check_args(args);

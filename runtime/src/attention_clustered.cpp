@@ -14,8 +14,10 @@
 // start. Workspace by phase: on CUDA the fp32 pool is read by the forward only (the attention reads the
 // storage pool), so the backward's fp32 gradient pool is the same buffer; the CPU's fp32 pool is the
 // storage pool and has a gradient pool of its own. dK, dV are finished in the gradient pool's local
-// pages and written to the caller's outputs from there. On CUDA the fp32 dQ buffer holds the
-// forward's selection slots and one KV head group's queries, converted where selection reads them.
+// pages and dQ in a buffer of the mode's, and written to the caller's outputs last: the backward reads
+// q, k, v before it writes any gradient, so the gradients may overwrite them (backward_in_place). On
+// CUDA the fp32 dQ buffer holds the forward's selection slots and one KV head group's queries,
+// converted where selection reads them.
 #include "attention_internal.hpp"
 #include "clustered_internal.hpp"
 #include "clustered_tables.hpp"
@@ -136,19 +138,21 @@ class ClusteredMode final : public DistributedAttention::Mode {
     bwd_ws_ = allocate(kernels::attention_backward_workspace_bytes(widest, ctx));
     const std::int64_t units = sel_.unit == kernels::SelectUnit::kRow ? sh.local_len() : base_.num_tiles();
     const std::int64_t slots = ClusteredTables::slot_bytes(sel_, units, sh.kv_heads);
-    if (sh.dtype != DType::kF32) {
+    // The fp32 dQ the attention backward writes, copied to the caller's d_q last (so d_q may be q itself:
+    // backward_in_place()). On CUDA it holds, during the forward, every element's selection slots and
+    // then one KV head group's fp32 queries (queries()).
+    const std::int64_t dq_bytes = sh.batch * sh.local_len() * sh.heads * d * std::int64_t{sizeof(float)};
+    const std::int64_t group_queries = sh.local_len() * (sh.heads / sh.kv_heads) * d * std::int64_t{sizeof(float)};
+    const bool cuda = sh.dtype != DType::kF32;
+    d_q_ = allocate(std::max(dq_bytes, cuda ? sh.batch * slots + group_queries : 0));
+    if (cuda) {
       attn_pools_ = allocate(pools_.bytes() / sizeof(float) * dtype_size(sh.dtype));
       key_bias_host_.resize(key_bias_.bytes() / sizeof(float));
-      // The fp32 dQ (the caller's dQ when it is fp32); in the forward every element's selection slots,
-      // then one KV head group's fp32 queries (queries()).
-      const std::int64_t group_queries = sh.local_len() * (sh.heads / sh.kv_heads) * d * std::int64_t{sizeof(float)};
-      d_q_ = allocate(
-          std::max(sh.batch * sh.local_len() * sh.heads * d * std::int64_t{sizeof(float)}, sh.batch * slots + group_queries));
       q_group_ = reinterpret_cast<float*>(d_q_.as<char>() + sh.batch * slots);
     }
     elements_.resize(static_cast<std::size_t>(sh.batch));
     for (int b = 0; b < sh.batch; ++b)
-      elements_[b].tables.emplace(ctx, sel_, units, sh.kv_heads, d_q_.data() ? d_q_.as<char>() + b * slots : nullptr);
+      elements_[b].tables.emplace(ctx, sel_, units, sh.kv_heads, cuda ? d_q_.as<char>() + b * slots : nullptr);
   }
 
   void forward(const AttentionForwardArgs& a) override {
@@ -217,7 +221,6 @@ class ClusteredMode final : public DistributedAttention::Mode {
                          shape.dtype, 1, shape.kv_heads, shape.head_dim, local_seg_, options.page_size, ctx,
                          {s.num_pages, 0});
     }
-    if (shape.dtype == DType::kF32) return;  // the attention wrote dQ into the caller's output
     const std::int64_t q_elems = std::int64_t{shape.batch} * shape.local_len() * shape.heads * shape.head_dim;
     kernels::copy_strided(kernels::StridedCopy::flat(d_q_.data(), DType::kF32, a.d_q.data, shape.dtype, q_elems), ctx);
   }
@@ -526,7 +529,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     p.fwd.lse = a.lse.as<float>() + b * rows;
     p.d_o = static_cast<const char*>(a.d_o.data) + b * rows * d * elt;
     p.transposed = e.tables->transposed();
-    p.d_q = (shape.dtype == DType::kF32 ? a.d_q.as<float>() : d_q_.as<float>()) + b * rows * d;
+    p.d_q = d_q_.as<float>() + b * rows * d;
     p.d_k_pages = pool(d_pools(), b, 0, 0);
     p.d_v_pages = pool(d_pools(), b, 0, 1);
     p.accumulate = false;  // writes every page of the pool

@@ -119,11 +119,13 @@ void validate_config(const ModelConfig& c, const SequenceShape& shape) {
 // dtype), the encoder head's and the residual stream's (floats; the LM head runs in RowChunks). The constructor allocates by it and
 // estimate_memory() counts by it. layer_rows: each layer's input rows; out_rows: the last layer's
 // output rows; head: the head weight's size; in_place: every layer's backward takes d_in == d_out, so
-// one residual-stream gradient buffer serves the whole backward (d_b is empty).
+// one residual-stream gradient buffer serves the whole backward (d_b is empty). The last layer's
+// output, the final hidden state, has no slot of its own: it lives at the end of d_a (Model::State::
+// hidden()), which is free from the embedding until the head turns it into the hidden state's gradient.
 struct StackFloats {
   std::int64_t activations = 0, final_out = 0, d_a = 0, d_b = 0, d_final = 0, pooled = 0, d_pooled = 0,
                head_sink = 0;
-  std::vector<std::int64_t> in_offset;  // layer l reads activations + in_offset[l]; the output at the last
+  std::vector<std::int64_t> in_offset;  // layer l reads activations + in_offset[l]
 };
 
 StackFloats stack_floats(const ModelConfig& c, const SequenceShape& shape, std::span<const std::int64_t> layer_rows,
@@ -136,8 +138,6 @@ StackFloats stack_floats(const ModelConfig& c, const SequenceShape& shape, std::
     f.activations += rows * D;
     max_rows = std::max(max_rows, rows);
   }
-  f.in_offset.push_back(f.activations);
-  f.activations += out_rows * D;
   // d_a also stages the embedding's fp32 output (and the encoder's final norm input) in the forward.
   f.d_a = max_rows * D;
   f.d_b = in_place ? 0 : max_rows * D;
@@ -187,8 +187,8 @@ struct Model::State {
   bool have_forward = false, have_gradients = false;
 
   // Layer inputs, `stored` elements: layer l reads layer_input(l); the final hidden state is
-  // layer_input(L). The residual-stream gradient stays in d_a when every layer's backward runs in
-  // place, else d_a and d_b ping-pong it between layers.
+  // layer_input(L) = hidden(). The residual-stream gradient stays in d_a when every layer's backward
+  // runs in place, else d_a and d_b ping-pong it between layers.
   std::vector<std::int64_t> in_offset;
   DeviceBuffer activations;
   Floats final_out, d_final, d_a, d_b, pooled, d_pooled;  // final_out..d_pooled: the encoder's head
@@ -213,7 +213,16 @@ struct Model::State {
     return std::all_of(layers.begin(), layers.end(), [](const auto& l) { return l->gradient_in_place(); });
   }
   void* layer_input(std::size_t l) const {
+    if (l == layers.size()) return hidden();
     return activations.as<char>() + static_cast<std::size_t>(in_offset[l]) * dtype_size(stored);
+  }
+  // The final hidden state, `stored` elements at the end of d_a (at least as many fp32 rows). The head
+  // reads each row before it writes that row's gradient, and a gradient row i (bytes [4 D i, 4 D (i +
+  // 1)) of d_a) never reaches a hidden row j > i (which starts at byte 4 D R_a - e D R + e D j, R_a >= R
+  // rows in d_a, element size e <= 4): the gradient replaces the hidden state as the head runs.
+  void* hidden() const {
+    const std::size_t bytes = static_cast<std::size_t>(output().rows() * config.dim) * dtype_size(stored);
+    return d_a.buf.as<char>() + d_a.bytes() - bytes;
   }
   model::RunContext run_context(bool training) {
     return {session, ctx, table, params.data(), grads.data(), scratch, static_cast<std::uint64_t>(steps), training,
@@ -388,9 +397,6 @@ double Model::State::head(bool with_gradient) {
   ce.w = params.data() + table.info(head_w).offset;
   ce.loss_scale = static_cast<float>(1.0 / static_cast<double>(targets.count));
   ce.dtype = compute;
-  const auto zero_d_hidden = [&] {
-    kernels::fill_zero(d_a.data(), static_cast<std::size_t>(R * c.dim) * sizeof(float), ctx);
-  };
   if (!encoder) {
     // Token-wise: the final norm, the loss and their backward run over row chunks (the blocks' fp32
     // RowChunks), each chunk's totals to ce_totals, summed here in chunk order. The norm's backward
@@ -399,10 +405,11 @@ double Model::State::head(bool with_gradient) {
     const std::int64_t chunk = model::chunk_rows(R, c.row_chunk);
     auto* parts = ce_totals.as<kernels::CrossEntropyTotals>();
     ce.vocab = c.vocab;
-    if (with_gradient) zero_d_hidden();
     for (std::int64_t r0 = 0, i = 0; r0 < R; r0 += chunk, ++i) {
       const std::int64_t m = std::min(chunk, R - r0), count = m * c.dim;
+      // The chunk's hidden rows are read, then their gradient rows are zeroed and written (hidden()).
       model::convert(model::element_at(hidden, stored, r0 * c.dim), stored, b.x, DType::kF32, count, ctx);
+      if (with_gradient) kernels::fill_zero(d_a.data() + r0 * c.dim, static_cast<std::size_t>(count) * sizeof(float), ctx);
       kernels::rms_norm_forward({m, c.dim, c.norm_eps, b.x, gain, b.normed}, ctx);
       ce.rows = m;
       ce.h = b.normed;
@@ -433,13 +440,13 @@ double Model::State::head(bool with_gradient) {
     comm.all_reduce({&d->totals.correct, 1, DType::kI64}, {&d->totals.correct, 1, DType::kI64}, comm::ReduceOp::kSum,
                     stream);
   } else {
-    // The final norm's input in fp32: staged in d_a for the forward, in final_out (free once the
-    // loss has run) for the backward.
-    model::convert(hidden, stored, d_a.data(), DType::kF32, R * c.dim, ctx);
-    kernels::rms_norm_forward({R, c.dim, c.norm_eps, d_a.data(), gain, final_out.data()}, ctx);
+    // The final norm's input in fp32 stays in final_out for the backward; its output goes to d_a,
+    // over the hidden state (read by then), until the backward writes the gradient there.
+    model::convert(hidden, stored, final_out.data(), DType::kF32, R * c.dim, ctx);
+    kernels::rms_norm_forward({R, c.dim, c.norm_eps, final_out.data(), gain, d_a.data()}, ctx);
     // Mean over the whole sequence: local sums scaled by 1/n, then summed over ranks.
     const float scale = static_cast<float>(1.0 / static_cast<double>(out.seq_len));
-    kernels::token_pool_forward({out.batch, out.local_len, c.dim, scale, final_out.data(), pooled.data()}, ctx);
+    kernels::token_pool_forward({out.batch, out.local_len, c.dim, scale, d_a.data(), pooled.data()}, ctx);
     comm.all_reduce({pooled.data(), static_cast<std::size_t>(pooled.count), DType::kF32},
                     {pooled.data(), static_cast<std::size_t>(pooled.count), DType::kF32}, comm::ReduceOp::kSum, stream);
     ce.rows = out.batch;
@@ -465,10 +472,9 @@ double Model::State::head(bool with_gradient) {
   targets.correct = h.totals.correct;
   if (!with_gradient || !std::isfinite(loss) || !encoder) return loss;
   d_final.zero(ctx);
-  zero_d_hidden();
+  kernels::fill_zero(d_a.data(), static_cast<std::size_t>(R * c.dim) * sizeof(float), ctx);
   const float scale = static_cast<float>(1.0 / static_cast<double>(out.seq_len));
   kernels::token_pool_backward({out.batch, out.local_len, c.dim, scale, d_pooled.data(), d_final.data()}, ctx);
-  model::convert(hidden, stored, final_out.data(), DType::kF32, R * c.dim, ctx);
   kernels::rms_norm_backward({R, c.dim, c.norm_eps, final_out.data(), gain, d_final.data(), d_a.data(), d_gain}, ctx);
   return loss;
 }

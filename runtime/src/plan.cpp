@@ -293,17 +293,15 @@ std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o
   const kernels::AttentionShape widest{1, base.n_loc, sh.heads, sh.kv_heads, sh.head_dim, o.page_size, max_pages};
   bytes += kernel_workspace(widest, device);
   const std::int64_t units = o.resolved_selection(sh) == SelectionUnit::kRow ? base.n_loc : base.num_tiles();
-  if (!f32) {
-    // attn_pools (the fp32 K/V inputs reuse the fp32 pool); the fp32 dQ, which holds every element's
-    // selection slots and one KV head group's queries in the forward (fp32 storage: the caller's dQ).
-    kernels::SelectionOptions sel;
-    sel.top_k = o.top_k;
-    sel.coarse_k = o.coarse_k;
-    const std::int64_t group_queries = base.n_loc * (sh.heads / hk) * d * kF32;
-    bytes += pool / kF32 * e;
-    bytes += std::max(b * base.n_loc * sh.heads * d * kF32,
-                      b * ClusteredTables::slot_bytes(sel, units, sh.kv_heads) + group_queries);
-  }
+  // The fp32 dQ; on CUDA it holds every element's selection slots and one KV head group's queries in
+  // the forward. CUDA: attn_pools (the fp32 K/V inputs reuse the fp32 pool).
+  kernels::SelectionOptions sel;
+  sel.top_k = o.top_k;
+  sel.coarse_k = o.coarse_k;
+  const std::int64_t group_queries = base.n_loc * (sh.heads / hk) * d * kF32;
+  const std::int64_t forward_use = f32 ? 0 : b * ClusteredTables::slot_bytes(sel, units, sh.kv_heads) + group_queries;
+  bytes += std::max(b * base.n_loc * sh.heads * d * kF32, forward_use);
+  if (!f32) bytes += pool / kF32 * e;
   // Tables of one forward, per element (clustered_tables.cpp). Entries per (tile, KV head), bounded:
   // the window's pages and two more on each side, the selected pages, the summary pages that hold
   // partly selected blocks' page summaries, and every coarse-summary page; summary pages carry

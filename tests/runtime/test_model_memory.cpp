@@ -164,8 +164,9 @@ TEST(MemoryEstimate, LayersShareOneAttentionOperator) {
 }
 
 // The figures a CUDA session would allocate, which no CPU run measures: the layer inputs in bf16 (the
-// storage dtype), the block's scratch in [row_chunk, D] chunks, one residual-stream gradient buffer
-// (and for the decoder no [rows, D] buffer of the head's).
+// storage dtype; the last layer's output lives in d_a on either backend), the block's scratch in
+// [row_chunk, D] chunks, one residual-stream gradient buffer (and for the decoder no [rows, D] buffer
+// of the head's).
 TEST(MemoryEstimate, CudaKeepsLayerInputsInBf16) {
   Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
   const SequenceShape shape{1536, 2};
@@ -174,7 +175,7 @@ TEST(MemoryEstimate, CudaKeepsLayerInputsInBf16) {
     const MemoryEstimate cpu = estimate_memory(c, shape, session.size(), DeviceKind::kCpu);
     const MemoryEstimate gpu = estimate_memory(c, shape, session.size(), DeviceKind::kCuda);
     const std::int64_t local_len = shape.seq_len / session.size(), rows = shape.batch * local_len;
-    const std::int64_t inputs = (c.layers + 1) * rows * c.dim;
+    const std::int64_t inputs = c.layers * rows * c.dim;
     EXPECT_EQ(cpu.layer_inputs, inputs * 4);
     EXPECT_EQ(gpu.layer_inputs, inputs * 2);
     EXPECT_EQ(cpu.block_scratch, 3 * std::min(rows, c.row_chunk) * c.dim * 4);

@@ -27,6 +27,12 @@
 
 namespace ringcast {
 
+// Whether backward() takes gradients in place of its inputs: d_q, d_k, d_v the very views q, k, v (the
+// same memory), the gradients overwriting the inputs. True for the modes that read q, k, v only
+// before they write any gradient: clustered with clusters = blocks. Any other overlap of an output
+// with an input is refused.
+bool backward_in_place(const AttentionOptions& options);
+
 // Global positions of rank `rank`'s rows, in the order the rank stores them.
 std::vector<std::int32_t> shard_positions(const LayerShape& shape, const AttentionOptions& options, int rank);
 
@@ -85,6 +91,8 @@ class DistributedAttention {
 
   void forward(const AttentionForwardArgs& args);
   void backward(const AttentionBackwardArgs& args);
+  // backward_in_place(options()).
+  bool backward_in_place() const;
 
   // What the latest forward() attended, in (batch, tile, KV head) order, per unit in table order.
   // Clustered mode only (the exact modes attend every visible key, page for page): throws Error for
