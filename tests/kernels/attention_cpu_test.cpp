@@ -29,19 +29,7 @@ using kernels::HostBlockTable;
 using kernels::KeyRange;
 
 constexpr double kTolerance = 1e-5;
-
-AttentionShape make_shape(int batch, std::int64_t seq_q, int heads, int kv_heads, int head_dim, int page_size,
-                          std::int64_t num_pages) {
-  AttentionShape s;
-  s.batch = batch;
-  s.seq_q = seq_q;
-  s.heads = heads;
-  s.kv_heads = kv_heads;
-  s.head_dim = head_dim;
-  s.page_size = page_size;
-  s.num_pages = num_pages;
-  return s;
-}
+// Shapes are written AttentionShape{batch, seq_q, heads, kv_heads, head_dim, page_size, num_pages}.
 
 std::vector<double> random_like(const std::vector<double>& ref, std::uint64_t seed) {
   double ss = 0.0;
@@ -97,7 +85,7 @@ void expect_matches_reference(const CpuAttention& a, const std::string& what) {
 
 TEST(AttentionCpu, DenseBidirectional) {
   // GQA 2, d 64, 300 keys: 5 pages of 64, the last holding 44.
-  const AttentionShape s = make_shape(2, 200, 4, 2, 64, 64, 5);
+  const AttentionShape s{2, 200, 4, 2, 64, 64, 5};
   const std::vector<KeyRange> keys{{0, 300, 0}};
   const auto q_pos = iota_positions(s.seq_q);
   expect_matches_reference(CpuAttention(s, kernels::dense_table(s, keys, q_pos, false), q_pos, 101), "dense");
@@ -105,7 +93,7 @@ TEST(AttentionCpu, DenseBidirectional) {
 
 TEST(AttentionCpu, DenseCausal) {
   // GQA 8, d 128, pages of 32: the diagonal crosses pages inside every tile.
-  const AttentionShape s = make_shape(1, 300, 8, 1, 128, 32, 10);
+  const AttentionShape s{1, 300, 8, 1, 128, 32, 10};
   const std::vector<KeyRange> keys{{0, 300, 0}};
   const auto q_pos = iota_positions(s.seq_q);
   expect_matches_reference(CpuAttention(s, kernels::dense_table(s, keys, q_pos, true), q_pos, 102), "dense causal");
@@ -113,7 +101,7 @@ TEST(AttentionCpu, DenseCausal) {
 
 TEST(AttentionCpu, ZigzagCausal) {
   // A zigzag shard: query and key chunks [0, 96) and [416, 512); GQA 4, odd head dim 40.
-  const AttentionShape s = make_shape(1, 192, 4, 1, 40, 32, 6);
+  const AttentionShape s{1, 192, 4, 1, 40, 32, 6};
   const std::vector<KeyRange> keys{{0, 96, 0}, {3, 96, 416}};
   auto q_pos = iota_positions(96);
   const auto second = iota_positions(96, 416);
@@ -122,7 +110,7 @@ TEST(AttentionCpu, ZigzagCausal) {
 }
 
 TEST(AttentionCpu, SlidingWindowCausal) {
-  const AttentionShape s = make_shape(1, 700, 3, 3, 64, 64, 11);
+  const AttentionShape s{1, 700, 3, 3, 64, 64, 11};
   const std::vector<KeyRange> keys{{0, 700, 0}};
   const auto q_pos = iota_positions(s.seq_q);
   const HostBlockTable t = kernels::sliding_window_table(s, keys, q_pos, true, 256, 0);
@@ -130,7 +118,7 @@ TEST(AttentionCpu, SlidingWindowCausal) {
 }
 
 TEST(AttentionCpu, SlidingWindowBidirectional) {
-  const AttentionShape s = make_shape(2, 333, 2, 1, 128, 128, 3);
+  const AttentionShape s{2, 333, 2, 1, 128, 128, 3};
   const std::vector<KeyRange> keys{{0, 333, 0}};
   const auto q_pos = iota_positions(s.seq_q);
   const HostBlockTable t = kernels::sliding_window_table(s, keys, q_pos, false, 128, 128);
@@ -139,7 +127,7 @@ TEST(AttentionCpu, SlidingWindowBidirectional) {
 
 TEST(AttentionCpu, RandomSparse) {
   // Row masks, causal entries, partial pages, biases, repeated pages, units with no entry.
-  const AttentionShape s = make_shape(2, 260, 8, 2, 128, 128, 7);
+  const AttentionShape s{2, 260, 8, 2, 128, 128, 7};
   const auto q_pos = iota_positions(s.seq_q, 500);
   RandomTableOptions opt;
   opt.min_entries = 0;
@@ -152,7 +140,7 @@ TEST(AttentionCpu, RandomSparse) {
 }
 
 TEST(AttentionCpu, SummaryPagesWithKeyMeta) {
-  const AttentionShape s = make_shape(1, 150, 8, 1, 64, 64, 4);
+  const AttentionShape s{1, 150, 8, 1, 64, 64, 4};
   const auto q_pos = iota_positions(s.seq_q);
   RandomTableOptions opt;
   opt.min_entries = 1;
@@ -178,24 +166,24 @@ TEST(AttentionCpu, KeyMasksAndKeyBiases) {
   opt.key_meta_fraction = 0.3;
   opt.key_mask_fraction = 0.7;
   opt.key_bias_fraction = 0.7;
-  const AttentionShape s64 = make_shape(2, 190, 4, 2, 64, 64, 5);
+  const AttentionShape s64{2, 190, 4, 2, 64, 64, 5};
   const auto q_pos = iota_positions(s64.seq_q, 100);
   expect_matches_reference(CpuAttention(s64, random_block_table(s64, q_pos, opt, 12), q_pos, 111), "key mask/bias 64");
-  const AttentionShape s32 = make_shape(1, 140, 3, 1, 40, 32, 6);
+  const AttentionShape s32{1, 140, 3, 1, 40, 32, 6};
   const auto q_pos32 = iota_positions(s32.seq_q);
   expect_matches_reference(CpuAttention(s32, random_block_table(s32, q_pos32, opt, 13), q_pos32, 112),
                            "key mask/bias 32");
 }
 
 TEST(AttentionCpu, EntryWithEmptyKeyMaskContributesNothing) {
-  const AttentionShape s = make_shape(1, 200, 4, 2, 64, 64, 3);
+  const AttentionShape s{1, 200, 4, 2, 64, 64, 3};
   const auto q_pos = iota_positions(s.seq_q);
   RandomTableOptions opt;
   opt.min_entries = 1;
   opt.max_entries = 3;
   opt.row_mask_keep = 0.8;
   opt.key_bias_fraction = 0.5;
-  HostBlockTable base = random_block_table(make_shape(1, 200, 4, 2, 64, 64, 2), q_pos, opt, 14);
+  HostBlockTable base = random_block_table(AttentionShape{1, 200, 4, 2, 64, 64, 2}, q_pos, opt, 14);
   // The same table with one more entry per unit: page 2 (no other entry names it), every row, no key.
   HostBlockTable with_empty;
   for (std::size_t u = 0; u + 1 < base.offsets.size(); ++u) {
@@ -242,7 +230,7 @@ TEST(AttentionCpu, EntryWithEmptyKeyMaskContributesNothing) {
 }
 
 TEST(AttentionCpu, OneRowOnePartialPage) {
-  const AttentionShape s = make_shape(1, 1, 2, 1, 40, 32, 1);
+  const AttentionShape s{1, 1, 2, 1, 40, 32, 1};
   const auto q_pos = iota_positions(1);
   HostBlockTable t;
   BlockEntry e{};
@@ -258,7 +246,7 @@ TEST(AttentionCpu, OneRowOnePartialPage) {
 
 TEST(AttentionCpu, EmptyRowsGiveZeroAndMinusInfinity) {
   // Tile 0 sees a page through rows [0, 64) only; tile 1 (30 rows) has no entry at all.
-  const AttentionShape s = make_shape(1, 158, 2, 1, 64, 64, 2);
+  const AttentionShape s{1, 158, 2, 1, 64, 64, 2};
   const auto q_pos = iota_positions(s.seq_q);
   HostBlockTable t;
   BlockEntry e{};
@@ -291,7 +279,7 @@ TEST(AttentionCpu, EmptyRowsGiveZeroAndMinusInfinity) {
 }
 
 TEST(AttentionCpu, BitwiseIdenticalForAnyThreadCount) {
-  const AttentionShape s = make_shape(1, 300, 4, 2, 64, 64, 6);
+  const AttentionShape s{1, 300, 4, 2, 64, 64, 6};
   const auto q_pos = iota_positions(s.seq_q);
   RandomTableOptions opt;
   opt.max_entries = 6;
@@ -319,7 +307,7 @@ TEST(AttentionCpu, BitwiseIdenticalForAnyThreadCount) {
 // The oracle's backward is itself checked: central differences of L = sum(O * dO) in float64, on a
 // tiny problem with every table feature (causal cut, row masks, KeyMeta, biases, a repeated page).
 TEST(AttentionReference, BackwardMatchesFiniteDifferences) {
-  const AttentionShape s = make_shape(1, 5, 2, 1, 3, 32, 2);
+  const AttentionShape s{1, 5, 2, 1, 3, 32, 2};
   const std::vector<std::int32_t> q_pos{3, 4, 5, 6, 7};
   HostBlockTable t;
   BlockEntry causal{};
@@ -391,8 +379,8 @@ TEST(AttentionReference, BackwardMatchesFiniteDifferences) {
 class AttentionValidate : public ::testing::Test {
  protected:
   AttentionValidate()
-      : a_(make_shape(1, 130, 4, 2, 64, 64, 2),
-           kernels::dense_table(make_shape(1, 130, 4, 2, 64, 64, 2), std::vector<KeyRange>{{0, 128, 0}},
+      : a_(AttentionShape{1, 130, 4, 2, 64, 64, 2},
+           kernels::dense_table(AttentionShape{1, 130, 4, 2, 64, 64, 2}, std::vector<KeyRange>{{0, 128, 0}},
                                 iota_positions(130), true),
            iota_positions(130), 31),
         o_(a_.q_size()), lse_(a_.lse_size()) {}

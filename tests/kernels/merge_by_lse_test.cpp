@@ -19,6 +19,7 @@ using kernels::HostBlockTable;
 using kernels::kNegInf;
 
 constexpr double kTolerance = 1e-5;
+// Shapes are written AttentionShape{batch, seq_q, heads, kv_heads, head_dim, page_size, num_pages}.
 
 void merge(int batch, std::int64_t seq, int heads, int head_dim, std::vector<float>& o_acc,
            std::vector<float>& lse_acc, const std::vector<float>& o_part, const std::vector<float>& lse_part) {
@@ -112,23 +113,10 @@ void expect_halves_merge_to_whole(const CpuAttention& a, const HostBlockTable& f
   EXPECT_LE(e_v, kTolerance) << what;
 }
 
-AttentionShape make_shape(std::int64_t seq_q, int heads, int kv_heads, int head_dim, int page_size,
-                          std::int64_t num_pages) {
-  AttentionShape s;
-  s.batch = 2;
-  s.seq_q = seq_q;
-  s.heads = heads;
-  s.kv_heads = kv_heads;
-  s.head_dim = head_dim;
-  s.page_size = page_size;
-  s.num_pages = num_pages;
-  return s;
-}
-
 TEST(MergeByLse, SplitRandomTableMergesToWhole) {
   // Entries of every unit dealt alternately to two tables; with 0..4 entries per unit and sparse
   // row masks, many rows are empty in one half, some in both.
-  const AttentionShape s = make_shape(230, 4, 2, 64, 64, 6);
+  const AttentionShape s{2, 230, 4, 2, 64, 64, 6};
   const auto q_pos = iota_positions(s.seq_q);
   RandomTableOptions opt;
   opt.max_entries = 4;
@@ -152,7 +140,7 @@ TEST(MergeByLse, SplitRandomTableMergesToWhole) {
 TEST(MergeByLse, RingStepsMergeToCausalAttention) {
   // Causal attention of 300 queries over 300 keys as two ring steps: the keys of [0, 160) and of
   // [160, 300), each in its own pages, as a rank sees them one block at a time.
-  const AttentionShape s = make_shape(300, 4, 1, 128, 32, 10);
+  const AttentionShape s{2, 300, 4, 1, 128, 32, 10};
   const auto q_pos = iota_positions(s.seq_q);
   const std::vector<kernels::KeyRange> early{{0, 160, 0}}, late{{5, 140, 160}}, all{{0, 160, 0}, {5, 140, 160}};
   const CpuAttention a(s, kernels::dense_table(s, all, q_pos, true), q_pos, 202);
