@@ -82,48 +82,36 @@ __global__ void __launch_bounds__(BwdDqTraits<T, kHeadDim>::kThreads, 1)
   const int g = lane >> 2;
   const int qd = lane & 3;
 
-  const std::int64_t tile = blockIdx.x / a.heads;
-  const int h = blockIdx.x % a.heads;
-  const int b = blockIdx.y;
-  const int kvh = h / (a.heads / a.kv_heads);
-  const std::int64_t unit = (b * a.num_tiles + tile) * a.kv_heads + kvh;
-  const std::int64_t e0 = a.offsets[unit];
-  const int n = static_cast<int>(a.offsets[unit + 1] - e0);
-  const std::int64_t row0 = tile * kQueryTile;
-  const int valid_rows = static_cast<int>(min(static_cast<std::int64_t>(kQueryTile), a.seq_q - row0));
-  const std::int64_t row_stride = static_cast<std::int64_t>(a.heads) * D;
-  const std::int64_t head_off = (b * a.seq_q + row0) * row_stride + h * D;
-  const std::int64_t stat_off = (static_cast<std::int64_t>(b) * a.heads + h) * a.seq_q + row0;
-  const std::int64_t pool_off = static_cast<std::int64_t>(kvh) * a.num_pages * kPageSize * D;
-  const T* k_head = static_cast<const T*>(a.k_pages) + pool_off;
-  const T* v_head = static_cast<const T*>(a.v_pages) + pool_off;
+  const QueryTile t = query_tile<D>(a);
+  const T* k_head = static_cast<const T*>(a.k_pages) + t.pool_off;
+  const T* v_head = static_cast<const T*>(a.v_pages) + t.pool_off;
 
   auto issue_page = [&](const PageLoad& e, int buf) {
     issue_page_copy<D, kThreads>(sK, sV, sMeta, k_head, v_head, a.key_meta, e, buf, tid);
   };
 
   // Prologue: Q and dO, then entries [0, L) in groups of their own (the forward's page pipeline).
-  load_tile<D, kQueryTile, kThreads>(sQ, static_cast<const T*>(a.q) + head_off, row_stride, valid_rows, tid);
-  load_tile<D, kQueryTile, kThreads>(sdO, static_cast<const T*>(a.d_o) + head_off, row_stride, valid_rows, tid);
+  load_tile<D, kQueryTile, kThreads>(sQ, static_cast<const T*>(a.q) + t.head_off, t.row_stride, t.valid_rows, tid);
+  load_tile<D, kQueryTile, kThreads>(sdO, static_cast<const T*>(a.d_o) + t.head_off, t.row_stride, t.valid_rows, tid);
   const int ahead = stages > 1 ? stages - 1 : 1;  // L
   for (int k = 0; k < ahead; ++k) {
-    if (k < n) issue_page(page_load(a.entries[e0 + k]), k);
+    if (k < t.n) issue_page(page_load(a.entries[t.e0 + k]), k);
     cp_async_commit();
   }
-  PageLoad next_load = ahead < n ? page_load(a.entries[e0 + ahead]) : PageLoad{};  // entry i + L
+  PageLoad next_load = ahead < t.n ? page_load(a.entries[t.e0 + ahead]) : PageLoad{};  // entry i + L
 
   const int wrow0 = warp * Traits::kRowsPerWarp;
-  const std::uint64_t wvalid = valid_bits(valid_rows, wrow0, Traits::kRowsPerWarp);
+  const std::uint64_t wvalid = valid_bits(t.valid_rows, wrow0, Traits::kRowsPerWarp);
   int qpos[2];
   float lse2[2], delta[2];
   int wmin_pos = INT_MAX;  // smallest position of the warp's rows: decides causal pages it sees whole
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int r = wrow0 + g + 8 * hh;
-    const bool valid = r < valid_rows;
-    qpos[hh] = valid ? a.q_pos[row0 + r] : 0;
-    lse2[hh] = valid ? lse_to_log2(a.lse[stat_off + r]) : INFINITY;
-    delta[hh] = valid ? a.delta[stat_off + r] : 0.f;
+    const bool valid = r < t.valid_rows;
+    qpos[hh] = valid ? a.q_pos[t.row0 + r] : 0;
+    lse2[hh] = valid ? lse_to_log2(a.lse[t.stat_off + r]) : INFINITY;
+    delta[hh] = valid ? a.delta[t.stat_off + r] : 0.f;
     if (valid) wmin_pos = min(wmin_pos, qpos[hh]);
   }
   wmin_pos = __reduce_min_sync(0xffffffffu, wmin_pos);
@@ -145,7 +133,7 @@ __global__ void __launch_bounds__(BwdDqTraits<T, kHeadDim>::kThreads, 1)
     // loaded before the mma so that their latency hides behind it.
     float kbias2[8][2];
     if constexpr (kMode != kPageFull) {
-      const float* page_bias = (e.flags & kEntryKeyBias) ? a.key_bias + (kvh * a.num_pages + e.page) * kPageSize
+      const float* page_bias = (e.flags & kEntryKeyBias) ? a.key_bias + (t.kvh * a.num_pages + e.page) * kPageSize
                                                          : nullptr;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
@@ -227,14 +215,14 @@ __global__ void __launch_bounds__(BwdDqTraits<T, kHeadDim>::kThreads, 1)
 
   int buf = 0;                                  // stage of entry i
   int issue_buf = stages > 1 ? stages - 1 : 0;  // stage of entry i + L: the one entry i - 1 used
-  for (int i = 0; i < n; ++i) {
-    const BlockEntry cur = a.entries[e0 + i];  // read at its copy's issue: an L1 hit under the barrier
+  for (int i = 0; i < t.n; ++i) {
+    const BlockEntry cur = a.entries[t.e0 + i];  // read at its copy's issue: an L1 hit under the barrier
     wait_page(stages);
     __syncthreads();  // page i visible to all; every warp is done with page i - 1
     if (stages > 1) {
-      if (i + ahead < n) issue_page(next_load, issue_buf);
+      if (i + ahead < t.n) issue_page(next_load, issue_buf);
       cp_async_commit();
-      if (i + ahead + 1 < n) next_load = page_load(a.entries[e0 + i + ahead + 1]);
+      if (i + ahead + 1 < t.n) next_load = page_load(a.entries[t.e0 + i + ahead + 1]);
     }
     const std::uint64_t bits = mask_bits(cur.row_mask, wrow0, Traits::kRowsPerWarp) & wvalid;
     if (bits == Traits::kAllRows && page_fully_visible(cur, wmin_pos)) {  // warp-uniform branches
@@ -248,9 +236,9 @@ __global__ void __launch_bounds__(BwdDqTraits<T, kHeadDim>::kThreads, 1)
     }
     if (stages == 1) {
       __syncthreads();  // the single buffer is refilled only after every warp is done with it
-      if (i + 1 < n) issue_page(next_load, 0);
+      if (i + 1 < t.n) issue_page(next_load, 0);
       cp_async_commit();
-      if (i + 2 < n) next_load = page_load(a.entries[e0 + i + 2]);
+      if (i + 2 < t.n) next_load = page_load(a.entries[t.e0 + i + 2]);
     } else {
       issue_buf = buf;
       buf = buf + 1 == stages ? 0 : buf + 1;
@@ -258,12 +246,12 @@ __global__ void __launch_bounds__(BwdDqTraits<T, kHeadDim>::kThreads, 1)
   }
   cp_async_wait<0>();
 
-  float* d_q = a.d_q + head_off;
+  float* d_q = a.d_q + t.head_off;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int r = wrow0 + g + 8 * hh;
-    if (r >= valid_rows) continue;
-    float* row = d_q + r * row_stride;
+    if (r >= t.valid_rows) continue;
+    float* row = d_q + r * t.row_stride;
 #pragma unroll
     for (int dn = 0; dn < kDTiles; ++dn) {
       float2* dst = reinterpret_cast<float2*>(row + dn * 8 + 2 * qd);

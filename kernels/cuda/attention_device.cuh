@@ -204,6 +204,37 @@ struct AttentionArgs {
   bool accumulate = false;
 };
 
+// The query tile of a forward or dQ block (blockIdx.x = tile * heads + h, blockIdx.y = b): its unit's
+// entries [e0, e0 + n); its valid_rows rows from row0, whose query head h starts at head_off in q, o and
+// d_o (rows of row_stride elements) and at stat_off in LSE and D; its KV head's pools at pool_off.
+struct QueryTile {
+  int h, b, kvh;
+  std::int64_t e0;
+  int n;
+  std::int64_t row0;
+  int valid_rows;
+  std::int64_t row_stride, head_off, stat_off, pool_off;
+};
+
+template <int D>
+__device__ __forceinline__ QueryTile query_tile(const AttentionArgs& a) {
+  QueryTile t;
+  const std::int64_t tile = blockIdx.x / a.heads;
+  t.h = blockIdx.x % a.heads;
+  t.b = blockIdx.y;
+  t.kvh = t.h / (a.heads / a.kv_heads);
+  const std::int64_t unit = (t.b * a.num_tiles + tile) * a.kv_heads + t.kvh;
+  t.e0 = a.offsets[unit];
+  t.n = static_cast<int>(a.offsets[unit + 1] - t.e0);
+  t.row0 = tile * kQueryTile;
+  t.valid_rows = static_cast<int>(min(static_cast<std::int64_t>(kQueryTile), a.seq_q - t.row0));
+  t.row_stride = static_cast<std::int64_t>(a.heads) * D;
+  t.head_off = (t.b * a.seq_q + t.row0) * t.row_stride + t.h * D;
+  t.stat_off = (static_cast<std::int64_t>(t.b) * a.heads + t.h) * a.seq_q + t.row0;
+  t.pool_off = static_cast<std::int64_t>(t.kvh) * a.num_pages * kPageSize * D;
+  return t;
+}
+
 // ---- the page pipeline ---------------------------------------------------------------------------
 // Kernels that stream pages (forward, dQ) keep `stages` shared buffers and issue entry i + L while
 // computing entry i, L = max(stages - 1, 1): with 2 or 3 stages one __syncthreads per page both
