@@ -260,6 +260,9 @@ __device__ __forceinline__ void issue_page_copy(T* sK, T* sV, KeyMeta* sMeta, co
   if (e.key_meta >= 0) load_key_meta<kThreads>(sMeta + buf * kPageSize, key_meta + e.key_meta, tid);
 }
 
+// The pipeline's prologue over the tile's entries: issues entries [0, L), each in a commit group of
+// its own, and returns the PageLoad of entry L, the next to issue (empty past the end).
+
 // How a kernel computes a page for a warp: every key visible to every row at hand (no per-element
 // test, see page_fully_visible), masked, or masked with per-key KeyMeta.
 enum PageMode : int { kPageFull, kPageMasked, kPageMeta };
@@ -344,6 +347,50 @@ __device__ __forceinline__ std::uint64_t valid_bits(int valid_rows, int first, i
   if (n <= 0) return 0;
   if (n >= count) return count == 64 ? ~0ull : (1ull << count) - 1;
   return (1ull << n) - 1;
+}
+
+// The pipeline's main loop over the tile's entries, once the kernel has issued entries [0, ahead = L)
+// and loaded entry L into next_load: waits for entry i's page, issues entry i + L, and computes entry i
+// for the warp's rows that see it (wvalid: the warp's rows that exist; a warp none of whose rows see
+// the entry skips it) with compute_page(mode, entry, row bits, buffer), mode a
+// std::integral_constant<int, PageMode>. Shared by the forward and the dQ pass.
+template <typename Traits, typename IssuePage, typename ComputePage>
+__device__ __forceinline__ void run_pages(const AttentionArgs& a, const QueryTile& t, int stages, int ahead,
+                                          PageLoad& next_load, int wrow0, std::uint64_t wvalid, int wmin_pos,
+                                          const IssuePage& issue_page, const ComputePage& compute_page) {
+  int buf = 0;                                  // stage of entry i
+  int issue_buf = stages > 1 ? stages - 1 : 0;  // stage of entry i + L: the one entry i - 1 used
+  for (int i = 0; i < t.n; ++i) {
+    // Entry i's fields are needed right after the barrier; it was read when its copy was issued, so
+    // this load hits L1 while the wait and the barrier run.
+    const BlockEntry cur = a.entries[t.e0 + i];
+    wait_page(stages);
+    __syncthreads();  // page i visible to all; every warp is done with page i - 1
+    if (stages > 1) {
+      if (i + ahead < t.n) issue_page(next_load, issue_buf);
+      cp_async_commit();
+      if (i + ahead + 1 < t.n) next_load = page_load(a.entries[t.e0 + i + ahead + 1]);
+    }
+    const std::uint64_t bits = mask_bits(cur.row_mask, wrow0, Traits::kRowsPerWarp) & wvalid;
+    if (bits == Traits::kAllRows && page_fully_visible(cur, wmin_pos)) {  // warp-uniform branches
+      compute_page(std::integral_constant<int, kPageFull>{}, cur, bits, buf);
+    } else if (bits != 0) {
+      if (cur.key_meta >= 0) {
+        compute_page(std::integral_constant<int, kPageMeta>{}, cur, bits, buf);
+      } else {
+        compute_page(std::integral_constant<int, kPageMasked>{}, cur, bits, buf);
+      }
+    }
+    if (stages == 1) {
+      __syncthreads();  // the single buffer is refilled only after every warp is done with it
+      if (i + 1 < t.n) issue_page(next_load, 0);
+      cp_async_commit();
+      if (i + 2 < t.n) next_load = page_load(a.entries[t.e0 + i + 2]);
+    } else {
+      issue_buf = buf;
+      buf = buf + 1 == stages ? 0 : buf + 1;
+    }
+  }
 }
 
 }  // namespace ringcast::kernels::cuda::detail

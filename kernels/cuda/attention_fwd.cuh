@@ -223,39 +223,7 @@ __global__ void __launch_bounds__(FwdTraits<T, kHeadDim>::kThreads, 1)
     }
   };
 
-  int buf = 0;                                // stage of entry i
-  int issue_buf = stages > 1 ? stages - 1 : 0;  // stage of entry i + L: the one entry i - 1 used
-  for (int i = 0; i < t.n; ++i) {
-    // Entry i's fields are needed right after the barrier; it was read when its copy was issued, so
-    // this load hits L1 while the wait and the barrier run.
-    const BlockEntry cur = a.entries[t.e0 + i];
-    wait_page(stages);
-    __syncthreads();  // page i visible to all; every warp is done with page i - 1
-    if (stages > 1) {
-      if (i + ahead < t.n) issue_page(next_load, issue_buf);
-      cp_async_commit();
-      if (i + ahead + 1 < t.n) next_load = page_load(a.entries[t.e0 + i + ahead + 1]);
-    }
-    const std::uint64_t bits = mask_bits(cur.row_mask, wrow0, Traits::kRowsPerWarp) & wvalid;
-    if (bits == Traits::kAllRows && page_fully_visible(cur, wmin_pos)) {  // warp-uniform branches
-      compute_page(std::integral_constant<int, kPageFull>{}, cur, bits, buf);
-    } else if (bits != 0) {  // a warp none of whose rows see the entry skips it
-      if (cur.key_meta >= 0) {
-        compute_page(std::integral_constant<int, kPageMeta>{}, cur, bits, buf);
-      } else {
-        compute_page(std::integral_constant<int, kPageMasked>{}, cur, bits, buf);
-      }
-    }
-    if (stages == 1) {
-      __syncthreads();  // the single buffer is refilled only after every warp is done with it
-      if (i + 1 < t.n) issue_page(next_load, 0);
-      cp_async_commit();
-      if (i + 2 < t.n) next_load = page_load(a.entries[t.e0 + i + 2]);
-    } else {
-      issue_buf = buf;
-      buf = buf + 1 == stages ? 0 : buf + 1;
-    }
-  }
+  run_pages<Traits>(a, t, stages, ahead, next_load, wrow0, wvalid, wmin_pos, issue_page, compute_page);
   cp_async_wait<0>();
 
   OT* o = static_cast<OT*>(a.o) + t.head_off;
