@@ -84,6 +84,16 @@ TopkOutputs cpu_topk(const TopkCase& c, const std::vector<float>& s) {
   return r;
 }
 
+// The same forward on the device, its outputs downloaded.
+TopkOutputs gpu_topk(const TopkCase& c, const std::vector<float>& s) {
+  const DeviceArray<float> g_s(s);
+  DeviceArray<float> s_tilde(s.size()), a_history(std::size_t(c.batch) * c.iterations);
+  DeviceArray<std::int32_t> top(std::size_t(c.batch) * c.k);
+  soft_topk({c.batch, c.seq, c.k, c.epsilon, c.iterations, g_s.get(), s_tilde.get(), a_history.get(), top.get(), {}},
+            cuda_context());
+  return {s_tilde.download(), a_history.download(), top.download()};
+}
+
 TEST(RoutingGpu, RouterScoresAndBackwardMatchCpu) {
   RINGCAST_SKIP_WITHOUT_CUDA();
   struct Case {
@@ -124,16 +134,10 @@ TEST(RoutingGpu, SoftTopkAndBackwardMatchCpu) {
   for (const TopkCase& c : kTopkCases) {
     const std::string what = name(c);
     const auto s = random_floats(std::size_t(c.batch) * c.seq, seed++, c.scale);
-    const TopkOutputs cpu = cpu_topk(c, s);
-    const DeviceArray<float> g_s(s);
-    DeviceArray<float> s_tilde(s.size()), a_history(cpu.a_history.size());
-    DeviceArray<std::int32_t> top(cpu.top.size());
-    soft_topk({c.batch, c.seq, c.k, c.epsilon, c.iterations, g_s.get(), s_tilde.get(), a_history.get(), top.get(),
-               {}},
-              cuda_context());
-    expect_near_cpu(what + " s~", s_tilde.download(), cpu.s_tilde, kTol);
-    expect_near_cpu(what + " a_t", a_history.download(), cpu.a_history, kTol);
-    expect_bitwise(what + " hard top-k", top.download(), cpu.top);
+    const TopkOutputs cpu = cpu_topk(c, s), gpu = gpu_topk(c, s);
+    expect_near_cpu(what + " s~", gpu.s_tilde, cpu.s_tilde, kTol);
+    expect_near_cpu(what + " a_t", gpu.a_history, cpu.a_history, kTol);
+    expect_bitwise(what + " hard top-k", gpu.top, cpu.top);
 
     // The backward runs from the CPU's a_t on both sides, so it is compared on its own.
     const auto d_st = random_floats(s.size(), seed++), ds0 = random_floats(s.size(), seed++);
@@ -141,7 +145,7 @@ TEST(RoutingGpu, SoftTopkAndBackwardMatchCpu) {
     soft_topk_backward({c.batch, c.seq, c.k, c.epsilon, c.iterations, s.data(), cpu.a_history.data(), d_st.data(),
                         ds.data(), {}},
                        kCpu);
-    const DeviceArray<float> g_a(cpu.a_history), g_dst(d_st);
+    const DeviceArray<float> g_s(s), g_a(cpu.a_history), g_dst(d_st);
     DeviceArray<float> g_ds(ds0);
     soft_topk_backward({c.batch, c.seq, c.k, c.epsilon, c.iterations, g_s.get(), g_a.get(), g_dst.get(), g_ds.get(),
                         {}},
@@ -162,14 +166,7 @@ TEST(RoutingGpu, HardTopkTiesGoToLowerIndices) {
   std::vector<float> s_many(std::size_t(many.batch) * many.seq);
   for (float& x : s_many) x = values[pick(gen)];
   for (const auto& [c, s] : {std::pair{small, s_small}, std::pair{many, s_many}}) {
-    const TopkOutputs cpu = cpu_topk(c, s);
-    const DeviceArray<float> g_s(s);
-    DeviceArray<float> s_tilde(s.size()), a_history(cpu.a_history.size());
-    DeviceArray<std::int32_t> top(cpu.top.size());
-    soft_topk({c.batch, c.seq, c.k, c.epsilon, c.iterations, g_s.get(), s_tilde.get(), a_history.get(), top.get(),
-               {}},
-              cuda_context());
-    expect_bitwise(name(c) + " tied hard top-k", top.download(), cpu.top);
+    expect_bitwise(name(c) + " tied hard top-k", gpu_topk(c, s).top, cpu_topk(c, s).top);
   }
 }
 
