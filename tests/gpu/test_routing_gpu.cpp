@@ -32,6 +32,7 @@
 
 #include "backend_compare.hpp"
 #include "device_array.hpp"
+#include "soft_topk_case.hpp"
 #include "test_util.hpp"
 
 namespace ringcast::test {
@@ -43,23 +44,7 @@ const ExecContext kCpu{};
 constexpr double kTol = 1e-5;
 constexpr double kGradTol = 1e-4;
 
-struct TopkCase {
-  int batch;
-  std::int64_t seq;
-  int k;
-  float epsilon;
-  int iterations;
-  float scale;  // of the random scores
-};
-
-std::string name(const TopkCase& c) {
-  std::ostringstream os;
-  os << 'B' << c.batch << " n" << c.seq << " k" << c.k << " eps" << c.epsilon << " T" << c.iterations << " scale "
-     << c.scale;
-  return os.str();
-}
-
-const TopkCase kTopkCases[] = {
+const SoftTopkCase kTopkCases[] = {
     {3, 200, 20, 1.0f, 50, 3.0f},    // CoLT5's eps = 1, T = 50
     {1, 1000, 64, 0.5f, 50, 2.0f},   // a sharper eps
     {2, 77, 9, 1.0f, 50, 300.0f},    // scores hundreds of eps apart
@@ -70,22 +55,8 @@ const TopkCase kTopkCases[] = {
     {1, 1, 1, 1.0f, 3, 1.0f},        // one token
 };
 
-struct TopkOutputs {
-  std::vector<float> s_tilde, a_history;
-  std::vector<std::int32_t> top;
-};
-
-TopkOutputs cpu_topk(const TopkCase& c, const std::vector<float>& s) {
-  TopkOutputs r{std::vector<float>(s.size()), std::vector<float>(std::size_t(c.batch) * c.iterations),
-                std::vector<std::int32_t>(std::size_t(c.batch) * c.k)};
-  soft_topk({c.batch, c.seq, c.k, c.epsilon, c.iterations, s.data(), r.s_tilde.data(), r.a_history.data(),
-             r.top.data(), {}},
-            kCpu);
-  return r;
-}
-
 // The same forward on the device, its outputs downloaded.
-TopkOutputs gpu_topk(const TopkCase& c, const std::vector<float>& s) {
+SoftTopkResult gpu_soft_topk(const SoftTopkCase& c, const std::vector<float>& s) {
   const DeviceArray<float> g_s(s);
   DeviceArray<float> s_tilde(s.size()), a_history(std::size_t(c.batch) * c.iterations);
   DeviceArray<std::int32_t> top(std::size_t(c.batch) * c.k);
@@ -131,10 +102,10 @@ TEST(RoutingGpu, RouterScoresAndBackwardMatchCpu) {
 TEST(RoutingGpu, SoftTopkAndBackwardMatchCpu) {
   RINGCAST_SKIP_WITHOUT_CUDA();
   std::uint32_t seed = 100;
-  for (const TopkCase& c : kTopkCases) {
-    const std::string what = name(c);
+  for (const SoftTopkCase& c : kTopkCases) {
+    const std::string what = describe(c);
     const auto s = random_floats(std::size_t(c.batch) * c.seq, seed++, c.scale);
-    const TopkOutputs cpu = cpu_topk(c, s), gpu = gpu_topk(c, s);
+    const SoftTopkResult cpu = cpu_soft_topk(c, s), gpu = gpu_soft_topk(c, s);
     expect_near_cpu(what + " s~", gpu.s_tilde, cpu.s_tilde, kTol);
     expect_near_cpu(what + " a_t", gpu.a_history, cpu.a_history, kTol);
     expect_bitwise(what + " hard top-k", gpu.top, cpu.top);
@@ -157,16 +128,16 @@ TEST(RoutingGpu, SoftTopkAndBackwardMatchCpu) {
 TEST(RoutingGpu, HardTopkTiesGoToLowerIndices) {
   RINGCAST_SKIP_WITHOUT_CUDA();
   // The CPU suite's example, then many ties (including -0 against +0) across several chunks.
-  const TopkCase small{1, 10, 4, 1.0f, 10, 1.0f};
+  const SoftTopkCase small{1, 10, 4, 1.0f, 10, 1.0f};
   const std::vector<float> s_small{0.5f, 1.0f, 0.5f, 1.0f, 0.25f, 0.5f, 0.75f, 0.5f, 0.25f, 0.5f};
-  const TopkCase many{2, 3000, 500, 1.0f, 5, 1.0f};
+  const SoftTopkCase many{2, 3000, 500, 1.0f, 5, 1.0f};
   const float values[] = {-1.0f, -0.5f, -0.0f, 0.0f, 0.25f, 0.5f, 1.0f};
   std::mt19937 gen(3);
   std::uniform_int_distribution<int> pick(0, 6);
   std::vector<float> s_many(std::size_t(many.batch) * many.seq);
   for (float& x : s_many) x = values[pick(gen)];
   for (const auto& [c, s] : {std::pair{small, s_small}, std::pair{many, s_many}}) {
-    expect_bitwise(name(c) + " tied hard top-k", gpu_topk(c, s).top, cpu_topk(c, s).top);
+    expect_bitwise(describe(c) + " tied hard top-k", gpu_soft_topk(c, s).top, cpu_soft_topk(c, s).top);
   }
 }
 
@@ -204,7 +175,7 @@ void staged_all_reduce(float* values, int count, ReduceOp op, void* user) {
 
 TEST(RoutingGpu, SplitSequenceWithDeviceHookMatchesWholeSequence) {
   RINGCAST_SKIP_WITHOUT_CUDA();
-  const TopkCase c{2, 4500, 300, 1.0f, 50, 3.0f};
+  const SoftTopkCase c{2, 4500, 300, 1.0f, 50, 3.0f};
   const std::int64_t split[3] = {0, 2100, c.seq};  // uneven slices, the first across a chunk boundary
   const auto s = random_floats(std::size_t(c.batch) * c.seq, 8, c.scale);
   const auto g = random_floats(s.size(), 9);

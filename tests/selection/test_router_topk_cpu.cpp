@@ -4,6 +4,7 @@
 // finite differences, and a sequence split across two "ranks" (threads joined by the reduction hook)
 // giving the single-process result.
 #include "selection_test_util.hpp"
+#include "soft_topk_case.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/routing.hpp>
@@ -18,6 +19,9 @@ namespace {
 
 using test::expect_close;
 using test::random_floats;
+using test::SoftTopkCase;
+using test::SoftTopkResult;
+using test::cpu_soft_topk;
 using test::to_double;
 
 const ExecContext kCpu{};
@@ -49,33 +53,6 @@ std::vector<double> ref_soft_topk(const std::vector<double>& s, std::int64_t n, 
   return out;
 }
 
-struct SoftTopkCase {
-  int batch;
-  std::int64_t seq;
-  int k;
-  float epsilon;
-  int iterations;
-  float scale;  // of the random scores
-};
-void PrintTo(const SoftTopkCase& c, std::ostream* os) {
-  *os << "B" << c.batch << " n" << c.seq << " k" << c.k << " eps" << c.epsilon << " T" << c.iterations << " scale"
-      << c.scale;
-}
-
-struct SoftTopkResult {
-  std::vector<float> s_tilde, a_history;
-  std::vector<std::int32_t> top;
-};
-
-SoftTopkResult run_soft_topk(const SoftTopkCase& c, const std::vector<float>& s) {
-  SoftTopkResult r{std::vector<float>(s.size()), std::vector<float>(std::size_t(c.batch) * c.iterations),
-                   std::vector<std::int32_t>(std::size_t(c.batch) * c.k)};
-  soft_topk({c.batch, c.seq, c.k, c.epsilon, c.iterations, s.data(), r.s_tilde.data(), r.a_history.data(),
-             r.top.data(), {}},
-            kCpu);
-  return r;
-}
-
 TEST(RouterCpu, ScoresMatchFloat64AndFiniteDifferences) {
   const int batch = 2, dim = 13;
   const std::int64_t seq = 11;
@@ -102,7 +79,7 @@ class SoftTopkCpu : public ::testing::TestWithParam<SoftTopkCase> {};
 TEST_P(SoftTopkCpu, MatchesFloat64AndHardTopkIsASort) {
   const SoftTopkCase c = GetParam();
   const auto s = random_floats(std::size_t(c.batch) * c.seq, 4, c.scale);
-  const SoftTopkResult r = run_soft_topk(c, s);
+  const SoftTopkResult r = cpu_soft_topk(c, s);
   expect_close("s~", r.s_tilde, ref_soft_topk(to_double(s), c.seq, c.k, c.epsilon, c.iterations), test::kForwardTol);
   for (int b = 0; b < c.batch; ++b) {
     std::vector<std::int32_t> order(c.seq);
@@ -120,7 +97,7 @@ TEST(SoftTopkCpu, SumsToK) {
   for (const SoftTopkCase& c : {SoftTopkCase{3, 200, 20, 1.0f, 100, 3.0f}, SoftTopkCase{1, 1000, 64, 0.5f, 100, 2.0f},
                                 SoftTopkCase{2, 4096, 256, 1.0f, 100, 1.0f}}) {
     const auto s = random_floats(std::size_t(c.batch) * c.seq, 5, c.scale);
-    const SoftTopkResult r = run_soft_topk(c, s);
+    const SoftTopkResult r = cpu_soft_topk(c, s);
     for (int b = 0; b < c.batch; ++b) {
       const double sum = std::accumulate(r.s_tilde.begin() + b * c.seq, r.s_tilde.begin() + (b + 1) * c.seq, 0.0);
       EXPECT_NEAR(sum, c.k, 1e-3) << "n " << c.seq << " k " << c.k << " batch " << b;
@@ -143,7 +120,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, SoftTopkCpu,
 TEST(SoftTopkCpu, HardTopkTiesGoToLowerIndices) {
   const SoftTopkCase c{1, 10, 4, 1.0f, 10, 1.0f};
   const std::vector<float> s{0.5f, 1.0f, 0.5f, 1.0f, 0.25f, 0.5f, 0.75f, 0.5f, 0.25f, 0.5f};
-  EXPECT_EQ(run_soft_topk(c, s).top, (std::vector<std::int32_t>{0, 1, 3, 6}));
+  EXPECT_EQ(cpu_soft_topk(c, s).top, (std::vector<std::int32_t>{0, 1, 3, 6}));
 }
 
 TEST(SoftTopkCpu, BackwardMatchesFiniteDifferences) {
@@ -151,7 +128,7 @@ TEST(SoftTopkCpu, BackwardMatchesFiniteDifferences) {
                                 SoftTopkCase{1, 16, 4, 1.0f, 50, 2.0f}}) {
     const auto s = random_floats(std::size_t(c.batch) * c.seq, 6, c.scale);
     const auto g = random_floats(s.size(), 7);
-    const SoftTopkResult r = run_soft_topk(c, s);
+    const SoftTopkResult r = cpu_soft_topk(c, s);
     std::vector<float> ds(s.size(), 0.0f);
     soft_topk_backward({c.batch, c.seq, c.k, c.epsilon, c.iterations, s.data(), r.a_history.data(), g.data(),
                         ds.data(), {}},
@@ -189,7 +166,7 @@ TEST(SoftTopkCpu, SplitSequenceMatchesWholeSequence) {
   const std::int64_t split[3] = {0, 37, c.seq};  // uneven slices
   const auto s = random_floats(std::size_t(c.batch) * c.seq, 8, c.scale);
   const auto g = random_floats(s.size(), 9);
-  const SoftTopkResult whole = run_soft_topk(c, s);
+  const SoftTopkResult whole = cpu_soft_topk(c, s);
   std::vector<float> ds_whole(s.size(), 0.0f);
   soft_topk_backward({c.batch, c.seq, c.k, c.epsilon, c.iterations, s.data(), whole.a_history.data(), g.data(),
                       ds_whole.data(), {}},
