@@ -199,8 +199,7 @@ void DistributedAttention::Mode::check_args(const AttentionBackwardArgs& a) cons
   check_view(a.d_k, "d_k", s.dtype, {s.batch, n, s.kv_heads, s.head_dim}, dev);
   check_view(a.d_v, "d_v", s.dtype, {s.batch, n, s.kv_heads, s.head_dim}, dev);
   check_surrogates(a.d_surrogates, "d_surrogates", DType::kF32);
-  // Outputs overlap no input and no other output; in place, a gradient may be its own input.
-  const bool in_place = ringcast::backward_in_place(options);
+  // Outputs overlap no input and no other output, but for a gradient that is its own input.
   const std::pair<const char*, const TensorView*> inputs[] = {{"q", &a.q},     {"k", &a.k},   {"v", &a.v},
                                                               {"o", &a.o},     {"lse", &a.lse}, {"d_o", &a.d_o},
                                                               {"surrogates", &a.surrogates}};
@@ -211,13 +210,8 @@ void DistributedAttention::Mode::check_args(const AttentionBackwardArgs& a) cons
     for (std::size_t j = 0; j < std::size(inputs); ++j) {
       const auto& [in_name, in] = inputs[j];
       if (!overlaps(*out, *in)) continue;
-      const bool own_input = i < 3 && j == i;
-      RINGCAST_CHECK(!own_input || in_place,
-                     "attention backward: {} overlaps {}: mode {} with clusters = {} does not take gradients in place of "
-                     "its inputs (backward_in_place())",
-                     out_name, in_name, name(options.mode), name(options.clusters));
-      RINGCAST_CHECK(own_input && out->data == in->data && out->bytes() == in->bytes(),
-                     "attention backward: {} overlaps {}", out_name, in_name);
+      const bool own_input = i < 3 && j == i && out->data == in->data && out->bytes() == in->bytes();
+      RINGCAST_CHECK(own_input, "attention backward: {} overlaps {}", out_name, in_name);
     }
     for (std::size_t j = 0; j < i; ++j)
       RINGCAST_CHECK(!overlaps(*out, *outputs[j].second), "attention backward: {} overlaps {}", out_name,
@@ -253,13 +247,6 @@ void DistributedAttention::forward(const AttentionForwardArgs& args) {
   }
   mode_->forward(args);
 }
-
-bool backward_in_place(const AttentionOptions& options) {
-  // attention_clustered.cpp writes every gradient after its last read of q, k, v.
-  return options.mode == AttentionMode::kClustered && options.clusters == ClusterKind::kBlocks;
-}
-
-bool DistributedAttention::backward_in_place() const { return ringcast::backward_in_place(options()); }
 
 void DistributedAttention::backward(const AttentionBackwardArgs& args) {
   mode_->check_args(args);

@@ -15,7 +15,7 @@
 // storage pool), so the backward's fp32 gradient pool is the same buffer; the CPU's fp32 pool is the
 // storage pool and has a gradient pool of its own. dK, dV are finished in the gradient pool's local
 // pages and dQ in a buffer of the mode's, and written to the caller's outputs last: the backward reads
-// q, k, v before it writes any gradient, so the gradients may overwrite them (backward_in_place). On
+// q, k, v before it writes any gradient, so the gradients may overwrite them (in place). On
 // CUDA the fp32 dQ buffer holds the forward's selection slots and one KV head group's queries,
 // converted where selection reads them.
 #include "attention_internal.hpp"
@@ -138,9 +138,9 @@ class ClusteredMode final : public DistributedAttention::Mode {
     bwd_ws_ = allocate(kernels::attention_backward_workspace_bytes(widest, ctx));
     const std::int64_t units = sel_.unit == kernels::SelectUnit::kRow ? sh.local_len() : base_.num_tiles();
     const std::int64_t slots = ClusteredTables::slot_bytes(sel_, units, sh.kv_heads);
-    // The fp32 dQ the attention backward writes, copied to the caller's d_q last (so d_q may be q itself:
-    // backward_in_place()). On CUDA it holds, during the forward, every element's selection slots and
-    // then one KV head group's fp32 queries (queries()).
+    // The fp32 dQ the attention backward writes, copied to the caller's d_q last (so d_q may be q
+    // itself). On CUDA it holds, during the forward, every element's selection slots and then one KV
+    // head group's fp32 queries (queries()).
     const std::int64_t dq_bytes = sh.batch * sh.local_len() * sh.heads * d * std::int64_t{sizeof(float)};
     const std::int64_t group_queries = sh.local_len() * (sh.heads / sh.kv_heads) * d * std::int64_t{sizeof(float)};
     const bool cuda = sh.dtype != DType::kF32;

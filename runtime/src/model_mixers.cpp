@@ -127,8 +127,8 @@ DistributedAttention& AttentionOperators::get(const LayerShape& shape) {
   return *operators_.back();
 }
 
-// The operator's buffers, whole, in its storage dtype: q|k|v and their gradients packed back to back
-// (packed_views), o and d_o; the LSE in fp32. And fp32 buffers for one chunk of rows: the
+// The operator's buffers, whole, in its storage dtype: q|k|v packed back to back (packed_views), their
+// gradients over them (the operator writes them in place), o and d_o; the LSE in fp32. And fp32 buffers for one chunk of rows: the
 // projections' q|k|v (or their gradients), then o (or d_o).
 namespace {
 
@@ -146,8 +146,7 @@ AttentionScratch attention_scratch(const ModelConfig& c, const Geometry& g) {
 
 std::int64_t SelfAttention::scratch_floats(const ModelConfig& c, const Geometry& g, DType storage) {
   const AttentionScratch a = attention_scratch(c, g);
-  const int qkv_buffers = backward_in_place(c.attention) ? 1 : 2;
-  return qkv_buffers * floats_for(a.qkv, storage) + 2 * floats_for(a.o, storage) + a.lse + a.chunk;
+  return floats_for(a.qkv, storage) + 2 * floats_for(a.o, storage) + a.lse + a.chunk;
 }
 
 SelfAttention::SelfAttention(const Session& session, ParameterTable& table, Scratch& scratch,
@@ -164,7 +163,6 @@ SelfAttention::SelfAttention(const Session& session, ParameterTable& table, Scra
   }
   const AttentionScratch a = attention_scratch(c, g);
   scratch.reserve("attn.qkv", floats_for(a.qkv, storage_));
-  if (!attention_->backward_in_place()) scratch.reserve("attn.d_qkv", floats_for(a.qkv, storage_));
   for (const char* key : {"attn.o", "attn.d_o"}) scratch.reserve(key, floats_for(a.o, storage_));
   scratch.reserve("attn.lse", a.lse);
   scratch.reserve("attn.chunk", a.chunk);
@@ -180,11 +178,6 @@ TensorView SelfAttention::d_surrogates(const RunContext& rc) const {
   if (surrogates_.index < 0) return {};
   return TensorView::contiguous(rc.g(surrogates_), DType::kF32,
                                 {surrogate_shape_[0], surrogate_shape_[1], surrogate_shape_[2]}, rc.session.device());
-}
-
-// dQ|dK|dV: over Q|K|V themselves when the operator takes its gradients in place.
-void* SelfAttention::gradients(const Scratch& scratch) const {
-  return scratch.get(attention_->backward_in_place() ? "attn.qkv" : "attn.d_qkv");
 }
 
 // Rows [r0, r0 + m) of a [rows, width] matrix of the storage dtype: a pointer offset in bytes.
@@ -239,7 +232,7 @@ void SelfAttention::attend_backward(const RunContext& rc) {
   const Scratch& s = rc.scratch;
   const int h = proj_.heads, d = proj_.head_dim;
   const auto [q, k, v] = packed_views(s.get("attn.qkv"), storage_, geom_, proj_, dev);
-  const auto [d_q, d_k, d_v] = packed_views(gradients(s), storage_, geom_, proj_, dev);
+  const auto [d_q, d_k, d_v] = packed_views(s.get("attn.qkv"), storage_, geom_, proj_, dev);  // over q, k, v
   attention_->backward({q, k, v, heads_view(s.get("attn.o"), storage_, geom_, h, d, dev),
                         TensorView::contiguous(s.get("attn.lse"), DType::kF32, {geom_.batch, h, geom_.local_len}, dev),
                         heads_view(s.get("attn.d_o"), storage_, geom_, h, d, dev), d_q, d_k, d_v, surrogates(rc),
@@ -249,7 +242,7 @@ void SelfAttention::attend_backward(const RunContext& rc) {
 void SelfAttention::project_backward(const RunContext& rc, std::int64_t r0, std::int64_t m, const float* xn,
                                      float* d_xn) const {
   const std::int64_t qd = proj_.q_width(), kd = proj_.kv_width();
-  const auto [d_q, d_k, d_v] = packed_views(gradients(rc.scratch), storage_, geom_, proj_, rc.session.device());
+  const auto [d_q, d_k, d_v] = packed_views(rc.scratch.get("attn.qkv"), storage_, geom_, proj_, rc.session.device());
   float* d_qc = rc.scratch.get("attn.chunk");
   float *d_kc = d_qc + m * qd, *d_vc = d_kc + m * kd;
   convert(storage_rows(d_q.data, r0, qd), storage_, d_qc, DType::kF32, m * qd, rc.exec);

@@ -69,8 +69,8 @@ class AttentionOperators {
 // operator reads Q, K, V and writes O in its storage dtype, whole; the projections around it run over
 // chunks of rows in fp32 (chunk_rows(), ModelConfig::row_chunk), so that no fp32 copy of Q, K, V or O
 // exists (on CUDA those would be twice the bf16 ones), and the block can feed them normed rows one
-// chunk at a time. Q, K, V sit back to back in one buffer, and their gradients in another, or over
-// them when the operator takes its gradients in place (backward_in_place(): the clustered mode).
+// chunk at a time. Q, K, V sit back to back in one buffer, and the operator writes their gradients
+// over them (in place: AttentionBackwardArgs).
 // Forward: project() every chunk, attend(), add_output() every chunk. Backward, right after a forward
 // on the same rows: output_backward() every chunk, attend_backward(), project_backward() every chunk.
 // Weight gradients sum over chunks in call order (fp32 rounding differs from one product's).
@@ -96,7 +96,6 @@ class SelfAttention {
 
  private:
   void* storage_rows(void* base, std::int64_t r0, std::int64_t width) const;
-  void* gradients(const Scratch& scratch) const;
 
   // CAST (attention.clusters = surrogate): the surrogate tokens [h_kv, c, d] are this layer's
   // parameters ("surrogates", no weight decay); the operator adds this rank's part of their gradient.

@@ -110,8 +110,7 @@ struct Shard {
   comm::OpCounters fwd, bwd;  // this rank's bytes of the forward and of the backward
 };
 
-// in_place: the backward writes the gradients over q, k, v (backward_in_place()).
-Shard run_layer(const Session& session, const Problem& pr, bool in_place = false) {
+Shard run_layer(const Session& session, const Problem& pr) {
   const auto& s = pr.shape;
   DistributedAttention layer(session, s, pr.options);
   const auto pos = layer.positions();
@@ -137,17 +136,9 @@ Shard run_layer(const Session& session, const Problem& pr, bool in_place = false
   layer.forward({view(q, s.heads), view(k, s.kv_heads), view(v, s.kv_heads), view(sh.o, s.heads), lse});
   sh.fwd = session.comm().counters().total();
   session.comm().reset_counters();
-  std::vector<float>& d_q = in_place ? q : sh.d_q;
-  std::vector<float>& d_k = in_place ? k : sh.d_k;
-  std::vector<float>& d_v = in_place ? v : sh.d_v;
   layer.backward({view(q, s.heads), view(k, s.kv_heads), view(v, s.kv_heads), view(sh.o, s.heads), lse,
-                  view(d_o, s.heads), view(d_q, s.heads), view(d_k, s.kv_heads), view(d_v, s.kv_heads)});
+                  view(d_o, s.heads), view(sh.d_q, s.heads), view(sh.d_k, s.kv_heads), view(sh.d_v, s.kv_heads)});
   sh.bwd = session.comm().counters().total();
-  if (in_place) {
-    sh.d_q = q;
-    sh.d_k = k;
-    sh.d_v = v;
-  }
   return sh;
 }
 
@@ -532,57 +523,6 @@ TEST_P(Clustered, AttendedEntriesCoverEveryVisibleKeyOnce) {
   MPI_Allreduce(used, anywhere, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
   EXPECT_TRUE(anywhere[0]) << "no page summary attended: budgets not sparse enough";
   EXPECT_TRUE(anywhere[1]) << "no coarse summary attended: budgets not sparse enough";
-}
-
-// The gradients written over q, k, v are the ones written to buffers of their own, bit for bit.
-TEST_P(Clustered, BackwardInPlaceGivesTheSameGradients) {
-  Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
-  const Problem pr = make_problem(GetParam(), 83);
-  ASSERT_TRUE(backward_in_place(pr.options));
-  const Shard apart = run_layer(session, pr);
-  const Shard over = run_layer(session, pr, true);
-  EXPECT_EQ(over.d_q, apart.d_q);
-  EXPECT_EQ(over.d_k, apart.d_k);
-  EXPECT_EQ(over.d_v, apart.d_v);
-}
-
-// A mode that reads its inputs after writing gradients refuses them in place, and no mode takes an
-// output that merely overlaps an input or another output.
-TEST(BackwardInPlace, OtherModesAndPartialOverlapsAreRefused) {
-  Session session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
-  Problem pr = make_problem({true, SelectionUnit::kTile, ScoreKind::kBound, "causal_tile"}, 89, 512, 1);
-  const auto& s = pr.shape;
-  const std::int64_t n = s.local_len(), q_elems = n * s.heads * s.head_dim, kv_elems = n * s.kv_heads * s.head_dim;
-  std::vector<float> buf(3 * q_elems + 4 * kv_elems + std::size_t(s.heads) * n, 0.5f);
-  float* at = buf.data();
-  const auto take = [&](std::int64_t elems, int heads) {
-    const TensorView t = TensorView::contiguous(at, DType::kF32, {1, n, heads, s.head_dim}, session.device());
-    at += elems;
-    return t;
-  };
-  const TensorView q = take(q_elems, s.heads), k = take(kv_elems, s.kv_heads), v = take(kv_elems, s.kv_heads);
-  const TensorView o = take(q_elems, s.heads), d_o = take(q_elems, s.heads);
-  const TensorView d_k = take(kv_elems, s.kv_heads), d_v = take(kv_elems, s.kv_heads);
-  const TensorView lse = TensorView::contiguous(at, DType::kF32, {1, s.heads, n}, session.device());
-  const auto expect_error = [&](DistributedAttention& layer, const AttentionBackwardArgs& a, const std::string& words) {
-    try {
-      layer.backward(a);
-      FAIL() << "no error, expected: " << words;
-    } catch (const Error& e) {
-      EXPECT_NE(e.message().find(words), std::string::npos) << e.message();
-    }
-  };
-  // Nothing here reaches a collective: the views are checked first, the same way on every rank.
-  DistributedAttention clustered(session, s, pr.options);
-  TensorView shifted = d_k;
-  shifted.data = static_cast<float*>(k.data) + 1;
-  expect_error(clustered, {q, k, v, o, lse, d_o, q, shifted, d_v}, "d_k overlaps k");
-  expect_error(clustered, {q, k, v, o, lse, d_o, q, d_k, d_k}, "d_v overlaps d_k");
-  expect_error(clustered, {q, k, v, o, lse, d_o, o, d_k, d_v}, "d_q overlaps o");
-  pr.options.mode = AttentionMode::kRing;
-  ASSERT_FALSE(backward_in_place(pr.options));
-  DistributedAttention ring(session, s, pr.options);
-  expect_error(ring, {q, k, v, o, lse, d_o, q, d_k, d_v}, "does not take gradients in place");
 }
 
 TEST(ClusteredShapes, WhatItCannotRunFailsOnEveryRankWithAClearMessage) {

@@ -27,12 +27,6 @@
 
 namespace ringcast {
 
-// Whether backward() takes gradients in place of its inputs: d_q, d_k, d_v the very views q, k, v (the
-// same memory), the gradients overwriting the inputs. True for the modes that read q, k, v only
-// before they write any gradient: clustered with clusters = blocks. Any other overlap of an output
-// with an input is refused.
-bool backward_in_place(const AttentionOptions& options);
-
 // Global positions of rank `rank`'s rows, in the order the rank stores them.
 std::vector<std::int32_t> shard_positions(const LayerShape& shape, const AttentionOptions& options, int rank);
 
@@ -47,6 +41,9 @@ struct AttentionForwardArgs {
 
 // d_surrogates [h_kv, c, d] f32: this rank's part of dLoss/dS is added into it (zero it before the
 // first layer call of a step; the caller all-reduces it). Given exactly when surrogates are.
+// In place: d_q, d_k, d_v may be q, k, v themselves (the same memory; every mode reads its inputs
+// before it writes a gradient), so a caller needs no second Q|K|V buffer. Any other overlap of an
+// output with an input or with another output is refused.
 struct AttentionBackwardArgs {
   TensorView q, k, v, o, lse, d_o;  // the forward's inputs and outputs, and the output gradient
   TensorView d_q, d_k, d_v;         // outputs
@@ -91,8 +88,6 @@ class DistributedAttention {
 
   void forward(const AttentionForwardArgs& args);
   void backward(const AttentionBackwardArgs& args);
-  // backward_in_place(options()).
-  bool backward_in_place() const;
 
   // What the latest forward() attended, in (batch, tile, KV head) order, per unit in table order.
   // Clustered mode only (the exact modes attend every visible key, page for page): throws Error for
