@@ -17,6 +17,7 @@
 #include "../../runtime/src/vcc.hpp"
 
 #include "device_array.hpp"
+#include "parameter_draw.hpp"
 #include "test_util.hpp"
 
 #include <ringcast/memory.hpp>
@@ -107,15 +108,11 @@ struct Bench {
   }
 };
 
-// The same parameters for both backends: norm gains near 1, weights U(±1.5/sqrt(cols)).
+// The same parameters for both backends (test::draw_parameter, one seed per tensor).
 std::vector<float> draw_parameters(const ParameterTable& table, std::uint32_t seed) {
   std::vector<float> params(static_cast<std::size_t>(table.total()));
   for (const ParameterInfo& info : table.infos()) {
-    const bool gain = info.rows == 1;
-    std::vector<float> v = test::random_floats(static_cast<std::size_t>(info.numel()), seed++,
-                                               gain ? 0.3f : 1.5f / std::sqrt(static_cast<float>(info.cols)));
-    if (gain)
-      for (float& f : v) f += 1.0f;
+    const std::vector<float> v = test::draw_parameter(info, seed++);
     std::copy(v.begin(), v.end(), params.begin() + info.offset);
   }
   return params;

@@ -6,6 +6,7 @@
 // and its derivative is the straight-through one, so finite differences see what the layer trains.
 #include "../../runtime/src/vcc.hpp"
 
+#include "parameter_draw.hpp"
 #include "test_util.hpp"
 
 #include <ringcast/kernels/attention.hpp>
@@ -285,11 +286,7 @@ struct Harness {
     std::uint32_t seed = k.seed + 100;
     for (const auto& [name, member] : kTensors) {
       const ParameterInfo& info = table.find(kPrefix + name);
-      const bool gain = info.rows == 1;
-      std::vector<float> v = test::random_floats(static_cast<std::size_t>(info.numel()), seed++,
-                                                 gain ? 0.3f : 1.5f / std::sqrt(static_cast<float>(info.cols)));
-      if (gain)
-        for (float& f : v) f += 1.0f;
+      const std::vector<float> v = test::draw_parameter(info, seed++);
       std::copy(v.begin(), v.end(), params.begin() + info.offset);
       w.*member = test::to_double(v);
     }
