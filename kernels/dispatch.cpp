@@ -7,6 +7,7 @@
 
 #include <cstring>
 
+#include "dispatch_checks.hpp"
 #include "cpu/attention_cpu.hpp"
 #include "cpu/checks_cpu.hpp"
 #include "cpu/layout_cpu.hpp"
@@ -17,32 +18,12 @@
 #endif
 
 namespace ringcast::kernels {
-#if !RINGCAST_WITH_CUDA
-namespace {
-
-[[noreturn]] void no_cuda() {
-  RINGCAST_THROW("this build of ringcast has no CUDA backend (configure with -DRINGCAST_CUDA=ON)");
-}
-
-}  // namespace
-#endif
-
 std::size_t attention_forward_workspace_bytes(const AttentionShape& shape, const ExecContext& ctx) {
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::attention_forward_workspace_bytes(shape);
-#if RINGCAST_WITH_CUDA
-  return cuda::attention_forward_workspace_bytes(shape);
-#else
-  no_cuda();
-#endif
+  RINGCAST_ROUTE(ctx, attention_forward_workspace_bytes, (shape), (shape));
 }
 
 std::size_t attention_backward_workspace_bytes(const AttentionShape& shape, const ExecContext& ctx) {
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::attention_backward_workspace_bytes(shape);
-#if RINGCAST_WITH_CUDA
-  return cuda::attention_backward_workspace_bytes(shape);
-#else
-  no_cuda();
-#endif
+  RINGCAST_ROUTE(ctx, attention_backward_workspace_bytes, (shape), (shape));
 }
 
 void attention_forward(const AttentionForwardParams& p, const ExecContext& ctx) {
@@ -50,12 +31,7 @@ void attention_forward(const AttentionForwardParams& p, const ExecContext& ctx) 
   RINGCAST_CHECK(p.workspace_bytes >= attention_forward_workspace_bytes(p.shape, ctx),
                  "attention forward: workspace of {} bytes is smaller than the {} bytes required",
                  p.workspace_bytes, attention_forward_workspace_bytes(p.shape, ctx));
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::attention_forward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::attention_forward(p, ctx.stream);
-#else
-  no_cuda();
-#endif
+  RINGCAST_ROUTE(ctx, attention_forward, (p), (p, ctx.stream));
 }
 
 void attention_backward(const AttentionBackwardParams& p, const ExecContext& ctx) {
@@ -65,32 +41,17 @@ void attention_backward(const AttentionBackwardParams& p, const ExecContext& ctx
   RINGCAST_CHECK(p.workspace_bytes >= attention_backward_workspace_bytes(p.fwd.shape, ctx),
                  "attention backward: workspace of {} bytes is smaller than the {} bytes required",
                  p.workspace_bytes, attention_backward_workspace_bytes(p.fwd.shape, ctx));
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::attention_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::attention_backward(p, ctx.stream);
-#else
-  no_cuda();
-#endif
+  RINGCAST_ROUTE(ctx, attention_backward, (p), (p, ctx.stream));
 }
 
 void merge_by_lse(const MergeParams& p, const ExecContext& ctx) {
   RINGCAST_CHECK(p.o_acc && p.lse_acc && p.o_part && p.lse_part, "merge_by_lse: null buffer");
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::merge_by_lse(p);
-#if RINGCAST_WITH_CUDA
-  cuda::merge_by_lse(p, ctx.stream);
-#else
-  no_cuda();
-#endif
+  RINGCAST_ROUTE(ctx, merge_by_lse, (p), (p, ctx.stream));
 }
 
 void copy_strided(const StridedCopy& c, const ExecContext& ctx) {
   RINGCAST_CHECK(c.src && c.dst, "copy_strided: null buffer");
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::copy_strided(c);
-#if RINGCAST_WITH_CUDA
-  cuda::copy_strided(c, ctx.stream);
-#else
-  no_cuda();
-#endif
+  RINGCAST_ROUTE(ctx, copy_strided, (c), (c, ctx.stream));
 }
 
 void fill_zero(void* dst, std::size_t bytes, const ExecContext& ctx) {
@@ -99,21 +60,12 @@ void fill_zero(void* dst, std::size_t bytes, const ExecContext& ctx) {
     std::memset(dst, 0, bytes);
     return;
   }
-#if RINGCAST_WITH_CUDA
-  cuda::fill_zero(dst, bytes, ctx.stream);
-#else
-  no_cuda();
-#endif
+  RINGCAST_ON_CUDA(fill_zero, (dst, bytes, ctx.stream));
 }
 
 void count_nonfinite(const void* x, DType dtype, std::int64_t n, std::int64_t* counter, const ExecContext& ctx) {
   RINGCAST_CHECK(counter && (x || n == 0), "count_nonfinite: null buffer");
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::count_nonfinite(x, dtype, n, counter);
-#if RINGCAST_WITH_CUDA
-  cuda::count_nonfinite(x, dtype, n, counter, ctx.stream);
-#else
-  no_cuda();
-#endif
+  RINGCAST_ROUTE(ctx, count_nonfinite, (x, dtype, n, counter), (x, dtype, n, counter, ctx.stream));
 }
 
 }  // namespace ringcast::kernels

@@ -56,12 +56,7 @@ void linear_forward(const LinearParams& p, const ExecContext& ctx) {
   validate_linear(kOp, p.rows, p.in_dim, p.out_dim);
   require_pointers(kOp, {p.x, p.w, p.y});
   validate_precision(kOp, p.dtype, ctx);
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::linear_forward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::linear_forward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(ctx, linear_forward, (p), (p, ctx));
 }
 
 void linear_backward(const LinearBackwardParams& p, const ExecContext& ctx) {
@@ -69,12 +64,7 @@ void linear_backward(const LinearBackwardParams& p, const ExecContext& ctx) {
   validate_linear(kOp, p.rows, p.in_dim, p.out_dim);
   require_pointers(kOp, {p.x, p.w, p.d_y, p.d_x, p.d_w});
   validate_precision(kOp, p.dtype, ctx);
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::linear_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::linear_backward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(ctx, linear_backward, (p), (p, ctx));
 }
 
 void rms_norm_forward(const RmsNormParams& p, const ExecContext& ctx) {
@@ -82,12 +72,7 @@ void rms_norm_forward(const RmsNormParams& p, const ExecContext& ctx) {
   require_matrix(kOp, p.rows, p.dim);
   RINGCAST_CHECK(p.eps > 0.0f, "{}: eps must be positive (got {})", kOp, p.eps);
   require_pointers(kOp, {p.x, p.g, p.y});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::rms_norm_forward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::rms_norm_forward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(ctx, rms_norm_forward, (p), (p, ctx));
 }
 
 void rms_norm_backward(const RmsNormBackwardParams& p, const ExecContext& ctx) {
@@ -95,56 +80,31 @@ void rms_norm_backward(const RmsNormBackwardParams& p, const ExecContext& ctx) {
   require_matrix(kOp, p.rows, p.dim);
   RINGCAST_CHECK(p.eps > 0.0f, "{}: eps must be positive (got {})", kOp, p.eps);
   require_pointers(kOp, {p.x, p.g, p.d_y, p.d_x, p.d_g});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::rms_norm_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::rms_norm_backward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(ctx, rms_norm_backward, (p), (p, ctx));
 }
 
 void rope_forward(const RopeParams& p, const ExecContext& ctx) {
   validate_rope(p, "rope_forward");
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::rope_forward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::rope_forward(p, ctx);
-#else
-  no_cuda_backend("rope_forward");
-#endif
+  RINGCAST_ROUTE(ctx, rope_forward, (p), (p, ctx));
 }
 
 void rope_backward(const RopeParams& p, const ExecContext& ctx) {
   validate_rope(p, "rope_backward");
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::rope_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::rope_backward(p, ctx);
-#else
-  no_cuda_backend("rope_backward");
-#endif
+  RINGCAST_ROUTE(ctx, rope_backward, (p), (p, ctx));
 }
 
 void swiglu_forward(const SwigluParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "swiglu_forward";
   RINGCAST_CHECK(p.count >= 0, "{}: count must not be negative (got {})", kOp, p.count);
   require_pointers(kOp, {p.a, p.b, p.h});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::swiglu_forward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::swiglu_forward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(ctx, swiglu_forward, (p), (p, ctx));
 }
 
 void swiglu_backward(const SwigluBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "swiglu_backward";
   RINGCAST_CHECK(p.count >= 0, "{}: count must not be negative (got {})", kOp, p.count);
   require_pointers(kOp, {p.a, p.b, p.d_h, p.d_a, p.d_b});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::swiglu_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::swiglu_backward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(ctx, swiglu_backward, (p), (p, ctx));
 }
 
 void embedding_forward(const EmbeddingParams& p, const ExecContext& ctx) {
@@ -152,12 +112,7 @@ void embedding_forward(const EmbeddingParams& p, const ExecContext& ctx) {
   require_matrix(kOp, p.vocab, p.dim);
   RINGCAST_CHECK(p.rows >= 0 && p.vocab >= 1, "{}: need rows >= 0 and vocab >= 1 (got {}, {})", kOp, p.rows, p.vocab);
   require_pointers(kOp, {p.ids, p.table, p.y});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::embedding_forward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::embedding_forward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(ctx, embedding_forward, (p), (p, ctx));
 }
 
 void embedding_backward(const EmbeddingBackwardParams& p, const ExecContext& ctx) {
@@ -182,24 +137,14 @@ void token_pool_forward(const TokenPoolParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "token_pool_forward";
   validate_pool(p.batch, p.seq, p.dim, kOp);
   require_pointers(kOp, {p.x, p.pooled});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::token_pool_forward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::token_pool_forward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(ctx, token_pool_forward, (p), (p, ctx));
 }
 
 void token_pool_backward(const TokenPoolBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "token_pool_backward";
   validate_pool(p.batch, p.seq, p.dim, kOp);
   require_pointers(kOp, {p.d_pooled, p.d_x});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::token_pool_backward(p);
-#if RINGCAST_WITH_CUDA
-  cuda::token_pool_backward(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(ctx, token_pool_backward, (p), (p, ctx));
 }
 
 void linear_cross_entropy(const LinearCrossEntropyParams& p, const ExecContext& ctx) {
@@ -213,12 +158,7 @@ void linear_cross_entropy(const LinearCrossEntropyParams& p, const ExecContext& 
   RINGCAST_CHECK(!p.d_h || (p.bias == nullptr) == (p.d_bias == nullptr),
                  "{}: when training, d_bias is required exactly when bias is given", kOp);
   validate_precision(kOp, p.dtype, ctx);
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::linear_cross_entropy(p);
-#if RINGCAST_WITH_CUDA
-  cuda::linear_cross_entropy(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(ctx, linear_cross_entropy, (p), (p, ctx));
 }
 
 void adamw_step(const AdamWParams& p, const ExecContext& ctx) {
@@ -227,12 +167,7 @@ void adamw_step(const AdamWParams& p, const ExecContext& ctx) {
   RINGCAST_CHECK(p.beta1 >= 0.0f && p.beta1 < 1.0f && p.beta2 >= 0.0f && p.beta2 < 1.0f && p.eps > 0.0f,
                  "{}: need betas in [0, 1) and eps > 0 (got {}, {}, {})", kOp, p.beta1, p.beta2, p.eps);
   require_pointers(kOp, {p.param, p.grad, p.m, p.v});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::adamw_step(p);
-#if RINGCAST_WITH_CUDA
-  cuda::adamw_step(p, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(ctx, adamw_step, (p), (p, ctx));
 }
 
 void sum_of_squares(std::int64_t count, const float* x, double* result, const ExecContext& ctx) {
@@ -243,23 +178,14 @@ void sum_of_squares(std::int64_t count, const float* x, double* result, const Ex
     *result = cpu::sum_of_squares(count, x);
     return;
   }
-#if RINGCAST_WITH_CUDA
-  cuda::sum_of_squares(count, x, result, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ON_CUDA(sum_of_squares, (count, x, result, ctx));
 }
 
 void scale_in_place(std::int64_t count, float scale, float* x, const ExecContext& ctx) {
   constexpr const char* kOp = "scale_in_place";
   RINGCAST_CHECK(count >= 0, "{}: count must not be negative (got {})", kOp, count);
   require_pointers(kOp, {x});
-  if (ctx.device.kind == DeviceKind::kCpu) return cpu::scale_in_place(count, scale, x);
-#if RINGCAST_WITH_CUDA
-  cuda::scale_in_place(count, scale, x, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ROUTE(ctx, scale_in_place, (count, scale, x), (count, scale, x, ctx));
 }
 
 void find_non_finite(std::int64_t count, const float* x, std::int32_t* found, const ExecContext& ctx) {
@@ -270,11 +196,7 @@ void find_non_finite(std::int64_t count, const float* x, std::int32_t* found, co
     *found = cpu::has_non_finite(count, x) ? 1 : 0;
     return;
   }
-#if RINGCAST_WITH_CUDA
-  cuda::find_non_finite(count, x, found, ctx);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ON_CUDA(find_non_finite, (count, x, found, ctx));
 }
 
 }  // namespace ringcast::kernels

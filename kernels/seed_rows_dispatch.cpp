@@ -36,21 +36,6 @@ bool empty(const VipScoreShape& s) { return s.vip == 0 || s.blocks == 0; }
 
 }  // namespace
 
-// Expands to the backend call of `op` (a name of both backends) after the checks above.
-#if RINGCAST_WITH_CUDA
-#define RINGCAST_SEED_ROWS_ROUTE(op, p, ctx)                          \
-  do {                                                                \
-    if ((ctx).device.kind == DeviceKind::kCpu) return cpu::op(p);     \
-    return cuda::op(p, ctx);                                          \
-  } while (0)
-#else
-#define RINGCAST_SEED_ROWS_ROUTE(op, p, ctx)                          \
-  do {                                                                \
-    if ((ctx).device.kind == DeviceKind::kCpu) return cpu::op(p);     \
-    no_cuda_backend(#op);                                             \
-  } while (0)
-#endif
-
 void gather_rows(const RowGather& p, const ExecContext& ctx) {
   constexpr const char* kOp = "gather_rows";
   validate_rows(kOp, p.rows, p.width, p.heads, p.group, p.index_stride, p.src_row_stride, p.dst_row_stride);
@@ -62,7 +47,7 @@ void gather_rows(const RowGather& p, const ExecContext& ctx) {
                  dtype_name(p.dtype));
   if (p.rows == 0) return;
   require_pointers(kOp, {p.src, p.dst});
-  RINGCAST_SEED_ROWS_ROUTE(gather_rows, p, ctx);
+  RINGCAST_ROUTE(ctx, gather_rows, (p), (p, ctx));
 }
 
 void scatter_add_rows(const RowScatter& p, const ExecContext& ctx) {
@@ -71,7 +56,7 @@ void scatter_add_rows(const RowScatter& p, const ExecContext& ctx) {
   RINGCAST_CHECK(p.out_rows >= 0, "{}: need out_rows >= 0 (got {})", kOp, p.out_rows);
   if (p.rows == 0 || p.out_rows == 0) return;
   require_pointers(kOp, {p.index.data, p.src, p.dst});
-  RINGCAST_SEED_ROWS_ROUTE(scatter_add_rows, p, ctx);
+  RINGCAST_ROUTE(ctx, scatter_add_rows, (p), (p, ctx));
 }
 
 void rowwise_dot(const RowwiseDotParams& p, const ExecContext& ctx) {
@@ -79,7 +64,7 @@ void rowwise_dot(const RowwiseDotParams& p, const ExecContext& ctx) {
   RINGCAST_CHECK(p.rows >= 0 && p.dim >= 1, "{}: need rows >= 0 and dim >= 1 (got {}, {})", kOp, p.rows, p.dim);
   if (p.rows == 0) return;
   require_pointers(kOp, {p.a, p.b, p.out});
-  RINGCAST_SEED_ROWS_ROUTE(rowwise_dot, p, ctx);
+  RINGCAST_ROUTE(ctx, rowwise_dot, (p), (p, ctx));
 }
 
 void vip_block_logits(const VipLogitsParams& p, const ExecContext& ctx) {
@@ -88,7 +73,7 @@ void vip_block_logits(const VipLogitsParams& p, const ExecContext& ctx) {
   if (p.shape.vip == 0) return;
   require_pointers(kOp, {p.q, p.row_max});
   if (p.shape.blocks > 0) require_pointers(kOp, {p.k, p.probs});
-  RINGCAST_SEED_ROWS_ROUTE(vip_block_logits, p, ctx);
+  RINGCAST_ROUTE(ctx, vip_block_logits, (p), (p, ctx));
 }
 
 void vip_block_softmax(const VipSoftmaxParams& p, const ExecContext& ctx) {
@@ -97,7 +82,7 @@ void vip_block_softmax(const VipSoftmaxParams& p, const ExecContext& ctx) {
   if (p.shape.vip == 0) return;
   require_pointers(kOp, {p.row_max, p.row_sum});
   if (p.shape.blocks > 0) require_pointers(kOp, {p.probs});
-  RINGCAST_SEED_ROWS_ROUTE(vip_block_softmax, p, ctx);
+  RINGCAST_ROUTE(ctx, vip_block_softmax, (p), (p, ctx));
 }
 
 void vip_block_mean(const VipMeanParams& p, const ExecContext& ctx) {
@@ -106,7 +91,7 @@ void vip_block_mean(const VipMeanParams& p, const ExecContext& ctx) {
   RINGCAST_CHECK(p.shape.vip >= 1, "{}: the mean over VIP queries needs vip >= 1", kOp);
   if (p.shape.blocks == 0) return;
   require_pointers(kOp, {p.row_sum, p.block_ids, p.probs, p.p, p.log_p});
-  RINGCAST_SEED_ROWS_ROUTE(vip_block_mean, p, ctx);
+  RINGCAST_ROUTE(ctx, vip_block_mean, (p), (p, ctx));
 }
 
 void vip_pi_dot(const VipPiDotParams& p, const ExecContext& ctx) {
@@ -114,7 +99,7 @@ void vip_pi_dot(const VipPiDotParams& p, const ExecContext& ctx) {
   RINGCAST_CHECK(p.blocks >= 0, "{}: need blocks >= 0 (got {})", kOp, p.blocks);
   require_pointers(kOp, {p.pi_dot});
   if (p.blocks > 0) require_pointers(kOp, {p.pi, p.d_pi});
-  RINGCAST_SEED_ROWS_ROUTE(vip_pi_dot, p, ctx);
+  RINGCAST_ROUTE(ctx, vip_pi_dot, (p), (p, ctx));
 }
 
 void vip_scores_backward_rows(const VipScoresBackwardRowsParams& p, const ExecContext& ctx) {
@@ -123,7 +108,7 @@ void vip_scores_backward_rows(const VipScoresBackwardRowsParams& p, const ExecCo
   if (p.shape.vip == 0) return;
   require_pointers(kOp, {p.pi_dot, p.row_dot});
   if (p.shape.blocks > 0) require_pointers(kOp, {p.pi, p.p, p.probs, p.d_pi});
-  RINGCAST_SEED_ROWS_ROUTE(vip_scores_backward_rows, p, ctx);
+  RINGCAST_ROUTE(ctx, vip_scores_backward_rows, (p), (p, ctx));
 }
 
 void vip_scores_backward_inputs(const VipScoresBackwardInputsParams& p, const ExecContext& ctx) {
@@ -131,7 +116,7 @@ void vip_scores_backward_inputs(const VipScoresBackwardInputsParams& p, const Ex
   validate(p.shape, kOp);
   if (empty(p.shape)) return;
   require_pointers(kOp, {p.q, p.k, p.probs, p.d_p, p.row_dot, p.d_q, p.d_k});
-  RINGCAST_SEED_ROWS_ROUTE(vip_scores_backward_inputs, p, ctx);
+  RINGCAST_ROUTE(ctx, vip_scores_backward_inputs, (p), (p, ctx));
 }
 
 void pool_scores(const PoolScoreParams& p, const ExecContext& ctx) {
@@ -139,7 +124,7 @@ void pool_scores(const PoolScoreParams& p, const ExecContext& ctx) {
   RINGCAST_CHECK(p.rows >= 0 && p.dim >= 1, "{}: need rows >= 0 and dim >= 1 (got {}, {})", kOp, p.rows, p.dim);
   if (p.rows == 0) return;
   require_pointers(kOp, {p.x, p.w, p.bias, p.logits, p.scores});
-  RINGCAST_SEED_ROWS_ROUTE(pool_scores, p, ctx);
+  RINGCAST_ROUTE(ctx, pool_scores, (p), (p, ctx));
 }
 
 void pool_scores_backward(const PoolScoreBackwardParams& p, const ExecContext& ctx) {
@@ -147,9 +132,8 @@ void pool_scores_backward(const PoolScoreBackwardParams& p, const ExecContext& c
   RINGCAST_CHECK(p.rows >= 0, "{}: need rows >= 0 (got {})", kOp, p.rows);
   require_pointers(kOp, {p.bias, p.d_bias});
   if (p.rows > 0) require_pointers(kOp, {p.logits, p.d_scores});
-  RINGCAST_SEED_ROWS_ROUTE(pool_scores_backward, p, ctx);
+  RINGCAST_ROUTE(ctx, pool_scores_backward, (p), (p, ctx));
 }
 
-#undef RINGCAST_SEED_ROWS_ROUTE
 
 }  // namespace ringcast::kernels

@@ -24,20 +24,6 @@
 #include <algorithm>
 #include <initializer_list>
 
-// A dispatcher's last statement, once its checks have passed: runs `fn` on the backend that ctx names,
-// cpu::fn(p) or cuda::fn(p, cuda_arg) (a CUDA kernel takes the context or only its stream). A build
-// without the CUDA backend reports so for a CUDA context.
-#if RINGCAST_WITH_CUDA
-#define RINGCAST_ROUTE(fn, p, ctx, cuda_arg) \
-  return (ctx).device.kind == DeviceKind::kCpu ? cpu::fn(p) : cuda::fn(p, cuda_arg)
-#else
-#define RINGCAST_ROUTE(fn, p, ctx, cuda_arg)                         \
-  do {                                                               \
-    if ((ctx).device.kind != DeviceKind::kCpu) no_cuda_backend(#fn); \
-    return cpu::fn(p);                                               \
-  } while (false)
-#endif
-
 namespace ringcast::kernels {
 namespace {
 
@@ -119,7 +105,7 @@ void page_summaries(const PageSummaryParams& p, const ExecContext& ctx) {
   validate(p.shape, kOp);
   require_pointers(kOp, {p.k, p.v, p.pages.key_mean, p.pages.value_mean, p.pages.key_min, p.pages.key_max,
                          p.pages.count});
-  RINGCAST_ROUTE(page_summaries, p, ctx, ctx.stream);
+  RINGCAST_ROUTE(ctx, page_summaries, (p), (p, ctx.stream));
 }
 
 void coarse_summaries(const CoarseSummaryParams& p, const ExecContext& ctx) {
@@ -127,63 +113,63 @@ void coarse_summaries(const CoarseSummaryParams& p, const ExecContext& ctx) {
   validate(p.shape, kOp);
   require_pointers(kOp, {p.page_key_mean, p.page_value_mean, p.page_key_min, p.page_key_max, p.page_count,
                          p.blocks.key_mean, p.blocks.value_mean, p.blocks.key_min, p.blocks.key_max, p.blocks.count});
-  RINGCAST_ROUTE(coarse_summaries, p, ctx, ctx.stream);
+  RINGCAST_ROUTE(ctx, coarse_summaries, (p), (p, ctx.stream));
 }
 
 void page_summaries_backward(const PageSummaryBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "page_summaries_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.d_key_mean, p.d_value_mean, p.d_k, p.d_v});
-  RINGCAST_ROUTE(page_summaries_backward, p, ctx, ctx.stream);
+  RINGCAST_ROUTE(ctx, page_summaries_backward, (p), (p, ctx.stream));
 }
 
 void coarse_summaries_backward(const CoarseSummaryBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "coarse_summaries_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.d_block_key_mean, p.d_block_value_mean, p.d_page_key_mean, p.d_page_value_mean});
-  RINGCAST_ROUTE(coarse_summaries_backward, p, ctx, ctx.stream);
+  RINGCAST_ROUTE(ctx, coarse_summaries_backward, (p), (p, ctx.stream));
 }
 
 void cast_affinities(const CastAffinityParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_affinities";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.q, p.k, p.surrogates, p.a_q, p.a_k});
-  RINGCAST_ROUTE(cast_affinities, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, cast_affinities, (p), (p, ctx));
 }
 
 void cast_affinities_backward(const CastAffinityBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_affinities_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.q, p.k, p.surrogates, p.d_a_q, p.d_a_k, p.d_q, p.d_k, p.d_surrogates});
-  RINGCAST_ROUTE(cast_affinities_backward, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, cast_affinities_backward, (p), (p, ctx));
 }
 
 void cast_assign(const CastAssignParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_assign";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.a_q, p.a_k, p.members, p.counts});
-  RINGCAST_ROUTE(cast_assign, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, cast_assign, (p), (p, ctx));
 }
 
 void cast_gather(const CastGatherParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_gather";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.q, p.k, p.v, p.q_gathered, p.k_pages, p.v_pages});
-  RINGCAST_ROUTE(cast_gather, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, cast_gather, (p), (p, ctx));
 }
 
 void cast_gather_backward(const CastGatherBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_gather_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.d_q_gathered, p.d_k_pages, p.d_v_pages, p.d_q, p.d_k, p.d_v});
-  RINGCAST_ROUTE(cast_gather_backward, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, cast_gather_backward, (p), (p, ctx));
 }
 
 void cast_summaries(const CastSummaryParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_summaries";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.a_k, p.k, p.v, p.key_summary, p.value_summary});
-  RINGCAST_ROUTE(cast_summaries, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, cast_summaries, (p), (p, ctx));
 }
 
 void cast_summaries_backward(const CastSummaryBackwardParams& p, const ExecContext& ctx) {
@@ -191,14 +177,14 @@ void cast_summaries_backward(const CastSummaryBackwardParams& p, const ExecConte
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.a_k, p.k, p.v, p.d_key_summary, p.d_value_summary, p.d_a_k, p.d_k,
                          p.d_v});
-  RINGCAST_ROUTE(cast_summaries_backward, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, cast_summaries_backward, (p), (p, ctx));
 }
 
 void cast_mix(const CastMixParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "cast_mix";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.a_q, p.intra, p.value_summary, p.o});
-  RINGCAST_ROUTE(cast_mix, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, cast_mix, (p), (p, ctx));
 }
 
 void cast_mix_backward(const CastMixBackwardParams& p, const ExecContext& ctx) {
@@ -206,21 +192,21 @@ void cast_mix_backward(const CastMixBackwardParams& p, const ExecContext& ctx) {
   validate(p.shape, kOp);
   require_pointers(kOp, {p.members, p.counts, p.a_q, p.intra, p.value_summary, p.d_o, p.d_a_q, p.d_intra,
                          p.d_value_summary});
-  RINGCAST_ROUTE(cast_mix_backward, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, cast_mix_backward, (p), (p, ctx));
 }
 
 void router_scores(const RouterScoreParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "router_scores";
   validate_router(p.batch, p.seq, p.dim, kOp);
   require_pointers(kOp, {p.x, p.u, p.s});
-  RINGCAST_ROUTE(router_scores, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, router_scores, (p), (p, ctx));
 }
 
 void router_scores_backward(const RouterScoreBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "router_scores_backward";
   validate_router(p.batch, p.seq, p.dim, kOp);
   require_pointers(kOp, {p.x, p.u, p.d_s, p.d_x, p.d_u});
-  RINGCAST_ROUTE(router_scores_backward, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, router_scores_backward, (p), (p, ctx));
 }
 
 void soft_topk(const SoftTopkParams& p, const ExecContext& ctx) {
@@ -231,35 +217,35 @@ void soft_topk(const SoftTopkParams& p, const ExecContext& ctx) {
                  "{}: the hard top-k of a sequence split across ranks needs the whole sequence; pass "
                  "top_indices = nullptr with a reduction and select globally",
                  kOp);
-  RINGCAST_ROUTE(soft_topk, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, soft_topk, (p), (p, ctx));
 }
 
 void soft_topk_backward(const SoftTopkBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "soft_topk_backward";
   validate_soft_topk(p.batch, p.seq, p.k, p.epsilon, p.iterations, p.reduce, kOp);
   require_pointers(kOp, {p.s, p.a_history, p.d_s_tilde, p.d_s});
-  RINGCAST_ROUTE(soft_topk_backward, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, soft_topk_backward, (p), (p, ctx));
 }
 
 void halving_pool(const HalvingParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "halving_pool";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.e, p.s, p.e_out, p.s_out});
-  RINGCAST_ROUTE(halving_pool, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, halving_pool, (p), (p, ctx));
 }
 
 void halving_pool_backward(const HalvingBackwardParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "halving_pool_backward";
   validate(p.shape, kOp);
   require_pointers(kOp, {p.e, p.s, p.d_e_out, p.d_s_out, p.d_e, p.d_s});
-  RINGCAST_ROUTE(halving_pool_backward, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, halving_pool_backward, (p), (p, ctx));
 }
 
 RemoteSelection select_remote_blocks(const RemoteSelectionParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "select_remote_blocks";
   validate_selection(p.layout, p.options, p.queries, kOp);
   require_summaries(p.coarse, p.options.score, "coarse", kOp);
-  RINGCAST_ROUTE(select_remote_blocks, p, ctx, ctx.stream);
+  RINGCAST_ROUTE(ctx, select_remote_blocks, (p), (p, ctx.stream));
 }
 
 namespace {
@@ -294,7 +280,7 @@ void require_cuda(const ExecContext& ctx, const char* op, const char* host_funct
 ClusteredSelection select_pages(const SelectionParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "select_pages";
   validate_select_pages(p, kOp);
-  RINGCAST_ROUTE(select_pages, p, ctx, ctx.stream);
+  RINGCAST_ROUTE(ctx, select_pages, (p), (p, ctx.stream));
 }
 
 void select_pages_to_slots(const SelectionParams& p, const SelectionSlots& out, const ExecContext& ctx) {
@@ -304,11 +290,7 @@ void select_pages_to_slots(const SelectionParams& p, const SelectionSlots& out, 
   RINGCAST_CHECK((p.options.top_k == 0 || out.pages) && (p.options.coarse_k == 0 || out.blocks),
                  "{}: the page and block slots are required when top_k and coarse_k are positive", kOp);
   require_cuda(ctx, kOp, "select_pages");
-#if RINGCAST_WITH_CUDA
-  cuda::select_pages_to_slots(p, out, ctx.stream);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ON_CUDA(select_pages_to_slots, (p, out, ctx.stream));
 }
 
 TableSize build_clustered_table_on_device(std::span<const ClusteredLayout> layouts, const SelectionOptions& options,
@@ -336,11 +318,7 @@ TableSize build_clustered_table_on_device(std::span<const ClusteredLayout> layou
                      (out.key_meta_capacity == 0 || out.key_meta),
                  "{}: the offsets, and the entries and KeyMeta records of positive capacity, need buffers", kOp);
   require_cuda(ctx, kOp, "build_clustered_table");
-#if RINGCAST_WITH_CUDA
-  return cuda::build_clustered_table_on_device(layouts, options, selections, out, ctx.stream);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ON_CUDA(build_clustered_table_on_device, (layouts, options, selections, out, ctx.stream));
 }
 
 void transpose_on_device(const BlockTable& table, const AttentionShape& shape, std::int64_t* offsets, PageRef* refs,
@@ -351,11 +329,7 @@ void transpose_on_device(const BlockTable& table, const AttentionShape& shape, s
   RINGCAST_CHECK(table.offsets && offsets && (table.num_entries == 0 || (table.entries && refs)),
                  "{}: a required buffer is null", kOp);
   require_cuda(ctx, kOp, "transpose");
-#if RINGCAST_WITH_CUDA
-  cuda::transpose_on_device(table, shape, offsets, refs, ctx.stream);
-#else
-  no_cuda_backend(kOp);
-#endif
+  RINGCAST_ON_CUDA(transpose_on_device, (table, shape, offsets, refs, ctx.stream));
 }
 
 
@@ -366,7 +340,7 @@ void page_key_bounds(const PageBoundsParams& p, const ExecContext& ctx) {
                  p.head_dim);
   if (p.pages == 0) return;
   require_pointers(kOp, {p.keys, p.counts, p.key_min, p.key_max});
-  RINGCAST_ROUTE(page_key_bounds, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, page_key_bounds, (p), (p, ctx));
 }
 
 void cluster_blocks(const ClusterBlockParams& p, const ExecContext& ctx) {
@@ -375,7 +349,7 @@ void cluster_blocks(const ClusterBlockParams& p, const ExecContext& ctx) {
   if (p.blocks == 0) return;
   require_pointers(kOp, {p.counts, p.key_mean, p.value_mean, p.key_min, p.key_max, p.block_key_mean,
                          p.block_value_mean, p.block_key_min, p.block_key_max});
-  RINGCAST_ROUTE(cluster_blocks, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, cluster_blocks, (p), (p, ctx));
 }
 
 void cluster_blocks_backward(const ClusterBlockBackwardParams& p, const ExecContext& ctx) {
@@ -383,7 +357,7 @@ void cluster_blocks_backward(const ClusterBlockBackwardParams& p, const ExecCont
   validate_blocks(p.blocks, p.coarse_pages, p.head_dim, kOp);
   if (p.blocks == 0) return;
   require_pointers(kOp, {p.counts, p.d_block_key_mean, p.d_block_value_mean, p.d_key_mean, p.d_value_mean});
-  RINGCAST_ROUTE(cluster_blocks_backward, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, cluster_blocks_backward, (p), (p, ctx));
 }
 
 void unit_queries(const UnitQueryParams& p, const ExecContext& ctx) {
@@ -395,14 +369,14 @@ void unit_queries(const UnitQueryParams& p, const ExecContext& ctx) {
                  kOp, p.heads, p.kv_heads, p.kv_head);
   if (p.rows == 0) return;
   require_pointers(kOp, {p.q, p.order, p.out});
-  RINGCAST_ROUTE(unit_queries, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, unit_queries, (p), (p, ctx));
 }
 
 void member_lse(const MemberLseParams& p, const ExecContext& ctx) {
   constexpr const char* kOp = "member_lse";
   validate(p.m, kOp);
   require_pointers(kOp, {p.a_k, p.lse});
-  RINGCAST_ROUTE(member_lse, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, member_lse, (p), (p, ctx));
 }
 
 void member_lse_merge_backward(const MemberLseMergeBackwardParams& p, const ExecContext& ctx) {
@@ -413,7 +387,7 @@ void member_lse_merge_backward(const MemberLseMergeBackwardParams& p, const Exec
                  p.summary_rows);
   require_pointers(kOp, {p.a_k, p.lse, p.merged_lse, p.local_value, p.merged_value, p.d_merged_value,
                          p.d_local_value, p.d_a_k});
-  RINGCAST_ROUTE(member_lse_merge_backward, p, ctx, ctx);
+  RINGCAST_ROUTE(ctx, member_lse_merge_backward, (p), (p, ctx));
 }
 
 }  // namespace ringcast::kernels
