@@ -260,9 +260,6 @@ __device__ __forceinline__ void issue_page_copy(T* sK, T* sV, KeyMeta* sMeta, co
   if (e.key_meta >= 0) load_key_meta<kThreads>(sMeta + buf * kPageSize, key_meta + e.key_meta, tid);
 }
 
-// The pipeline's prologue over the tile's entries: issues entries [0, L), each in a commit group of
-// its own, and returns the PageLoad of entry L, the next to issue (empty past the end).
-
 // How a kernel computes a page for a warp: every key visible to every row at hand (no per-element
 // test, see page_fully_visible), masked, or masked with per-key KeyMeta.
 enum PageMode : int { kPageFull, kPageMasked, kPageMeta };
