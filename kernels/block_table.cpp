@@ -90,7 +90,7 @@ HostBlockTable build_table(const AttentionShape& shape, std::span<const KeyRange
 
 BlockTable HostBlockTable::view() const {
   return BlockTable{offsets.data(), entries.data(), key_meta.empty() ? nullptr : key_meta.data(),
-                    static_cast<std::int64_t>(entries.size())};
+                    static_cast<std::int64_t>(entries.size()), rows_vary};
 }
 
 TransposedTable HostTransposedTable::view() const {

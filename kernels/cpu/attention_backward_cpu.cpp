@@ -3,7 +3,8 @@
 //   2. dQ: threads take (batch, query tile, head) items and walk the unit's entries;
 //   3. dK, dV: threads take (kv_head, page) items and walk the transposed table's refs to that page,
 //      over every query head of the group, so each page's gradient has exactly one writer.
-// Both gradient passes recompute P = exp(scale * Q K^T + bias - LSE) and dS = P * (dO V^T - D).
+// Both gradient passes recompute P = exp(scale * Q K^T + bias - LSE) and dS = P * (dO V^T - D), over
+// the rows an entry sets (tile_math.hpp, for_each_row_block: in place, or gathered into blocks).
 #include "attention_cpu.hpp"
 #include "tile_math.hpp"
 
@@ -12,14 +13,15 @@
 namespace ringcast::kernels::cpu {
 namespace {
 
-// Shared: D [B, heads, n_q]. Per thread: P and dS [kQueryTile, page_size], and two accumulators:
-// dQ [kQueryTile, head_dim] (pass 2) or dK, dV [page_size, head_dim] (pass 3; page_size <= kQueryTile).
+// Shared: D [B, heads, n_q]. Per thread: P and dS [kQueryTile, page_size]; two accumulators: dQ and
+// dS K of gathered rows (pass 2), or dK, dV [page_size, head_dim] (pass 3; page_size <= kQueryTile);
+// gathered Q and dO rows [kQueryTile, head_dim].
 ScratchLayout backward_layout(const AttentionShape& s) {
   using L = ScratchLayout;
   ScratchLayout layout;
   layout.shared_floats = static_cast<std::size_t>(s.batch) * s.heads * s.seq_q;
   layout.floats_per_thread = 2 * L::round_up(std::size_t{kQueryTile} * s.page_size) +
-                             2 * L::round_up(std::size_t{kQueryTile} * s.head_dim);
+                             4 * L::round_up(std::size_t{kQueryTile} * s.head_dim);
   return layout;
 }
 
@@ -28,6 +30,8 @@ struct BackwardScratch {
   float* ds;
   float* acc0;
   float* acc1;
+  float* q_rows;
+  float* d_o_rows;
 
   BackwardScratch(float* base, const AttentionShape& shape) {
     const std::size_t tile_page = ScratchLayout::round_up(std::size_t{kQueryTile} * shape.page_size);
@@ -36,6 +40,8 @@ struct BackwardScratch {
     ds = p + tile_page;
     acc0 = ds + tile_page;
     acc1 = acc0 + tile_dim;
+    q_rows = acc1 + tile_dim;
+    d_o_rows = q_rows + tile_dim;
   }
 };
 
@@ -70,38 +76,49 @@ void check_transposed(const Problem& pb, const TransposedTable& tt) {
   }
 }
 
-// Rows of `span` of one (entry, head): P into p and dS into ds (rows of stride page_size, keys
-// [0, key_count)). Rows the entry does not reach, or with LSE = -inf, get P = dS = 0.
-// q, d_o point at the tile's row 0 of the head; lse, delta at its row 0 in [B, heads, n].
-void probs_and_dscores(const Problem& pb, const BlockEntry& e, std::int64_t kvh, RowSpan span, const float* k,
-                       const float* v, const float* q, const float* d_o, const float* lse, const float* delta,
-                       const std::int32_t* q_pos, float* p, float* ds) {
+// A block's Q and dO rows as its products read them (in place or gathered), rows ld apart.
+struct BlockInputs {
+  const float* q;
+  const float* d_o;
+  std::int64_t ld;
+};
+
+// One row block (RowBlock) of one (entry, head): P into w.p and dS into w.ds, block row i at row i
+// (stride page_size; rows past n and rows with LSE = -inf get 0). q, d_o point at the tile's row 0 of
+// the head; lse, delta at its row 0 in [B, heads, n].
+BlockInputs probs_and_dscores(const Problem& pb, const BlockEntry& e, std::int64_t kvh, const RowBlock& blk,
+                              const float* q, const float* d_o, const float* k, const float* v, const float* lse,
+                              const float* delta, const std::int32_t* q_pos, const BackwardScratch& w) {
   const int d = pb.shape.head_dim;
   const int ps = pb.shape.page_size;
   const int kc = e.key_count;
-  const std::int64_t ld = pb.ld();
   const KeyMeta* meta = pb.key_meta(e);
   const float* key_bias = pb.key_bias_of(e, kvh);
-  gemm(false, true, span.size(), kc, d, pb.scale, q + span.begin * ld, ld, k, d, 0.f, p + span.begin * ps, ps);
-  gemm(false, true, span.size(), kc, d, 1.f, d_o + span.begin * ld, ld, v, d, 0.f, ds + span.begin * ps, ps);
-  for (int r = span.begin; r < span.end; ++r) {
-    float* p_row = p + std::int64_t{r} * ps;
-    float* ds_row = ds + std::int64_t{r} * ps;
-    int n = 0;
-    if (row_bit(e.row_mask, r) && lse[r] != kNegInf) {
-      n = row_logits(p_row, e, meta, key_bias, r, q_pos[r]);
+  BlockInputs in{};
+  in.q = block_rows(blk, q, pb.ld(), w.q_rows, d, in.ld);
+  in.d_o = block_rows(blk, d_o, pb.ld(), w.d_o_rows, d, in.ld);
+  gemm(false, true, blk.m, kc, d, pb.scale, in.q, in.ld, k, d, 0.f, w.p, ps);
+  gemm(false, true, blk.m, kc, d, 1.f, in.d_o, in.ld, v, d, 0.f, w.ds, ps);
+  for (int i = 0; i < blk.m; ++i) {
+    float* p_row = w.p + std::int64_t{i} * ps;
+    float* ds_row = w.ds + std::int64_t{i} * ps;
+    int m = 0;
+    if (i < blk.n && lse[blk.index[i]] != kNegInf) {
+      const int r = blk.index[i];
+      m = row_logits(p_row, e, meta, key_bias, r, q_pos[r]);
       const float row_lse = lse[r];
       const float row_delta = delta[r];
 #pragma omp simd
-      for (int j = 0; j < n; ++j) {
+      for (int j = 0; j < m; ++j) {
         const float pj = fast_exp(p_row[j] - row_lse);
         p_row[j] = pj;
         ds_row[j] = pj * (ds_row[j] - row_delta);
       }
     }
-    std::fill(p_row + n, p_row + kc, 0.f);
-    std::fill(ds_row + n, ds_row + kc, 0.f);
+    std::fill(p_row + m, p_row + kc, 0.f);
+    std::fill(ds_row + m, ds_row + kc, 0.f);
   }
+  return in;
 }
 
 // out = scale * acc, or out += scale * acc.
@@ -130,15 +147,22 @@ void d_q_item(const Problem& pb, const Grads& g, float* d_q, std::int64_t b, std
   const std::int64_t u = pb.unit(b, tile, kvh);
   for (std::int64_t i = pb.table.offsets[u]; i < pb.table.offsets[u + 1]; ++i) {
     const BlockEntry& e = pb.table.entries[i];
-    const RowSpan span = row_span(e, rows);
-    if (span.size() == 0) continue;
+    const EntryRows er(e, rows);
+    if (er.count == 0) continue;
     const float* k = pb.k + pb.page_offset(kvh, e.page);
     const float* v = pb.v + pb.page_offset(kvh, e.page);
-    probs_and_dscores(pb, e, kvh, span, k, v, pb.q + row0, g.d_o + row0, g.lse + stat0, g.delta + stat0,
-                      pb.q_pos + t0, w.p, w.ds);
-    // dQ += dS K (the softmax scale is applied once, at the store)
-    gemm(false, false, span.size(), d, e.key_count, 1.f, w.ds + std::int64_t{span.begin} * s.page_size,
-         s.page_size, k, d, 1.f, w.acc0 + std::int64_t{span.begin} * d, d);
+    for_each_row_block(er, pb.table.rows_vary, [&](const RowBlock& blk) {
+      probs_and_dscores(pb, e, kvh, blk, pb.q + row0, g.d_o + row0, k, v, g.lse + stat0, g.delta + stat0,
+                        pb.q_pos + t0, w);
+      // dQ += dS K (the softmax scale is applied once, at the store)
+      if (blk.in_place) {
+        gemm(false, false, blk.m, d, e.key_count, 1.f, w.ds, s.page_size, k, d, 1.f,
+             w.acc0 + std::int64_t{blk.index[0]} * d, d);
+      } else {
+        gemm(false, false, blk.m, d, e.key_count, 1.f, w.ds, s.page_size, k, d, 0.f, w.acc1, d);
+        scatter_add_tile_rows(w.acc0, d, w.acc1, blk.index, blk.n, d);
+      }
+    });
   }
   for (int r = 0; r < rows; ++r) store(d_q + row0 + r * ld, w.acc0 + std::int64_t{r} * d, d, pb.scale, g.accumulate);
 }
@@ -148,7 +172,6 @@ void d_kv_item(const Problem& pb, const Grads& g, const TransposedTable& tt, flo
   const AttentionShape& s = pb.shape;
   const int d = s.head_dim;
   const int ps = s.page_size;
-  const std::int64_t ld = pb.ld();
   const float* k = pb.k + pb.page_offset(kvh, page);
   const float* v = pb.v + pb.page_offset(kvh, page);
   float* d_k_acc = w.acc0;
@@ -164,19 +187,19 @@ void d_kv_item(const Problem& pb, const Grads& g, const TransposedTable& tt, flo
     const std::int64_t b = ref.unit / (s.kv_heads * pb.num_tiles);
     const std::int64_t t0 = tile * kQueryTile;
     const int rows = static_cast<int>(std::min<std::int64_t>(kQueryTile, s.seq_q - t0));
-    const RowSpan span = row_span(e, rows);
-    if (span.size() == 0) continue;
+    const EntryRows er(e, rows);
+    if (er.count == 0) continue;
     for (int gi = 0; gi < pb.group; ++gi) {
       const int h = static_cast<int>(kvh) * pb.group + gi;
       const std::int64_t row0 = pb.row_offset(b, t0, h);
       const std::int64_t stat0 = pb.stat_offset(b, h, t0);
-      probs_and_dscores(pb, e, kvh, span, k, v, pb.q + row0, g.d_o + row0, g.lse + stat0, g.delta + stat0,
-                        pb.q_pos + t0, w.p, w.ds);
-      // dV += P^T dO, dK += dS^T Q (scale applied at the store)
-      gemm(true, false, e.key_count, d, span.size(), 1.f, w.p + std::int64_t{span.begin} * ps, ps,
-           g.d_o + row0 + span.begin * ld, ld, 1.f, d_v_acc, d);
-      gemm(true, false, e.key_count, d, span.size(), 1.f, w.ds + std::int64_t{span.begin} * ps, ps,
-           pb.q + row0 + span.begin * ld, ld, 1.f, d_k_acc, d);
+      for_each_row_block(er, pb.table.rows_vary, [&](const RowBlock& blk) {
+        const BlockInputs in = probs_and_dscores(pb, e, kvh, blk, pb.q + row0, g.d_o + row0, k, v, g.lse + stat0,
+                                                 g.delta + stat0, pb.q_pos + t0, w);
+        // dV += P^T dO, dK += dS^T Q (scale applied at the store)
+        gemm(true, false, e.key_count, d, blk.m, 1.f, w.p, ps, in.d_o, in.ld, 1.f, d_v_acc, d);
+        gemm(true, false, e.key_count, d, blk.m, 1.f, w.ds, ps, in.q, in.ld, 1.f, d_k_acc, d);
+      });
     }
   }
   const std::int64_t out = pb.page_offset(kvh, page);

@@ -1,8 +1,10 @@
 // CPU attention forward: blockwise online softmax (FlashAttention), fp32. OpenMP threads take
-// (batch, query tile, head) items; per entry, S = scale * Q_tile K_page^T and O += P V_page are
-// cblas_sgemm calls over the rows the entry's mask spans, and the masked softmax update between
-// them is a vectorized row loop. Each thread keeps S, the O accumulator and the row statistics in
-// its own slice of the workspace; outputs are written once per item, so no two threads share a row.
+// (batch, query tile, head) items; per entry, S = scale * Q_rows K_page^T and O_rows += P V_page are
+// cblas_sgemm calls over the rows the entry's mask sets (tile_math.hpp, for_each_row_block: in place
+// when they are contiguous whole-tile rows, else gathered into blocks and scatter-added back), and the
+// masked softmax update between them is a vectorized row loop. Each thread keeps S, the O accumulator, the row statistics and the compact
+// blocks in its own slice of the workspace; outputs are written once per item, so no two threads
+// share a row.
 #include "attention_cpu.hpp"
 #include "tile_math.hpp"
 
@@ -11,25 +13,31 @@
 namespace ringcast::kernels::cpu {
 namespace {
 
-// Per thread: S / P [kQueryTile, page_size], O accumulator [kQueryTile, head_dim], row max, row sum.
+// Per thread: S / P [kQueryTile, page_size]; O accumulator, gathered Q rows and P V of gathered rows,
+// each [kQueryTile, head_dim]; row max, row sum.
 ScratchLayout forward_layout(const AttentionShape& s) {
   using L = ScratchLayout;
   ScratchLayout layout;
   layout.floats_per_thread = L::round_up(std::size_t{kQueryTile} * s.page_size) +
-                             L::round_up(std::size_t{kQueryTile} * s.head_dim) + 2 * L::round_up(kQueryTile);
+                             3 * L::round_up(std::size_t{kQueryTile} * s.head_dim) + 2 * L::round_up(kQueryTile);
   return layout;
 }
 
 struct ForwardScratch {
   float* s;
   float* acc;
+  float* q_rows;
+  float* pv_rows;
   float* row_max;
   float* row_sum;
 
   ForwardScratch(float* base, const AttentionShape& shape) {
+    const std::size_t tile_dim = ScratchLayout::round_up(std::size_t{kQueryTile} * shape.head_dim);
     s = base;
     acc = s + ScratchLayout::round_up(std::size_t{kQueryTile} * shape.page_size);
-    row_max = acc + ScratchLayout::round_up(std::size_t{kQueryTile} * shape.head_dim);
+    q_rows = acc + tile_dim;
+    pv_rows = q_rows + tile_dim;
+    row_max = pv_rows + tile_dim;
     row_sum = row_max + ScratchLayout::round_up(kQueryTile);
   }
 };
@@ -84,24 +92,28 @@ void forward_item(const Problem& pb, float* o, float* lse, std::int64_t b, std::
   const std::int64_t u = pb.unit(b, tile, kvh);
   for (std::int64_t i = pb.table.offsets[u]; i < pb.table.offsets[u + 1]; ++i) {
     const BlockEntry& e = pb.table.entries[i];
-    const RowSpan span = row_span(e, rows);
-    if (span.size() == 0) continue;
+    const EntryRows er(e, rows);
+    if (er.count == 0) continue;
     const KeyMeta* meta = pb.key_meta(e);
     const float* key_bias = pb.key_bias_of(e, kvh);
     const float* k = pb.k + pb.page_offset(kvh, e.page);
     const float* v = pb.v + pb.page_offset(kvh, e.page);
-    float* s_rows = w.s + std::int64_t{span.begin} * ps;
-    gemm(false, true, span.size(), e.key_count, d, pb.scale, q + span.begin * ld, ld, k, d, 0.f, s_rows, ps);
-    for (int r = span.begin; r < span.end; ++r) {
-      float* s_row = w.s + std::int64_t{r} * ps;
-      if (row_bit(e.row_mask, r)) {
-        online_softmax_row(s_row, e, meta, key_bias, r, q_pos[r], w.row_max[r], w.row_sum[r],
+    for_each_row_block(er, pb.table.rows_vary, [&](const RowBlock& blk) {
+      std::int64_t lda = 0;
+      const float* q_rows = block_rows(blk, q, ld, w.q_rows, d, lda);
+      gemm(false, true, blk.m, e.key_count, d, pb.scale, q_rows, lda, k, d, 0.f, w.s, ps);
+      for (int i = 0; i < blk.n; ++i) {
+        const int r = blk.index[i];
+        online_softmax_row(w.s + std::int64_t{i} * ps, e, meta, key_bias, r, q_pos[r], w.row_max[r], w.row_sum[r],
                            w.acc + std::int64_t{r} * d, d);
-      } else {
-        std::fill(s_row, s_row + e.key_count, 0.f);
       }
-    }
-    gemm(false, false, span.size(), d, e.key_count, 1.f, s_rows, ps, v, d, 1.f, w.acc + std::int64_t{span.begin} * d, d);
+      if (blk.in_place) {
+        gemm(false, false, blk.m, d, e.key_count, 1.f, w.s, ps, v, d, 1.f, w.acc + std::int64_t{blk.index[0]} * d, d);
+      } else {
+        gemm(false, false, blk.m, d, e.key_count, 1.f, w.s, ps, v, d, 0.f, w.pv_rows, d);
+        scatter_add_tile_rows(w.acc, d, w.pv_rows, blk.index, blk.n, d);
+      }
+    });
   }
 
   float* o_tile = o + pb.row_offset(b, t0, h);

@@ -1,7 +1,8 @@
 // Building blocks shared by the CPU attention passes: the problem geometry, per-thread scratch carved
 // from the caller's workspace, row masks, the logits of one (entry, row), a vectorizable exp and
 // thin cblas_sgemm wrappers. All matrices are fp32 row-major; a tile's rows of one head are read in
-// place from [B, n, heads, head_dim] with leading dimension heads * head_dim (no gather).
+// from [B, n, heads, head_dim] (leading dimension heads * head_dim) and gathered, per entry, into
+// blocks of the rows it reaches (EntryRows, kRowBlock).
 #pragma once
 
 #include "blas.hpp"
@@ -43,22 +44,77 @@ inline float fast_exp(float x) {
 
 inline bool row_bit(const std::uint64_t (&mask)[2], int r) { return (mask[r >> 6] >> (r & 63)) & 1u; }
 
-// The rows [begin, end) spanned by an entry's mask within the tile's `rows` valid rows: the tile
-// products of an entry run over this span only (rows inside it that the mask excludes get P = 0).
-struct RowSpan {
-  int begin = 0;
-  int end = 0;
-  int size() const { return end - begin; }
+// The tile rows an entry reaches among the tile's `rows` valid rows, in increasing order.
+struct EntryRows {
+  int count = 0;
+  int index[kQueryTile];
+
+  EntryRows(const BlockEntry& e, int rows) {
+    for (int word = 0; word < 2; ++word) {
+      const int valid = std::clamp(rows - 64 * word, 0, 64);
+      std::uint64_t bits = valid == 64 ? e.row_mask[word] : e.row_mask[word] & ((std::uint64_t{1} << valid) - 1);
+      for (; bits; bits &= bits - 1) index[count++] = 64 * word + std::countr_zero(bits);
+    }
+  }
+  bool contiguous() const { return count > 0 && index[count - 1] - index[0] == count - 1; }
 };
-inline RowSpan row_span(const BlockEntry& e, int rows) {
-  const std::uint64_t lo = rows >= 64 ? e.row_mask[0] : e.row_mask[0] & ((std::uint64_t{1} << rows) - 1);
-  const std::uint64_t hi = rows >= 128 ? e.row_mask[1]
-                           : rows <= 64 ? 0
-                                        : e.row_mask[1] & ((std::uint64_t{1} << (rows - 64)) - 1);
-  if (lo == 0 && hi == 0) return {};
-  const int begin = lo ? std::countr_zero(lo) : 64 + std::countr_zero(hi);
-  const int end = hi ? 128 - std::countl_zero(hi) : 64 - std::countl_zero(lo);
-  return {begin, end};
+
+// Gathered rows go in blocks of exactly kRowBlock (the last one padded with zero rows): BLAS results of
+// a row depend on the product's row count (OpenBLAS picks kernels by shape), and a reduction over rows
+// changes when rows are added; with a fixed count and rows in increasing order, a row's results and
+// its contributions to dK, dV never depend on the rows after it, whichever later rows an entry reaches
+// (the causal leak check holds bitwise).
+inline constexpr int kRowBlock = 32;
+
+// One product's rows: index[0, n) (tile rows, increasing), m the product's row count. In place: the
+// rows index[0] .. index[0] + n - 1 read from the tile itself, m = n. Gathered: copied into a compact
+// block (gather_tile_rows), m = kRowBlock, rows n..m zero.
+struct RowBlock {
+  const int* index;
+  int n, m;
+  bool in_place;
+};
+
+// The products of an entry run over the rows it reaches, not the span from its first to its last
+// (per-row selection leaves a few scattered rows per entry): in place, as one block, when the entry's
+// rows are contiguous and the table's rows do not vary per row (exact modes, tile selection: whole
+// tiles); otherwise gathered, in blocks of kRowBlock (BlockTable::rows_vary: always, so that no row's
+// result depends on which later rows an entry reaches).
+template <typename F>
+void for_each_row_block(const EntryRows& er, bool rows_vary, F&& f) {
+  if (!rows_vary && er.contiguous()) return f(RowBlock{er.index, er.count, er.count, true});
+  for (int c0 = 0; c0 < er.count; c0 += kRowBlock)
+    f(RowBlock{er.index + c0, std::min(kRowBlock, er.count - c0), kRowBlock, false});
+}
+
+// dst[i] = src[index[i]] for i < n, rows n..kRowBlock zero: `cols` floats per row, source rows `ld`
+// apart, destination rows packed (stride cols).
+inline void gather_tile_rows(float* dst, const float* src, std::int64_t ld, const int* index, int n, int cols) {
+  for (int i = 0; i < n; ++i) std::copy_n(src + index[i] * ld, cols, dst + std::int64_t{i} * cols);
+  std::fill(dst + std::int64_t{n} * cols, dst + std::int64_t{kRowBlock} * cols, 0.f);
+}
+
+// A block's rows of a tile matrix (rows `ld` apart) as a product reads them: in place, or gathered into
+// `scratch` (stride cols). Returns the rows and sets their leading dimension.
+inline const float* block_rows(const RowBlock& blk, const float* tile, std::int64_t ld, float* scratch, int cols,
+                               std::int64_t& lda) {
+  if (blk.in_place) {
+    lda = ld;
+    return tile + blk.index[0] * ld;
+  }
+  gather_tile_rows(scratch, tile, ld, blk.index, blk.n, cols);
+  lda = cols;
+  return scratch;
+}
+
+// dst[index[i]] += src[i] for i < n.
+inline void scatter_add_tile_rows(float* dst, std::int64_t ld, const float* src, const int* index, int n, int cols) {
+  for (int i = 0; i < n; ++i) {
+    float* d = dst + index[i] * ld;
+    const float* x = src + std::int64_t{i} * cols;
+#pragma omp simd
+    for (int c = 0; c < cols; ++c) d[c] += x[c];
+  }
 }
 
 // Geometry and inputs of one call, and the addressing of tiles, pages and rows.

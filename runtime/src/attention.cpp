@@ -97,11 +97,12 @@ DeviceTables::DeviceTables(const kernels::HostBlockTable& table, const kernels::
   put(t_refs_, t.refs);
   num_entries_ = static_cast<std::int64_t>(table.entries.size());
   num_refs_ = static_cast<std::int64_t>(t.refs.size());
+  rows_vary_ = table.rows_vary;
 }
 
 kernels::BlockTable DeviceTables::table() const {
   return {offsets_.as<const std::int64_t>(), entries_.as<const kernels::BlockEntry>(),
-          key_meta_.bytes() ? key_meta_.as<const kernels::KeyMeta>() : nullptr, num_entries_};
+          key_meta_.bytes() ? key_meta_.as<const kernels::KeyMeta>() : nullptr, num_entries_, rows_vary_};
 }
 
 kernels::TransposedTable DeviceTables::transposed() const {

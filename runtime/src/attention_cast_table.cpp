@@ -260,6 +260,7 @@ kernels::HostBlockTable build_surrogate_table(std::span<const SurrogateHead> hea
     RINGCAST_CHECK(h.layout->num_pages() == first.num_pages() && h.rows->order.size() == heads.front().rows->order.size(),
                    "surrogate table: the KV heads of an element must share one pool shape and one row count");
   kernels::HostBlockTable t;
+  t.rows_vary = unit == kernels::SelectUnit::kRow;
   for (std::int64_t tile = 0; tile < num_tiles(*heads.front().rows); ++tile)
     for (const SurrogateHead& h : heads) {
       append_tile(t, h, unit, tile);

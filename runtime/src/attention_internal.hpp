@@ -57,6 +57,7 @@ class DeviceTables {
  private:
   DeviceBuffer offsets_, entries_, key_meta_, t_offsets_, t_refs_;
   std::int64_t num_entries_ = 0, num_refs_ = 0;
+  bool rows_vary_ = false;
 };
 
 class DistributedAttention::Mode {

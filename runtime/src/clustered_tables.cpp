@@ -42,6 +42,7 @@ void ClusteredTables::build(std::span<const kernels::ClusteredLayout> layouts, c
                  layouts.size(), shape.kv_heads);
   if (ctx_.device.kind == DeviceKind::kCpu) {
     host_ = kernels::build_clustered_table(layouts, options_, selections_);
+    host_.rows_vary = options_.unit == kernels::SelectUnit::kRow;
     cpu_tables_.emplace(host_, shape, ctx_.device, ctx_.stream);
   } else {
     build_on_device(layouts, shape);
@@ -79,7 +80,8 @@ void ClusteredTables::build_on_device(std::span<const kernels::ClusteredLayout> 
 kernels::BlockTable ClusteredTables::table() const {
   if (cpu_tables_) return cpu_tables_->table();
   return {offsets_.as<const std::int64_t>(), entries_.as<const kernels::BlockEntry>(),
-          size_.key_meta > 0 ? key_meta_.as<const kernels::KeyMeta>() : nullptr, size_.entries};
+          size_.key_meta > 0 ? key_meta_.as<const kernels::KeyMeta>() : nullptr, size_.entries,
+          options_.unit == kernels::SelectUnit::kRow};
 }
 
 kernels::TransposedTable ClusteredTables::transposed() const {

@@ -8,8 +8,12 @@
 #include <ringcast/kernels/attention.hpp>
 #include <ringcast/kernels/block_table.hpp>
 
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <string>
 #include <numeric>
 #include <vector>
 
@@ -113,6 +117,62 @@ inline std::vector<std::int32_t> iota_positions(std::int64_t n, std::int32_t fir
   std::vector<std::int32_t> pos(static_cast<std::size_t>(n));
   std::iota(pos.begin(), pos.end(), first);
   return pos;
+}
+
+// Tolerance of the kernel tests, ||x - ref|| / ||ref|| <= 1e-5 (DESIGN.md §7; attention_cpu_test.cpp
+// derives it).
+inline constexpr double kTolerance = 1e-5;
+
+inline std::vector<double> random_like(const std::vector<double>& ref, std::uint64_t seed) {
+  double ss = 0.0;
+  for (double x : ref) ss += x * x;
+  const double rms = ref.empty() ? 1.0 : std::sqrt(ss / static_cast<double>(ref.size()));
+  return to_f64(random_normal(ref.size(), seed, rms > 0.0 ? rms : 1.0));
+}
+
+// x - base, elementwise in double (exact for fp32 inputs of similar magnitude).
+inline std::vector<double> minus(const std::vector<float>& x, const std::vector<double>& base) {
+  std::vector<double> d(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) d[i] = double{x[i]} - base[i];
+  return d;
+}
+
+inline std::vector<float> to_f32(const std::vector<double>& x) { return {x.begin(), x.end()}; }
+
+// Forward (O, LSE) and backward (dQ, dK, dV, overwritten and accumulated) against the oracle.
+inline void expect_matches_reference(const CpuAttention& a, const std::string& what) {
+  const CpuAttention::F64 x = a.f64();
+  const ReferenceProblem problem = a.reference(x);
+  const ReferenceOutputs ref = reference_attention_forward(problem);
+  const ReferenceGradients ref_g = reference_attention_backward(problem, x.d_o);
+
+  const CpuAttention::Outputs out = a.forward();
+  CpuAttention::Grads g;
+  a.backward(out, g, /*accumulate=*/false);
+
+  // accumulate = true adds to what is there: start from random gradients of the reference's size.
+  const std::vector<double> init_q = random_like(ref_g.d_q, 11), init_k = random_like(ref_g.d_k, 12),
+                            init_v = random_like(ref_g.d_v, 13);
+  CpuAttention::Grads acc{to_f32(init_q), to_f32(init_k), to_f32(init_v)};
+  a.backward(out, acc, /*accumulate=*/true);
+
+  const double e_o = relative_error(out.o, ref.o), e_lse = relative_error(out.lse, ref.lse);
+  const double e_q = relative_error(g.d_q, ref_g.d_q), e_k = relative_error(g.d_k, ref_g.d_k),
+               e_v = relative_error(g.d_v, ref_g.d_v);
+  const double a_q = relative_error(minus(acc.d_q, to_f64(to_f32(init_q))), ref_g.d_q);
+  const double a_k = relative_error(minus(acc.d_k, to_f64(to_f32(init_k))), ref_g.d_k);
+  const double a_v = relative_error(minus(acc.d_v, to_f64(to_f32(init_v))), ref_g.d_v);
+  std::printf("[ %-22s ] relative error O %.1e LSE %.1e dQ %.1e dK %.1e dV %.1e | accumulate dQ %.1e dK %.1e "
+              "dV %.1e (tolerance %.0e)\n",
+              what.c_str(), e_o, e_lse, e_q, e_k, e_v, a_q, a_k, a_v, kTolerance);
+  EXPECT_LE(e_o, kTolerance) << what << ": O";
+  EXPECT_LE(e_lse, kTolerance) << what << ": LSE";
+  EXPECT_LE(e_q, kTolerance) << what << ": dQ";
+  EXPECT_LE(e_k, kTolerance) << what << ": dK";
+  EXPECT_LE(e_v, kTolerance) << what << ": dV";
+  EXPECT_LE(a_q, kTolerance) << what << ": dQ (accumulate)";
+  EXPECT_LE(a_k, kTolerance) << what << ": dK (accumulate)";
+  EXPECT_LE(a_v, kTolerance) << what << ": dV (accumulate)";
 }
 
 }  // namespace ringcast::test

@@ -18,7 +18,6 @@ using kernels::AttentionShape;
 using kernels::HostBlockTable;
 using kernels::kNegInf;
 
-constexpr double kTolerance = 1e-5;
 // Shapes are written AttentionShape{batch, seq_q, heads, kv_heads, head_dim, page_size, num_pages}.
 
 void merge(int batch, std::int64_t seq, int heads, int head_dim, std::vector<float>& o_acc,

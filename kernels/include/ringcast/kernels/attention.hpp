@@ -63,6 +63,9 @@ struct BlockTable {
   const BlockEntry* entries = nullptr;
   const KeyMeta* key_meta = nullptr;      // may be null when no entry uses it
   std::int64_t num_entries = 0;
+  // Row masks follow per-row choices (selection = row): the CPU kernel then cuts every entry's rows
+  // into fixed blocks, so that a row's results never depend on the rows after it (tile_math.hpp).
+  bool rows_vary = false;
 };
 
 // Transposed table: for each (kv_head, page) the forward entries that reference it, as indices into

@@ -21,6 +21,7 @@ struct HostBlockTable {
   std::vector<std::int64_t> offsets{0};
   std::vector<BlockEntry> entries;
   std::vector<KeyMeta> key_meta;
+  bool rows_vary = false;  // BlockTable::rows_vary
 
   BlockTable view() const;
 };
