@@ -138,7 +138,8 @@ StackFloats stack_floats(const ModelConfig& c, const SequenceShape& shape, std::
     f.activations += rows * D;
     max_rows = std::max(max_rows, rows);
   }
-  // d_a also stages the embedding's fp32 output (and the encoder's final norm input) in the forward.
+  // d_a also stages the embedding's fp32 output in the forward, then holds the final hidden state at
+  // its end (and the encoder's final norm output); final_out keeps the encoder's final norm input.
   f.d_a = max_rows * D;
   f.d_b = in_place ? 0 : max_rows * D;
   if (c.kind == ModelKind::kEncoder) {
