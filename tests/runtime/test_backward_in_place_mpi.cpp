@@ -2,6 +2,7 @@
 // the CPU backend under 1, 2 and 4 ranks, for every mode: the gradients written over the inputs are
 // bit for bit those written to buffers of their own. And what backward() refuses: an output that
 // overlaps an input other than its own, or another output, partly or whole.
+#include "clustered_budgets.hpp"
 #include "attention_reference.hpp"
 
 #include <ringcast/attention.hpp>
@@ -53,13 +54,7 @@ AttentionOptions layer_options(const Config& c) {
   o.mode = c.mode;
   o.clusters = c.clusters;
   o.combine = c.combine;
-  o.page_size = 32;
-  o.coarse_pages = 2;
-  o.window_before = 64;
-  o.window_bidir = 32;
-  o.top_k = 3;
-  o.coarse_k = 2;
-  o.remote_blocks = 2;
+  test::use_small_clustered_budgets(o);
   return o;
 }
 

@@ -5,6 +5,7 @@
 // with the summaries' chain rule written out in float64; (b) exact attention when the budgets cover
 // every page; (c) finite differences of that float64 layer; (d) the causal leak check; (e) bytes sent
 // and received, exactly as the simulation's fetch lists say, and within plan_layer() on the mean.
+#include "clustered_budgets.hpp"
 #include "../selection/clustered_pipeline.hpp"
 #include "attention_reference.hpp"
 #include "naive_attention.hpp"
@@ -62,13 +63,7 @@ Problem make_problem(const Config& c, std::uint64_t seed, std::int64_t n = 768, 
   o.mode = AttentionMode::kClustered;
   o.selection = c.unit;
   o.score = c.score;
-  o.page_size = 32;
-  o.coarse_pages = 2;
-  o.window_before = 64;
-  o.window_bidir = 32;
-  o.top_k = 3;
-  o.coarse_k = 2;
-  o.remote_blocks = 2;
+  test::use_small_clustered_budgets(o);
   const std::size_t qn = std::size_t(s.batch) * s.seq_len * s.heads * s.head_dim;
   const std::size_t kn = std::size_t(s.batch) * s.seq_len * s.kv_heads * s.head_dim;
   pr.q = random_values(qn, seed);

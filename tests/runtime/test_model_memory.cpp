@@ -2,6 +2,7 @@
 // the peak that DeviceBuffer measures for one forward, backward and step (decoder and encoder, the
 // exact modes and clustered), attention_workspace_bytes() against the operators the model builds,
 // one operator shared by every layer, and the FFN's row chunks giving the unchunked results.
+#include "clustered_budgets.hpp"
 #include "test_util.hpp"
 
 #include <ringcast/attention.hpp>
@@ -38,13 +39,7 @@ ModelConfig small_config(AttentionMode mode, ModelKind kind) {
   c.attention.mode = mode;
   if (mode == AttentionMode::kClustered) {
     AttentionOptions& o = c.attention;
-    o.page_size = 32;
-    o.coarse_pages = 2;
-    o.window_before = 64;
-    o.window_bidir = 32;
-    o.top_k = 3;
-    o.coarse_k = 2;
-    o.remote_blocks = 2;
+    test::use_small_clustered_budgets(o);
   }
   return c;
 }
