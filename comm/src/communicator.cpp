@@ -1,5 +1,6 @@
-// The backend-independent half of Communicator: argument checks, the symmetric cross-rank checks
-// and the byte/call accounting (conventions in communicator.hpp), written once for every backend.
+// The backend-independent half of Communicator: argument checks, the symmetric cross-rank checks,
+// the byte/call accounting and the exposed-time accounting (conventions in communicator.hpp),
+// written once for every backend.
 // A cross-rank check gathers the same fixed-size record from every rank, so all ranks see the same
 // table and throw the same Error; a local error is folded into the record rather than thrown early,
 // so that a rank with bad arguments never leaves its peers waiting in the collective.
@@ -82,11 +83,54 @@ Communicator::Communicator() {
   validate_ = env != nullptr && std::string_view(env) == "1";
 }
 
-void Communicator::record(OpKind kind, std::uint64_t sent, std::uint64_t received) {
+void Communicator::record(OpKind kind, std::uint64_t sent, std::uint64_t received, const TimeMark& start,
+                          Stream stream) {
   auto& c = counters_[kind];
   ++c.calls;
   c.bytes_sent += sent;
   c.bytes_received += received;
+  if (start.set) add_exposed(start, mark(stream));
+}
+
+TimeMark Communicator::begin_call(Stream stream) { return stream == compute_ ? mark(stream) : TimeMark{}; }
+
+void Communicator::start_exposed_timing(Stream compute) {
+  stop_exposed_timing();
+  timing_ = true;
+  compute_ = compute;
+  timing_thread_ = std::this_thread::get_id();
+}
+
+void Communicator::stop_exposed_timing() {
+  take_exposed_seconds();  // releases the device marks
+  timing_ = false;
+  compute_ = nullptr;
+}
+
+double Communicator::take_exposed_seconds() {
+  for (const auto& [from, to] : pending_) exposed_s_ += std::max(0.0, do_seconds_between(from, to));
+  pending_.clear();
+  return std::exchange(exposed_s_, 0.0);
+}
+
+TimeMark Communicator::mark(Stream stream) {
+  if (!timing_ || (memory() == DeviceKind::kCpu && std::this_thread::get_id() != timing_thread_)) return {};
+  return do_mark(stream);
+}
+
+void Communicator::add_exposed(const TimeMark& from, const TimeMark& to) {
+  if (!from.set || !to.set) return;
+  if (from.event == nullptr && to.event == nullptr) {
+    exposed_s_ += std::max(0.0, do_seconds_between(from, to));
+    return;
+  }
+  pending_.emplace_back(from, to);
+  // A long run that never takes: resolve the older half (their work is long done) to bound the marks.
+  constexpr std::size_t kMaxPending = 1024;
+  if (pending_.size() < kMaxPending) return;
+  const auto half = pending_.begin() + kMaxPending / 2;
+  for (auto it = pending_.begin(); it != half; ++it) exposed_s_ += std::max(0.0, do_seconds_between(it->first, it->second));
+  pending_.erase(pending_.begin(), half);
 }
 
 std::vector<std::int64_t> Communicator::gather_checked(OpKind kind, const std::string& local_error,
@@ -148,6 +192,7 @@ void Communicator::check_uniform(OpKind kind, const std::string& local_error, Co
 }
 
 void Communicator::exchange(std::span<const SendOp> sends, std::span<const RecvOp> recvs, Stream stream) {
+  const TimeMark start = begin_call(stream);
   const int r = rank();
   const int p = size();
   std::uint64_t sent = 0;
@@ -163,10 +208,11 @@ void Communicator::exchange(std::span<const SendOp> sends, std::span<const RecvO
     if (v.peer != r) received += v.buf.bytes();
   }
   do_exchange(sends, recvs, stream);
-  record(OpKind::kSendRecv, sent, received);
+  record(OpKind::kSendRecv, sent, received, start, stream);
 }
 
 void Communicator::ring_shift(ConstBuffer send, Buffer recv, int step, Stream stream) {
+  const TimeMark start = begin_call(stream);
   const int p = size();
   const int s = ((step % p) + p) % p;
   RINGCAST_CHECK(send.count == recv.count && send.dtype == recv.dtype,
@@ -177,7 +223,7 @@ void Communicator::ring_shift(ConstBuffer send, Buffer recv, int step, Stream st
       if (!e.empty()) RINGCAST_THROW("{}", e);
     }
     if (send.data != recv.data && send.count > 0) do_local_copy(send, recv, stream);
-    record(OpKind::kRingShift, 0, 0);
+    record(OpKind::kRingShift, 0, 0, start, stream);
     return;
   }
   if (auto e = check_pair("ring_shift", send, recv); !e.empty()) RINGCAST_THROW("{}", e);
@@ -185,10 +231,11 @@ void Communicator::ring_shift(ConstBuffer send, Buffer recv, int step, Stream st
   const SendOp to{(r + s) % p, send};
   const RecvOp from{(r - s + p) % p, recv};
   do_exchange({&to, 1}, {&from, 1}, stream);
-  record(OpKind::kRingShift, send.bytes(), recv.bytes());
+  record(OpKind::kRingShift, send.bytes(), recv.bytes(), start, stream);
 }
 
 void Communicator::all_gather(ConstBuffer send, Buffer recv, Stream stream) {
+  const TimeMark start = begin_call(stream);
   const auto p = static_cast<std::size_t>(size());
   std::string error = check_pair("all_gather", send, recv);
   if (error.empty() && recv.count != p * send.count) {
@@ -196,11 +243,12 @@ void Communicator::all_gather(ConstBuffer send, Buffer recv, Stream stream) {
   }
   check_uniform(OpKind::kAllGather, error, send, recv, 0);
   do_all_gather(send, recv, stream);
-  record(OpKind::kAllGather, (p - 1) * send.bytes(), (p - 1) * send.bytes());
+  record(OpKind::kAllGather, (p - 1) * send.bytes(), (p - 1) * send.bytes(), start, stream);
 }
 
 void Communicator::all_gather_v(ConstBuffer send, Buffer recv, std::span<const std::size_t> recv_counts,
                                 Stream stream) {
+  const TimeMark start = begin_call(stream);
   const int p = size();
   const int r = rank();
   std::string error = check_pair("all_gather_v", send, recv);
@@ -237,10 +285,11 @@ void Communicator::all_gather_v(ConstBuffer send, Buffer recv, std::span<const s
   do_all_gather_v(send, recv, recv_counts, stream);
   const auto elem = dtype_size(send.dtype);
   record(OpKind::kAllGatherV, static_cast<std::uint64_t>(p - 1) * send.bytes(),
-         (sum(recv_counts) - recv_counts[static_cast<std::size_t>(r)]) * elem);
+         (sum(recv_counts) - recv_counts[static_cast<std::size_t>(r)]) * elem, start, stream);
 }
 
 void Communicator::all_reduce(ConstBuffer send, Buffer recv, ReduceOp op, Stream stream) {
+  const TimeMark start = begin_call(stream);
   const auto p = static_cast<std::size_t>(size());
   std::string error;
   if (send.data != recv.data) error = check_pair("all_reduce", send, recv);
@@ -251,10 +300,11 @@ void Communicator::all_reduce(ConstBuffer send, Buffer recv, ReduceOp op, Stream
   if (error.empty()) error = check_storage("all_reduce", "recv", recv);
   check_uniform(OpKind::kAllReduce, error, send, recv, static_cast<std::int64_t>(op));
   do_all_reduce(send, recv, op, stream);
-  record(OpKind::kAllReduce, (p - 1) * send.bytes(), (p - 1) * recv.bytes());
+  record(OpKind::kAllReduce, (p - 1) * send.bytes(), (p - 1) * recv.bytes(), start, stream);
 }
 
 void Communicator::reduce_scatter(ConstBuffer send, Buffer recv, ReduceOp op, Stream stream) {
+  const TimeMark start = begin_call(stream);
   const auto p = static_cast<std::size_t>(size());
   std::string error = check_pair("reduce_scatter", send, recv);
   if (error.empty() && send.count != p * recv.count) {
@@ -262,10 +312,11 @@ void Communicator::reduce_scatter(ConstBuffer send, Buffer recv, ReduceOp op, St
   }
   check_uniform(OpKind::kReduceScatter, error, send, recv, static_cast<std::int64_t>(op));
   do_reduce_scatter(send, recv, op, stream);
-  record(OpKind::kReduceScatter, (p - 1) * recv.bytes(), (p - 1) * recv.bytes());
+  record(OpKind::kReduceScatter, (p - 1) * recv.bytes(), (p - 1) * recv.bytes(), start, stream);
 }
 
 void Communicator::all_to_all(ConstBuffer send, Buffer recv, Stream stream) {
+  const TimeMark start = begin_call(stream);
   const auto p = static_cast<std::size_t>(size());
   std::string error = check_pair("all_to_all", send, recv);
   if (error.empty() && (send.count != recv.count || send.count % p != 0)) {
@@ -275,11 +326,12 @@ void Communicator::all_to_all(ConstBuffer send, Buffer recv, Stream stream) {
   check_uniform(OpKind::kAllToAll, error, send, recv, 0);
   do_all_to_all(send, recv, stream);
   const std::uint64_t others = send.bytes() / p * (p - 1);
-  record(OpKind::kAllToAll, others, others);
+  record(OpKind::kAllToAll, others, others, start, stream);
 }
 
 void Communicator::all_to_all_v(ConstBuffer send, std::span<const std::size_t> send_counts, Buffer recv,
                                 std::span<const std::size_t> recv_counts, Stream stream) {
+  const TimeMark start = begin_call(stream);
   const int p = size();
   const int r = rank();
   const auto up = static_cast<std::size_t>(p);
@@ -319,26 +371,28 @@ void Communicator::all_to_all_v(ConstBuffer send, std::span<const std::size_t> s
   do_all_to_all_v(send, send_counts, recv, recv_counts, stream);
   const auto elem = dtype_size(send.dtype);
   record(OpKind::kAllToAllV, (sum(send_counts) - send_counts[static_cast<std::size_t>(r)]) * elem,
-         (sum(recv_counts) - recv_counts[static_cast<std::size_t>(r)]) * elem);
+         (sum(recv_counts) - recv_counts[static_cast<std::size_t>(r)]) * elem, start, stream);
 }
 
 void Communicator::broadcast(Buffer buf, int root, Stream stream) {
+  const TimeMark start = begin_call(stream);
   const int p = size();
   std::string error = check_storage("broadcast", "buf", buf);
   if (error.empty() && (root < 0 || root >= p)) error = fmt::format("broadcast: root {} is outside [0, {})", root, p);
   check_uniform(OpKind::kBroadcast, error, buf, buf, root);
   do_broadcast(buf, root, stream);
   if (rank() == root) {
-    record(OpKind::kBroadcast, static_cast<std::uint64_t>(p - 1) * buf.bytes(), 0);
+    record(OpKind::kBroadcast, static_cast<std::uint64_t>(p - 1) * buf.bytes(), 0, start, stream);
   } else {
-    record(OpKind::kBroadcast, 0, buf.bytes());
+    record(OpKind::kBroadcast, 0, buf.bytes(), start, stream);
   }
 }
 
 void Communicator::barrier(Stream stream) {
+  const TimeMark start = begin_call(stream);
   check_uniform(OpKind::kBarrier, {}, {}, {}, 0);
   do_barrier(stream);
-  record(OpKind::kBarrier, 0, 0);
+  record(OpKind::kBarrier, 0, 0, start, stream);
 }
 
 }  // namespace ringcast::comm

@@ -5,6 +5,7 @@
 
 #include "mpi_check.hpp"
 
+#include <chrono>
 #include <climits>
 #include <cstring>
 #include <vector>
@@ -163,5 +164,12 @@ void MpiCommunicator::metadata_all_gather(std::span<const std::int64_t> mine, st
   const int n = mpi_count("metadata_all_gather", mine.size());
   RINGCAST_MPI_CHECK(MPI_Allgather(mine.data(), n, MPI_INT64_T, all.data(), n, MPI_INT64_T, comm_));
 }
+
+TimeMark MpiCommunicator::do_mark(Stream) {
+  return {.set = true,
+          .host_s = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count()};
+}
+
+double MpiCommunicator::do_seconds_between(const TimeMark& from, const TimeMark& to) { return to.host_s - from.host_s; }
 
 }  // namespace ringcast::comm

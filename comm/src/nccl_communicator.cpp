@@ -5,6 +5,7 @@
 // Any NCCL failure aborts the communicator (later calls throw) so that no call can wait on state a
 // failed operation left behind. Metadata for the checks travels through a device scratch buffer on
 // an internal stream; the barrier reduces one device word of its own on the caller's stream.
+// Exposed-time marks are timing events, recycled through a pool the communicator owns.
 #include <ringcast/comm/nccl_communicator.hpp>
 #include <ringcast/cuda_check.hpp>
 #include <ringcast/log.hpp>
@@ -136,6 +137,9 @@ struct NcclCommunicator::Impl {
   std::int64_t* metadata_host = nullptr;
   std::size_t metadata_capacity = 0;  // elements of each
   std::int32_t* barrier_word = nullptr;
+  // Timing events of exposed-time marks: every one made (destroyed with the communicator) and the free ones.
+  std::vector<cudaEvent_t> events;
+  std::vector<cudaEvent_t> free_events;
 
   ~Impl();
 
@@ -252,6 +256,7 @@ NcclCommunicator::Impl::~Impl() {
       abort();
     }
   }
+  for (cudaEvent_t e : events) warn_on_error(cudaEventDestroy(e), "cudaEventDestroy");
   warn_on_error(cudaFree(metadata), "cudaFree(metadata)");
   warn_on_error(cudaFreeHost(metadata_host), "cudaFreeHost(metadata_host)");
   warn_on_error(cudaFree(barrier_word), "cudaFree(barrier_word)");
@@ -296,6 +301,34 @@ int NcclCommunicator::rank() const { return impl_->rank; }
 int NcclCommunicator::size() const { return impl_->size; }
 
 void NcclCommunicator::synchronize(Stream stream) { impl_->wait(cuda_stream(stream), "synchronize"); }
+
+TimeMark NcclCommunicator::do_mark(Stream stream) {
+  auto& m = *impl_;
+  DeviceGuard guard(m.device);
+  if (m.free_events.empty()) {
+    cudaEvent_t e = nullptr;
+    RINGCAST_CUDA_CHECK(cudaEventCreate(&e));  // with timing
+    m.events.push_back(e);
+    m.free_events.push_back(e);
+  }
+  cudaEvent_t e = m.free_events.back();
+  RINGCAST_CUDA_CHECK(cudaEventRecord(e, cuda_stream(stream)));
+  m.free_events.pop_back();
+  return {.set = true, .event = e};
+}
+
+double NcclCommunicator::do_seconds_between(const TimeMark& from, const TimeMark& to) {
+  auto& m = *impl_;
+  DeviceGuard guard(m.device);
+  const auto from_event = static_cast<cudaEvent_t>(from.event), to_event = static_cast<cudaEvent_t>(to.event);
+  RINGCAST_CUDA_CHECK(cudaEventSynchronize(to_event));
+  RINGCAST_CUDA_CHECK(cudaEventSynchronize(from_event));
+  float ms = 0;
+  RINGCAST_CUDA_CHECK(cudaEventElapsedTime(&ms, from_event, to_event));
+  m.free_events.push_back(from_event);
+  m.free_events.push_back(to_event);
+  return 1e-3 * ms;
+}
 
 void NcclCommunicator::do_local_copy(ConstBuffer src, Buffer dst, Stream stream) {
   RINGCAST_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, src.bytes(), cudaMemcpyDefault, cuda_stream(stream)));

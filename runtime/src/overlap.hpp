@@ -3,6 +3,9 @@
 // (an event) and joined back before the compute that needs its result (another event). On the CPU
 // backend it runs on a helper thread while the calling thread computes; that needs MPI at
 // MPI_THREAD_SERIALIZED or above (only the helper calls MPI meanwhile), else the step runs inline.
+// While the communicator times exposed communication, wait() adds what the compute could not hide:
+// from where the compute reached the wait to where the step ended (CUDA), or the time the calling
+// thread blocked in the join (CPU).
 #pragma once
 
 #include <ringcast/session.hpp>
@@ -32,6 +35,7 @@ class CommOverlap {
   Stream comm_stream_ = nullptr;
   void* ready_ = nullptr;  // cudaEvent_t: compute work before the step is done
   void* done_ = nullptr;   // cudaEvent_t: the step is done
+  comm::TimeMark step_end_;  // where the step ends, when the communicator times exposed communication
   std::thread thread_;
   std::exception_ptr error_;
   bool pending_ = false;

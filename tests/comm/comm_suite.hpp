@@ -15,12 +15,14 @@
 
 #include <algorithm>
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace ringcast::comm::testing {
@@ -608,11 +610,63 @@ TYPED_TEST_P(CommSuite, ValidationCatchesDisagreeingCollectives) {
   EXPECT_TRUE(same(DType::kF32, Bytes(got.begin(), got.begin() + 8 * sizeof(float)), want));
 }
 
+// Exposed time: while timing, a call on the compute stream counts how long the compute waits in it.
+// The last rank joins a barrier 300 ms late: rank 0 waits that long, the late rank hardly at all.
+TYPED_TEST_P(CommSuite, ExposedTimeCountsWaitsOnTheComputeStream) {
+  auto& comm = this->comm();
+  const int r = this->rank(), p = this->size();
+  comm.barrier(this->stream());
+  this->sync();
+  EXPECT_EQ(comm.take_exposed_seconds(), 0.0) << "nothing is timed before start_exposed_timing";
+  EXPECT_FALSE(comm.mark(this->stream()).set);
+
+  comm.start_exposed_timing(this->stream());
+  comm.barrier(this->stream());  // everybody in step
+  this->sync();
+  comm.take_exposed_seconds();
+  if (r == p - 1) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  comm.barrier(this->stream());
+  this->sync();
+  const double exposed = comm.take_exposed_seconds();
+  if (p > 1 && r == 0) {
+    EXPECT_GE(exposed, 0.25);
+  }
+  if (r == p - 1) {
+    EXPECT_LT(exposed, 0.2);
+  }
+  EXPECT_GE(exposed, 0.0);
+  EXPECT_EQ(comm.take_exposed_seconds(), 0.0) << "a take resets";
+
+  // Spans measured by hand: a later mark minus an earlier one, never negative.
+  const auto span = [&](bool forward) {
+    const TimeMark a = comm.mark(this->stream());
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    const TimeMark b = comm.mark(this->stream());
+    EXPECT_TRUE(a.set && b.set);
+    forward ? comm.add_exposed(a, b) : comm.add_exposed(b, a);
+    this->sync();
+    return comm.take_exposed_seconds();
+  };
+  EXPECT_GE(span(true), 0.015);
+  EXPECT_EQ(span(false), 0.0);
+  if (comm.memory() == DeviceKind::kCpu) {
+    // Host backend: another thread's marks are unset, so communication it runs is never counted.
+    bool other_thread_mark = true;
+    std::thread([&] { other_thread_mark = comm.mark(nullptr).set; }).join();
+    EXPECT_FALSE(other_thread_mark);
+  }
+  comm.stop_exposed_timing();
+  EXPECT_FALSE(comm.mark(this->stream()).set);
+  comm.barrier(this->stream());
+  this->sync();
+  EXPECT_EQ(comm.take_exposed_seconds(), 0.0);
+}
+
 REGISTER_TYPED_TEST_SUITE_P(CommSuite, ExchangeWithEveryPeerInListOrder, RingShiftEveryStep, AllGatherEveryDType,
                             AllGatherVUnevenAndEmptyCounts, AllReduceSumAndMaxInAndOutOfPlace, ReduceScatterSumAndMax,
                             AllToAllBlocks, AllToAllVUnevenAndEmptyCounts, BroadcastFromEveryRoot,
                             CountersFollowTheConventionAndReset, LocalArgumentErrorsThrow,
                             AllGatherVMismatchThrowsOnEveryRank, AllToAllVMismatchThrowsOnEveryRank,
-                            ValidationCatchesDisagreeingCollectives);
+                            ValidationCatchesDisagreeingCollectives, ExposedTimeCountsWaitsOnTheComputeStream);
 
 }  // namespace ringcast::comm::testing

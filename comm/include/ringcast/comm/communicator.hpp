@@ -8,6 +8,8 @@
 // Checks: local arguments always; the _v operations always agree their counts across ranks (a small
 // metadata all-gather); the uniform collectives do so when RINGCAST_COMM_VALIDATE=1 at construction.
 // Every cross-rank check is symmetric: all ranks see all metadata and throw the same Error.
+// Exposed communication time (for the benches): how long this rank's compute waits for communication,
+// off until start_exposed_timing.
 #pragma once
 
 #include <ringcast/dtype.hpp>
@@ -19,6 +21,8 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
+#include <utility>
 #include <vector>
 
 namespace ringcast::comm {
@@ -92,6 +96,13 @@ struct Counters {
   OpCounters total() const;
 };
 
+// A point on a stream's timeline, for exposed-communication timing; unset where nothing is timed.
+struct TimeMark {
+  bool set = false;
+  double host_s = 0;      // host backend: steady-clock seconds
+  void* event = nullptr;  // device backend: a timing cudaEvent_t recorded on the stream
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -140,6 +151,22 @@ class Communicator {
 
   const Counters& counters() const { return counters_; }
   void reset_counters() { counters_ = {}; }
+
+  // Exposed communication time: the part of communication the compute on `compute` waits for. From
+  // start_exposed_timing on, a call issued on `compute` counts whole: the compute stream runs it
+  // (device backend), or the calling thread blocks in it (host backend: calls from the thread that
+  // started timing; a helper thread running communication beside the compute counts nothing). Code
+  // that runs communication beside the compute adds what its join leaves exposed: add_exposed(mark
+  // where the compute reaches the join, mark where the communication ends). Calls only from the thread
+  // that started timing.
+  void start_exposed_timing(Stream compute);
+  void stop_exposed_timing();
+  // The exposed seconds since timing started or the last take; waits for the timed device work.
+  double take_exposed_seconds();
+  // Now, on `stream`'s timeline: unset when timing is off or (host backend) on another thread.
+  TimeMark mark(Stream stream);
+  // Adds max(0, to - from) once both are reached; ignores unset marks.
+  void add_exposed(const TimeMark& from, const TimeMark& to);
   // Whether the uniform collectives check count and dtype agreement across ranks.
   bool validating() const { return validate_; }
 
@@ -166,8 +193,16 @@ class Communicator {
   // rank passes the same mine.size(), all holds size() * mine.size() values in rank order.
   virtual void metadata_all_gather(std::span<const std::int64_t> mine, std::span<std::int64_t> all) = 0;
 
+  // The backend's clock: a mark on `stream` now, and the seconds from one mark to a later one (on
+  // the device: waiting until `to` is reached; releases both marks). Only called while timing.
+  virtual TimeMark do_mark(Stream stream) = 0;
+  virtual double do_seconds_between(const TimeMark& from, const TimeMark& to) = 0;
+
  private:
-  void record(OpKind kind, std::uint64_t sent, std::uint64_t received);
+  // The start of a public call: a mark when the call is timed (issued on the compute stream).
+  TimeMark begin_call(Stream stream);
+  // The end of a successful public call: counts its bytes and, when timed, its exposed time.
+  void record(OpKind kind, std::uint64_t sent, std::uint64_t received, const TimeMark& start, Stream stream);
   // Gathers every rank's record (prefixed with whether its local checks passed) and throws on every
   // rank when any rank's local checks failed; returns the P records, rank-major.
   std::vector<std::int64_t> gather_checked(OpKind kind, const std::string& local_error,
@@ -178,6 +213,12 @@ class Communicator {
 
   Counters counters_;
   bool validate_ = false;
+  // Exposed-time accounting.
+  bool timing_ = false;
+  Stream compute_ = nullptr;
+  std::thread::id timing_thread_;
+  double exposed_s_ = 0;
+  std::vector<std::pair<TimeMark, TimeMark>> pending_;  // device marks not yet resolved
 };
 
 }  // namespace ringcast::comm

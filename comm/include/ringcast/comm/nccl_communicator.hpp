@@ -48,6 +48,8 @@ class NcclCommunicator final : public Communicator {
   void do_broadcast(Buffer buf, int root, Stream stream) override;
   void do_barrier(Stream stream) override;
   void metadata_all_gather(std::span<const std::int64_t> mine, std::span<std::int64_t> all) override;
+  TimeMark do_mark(Stream stream) override;
+  double do_seconds_between(const TimeMark& from, const TimeMark& to) override;
 
  private:
   struct Impl;
