@@ -2,8 +2,8 @@
 // The sweep is the product of --modes x --seq-lens x --heads x --kv-heads x --head-dims; every other
 // layer option (batch, dtype, causal, placement, the clustered budgets) is `run`'s, read by the same
 // reader for each configuration, and every configuration is validated before the first one runs.
-// The communicator does not time its waits, so the rows have no exposed-communication column: the
-// performance model (scripts/perf_model.py) predicts it instead (docs/scaling.md).
+// Exposed communication is measured by the communicator while the passes run (docs/scaling.md);
+// the performance model (scripts/perf_model.py) predicts it beside the measurement.
 #include "bench_layer.hpp"
 
 #include "commands.hpp"
@@ -164,25 +164,36 @@ LayerTiming time_layer(const Session& session, const LayerShape& shape, const At
   const AttentionBackwardArgs bwd{x.q, x.k, x.v, x.o, x.lse, x.d_o, x.d_q, x.d_k, x.d_v, surrogates, d_surrogates};
 
   auto& comm = session.comm();
-  std::vector<double> fwd_s, total_s;
+  // Exposed communication is timed for these passes only, also when one throws.
+  struct ExposedTiming {
+    comm::Communicator& comm;
+    ExposedTiming(comm::Communicator& c, Stream compute) : comm(c) { comm.start_exposed_timing(compute); }
+    ~ExposedTiming() { comm.stop_exposed_timing(); }
+  } timing(comm, session.stream());
+  std::vector<double> fwd_s, total_s, exposed_fwd_s, exposed_total_s;
   std::uint64_t sent_fwd = 0, sent_bwd = 0;
   const double start = MPI_Wtime();
   for (int i = 0; i < warmup + iters; ++i) {
     synchronize(session.device(), session.stream());
     MPI_Barrier(MPI_COMM_WORLD);
     comm.reset_counters();
+    comm.take_exposed_seconds();
     const double t0 = MPI_Wtime();
     layer.forward(fwd);
     synchronize(session.device(), session.stream());
     const double t1 = MPI_Wtime();
     sent_fwd = comm.counters().total().bytes_sent;
+    const double exposed_fwd = comm.take_exposed_seconds();
     layer.backward(bwd);
     synchronize(session.device(), session.stream());
     const double t2 = MPI_Wtime();
     sent_bwd = comm.counters().total().bytes_sent - sent_fwd;
+    const double exposed_bwd = comm.take_exposed_seconds();
     if (i >= warmup) {
       fwd_s.push_back(t1 - t0);
       total_s.push_back(t2 - t0);
+      exposed_fwd_s.push_back(exposed_fwd);
+      exposed_total_s.push_back(exposed_fwd + exposed_bwd);
     }
     if (MPI_Wtime() - start > 5.0)
       log::info("  pass {}/{} ({}): forward {:.1f} ms, forward+backward {:.1f} ms", i + 1, warmup + iters,
@@ -191,6 +202,8 @@ LayerTiming time_layer(const Session& session, const LayerShape& shape, const At
   LayerTiming t;
   t.fwd_s = over_ranks(median(fwd_s));
   t.fwd_bwd_s = over_ranks(median(total_s));
+  t.exposed_fwd_s = over_ranks(median(exposed_fwd_s));
+  t.exposed_fwd_bwd_s = over_ranks(median(exposed_total_s));
   t.bytes_sent_fwd = static_cast<std::int64_t>(over_ranks(static_cast<double>(sent_fwd)).max);
   t.bytes_sent_bwd = static_cast<std::int64_t>(over_ranks(static_cast<double>(sent_bwd)).max);
   t.peak_memory_bytes = static_cast<std::int64_t>(over_ranks(static_cast<double>(peak_allocated_bytes())).max);
@@ -217,6 +230,12 @@ void set_layer_columns(Report::Row& row, const Session& session, const LayerShap
       .set("fwd_bwd_ms_min", 1e3 * t.fwd_bwd_s.min)
       .set("fwd_bwd_ms_median", 1e3 * t.fwd_bwd_s.median)
       .set("fwd_bwd_ms_max", 1e3 * t.fwd_bwd_s.max)
+      .set("exposed_fwd_ms_min", 1e3 * t.exposed_fwd_s.min)
+      .set("exposed_fwd_ms_median", 1e3 * t.exposed_fwd_s.median)
+      .set("exposed_fwd_ms_max", 1e3 * t.exposed_fwd_s.max)
+      .set("exposed_fwd_bwd_ms_min", 1e3 * t.exposed_fwd_bwd_s.min)
+      .set("exposed_fwd_bwd_ms_median", 1e3 * t.exposed_fwd_bwd_s.median)
+      .set("exposed_fwd_bwd_ms_max", 1e3 * t.exposed_fwd_bwd_s.max)
       .set("attention_flops_fwd", plan.attention_flops_fwd)
       .set("tflops_fwd", plan.attention_flops_fwd / t.fwd_s.max / 1e12)
       .set("tflops_fwd_bwd", 3.5 * plan.attention_flops_fwd / t.fwd_bwd_s.max / 1e12)

@@ -2,7 +2,9 @@
 // and `ringcast bench layer` (a sweep over sequence lengths, modes, heads and head dims on the
 // world's ranks). Every rank times its own forward and forward+backward passes (each pass starts
 // after a barrier, ends when the rank's stream is idle); a rank's figure is the median of its timed
-// passes, and the report gives the min, median and max of those over the ranks.
+// passes, and the report gives the min, median and max of those over the ranks. The exposed
+// communication time of a pass is the communicator's (Communicator::start_exposed_timing): the part
+// of its communication the rank's compute waited for.
 #pragma once
 
 #include "cli.hpp"
@@ -22,6 +24,7 @@ struct Spread {
 
 struct LayerTiming {
   Spread fwd_s, fwd_bwd_s;
+  Spread exposed_fwd_s, exposed_fwd_bwd_s;  // exposed communication within those passes
   std::int64_t bytes_sent_fwd = 0, bytes_sent_bwd = 0;  // the communicator's counters, max over ranks
   std::int64_t peak_memory_bytes = 0;                   // the layer's allocations at their peak, max over ranks
 };
@@ -32,7 +35,7 @@ struct LayerTiming {
 LayerTiming time_layer(const Session& session, const LayerShape& shape, const AttentionOptions& options, int warmup,
                        int iters);
 
-// The columns `run` and `bench layer` share: the configuration, the times (ms), plan's FLOPs per
+// The columns `run` and `bench layer` share: the configuration, the times and exposed communication (ms), plan's FLOPs per
 // rank and the effective TFLOP/s per rank (on the slowest rank's time), the bytes each rank sent
 // (counters, plan's figures beside them) and the peak memory.
 void set_layer_columns(Report::Row& row, const Session& session, const LayerShape& shape,

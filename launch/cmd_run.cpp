@@ -1,8 +1,8 @@
 // `ringcast run`: the main job. Times one distributed attention layer, forward and forward+backward,
 // on every rank (median of --iters after --warmup), and reports the fastest, median and slowest rank,
-// the effective TFLOP/s, the bytes each rank sent (the communicator's counters, with plan's figures
-// beside them) and the peak memory the layer allocated; the timing is bench_layer.hpp's, which
-// `bench layer` sweeps. `ringcast bench comm` is the communication test (comm_test_main, below).
+// the exposed communication, the effective TFLOP/s, the bytes each rank sent (the communicator's
+// counters, with plan's figures beside them) and the peak memory the layer allocated; the timing is
+// bench_layer.hpp's, which `bench layer` sweeps. `ringcast bench comm` is the communication test (comm_test_main, below).
 #include "bench_layer.hpp"
 #include "comm_bench.hpp"
 #include "commands.hpp"

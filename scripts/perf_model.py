@@ -318,6 +318,7 @@ def cmd_validate(a):
                         "measured_fwd_ms": m_f, "predicted_fwd_ms": 1e3 * t_f,
                         "measured_fwd_bwd_ms": m_fb, "predicted_fwd_bwd_ms": 1e3 * t_fb,
                         "predicted_compute_ms": 1e3 * comp, "predicted_exposed_comm_ms": 1e3 * (t_fb - comp),
+                        "measured_exposed_comm_ms": float(r["exposed_fwd_bwd_ms_max"]),
                         "ratio": 1e3 * t_fb / m_fb, "compute_share": share,
                         "links": "none (one rank)" if p == 1 else link.source})
     if not out:
@@ -326,7 +327,8 @@ def cmd_validate(a):
     print(f"# model vs measurement, {a.folder} (machine {machine.name}: overlap {machine.overlap}, "
           f"{units} compute unit(s)); rates from the 1-rank rows; ratio = predicted / measured fwd+bwd")
     print_table(out, ["experiment", "mode", "seq_len", "ranks", "measured_fwd_ms", "predicted_fwd_ms",
-                      "measured_fwd_bwd_ms", "predicted_fwd_bwd_ms", "predicted_exposed_comm_ms", "ratio"])
+                      "measured_fwd_bwd_ms", "predicted_fwd_bwd_ms", "measured_exposed_comm_ms",
+                      "predicted_exposed_comm_ms", "ratio"])
     checked = [r for r in out if int(r["ranks"]) > 1]
     if checked:
         logs = [math.log(r["ratio"]) for r in checked]

@@ -23,7 +23,8 @@ def check(ok, what):
 
 columns = ["experiment", "timestamp", "mode", "placement", "seq_len", "ranks", "batch", "heads", "kv_heads",
            "head_dim", "dtype", "causal", "device", "fwd_ms_min", "fwd_ms_median", "fwd_ms_max", "fwd_bwd_ms_min",
-           "fwd_bwd_ms_median", "fwd_bwd_ms_max", "attention_flops_fwd", "tflops_fwd", "tflops_fwd_bwd",
+           "fwd_bwd_ms_median", "fwd_bwd_ms_max", "exposed_fwd_ms_min", "exposed_fwd_ms_median", "exposed_fwd_ms_max",
+           "exposed_fwd_bwd_ms_min", "exposed_fwd_bwd_ms_median", "exposed_fwd_bwd_ms_max", "attention_flops_fwd", "tflops_fwd", "tflops_fwd_bwd",
            "bytes_sent_fwd", "bytes_sent_bwd", "plan_bytes_sent_fwd", "plan_bytes_sent_bwd", "peak_memory_bytes",
            "commit", "device_name", "driver", "rel_error"]
 for exp, n_of in (("strong", lambda p: 2048), ("weak", lambda p: 512 * p)):
@@ -43,6 +44,12 @@ for exp, n_of in (("strong", lambda p: 2048), ("weak", lambda p: 512 * p)):
         for t in ("fwd_ms", "fwd_bwd_ms"):
             check(0 < f[t + "_min"] <= f[t + "_median"] <= f[t + "_max"], f"{name}: {t} min/median/max {r}")
         check(f["fwd_ms_max"] <= f["fwd_bwd_ms_max"], f"{name}: forward slower than forward+backward")
+        for t in ("exposed_fwd_ms", "exposed_fwd_bwd_ms"):
+            check(0 <= f[t + "_min"] <= f[t + "_median"] <= f[t + "_max"], f"{name}: {t} min/median/max {r}")
+        check(f["exposed_fwd_bwd_ms_max"] <= f["fwd_bwd_ms_max"], f"{name}: more exposed communication than time")
+        if p == 1:  # only the layer's own checks and local copies go through the communicator
+            check(f["exposed_fwd_bwd_ms_median"] <= 0.05 * f["fwd_bwd_ms_median"],
+                  f"{name}: exposed communication on one rank")
         check(f["tflops_fwd"] > 0 and f["tflops_fwd_bwd"] > 0 and int(r["peak_memory_bytes"]) > 0, f"{name}: {r}")
         sent = f["bytes_sent_fwd"] + f["bytes_sent_bwd"]
         check((sent == 0) == (p == 1), f"{name}: bytes sent {sent}")
