@@ -723,13 +723,14 @@ class SurrogateMode final : public DistributedAttention::Mode {
   // The coarse summaries' gradients, summed over the ranks into each block's owner, then to the
   // block's clusters: d R_cl += count_cl / count_block * d R_block (the count-weighted mean).
   void coarse_to_clusters() {
-    reduce_scatter_coarse(
-        session.comm(), ctx, g_,
+    pack_coarse_gradients(
+        ctx, g_,
         [this](int b, int g, int kv) {
           return pool(d_pools_, b, g, kv) +
                  elements_[b].layouts[static_cast<std::size_t>(g)].coarse_summary_first_page() * g_.page_elems;
         },
-        scatter_send_.as<float>(), scatter_recv_.as<float>());
+        scatter_send_.as<float>());
+    reduce_scatter_coarse(session.comm(), ctx.stream, g_, scatter_send_.as<float>(), scatter_recv_.as<float>());
     const int d = shape.head_dim;
     const std::int64_t rows = std::int64_t{shape.batch} * g_.local_blocks;
     const float* recv = scatter_recv_.as<const float>();

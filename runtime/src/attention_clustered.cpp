@@ -187,6 +187,10 @@ class ClusteredMode final : public DistributedAttention::Mode {
   void backward(const AttentionBackwardArgs& a) override {
     RINGCAST_CHECK(elements_.front().tables->built(), "clustered mode: backward() needs a forward() first");
     for (int b = 0; b < shape.batch; ++b) attend_backward(a, b);
+    // The coarse summaries' gradients are complete now: packed here, summed over the ranks in the
+    // first overlapped step, used by coarse_backward() at the end.
+    pack_coarse_gradients(ctx, g_, [this](int b, int g, int kv) { return coarse_summary_gradients(b, g, kv); },
+                          scatter_send_.as<float>());
     // Pipelined over (element, KV head) units: unit u's halo and fetched gradients travel home (and
     // the peers' for this rank's blocks land in a stage slot) while the next unit's page-summary
     // gradients fold into its pages and the previous unit's landed gradients are added.
@@ -197,6 +201,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     std::vector<ClusteredTransfer::Landing> landed[2];
     const auto send_back = [&](int u) {
       overlap_.start([this, &layouts, &landed, &stage, u](Stream stream) {
+        if (u == 0) reduce_scatter_coarse(session.comm(), stream, g_, scatter_send_.as<float>(), scatter_recv_.as<float>());
         const kernels::ExecContext comm_ctx{ctx.device, stream};
         landed[u % 2] = ClusteredTransfer(session.comm(), comm_ctx, g_, pool_view(d_pools()))
                             .return_gradients(layouts, served_, u / shape.kv_heads, u % shape.kv_heads, stage(u));
@@ -549,17 +554,18 @@ class ClusteredMode final : public DistributedAttention::Mode {
     kernels::page_summaries_backward({resident_shape(L), dk + first, dv + first, dk, dv}, ctx);
   }
 
-  // Coarse summaries' gradients: every rank holds them for every block; each owner receives the sum
-  // for its own blocks (reduce-scatter), then back through coarse and page summaries to its keys, the
-  // local pages of the gradient pool (one head's local pages are its keys in order).
+  // Element b, KV head g: the gradients of its coarse summaries of every block, mean keys (kv = 0) or
+  // mean values (kv = 1), as the attention backward left them in the gradient pool.
+  const float* coarse_summary_gradients(int b, int g, int kv) const {
+    return pool(d_pools(), b, g, kv) + elements_[b].layouts[g].coarse_summary_first_page() * g_.page_elems;
+  }
+
+  // Coarse summaries' gradients: every rank holds them for every block; each owner has received the
+  // sum for its own blocks (scatter_recv_, reduce-scattered beside the backward's first unit), which
+  // goes back through coarse and page summaries to its keys, the local pages of the gradient pool
+  // (one head's local pages are its keys in order).
   void coarse_backward() {
     const std::int64_t d = shape.head_dim, rows = std::int64_t{shape.batch} * g_.local_blocks;
-    reduce_scatter_coarse(
-        session.comm(), ctx, g_,
-        [this](int b, int g, int kv) {
-          return pool(d_pools(), b, g, kv) + elements_[b].layouts[g].coarse_summary_first_page() * g_.page_elems;
-        },
-        scatter_send_.as<float>(), scatter_recv_.as<float>());
     const std::int64_t br = summary_.block_rows(), pr = summary_.page_rows();
     kernels::fill_zero(d_block_sums_.data(), d_block_sums_.bytes(), ctx);
     kernels::fill_zero(d_page_sums_.data(), d_page_sums_.bytes(), ctx);

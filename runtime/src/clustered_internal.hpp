@@ -145,11 +145,14 @@ void check_clustered_support(const LayerShape& sh, const AttentionOptions& o);
 
 void all_gather_coarse(comm::Communicator& comm, const kernels::ExecContext& ctx, const ClusterGeometry& geo,
                        int fields, const float* send, float* recv, const std::function<float*(int b, int g)>& dst);
-// The reverse for gradients (§4.2): src(b, g, kv) [num_blocks][head_dim] (kv 0: mean key, 1: mean value)
-// summed over the ranks into each block's owner: recv [2][kv_heads][batch * local_blocks][head_dim];
-// send is scratch of p times that.
-void reduce_scatter_coarse(comm::Communicator& comm, const kernels::ExecContext& ctx, const ClusterGeometry& geo,
-                           const std::function<const float*(int b, int g, int kv)>& src, float* send, float* recv);
+// The reverse for gradients (§4.2), in two steps so that the communication can run beside other work:
+// pack src(b, g, kv) [num_blocks][head_dim] (kv 0: mean key, 1: mean value) into send, p parts of
+// [2][kv_heads][batch * local_blocks][head_dim] (compute, on ctx's stream); then sum the parts over the
+// ranks into each block's owner: recv holds one part (communication, on `stream`).
+void pack_coarse_gradients(const kernels::ExecContext& ctx, const ClusterGeometry& geo,
+                           const std::function<const float*(int b, int g, int kv)>& src, float* send);
+void reduce_scatter_coarse(comm::Communicator& comm, Stream stream, const ClusterGeometry& geo, const float* send,
+                           float* recv);
 
 std::unique_ptr<DistributedAttention::Mode> make_surrogate_mode(const Session& s, const LayerShape& sh,
                                                                 const AttentionOptions& o);

@@ -40,8 +40,8 @@ void all_gather_coarse(comm::Communicator& comm, const kernels::ExecContext& ctx
                    {{fields, geo.kv_heads * rows * d, geo.p * lb * d}, {geo.p, per_rank, lb * d}, {lb * d, 1, 1}});
 }
 
-void reduce_scatter_coarse(comm::Communicator& comm, const kernels::ExecContext& ctx, const ClusterGeometry& geo,
-                           const std::function<const float*(int b, int g, int kv)>& src, float* send, float* recv) {
+void pack_coarse_gradients(const kernels::ExecContext& ctx, const ClusterGeometry& geo,
+                           const std::function<const float*(int b, int g, int kv)>& src, float* send) {
   const std::int64_t d = geo.head_dim, lb = geo.local_blocks, rows = geo.batch * lb;
   const std::int64_t part = 2 * geo.kv_heads * rows * d;  // one rank's part: [2][kv_heads][rows][d]
   for (int b = 0; b < geo.batch; ++b)
@@ -49,8 +49,13 @@ void reduce_scatter_coarse(comm::Communicator& comm, const kernels::ExecContext&
       for (int kv = 0; kv < 2; ++kv)
         strided_copy(ctx, src(b, g, kv), send + ((kv * geo.kv_heads + g) * rows + b * lb) * d,
                      {{geo.p, lb * d, part}, {lb * d, 1, 1}});
+}
+
+void reduce_scatter_coarse(comm::Communicator& comm, Stream stream, const ClusterGeometry& geo, const float* send,
+                           float* recv) {
+  const std::int64_t part = 2 * geo.kv_heads * geo.batch * geo.local_blocks * geo.head_dim;
   comm.reduce_scatter({send, static_cast<std::size_t>(geo.p * part), DType::kF32},
-                      {recv, static_cast<std::size_t>(part), DType::kF32}, comm::ReduceOp::kSum, ctx.stream);
+                      {recv, static_cast<std::size_t>(part), DType::kF32}, comm::ReduceOp::kSum, stream);
 }
 
 ClusteredTransfer::ClusteredTransfer(comm::Communicator& comm, const kernels::ExecContext& ctx,
