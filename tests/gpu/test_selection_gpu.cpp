@@ -38,7 +38,7 @@ namespace {
 
 using namespace kernels;
 
-constexpr int kPageSize = 64;
+constexpr int kPageSize = 64;  // unless a configuration says otherwise
 
 struct Config {
   std::string label;
@@ -48,6 +48,7 @@ struct Config {
   SelectionOptions opt;
   int amp = 0;  // exact inputs: integers in [-amp, amp]; 0: generic (bf16 normals)
   bool identical_keys = false;
+  int page_size = kPageSize;
 };
 
 SelectionOptions options(bool causal, SelectUnit unit, SelectScore score, int top_k, int coarse_k, int window,
@@ -71,7 +72,7 @@ int exact_bits(const Config& c) {
   const double group = double(c.heads) / c.kv_heads;
   const double max_sum = double(c.head_dim) * c.amp * group * c.amp;
   const double grid_q = c.opt.unit == SelectUnit::kRow ? 1.0 : 1.0 / kQueryTile;
-  const double grid_s = c.opt.score == SelectScore::kBound ? 1.0 : 1.0 / (double(kPageSize) * c.coarse_pages);
+  const double grid_s = c.opt.score == SelectScore::kBound ? 1.0 : 1.0 / (double(c.page_size) * c.coarse_pages);
   return static_cast<int>(std::ceil(std::log2(max_sum / (grid_q * grid_s))));
 }
 
@@ -81,7 +82,7 @@ ClusteredProblem make_problem(const Config& c, std::uint64_t seed) {
   pr.heads = c.heads;
   pr.kv_heads = c.kv_heads;
   pr.head_dim = c.head_dim;
-  pr.page_size = kPageSize;
+  pr.page_size = c.page_size;
   pr.coarse_pages = c.coarse_pages;
   const auto nq = static_cast<std::size_t>(c.n * c.heads * c.head_dim);
   const auto row = static_cast<std::size_t>(c.kv_heads * c.head_dim);  // one position of K or V
@@ -101,7 +102,7 @@ ClusteredProblem make_problem(const Config& c, std::uint64_t seed) {
     pr.k.resize(nk);
     std::vector<int> page_base(row);
     for (std::int64_t pos = 0; pos < c.n; ++pos) {
-      if (pos % kPageSize == 0) {
+      if (pos % c.page_size == 0) {
         for (int& b : page_base) b = base(rng);
       }
       for (std::size_t x = 0; x < row; ++x) {
@@ -112,8 +113,8 @@ ClusteredProblem make_problem(const Config& c, std::uint64_t seed) {
     const auto copy_keys = [&](std::int64_t from, std::int64_t to, std::int64_t count) {
       if (to + count <= c.n) std::copy_n(pr.k.begin() + from * row, count * row, pr.k.begin() + to * row);
     };
-    copy_keys(5 * kPageSize, 9 * kPageSize, kPageSize);
-    const std::int64_t block_keys = std::int64_t{kPageSize} * c.coarse_pages;
+    copy_keys(5 * c.page_size, 9 * c.page_size, c.page_size);
+    const std::int64_t block_keys = std::int64_t{c.page_size} * c.coarse_pages;
     copy_keys(0, 2 * block_keys, block_keys);
   }
   if (c.identical_keys) {  // every score ties: the lower index wins everywhere
@@ -366,7 +367,7 @@ void run_config(const Config& c, std::uint64_t seed) {
   const DeviceArray<float> q_dev(q_loc);
 
   ClusteredLayout base;
-  base.page_size = kPageSize;
+  base.page_size = c.page_size;
   base.coarse_pages = c.coarse_pages;
   base.n = c.n;
   base.first_pos = c.rank * n_loc;
@@ -434,7 +435,7 @@ void run_config(const Config& c, std::uint64_t seed) {
   shape.heads = c.heads;
   shape.kv_heads = c.kv_heads;
   shape.head_dim = c.head_dim;
-  shape.page_size = kPageSize;
+  shape.page_size = c.page_size;
   shape.num_pages = layouts.front().num_pages();
   expect_device_tables(c.label, layouts, c.opt, views, gpu_table, shape);
 }
@@ -468,6 +469,14 @@ TEST(SelectionGpu, ExactInputsMatchCpuIncludingTies) {
        options(true, kRow, kBound, 16, 4, 256, 4, 8), 4},
       {"causal tile bound 64 x 16 blocks P4 r3", 16384, 8, 2, 128, 16, 4, 3,
        options(true, kTile, kBound, 16, 4, 512, 4, 8), 4},
+      // Pages of 16 in blocks of 2: shards that end in a partial tile of 96 or 32 rows (row masks with
+      // and without a high word). Tile units only where causal: a partial tile's own mean is not exact.
+      {"causal row bound pages of 16, last tile 96 rows", 448, 4, 2, 64, 2, 2, 1,
+       options(true, kRow, kBound, 6, 2, 32, 2, 3), 4, false, 16},
+      {"causal tile bound pages of 16, last tile 96 rows", 448, 4, 2, 64, 2, 2, 1,
+       options(true, kTile, kBound, 6, 2, 32, 2, 3), 4, false, 16},
+      {"bidir row mean pages of 16, last tile 32 rows P3 r1", 480, 6, 2, 40, 2, 3, 1,
+       options(false, kRow, kMean, 5, 2, 32, 2, 3), 4, false, 16},
   };
   std::uint64_t seed = 1000;
   for (const Config& c : configs) run_config(c, seed++);
