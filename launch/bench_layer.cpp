@@ -207,6 +207,14 @@ LayerTiming time_layer(const Session& session, const LayerShape& shape, const At
   t.bytes_sent_fwd = static_cast<std::int64_t>(over_ranks(static_cast<double>(sent_fwd)).max);
   t.bytes_sent_bwd = static_cast<std::int64_t>(over_ranks(static_cast<double>(sent_bwd)).max);
   t.peak_memory_bytes = static_cast<std::int64_t>(over_ranks(static_cast<double>(peak_allocated_bytes())).max);
+  if (options.mode == AttentionMode::kClustered) {
+    const TableEntries mine = layer.table_entries();
+    std::int64_t sums[2] = {mine.total, mine.units}, longest = mine.max;
+    MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, &longest, 1, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
+    t.table_entries_mean = TableEntries{sums[1], sums[0], longest}.mean();
+    t.table_entries_max = longest;
+  }
   return t;
 }
 
@@ -243,8 +251,10 @@ void set_layer_columns(Report::Row& row, const Session& session, const LayerShap
       .set("bytes_sent_bwd", t.bytes_sent_bwd)
       .set("plan_bytes_sent_fwd", plan.bytes_sent_fwd)
       .set("plan_bytes_sent_bwd", plan.bytes_sent_bwd)
-      .set("peak_memory_bytes", t.peak_memory_bytes)
-      .set("commit", std::string(git_commit()));
+      .set("peak_memory_bytes", t.peak_memory_bytes);
+  if (t.table_entries_mean)
+    row.set("table_entries_mean", *t.table_entries_mean).set("table_entries_max", t.table_entries_max);
+  row.set("commit", std::string(git_commit()));
 }
 
 int bench_layer_main(const CommandLine& cmd) {

@@ -14,6 +14,7 @@
 #include <ringcast/session.hpp>
 
 #include <cstdint>
+#include <optional>
 
 namespace ringcast::launch {
 
@@ -27,6 +28,10 @@ struct LayerTiming {
   Spread exposed_fwd_s, exposed_fwd_bwd_s;  // exposed communication within those passes
   std::int64_t bytes_sent_fwd = 0, bytes_sent_bwd = 0;  // the communicator's counters, max over ranks
   std::int64_t peak_memory_bytes = 0;                   // the layer's allocations at their peak, max over ranks
+  // Clustered mode: the last forward's table entries per (element, tile, KV head) over all ranks
+  // (DistributedAttention::table_entries), the mean and the longest list.
+  std::optional<double> table_entries_mean;
+  std::int64_t table_entries_max = 0;
 };
 
 // Collective. Builds the layer (the peak memory counts from here) and seeded random inputs on the
@@ -37,7 +42,7 @@ LayerTiming time_layer(const Session& session, const LayerShape& shape, const At
 
 // The columns `run` and `bench layer` share: the configuration, the times and exposed communication (ms), plan's FLOPs per
 // rank and the effective TFLOP/s per rank (on the slowest rank's time), the bytes each rank sent
-// (counters, plan's figures beside them) and the peak memory.
+// (counters, plan's figures beside them), the peak memory and, clustered mode, the table's size.
 void set_layer_columns(Report::Row& row, const Session& session, const LayerShape& shape,
                        const AttentionOptions& options, const LayerTiming& timing);
 

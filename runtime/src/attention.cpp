@@ -131,6 +131,19 @@ std::vector<AttendedEntry> DistributedAttention::Mode::attended_entries() const 
                  name(options.mode));
 }
 
+TableEntries DistributedAttention::Mode::table_entries() const {
+  RINGCAST_THROW("table_entries() is not available for mode {} (clustered mode only: the exact modes attend "
+                 "every key a row may see)",
+                 name(options.mode));
+}
+
+void TableEntries::add(std::span<const std::int64_t> offsets) {
+  RINGCAST_CHECK(!offsets.empty() && offsets.front() == 0, "TableEntries::add: offsets must start at 0");
+  for (std::size_t u = 1; u < offsets.size(); ++u) max = std::max(max, offsets[u] - offsets[u - 1]);
+  units += static_cast<std::int64_t>(offsets.size()) - 1;
+  total += offsets.back();
+}
+
 std::vector<std::int32_t> DistributedAttention::Mode::cluster_members() const {
   RINGCAST_THROW("cluster_members() is available with clusters = surrogate only (mode {}, clusters = {})",
                  name(options.mode), name(options.clusters));
@@ -238,6 +251,7 @@ const AttentionOptions& DistributedAttention::options() const { return mode_->op
 std::span<const std::int32_t> DistributedAttention::positions() const { return mode_->positions; }
 std::size_t DistributedAttention::workspace_bytes() const { return mode_->workspace_bytes; }
 std::vector<AttendedEntry> DistributedAttention::attended_entries() const { return mode_->attended_entries(); }
+TableEntries DistributedAttention::table_entries() const { return mode_->table_entries(); }
 std::vector<std::int32_t> DistributedAttention::cluster_members() const { return mode_->cluster_members(); }
 
 void DistributedAttention::forward(const AttentionForwardArgs& args) {

@@ -147,6 +147,16 @@ class SurrogateMode final : public DistributedAttention::Mode {
     kernels::copy_strided(kernels::StridedCopy::flat(d_v, DType::kF32, a.d_v.data, shape.dtype, kv_elems), ctx);
   }
 
+  // Joint: every element's table. Cast: the intra-cluster attention's (tiles of cluster members).
+  TableEntries table_entries() const override {
+    RINGCAST_CHECK(joint_ ? elements_.front().tables.has_value() : intra_tables_.has_value(),
+                   "clustered mode: table_entries() needs a forward() first");
+    TableEntries t;
+    if (!joint_) t.add(intra_table().offsets);
+    for (int b = 0; joint_ && b < shape.batch; ++b) t.add(elements_[b].table.offsets);
+    return t;
+  }
+
   // Joint: the table read back per row (attention_cast.hpp). Cast: what the intra-cluster attention
   // attended, each row's own clusters (the summaries reach the output through the mix, not a softmax).
   std::vector<AttendedEntry> attended_entries() const override {

@@ -230,6 +230,13 @@ class ClusteredMode final : public DistributedAttention::Mode {
     kernels::copy_strided(kernels::StridedCopy::flat(d_q_.data(), DType::kF32, a.d_q.data, shape.dtype, q_elems), ctx);
   }
 
+  TableEntries table_entries() const override {
+    RINGCAST_CHECK(elements_.front().tables->built(), "clustered mode: table_entries() needs a forward() first");
+    TableEntries t;
+    for (const ElementPool& e : elements_) t.add(e.tables->host_offsets());
+    return t;
+  }
+
   // The host tables translated from pool pages to global pages and blocks: exact entries on resident
   // pages are window pages when the tile's window overlaps them (selected pages are eligible, hence
   // outside it); summary entries become one record per key taken, with its KeyMeta row mask if any.

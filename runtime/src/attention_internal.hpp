@@ -68,6 +68,8 @@ class DistributedAttention::Mode {
   virtual void backward(const AttentionBackwardArgs& args) = 0;
   // DistributedAttention::attended_entries(); the exact modes keep the default, which throws.
   virtual std::vector<AttendedEntry> attended_entries() const;
+  // DistributedAttention::table_entries(); the exact modes keep the default, which throws.
+  virtual TableEntries table_entries() const;
   // DistributedAttention::cluster_members(); every mode but surrogate clusters keeps the default, which throws.
   virtual std::vector<std::int32_t> cluster_members() const;
 

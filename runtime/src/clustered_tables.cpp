@@ -89,14 +89,21 @@ kernels::TransposedTable ClusteredTables::transposed() const {
   return {t_offsets_.as<const std::int64_t>(), t_refs_.as<const kernels::PageRef>(), num_refs_};
 }
 
+std::vector<std::int64_t> ClusteredTables::host_offsets() const {
+  RINGCAST_CHECK(built_, "clustered tables: no table built yet");
+  if (cpu_tables_) return host_.offsets;
+  std::vector<std::int64_t> offsets(static_cast<std::size_t>(num_units_ + 1));
+  offsets_.download(std::span(offsets), ctx_.stream);
+  return offsets;
+}
+
 kernels::HostBlockTable ClusteredTables::host_table() const {
   RINGCAST_CHECK(built_, "clustered tables: no table built yet");
   if (cpu_tables_) return host_;
   kernels::HostBlockTable t;
-  t.offsets.resize(static_cast<std::size_t>(num_units_ + 1));
+  t.offsets = host_offsets();
   t.entries.resize(static_cast<std::size_t>(size_.entries));
   t.key_meta.resize(static_cast<std::size_t>(size_.key_meta));
-  offsets_.download(std::span(t.offsets), ctx_.stream);
   entries_.download(std::span(t.entries), ctx_.stream);
   key_meta_.download(std::span(t.key_meta), ctx_.stream);
   return t;

@@ -41,6 +41,8 @@ class ClusteredTables {
   kernels::TransposedTable transposed() const;
   // The forward table in host memory (downloaded on CUDA: for inspection, not for the hot path).
   kernels::HostBlockTable host_table() const;
+  // Its offsets only (units + 1), in host memory.
+  std::vector<std::int64_t> host_offsets() const;
   bool built() const { return built_; }
 
  private:

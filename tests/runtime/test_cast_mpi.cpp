@@ -545,6 +545,7 @@ struct Shard {
   std::vector<float> o, lse, d_q, d_k, d_v, d_s;
   std::vector<std::int32_t> members;  // cluster_members()
   std::vector<AttendedEntry> entries;
+  TableEntries table;  // table_entries()
   comm::OpCounters fwd, bwd;
 };
 
@@ -579,6 +580,7 @@ Shard run_layer(const Session& session, const Problem& pr) {
   sh.fwd = session.comm().counters().total();
   sh.members = layer.cluster_members();
   sh.entries = layer.attended_entries();
+  sh.table = layer.table_entries();
   session.comm().reset_counters();
   layer.backward({view(q, s.heads), view(k, s.kv_heads), view(v, s.kv_heads), view(sh.o, s.heads), lse,
                   view(d_o, s.heads), view(sh.d_q, s.heads), view(sh.d_k, s.kv_heads), view(sh.d_v, s.kv_heads), sv,
@@ -642,6 +644,10 @@ TEST_P(Cast, MatchesTheFloat64ReferenceOfTheSameAlgorithm) {
     EXPECT_TRUE(anywhere) << "no row attends a summary: the budgets are not sparse";
   }
   ASSERT_EQ(sh.members, reference_members(pr, ref, session.rank())) << "clusters";
+  // The table's size: a list per (element, tile, KV head), each with a cluster page at least.
+  EXPECT_GT(sh.table.units, 0);
+  EXPECT_GE(sh.table.total, sh.table.units);
+  EXPECT_GE(static_cast<double>(sh.table.max), sh.table.mean());
   // What every row of this rank attended, in global terms.
   const std::map<std::int64_t, Seen> seen = seen_by_row(pr, sh.entries);
   for (int b = 0; b < s.batch; ++b)
@@ -892,6 +898,7 @@ TEST(CastOptions, WhatItCannotRunFailsOnEveryRankWithAClearMessage) {
   const TensorView wrong = TensorView::contiguous(sur.data(), DType::kF32, {hk, c - 1, d}, cpu);
   EXPECT_THROW(layer.forward({qv, kvv, kvv, ov, lv, wrong}), Error);
   EXPECT_THROW(layer.attended_entries(), Error);  // no forward yet
+  EXPECT_THROW(layer.table_entries(), Error);
   Problem blocks = make_problem(joint, 61);
   blocks.options.clusters = ClusterKind::kBlocks;
   blocks.options.window_bidir = 32;  // within a coarse block of 64 keys

@@ -479,9 +479,20 @@ TEST_P(Clustered, AttendedEntriesCoverEveryVisibleKeyOnce) {
   auto view = [&](std::vector<float>& x, int heads) {
     return TensorView::contiguous(x.data(), DType::kF32, {s.batch, n_loc, heads, s.head_dim}, session.device());
   };
+  EXPECT_THROW(layer.table_entries(), Error);  // no forward yet
   layer.forward({view(q, s.heads), view(k, s.kv_heads), view(v, s.kv_heads), view(o, s.heads),
                  TensorView::contiguous(lse.data(), DType::kF32, {s.batch, s.heads, n_loc}, session.device())});
   const auto entries = layer.attended_entries();
+  // The table's size: one list per (element, tile, KV head), each holding at least one page; every
+  // window or selected page attended is one entry of its tile's list.
+  const TableEntries table = layer.table_entries();
+  const std::int64_t exact_pages = std::count_if(entries.begin(), entries.end(), [](const AttendedEntry& e) {
+    return e.kind == AttendedKind::kWindow || e.kind == AttendedKind::kSelected;
+  });
+  EXPECT_EQ(table.units, s.batch * ((n_loc + kernels::kQueryTile - 1) / kernels::kQueryTile) * s.kv_heads);
+  EXPECT_GE(table.total, exact_pages);
+  EXPECT_GE(table.total, table.units);
+  EXPECT_GE(static_cast<double>(table.max), table.mean());
   // coverage[(b, tile, kv_head)][row][key position]
   const std::int64_t tiles = (n_loc + kernels::kQueryTile - 1) / kernels::kQueryTile;
   std::vector<std::uint8_t> cover(std::size_t(s.batch) * tiles * s.kv_heads * kernels::kQueryTile * s.seq_len, 0);

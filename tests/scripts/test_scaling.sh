@@ -26,7 +26,7 @@ columns = ["experiment", "timestamp", "mode", "placement", "seq_len", "ranks", "
            "fwd_bwd_ms_median", "fwd_bwd_ms_max", "exposed_fwd_ms_min", "exposed_fwd_ms_median", "exposed_fwd_ms_max",
            "exposed_fwd_bwd_ms_min", "exposed_fwd_bwd_ms_median", "exposed_fwd_bwd_ms_max", "attention_flops_fwd", "tflops_fwd", "tflops_fwd_bwd",
            "bytes_sent_fwd", "bytes_sent_bwd", "plan_bytes_sent_fwd", "plan_bytes_sent_bwd", "peak_memory_bytes",
-           "commit", "device_name", "driver", "rel_error"]
+           "table_entries_mean", "table_entries_max", "commit", "device_name", "driver", "rel_error"]
 for exp, n_of in (("strong", lambda p: 2048), ("weak", lambda p: 512 * p)):
     path = os.path.join(out, f"{exp}.csv")
     rows = list(csv.DictReader(open(path)))
@@ -37,7 +37,8 @@ for exp, n_of in (("strong", lambda p: 2048), ("weak", lambda p: 512 * p)):
     for r in rows:
         p, name = int(r["ranks"]), f"{exp} {r['mode']} P={r['ranks']}"
         f = {c: float(r[c]) for c in columns
-             if c.endswith(("_min", "_median", "_max")) or c.startswith(("tflops", "bytes", "plan_"))}
+             if (c.endswith(("_min", "_median", "_max")) or c.startswith(("tflops", "bytes", "plan_")))
+             and not c.startswith("table_")}
         check(int(r["seq_len"]) == n_of(p), f"{name}: seq_len {r['seq_len']}")
         check((r["heads"], r["kv_heads"], r["head_dim"], r["dtype"], r["device"], r["driver"]) ==
               ("2", "2", "64", "f32", "cpu", "cpu"), f"{name}: shape/device {r}")
@@ -59,8 +60,10 @@ for exp, n_of in (("strong", lambda p: 2048), ("weak", lambda p: 512 * p)):
             check(f["bytes_sent_fwd"] == f["plan_bytes_sent_fwd"] and f["bytes_sent_bwd"] == f["plan_bytes_sent_bwd"],
                   f"{name}: counters differ from plan: {r}")
             check(err <= 1e-5, f"{name}: rel_error {err} (exact attention, fp32: <= 1e-5)")
+            check(r["table_entries_mean"] == "", f"{name}: a table size for an exact mode")
         else:
             check(math.isfinite(err), f"{name}: rel_error {err}")
+            check(1 <= float(r["table_entries_mean"]) <= int(r["table_entries_max"]), f"{name}: table entries {r}")
 
 comm = list(csv.DictReader(open(os.path.join(out, "comm.csv"))))
 check({(r["op"], r["ranks"]) for r in comm} == {(o, p) for o in ("ring", "allgather", "alltoall") for p in ("2", "4")},

@@ -72,6 +72,18 @@ struct AttendedEntry {
   bool causal = false;
 };
 
+// The size of the latest forward()'s block table over this rank's (batch element, query tile, KV head)
+// units: a unit's entries are the pages and summary pages its tile attends. With per-row selection a
+// tile's list is the union of its rows' choices, so the figures show how far a tile's rows agree.
+struct TableEntries {
+  std::int64_t units = 0;
+  std::int64_t total = 0;  // entries over all units
+  std::int64_t max = 0;    // the longest list of one unit
+  double mean() const { return units > 0 ? static_cast<double>(total) / static_cast<double>(units) : 0.0; }
+  // Adds a table given by its offsets (units + 1 of them, the first 0).
+  void add(std::span<const std::int64_t> offsets);
+};
+
 class DistributedAttention {
  public:
   // Collective: every rank constructs it with the same shape and options (validated first, the
@@ -93,6 +105,8 @@ class DistributedAttention {
   // Clustered mode only (the exact modes attend every visible key, page for page): throws Error for
   // the others, and before the first forward().
   std::vector<AttendedEntry> attended_entries() const;
+  // The size of the latest forward()'s table; clustered mode only, like attended_entries().
+  TableEntries table_entries() const;
   // clusters = surrogate only: the clusters of the latest forward(), [B, h_kv, c, page_size] global
   // positions of their members (this rank's tokens, ascending), -1 in padding slots.
   std::vector<std::int32_t> cluster_members() const;
