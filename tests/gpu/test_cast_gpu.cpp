@@ -11,13 +11,18 @@
 // outputs that are added into start random, and what was added is compared. Shapes: GQA groups of 1,
 // 2 and 3, head dims and token counts that are not powers of two, more clusters than a warp has lanes,
 // one token, clusters that do not fill (c page_size > n), tokens left over (c page_size < n), and a
-// Top-K that keeps 128 tokens (the CUDA limit).
+// Top-K that keeps 128 tokens (the CUDA limit). The surrogate clusters' operations (cluster_ops.hpp)
+// are checked here too.
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/cast.hpp>
+#include <ringcast/kernels/cluster_ops.hpp>
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <numeric>
 #include <random>
 #include <sstream>
 #include <string>
@@ -287,6 +292,151 @@ TEST(CastGpu, MixAndBackwardMatchCpu) {
       expect_near_cpu(what + " mix d R_inter", added(g_dr.download(), dr0), added(dr, dr0), kTol);
     }
   }
+}
+
+// The surrogate clusters' operations (cluster_ops.hpp) on shapes with empty and partly filled pages,
+// clusters and blocks, and a partial last unit: bounds, blocks, their adjoint and unit queries bitwise
+// the CPU's; the log-sum-exp merge (expf / logf, contractions) within 1e-5. Slots past a page's count
+// hold ±1e30, so reading one shows. Empty clusters have lse -inf, compared apart from the finite ones.
+TEST(CastGpu, ClusterOpsMatchCpu) {
+  RINGCAST_SKIP_WITHOUT_CUDA();
+  const int ps = 33, d = 40, cp = 3;
+  const std::int64_t pages = 7, blocks = 5;
+  const std::vector<std::int32_t> page_counts = {33, 0, 1, 17, 32, 0, 5};
+  std::vector<float> keys = random_floats(std::size_t(pages * ps * d), 500);
+  for (std::int64_t pg = 0; pg < pages; ++pg) {
+    for (int slot = page_counts[pg]; slot < ps; ++slot) {
+      for (int e = 0; e < d; ++e) keys[std::size_t((pg * ps + slot) * d + e)] = (slot + e) % 2 ? 1e30f : -1e30f;
+    }
+  }
+  const std::size_t page_elems = std::size_t(pages * d);
+  std::vector<float> mn(page_elems), mx(page_elems);
+  page_key_bounds({pages, ps, d, keys.data(), page_counts.data(), mn.data(), mx.data()}, kCpu);
+  const DeviceArray<float> g_keys(keys);
+  const DeviceArray<std::int32_t> g_page_counts(page_counts);
+  DeviceArray<float> g_mn(page_elems), g_mx(page_elems);
+  page_key_bounds({pages, ps, d, g_keys.get(), g_page_counts.get(), g_mn.get(), g_mx.get()}, cuda_context());
+  expect_bitwise("page key min", g_mn.download(), mn);
+  expect_bitwise("page key max", g_mx.download(), mx);
+
+  // Blocks of 3 clusters: block 1 all empty, the others with some empty clusters.
+  const std::vector<std::int32_t> counts = {4, 0, 9, 0, 0, 0, 1, 2, 3, 0, 0, 7, 5, 5, 0};
+  const std::size_t cl_elems = std::size_t(blocks * cp * d), bl_elems = std::size_t(blocks * d);
+  const auto km = random_floats(cl_elems, 501), vm = random_floats(cl_elems, 502), kmin = random_floats(cl_elems, 503),
+             kmax = random_floats(cl_elems, 504);
+  std::vector<float> bkm(bl_elems), bvm(bl_elems), bmin(bl_elems), bmax(bl_elems);
+  cluster_blocks({blocks, cp, d, counts.data(), km.data(), vm.data(), kmin.data(), kmax.data(), bkm.data(), bvm.data(),
+                  bmin.data(), bmax.data()},
+                 kCpu);
+  const DeviceArray<std::int32_t> g_counts(counts);
+  const DeviceArray<float> g_km(km), g_vm(vm), g_kmin(kmin), g_kmax(kmax);
+  DeviceArray<float> g_bkm(bl_elems), g_bvm(bl_elems), g_bmin(bl_elems), g_bmax(bl_elems);
+  cluster_blocks({blocks, cp, d, g_counts.get(), g_km.get(), g_vm.get(), g_kmin.get(), g_kmax.get(), g_bkm.get(),
+                  g_bvm.get(), g_bmin.get(), g_bmax.get()},
+                 cuda_context());
+  expect_bitwise("block key mean", g_bkm.download(), bkm);
+  expect_bitwise("block value mean", g_bvm.download(), bvm);
+  expect_bitwise("block key min", g_bmin.download(), bmin);
+  expect_bitwise("block key max", g_bmax.download(), bmax);
+
+  const auto d_bkm = random_floats(bl_elems, 505), d_bvm = random_floats(bl_elems, 506);
+  const auto d_km0 = random_floats(cl_elems, 507), d_vm0 = random_floats(cl_elems, 508);
+  std::vector<float> d_km = d_km0, d_vm = d_vm0;
+  cluster_blocks_backward({blocks, cp, d, counts.data(), d_bkm.data(), d_bvm.data(), d_km.data(), d_vm.data()}, kCpu);
+  const DeviceArray<float> g_d_bkm(d_bkm), g_d_bvm(d_bvm);
+  DeviceArray<float> g_d_km(d_km0), g_d_vm(d_vm0);
+  cluster_blocks_backward({blocks, cp, d, g_counts.get(), g_d_bkm.get(), g_d_bvm.get(), g_d_km.get(), g_d_vm.get()},
+                          cuda_context());
+  expect_bitwise("cluster blocks d key mean", g_d_km.download(), d_km);
+  expect_bitwise("cluster blocks d value mean", g_d_vm.download(), d_vm);
+
+  // Unit queries over 250 of 300 tokens in a shuffled order: units of 128 and 122 rows; GQA 3.
+  const int tokens = 300, heads = 6, kv_heads = 2;
+  const auto q = random_floats(std::size_t(tokens * heads * d), 509);
+  std::vector<std::int32_t> order(tokens);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937(510));
+  order.resize(250);
+  const std::size_t unit_elems = std::size_t(2 * d);
+  std::vector<float> uq(unit_elems);
+  unit_queries({q.data(), heads, kv_heads, d, 1, order.data(), 250, kQueryTile, uq.data()}, kCpu);
+  const DeviceArray<float> g_q(q);
+  const DeviceArray<std::int32_t> g_order(order);
+  DeviceArray<float> g_uq(unit_elems);
+  unit_queries({g_q.get(), heads, kv_heads, d, 1, g_order.get(), 250, kQueryTile, g_uq.get()}, cuda_context());
+  expect_bitwise("unit queries", g_uq.download(), uq);
+
+  // Member log-sum-exp and its merge's adjoint: B 2, 2 KV heads, 5 clusters of up to 16 of 70 tokens
+  // (increasing members; some clusters empty), 3 padding summary rows.
+  ClusterMembers m;
+  m.batch = 2;
+  m.kv_heads = 2;
+  m.seq = 70;
+  m.clusters = 5;
+  m.page_size = 16;
+  const int segs = m.batch * m.kv_heads, slots = segs * m.clusters;
+  std::vector<std::int32_t> members(static_cast<std::size_t>(slots * m.page_size), -1);
+  std::vector<std::int32_t> member_counts(static_cast<std::size_t>(slots));
+  std::mt19937 gen(511);
+  for (int x = 0; x < slots; ++x) {
+    member_counts[x] = x % 4 == 1 ? 0 : std::int32_t(gen() % (m.page_size + 1));
+    std::vector<std::int32_t> pick(m.seq);
+    std::iota(pick.begin(), pick.end(), 0);
+    std::shuffle(pick.begin(), pick.end(), gen);
+    std::sort(pick.begin(), pick.begin() + member_counts[x]);
+    std::copy_n(pick.begin(), member_counts[x], members.begin() + std::ptrdiff_t(x) * m.page_size);
+  }
+  const auto a_k = random_floats(std::size_t(segs * m.seq * m.clusters), 512, 3.0f);
+  std::vector<float> lse(static_cast<std::size_t>(slots));
+  MemberLseParams lp{m, a_k.data(), lse.data()};
+  lp.m.members = members.data();
+  lp.m.counts = member_counts.data();
+  member_lse(lp, kCpu);
+  const DeviceArray<std::int32_t> g_members(members), g_member_counts(member_counts);
+  const DeviceArray<float> g_a_k(a_k);
+  DeviceArray<float> g_lse(static_cast<std::size_t>(slots));
+  MemberLseParams glp{m, g_a_k.get(), g_lse.get()};
+  glp.m.members = g_members.get();
+  glp.m.counts = g_member_counts.get();
+  member_lse(glp, cuda_context());
+  const std::vector<float> got_lse = g_lse.download();
+  std::vector<float> cpu_finite, gpu_finite;
+  std::vector<std::int32_t> cpu_empty, gpu_empty;
+  for (int x = 0; x < slots; ++x) {
+    cpu_empty.push_back(std::isinf(lse[x]) && lse[x] < 0);
+    gpu_empty.push_back(std::isinf(got_lse[x]) && got_lse[x] < 0);
+    if (!cpu_empty.back()) {
+      cpu_finite.push_back(lse[x]);
+      gpu_finite.push_back(got_lse[x]);
+    }
+  }
+  expect_bitwise("member lse: empty clusters at -inf", gpu_empty, cpu_empty);
+  expect_near_cpu("member lse", gpu_finite, cpu_finite, kTol);
+
+  const std::int64_t summary_rows = std::int64_t{m.batch} * m.clusters + 3;
+  const std::size_t rows = std::size_t(m.kv_heads * summary_rows * d);
+  std::vector<float> merged_lse = random_floats(static_cast<std::size_t>(slots), 513, 0.5f);
+  for (int x = 0; x < slots; ++x) merged_lse[x] = (lse[x] > -INFINITY ? lse[x] : 0.0f) + std::abs(merged_lse[x]);
+  const auto local_value = random_floats(rows, 514), merged_value = random_floats(rows, 515),
+             d_merged_value = random_floats(rows, 516), d_local0 = random_floats(rows, 517),
+             d_a_k0 = random_floats(a_k.size(), 518);
+  std::vector<float> d_local = d_local0, d_a_k = d_a_k0;
+  MemberLseMergeBackwardParams bp{m, d, summary_rows, a_k.data(), lse.data(), merged_lse.data(), local_value.data(),
+                                  merged_value.data(), d_merged_value.data(), d_local.data(), d_a_k.data()};
+  bp.m.members = members.data();
+  bp.m.counts = member_counts.data();
+  member_lse_merge_backward(bp, kCpu);
+  const DeviceArray<float> g_lse_in(lse), g_merged_lse(merged_lse), g_local(local_value), g_merged(merged_value),
+      g_d_merged(d_merged_value);
+  DeviceArray<float> g_d_local(d_local0), g_d_a_k(d_a_k0);
+  MemberLseMergeBackwardParams gbp{m, d, summary_rows, g_a_k.get(), g_lse_in.get(), g_merged_lse.get(), g_local.get(),
+                                   g_merged.get(), g_d_merged.get(), g_d_local.get(), g_d_a_k.get()};
+  gbp.m.members = g_members.get();
+  gbp.m.counts = g_member_counts.get();
+  member_lse_merge_backward(gbp, cuda_context());
+  // Rows of empty clusters and padding keep their start values on both sides.
+  expect_near_cpu("merge backward d local value", g_d_local.download(), d_local, kTol);
+  expect_near_cpu("merge backward d A_k", added(g_d_a_k.download(), d_a_k0), added(d_a_k, d_a_k0), kTol);
 }
 
 // Shapes past the CUDA kernels' limits are refused before any device work (so this runs anywhere).
