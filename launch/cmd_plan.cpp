@@ -123,6 +123,15 @@ int plan_model(const CommandLine& cmd, int rank) {
                  fits ? "fits" : "does NOT fit", 100.0 * (capacity - total_gib) / capacity);
     else
       fmt::print(out, "per rank: {:.2f} GiB (pass --device-memory GIB for a verdict)\n", total_gib);
+    if (const std::int64_t extra = row_union_extra_bytes(layer, config.attention); extra > 0) {
+      const double worst = total_gib + static_cast<double>(extra) / kGiB;
+      fmt::print(out,
+                 "row selection: the block tables are counted as the rows of a tile agree; if no two rows of a "
+                 "tile chose alike they would take {:.2f} GiB more ({:.2f} GiB{}). `ringcast run --mode clustered` "
+                 "reports the union a run builds (table_entries_mean)\n",
+                 static_cast<double>(extra) / kGiB, worst,
+                 judged ? fmt::format(", {:.1f}% spare", 100.0 * (capacity - worst) / capacity) : "");
+    }
   }
   return 0;
 }

@@ -251,10 +251,10 @@ std::int64_t ulysses_workspace(const LayerShape& sh, const AttentionOptions& o, 
   return bytes + kernel_workspace(k, device);
 }
 
-// attention_clustered.cpp, for rank r, and a bound on the tables of one forward.
-std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o, int r, DeviceKind device) {
+// Rank r's clustered layout with no fetched block and the largest fetch capacity (attention_clustered.cpp).
+kernels::ClusteredLayout clustered_base(const LayerShape& sh, const AttentionOptions& o, int r) {
   const bool causal = sh.causal;
-  const std::int64_t p = sh.ranks, d = sh.head_dim, ps = o.page_size, b = sh.batch, hk = sh.kv_heads;
+  const std::int64_t p = sh.ranks;
   kernels::ClusteredLayout base;
   base.page_size = o.page_size;
   base.coarse_pages = o.coarse_pages;
@@ -266,6 +266,34 @@ std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o
   const std::int64_t remote = base.num_blocks() - base.local_blocks() - base.halo_pages() / o.coarse_pages;
   const std::int64_t limit = causal ? o.resolved_remote_cap() : o.remote_blocks;
   base.fetch_capacity = std::min(limit, remote);
+  return base;
+}
+
+// The tables of one clustered forward of rank r (clustered_tables.cpp), bounded per element. Entries
+// per (tile, KV head): the window's pages and two more on each side, the selected pages, the summary
+// pages that hold partly selected blocks' page summaries, and every coarse-summary page; summary pages
+// carry page_size KeyMeta records. A tile's lists are the union of `choosers` different choices
+// (1: the rows of a tile agree, as tile selection makes them; up to kQueryTile with row selection),
+// at most the resident pages and blocks there are.
+std::int64_t clustered_table_bytes(const LayerShape& sh, const AttentionOptions& o, int r, std::int64_t choosers) {
+  const kernels::ClusteredLayout base = clustered_base(sh, o, r);
+  const std::int64_t ps = o.page_size, hk = sh.kv_heads;
+  const std::int64_t window = sh.causal ? o.window_before : 2 * o.window_bidir;
+  const std::int64_t blocks = std::min(choosers * o.coarse_k, base.num_blocks());
+  const std::int64_t summary_pages = (blocks * o.coarse_pages + ps - 1) / ps + 1 + base.coarse_summary_pages();
+  const std::int64_t selected = std::min(choosers * o.top_k, base.resident_pages());
+  const std::int64_t per_unit = (window + kQueryTile) / ps + 4 + selected + summary_pages;
+  const std::int64_t tile_units = base.num_tiles() * hk;
+  const std::int64_t table = (tile_units + 1) * kI64 + tile_units * per_unit * (kEntry + kRef) +
+                             tile_units * summary_pages * ps * kMeta + (hk * base.num_pages() + 1) * kI64;
+  return sh.batch * table;
+}
+
+// attention_clustered.cpp, for rank r, and a bound on the tables of one forward whose tiles' rows agree.
+std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o, int r, DeviceKind device) {
+  const std::int64_t p = sh.ranks, d = sh.head_dim, ps = o.page_size, b = sh.batch, hk = sh.kv_heads;
+  const kernels::ClusteredLayout base = clustered_base(sh, o, r);
+  const std::int64_t limit = sh.causal ? o.resolved_remote_cap() : o.remote_blocks;
   const kernels::SummaryShape summary{sh.batch, sh.local_len(), sh.kv_heads, sh.head_dim, o.page_size, o.coarse_pages};
   constexpr std::int64_t kFields = 4;  // mean key, mean value, min, max
   const std::int64_t e = static_cast<std::int64_t>(dtype_size(sh.dtype));
@@ -302,21 +330,21 @@ std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o
   const std::int64_t forward_use = f32 ? 0 : b * ClusteredTables::slot_bytes(sel, units, sh.kv_heads) + group_queries;
   bytes += std::max(b * base.n_loc * sh.heads * d * kF32, forward_use);
   if (!f32) bytes += pool / kF32 * e;
-  // Tables of one forward, per element (clustered_tables.cpp). Entries per (tile, KV head), bounded:
-  // the window's pages and two more on each side, the selected pages, the summary pages that hold
-  // partly selected blocks' page summaries, and every coarse-summary page; summary pages carry
-  // page_size KeyMeta records.
-  const std::int64_t window = causal ? o.window_before : 2 * o.window_bidir;
-  const std::int64_t summary_pages = (std::int64_t{o.coarse_k} * o.coarse_pages + ps - 1) / ps + 1 +
-                                     base.coarse_summary_pages();
-  const std::int64_t per_unit = (window + kQueryTile) / ps + 4 + o.top_k + summary_pages;
-  const std::int64_t tile_units = base.num_tiles() * hk;
-  const std::int64_t table = (tile_units + 1) * kI64 + tile_units * per_unit * (kEntry + kRef) +
-                             tile_units * summary_pages * ps * kMeta + (hk * max_pages + 1) * kI64;
-  return bytes + b * table;
+  return bytes + clustered_table_bytes(sh, o, r, 1);
 }
 
 }  // namespace
+
+std::int64_t row_union_extra_bytes(const LayerShape& shape, const AttentionOptions& o) {
+  validate(shape, o);
+  if (o.mode != AttentionMode::kClustered || o.clusters != ClusterKind::kBlocks ||
+      o.resolved_selection(shape) != SelectionUnit::kRow)
+    return 0;
+  std::int64_t most = 0;
+  for (int r = 0; r < shape.ranks; ++r)
+    most = std::max(most, clustered_table_bytes(shape, o, r, kQueryTile) - clustered_table_bytes(shape, o, r, 1));
+  return most;
+}
 
 std::int64_t attention_workspace_bytes(const LayerShape& shape, const AttentionOptions& o, DeviceKind device) {
   validate(shape, o);

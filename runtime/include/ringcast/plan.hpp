@@ -48,7 +48,15 @@ LayerPlan plan_layer(const LayerShape& shape, const AttentionOptions& options);
 // constructors' formulas (attention_ring.cpp, attention_ulysses.cpp, attention_clustered.cpp),
 // without allocating; the model tests check it against the built operators on the CPU backend, the
 // clustered GPU test on CUDA.
+// The clustered tables are counted as the rows of a tile agree (tile selection makes them; with row
+// selection a tile's lists are the union of its rows' choices, which correlated queries keep close).
 // Throws Error for clusters = surrogate (CAST, CPU only: not estimated).
 std::int64_t attention_workspace_bytes(const LayerShape& shape, const AttentionOptions& options, DeviceKind device);
+
+// Clustered mode with row selection: what the tables of the rank that needs the most could take
+// beyond attention_workspace_bytes() if no two rows of a tile chose alike (each row's top_k pages and
+// coarse_k blocks its own, up to the resident pages and blocks). 0 for other modes and selections.
+// `ringcast run` reports the union a run actually built (table_entries_mean / _max).
+std::int64_t row_union_extra_bytes(const LayerShape& shape, const AttentionOptions& options);
 
 }  // namespace ringcast
