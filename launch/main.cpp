@@ -52,7 +52,9 @@ int dispatch(int argc, char** argv, int rank) {
 
 int main(int argc, char** argv) {
   int provided = 0;
-  MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);  // ring overlap: comm on a helper thread
+  // Helper threads communicate beside the compute (ring overlap), and the model's gradient sums beside the
+  // layers' own communication (CommOverlap, overlap.hpp); with less, they run inline.
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
   int rank = 0, size = 1, name_len = 0;
   char host[MPI_MAX_PROCESSOR_NAME] = {};
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);

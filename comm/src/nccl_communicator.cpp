@@ -22,6 +22,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace ringcast::comm {
@@ -142,6 +143,9 @@ struct NcclCommunicator::Impl {
   std::vector<cudaEvent_t> free_events;
 
   ~Impl();
+
+  // Everything but the NCCL communicator: the fields, the metadata stream and the barrier word.
+  void prepare(int rank_in, int size_in, int device_in);
 
   ncclComm_t handle() const {
     RINGCAST_CHECK(comm != nullptr, "NCCL communicator (rank {}/{}) was aborted after an earlier error", rank, size);
@@ -267,24 +271,52 @@ NcclCommunicator::Impl::~Impl() {
 NcclCommunicator::NcclCommunicator(MPI_Comm comm, int device)
     : NcclCommunicator(bootstrap_id(comm), mpi_rank(comm), mpi_size(comm), device) {}
 
+void NcclCommunicator::Impl::prepare(int rank_in, int size_in, int device_in) {
+  RINGCAST_CHECK(size_in >= 1 && rank_in >= 0 && rank_in < size_in, "NcclCommunicator: rank {} of {} is invalid",
+                 rank_in, size_in);
+  rank = rank_in;
+  size = size_in;
+  device = device_in;
+  timeout = std::chrono::duration<double>(timeout_from_env());
+  DeviceGuard guard(device);
+  RINGCAST_CUDA_CHECK(cudaStreamCreateWithFlags(&metadata_stream, cudaStreamNonBlocking));
+  RINGCAST_CUDA_CHECK(cudaMalloc(&barrier_word, sizeof(std::int32_t)));
+  RINGCAST_CUDA_CHECK(cudaMemset(barrier_word, 0, sizeof(std::int32_t)));
+}
+
+NcclCommunicator::NcclCommunicator(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
 NcclCommunicator::NcclCommunicator(const NcclUniqueId& id, int rank, int size, int device)
     : impl_(std::make_unique<Impl>()) {
-  RINGCAST_CHECK(size >= 1 && rank >= 0 && rank < size, "NcclCommunicator: rank {} of {} is invalid", rank, size);
   auto& m = *impl_;
-  m.rank = rank;
-  m.size = size;
-  m.device = device;
-  m.timeout = std::chrono::duration<double>(timeout_from_env());
+  m.prepare(rank, size, device);
   DeviceGuard guard(device);
-  RINGCAST_CUDA_CHECK(cudaStreamCreateWithFlags(&m.metadata_stream, cudaStreamNonBlocking));
-  RINGCAST_CUDA_CHECK(cudaMalloc(&m.barrier_word, sizeof(std::int32_t)));
-  RINGCAST_CUDA_CHECK(cudaMemset(m.barrier_word, 0, sizeof(std::int32_t)));
-
   ncclUniqueId nccl_id;
   std::memcpy(&nccl_id, id.data(), sizeof(nccl_id));
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
   m.check(ncclCommInitRankConfig(&m.comm, size, nccl_id, rank, &config), "ncclCommInitRankConfig");
+}
+
+std::unique_ptr<NcclCommunicator> NcclCommunicator::split(NcclCommunicator& parent) {
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 18, 0)
+  const Impl& p = *parent.impl_;
+  auto impl = std::make_unique<Impl>();
+  impl->prepare(p.rank, p.size, p.device);
+  DeviceGuard guard(p.device);
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  config.splitShare = 1;
+  // One colour: every rank joins, keyed by its parent rank, so the order is the parent's. The child
+  // is non-blocking, so the split settles through its own asynchronous state (check()).
+  impl->check(ncclCommSplit(p.handle(), 0, p.rank, &impl->comm, &config), "ncclCommSplit");
+  RINGCAST_CHECK(impl->comm != nullptr, "NCCL rank {}/{}: ncclCommSplit left this rank out", p.rank, p.size);
+  return std::unique_ptr<NcclCommunicator>(new NcclCommunicator(std::move(impl)));
+#else
+  static_cast<void>(parent);
+  RINGCAST_THROW("NcclCommunicator::split needs NCCL >= 2.18 (ncclCommSplit with splitShare); this build has {}.{}",
+                 NCCL_MAJOR, NCCL_MINOR);
+#endif
 }
 
 NcclCommunicator::~NcclCommunicator() = default;

@@ -13,7 +13,8 @@
 
 namespace ringcast {
 
-CommOverlap::CommOverlap(const Session& session) : session_(session) {
+CommOverlap::CommOverlap(const Session& session, comm::Communicator& comm, CallerComm caller)
+    : session_(session), comm_(comm) {
   if (session.device().kind == DeviceKind::kCuda) {
 #if RINGCAST_WITH_CUDA
     cudaStream_t s = nullptr;
@@ -29,7 +30,7 @@ CommOverlap::CommOverlap(const Session& session) : session_(session) {
   }
   int level = MPI_THREAD_SINGLE;
   MPI_Query_thread(&level);
-  threaded_ = level >= MPI_THREAD_SERIALIZED;
+  threaded_ = level >= (caller == CallerComm::kBusy ? MPI_THREAD_MULTIPLE : MPI_THREAD_SERIALIZED);
 }
 
 CommOverlap::~CommOverlap() {
@@ -55,7 +56,7 @@ void CommOverlap::start(std::function<void(Stream)> step) {
     RINGCAST_CUDA_CHECK(cudaStreamWaitEvent(comm, static_cast<cudaEvent_t>(ready_), 0));
     step(comm_stream_);
     RINGCAST_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(done_), comm));
-    step_end_ = session_.comm().mark(comm_stream_);
+    step_end_ = comm_.mark(comm_stream_);
     return;
   }
 #endif
@@ -76,22 +77,21 @@ void CommOverlap::start(std::function<void(Stream)> step) {
 void CommOverlap::wait() {
   RINGCAST_CHECK(pending_, "CommOverlap: no step in flight");
   pending_ = false;
-  auto& comm = session_.comm();
 #if RINGCAST_WITH_CUDA
   if (comm_stream_) {
     // Where the compute reaches the wait: marked before the host blocks, which may drain the compute.
-    comm.add_exposed(comm.mark(session_.stream()), step_end_);
+    comm_.add_exposed(comm_.mark(session_.stream()), step_end_);
     // The host waits here (the compute already enqueued keeps the GPU busy) so that a failed or
     // silent peer surfaces as an Error within the communicator's timeout.
-    comm.synchronize(comm_stream_);
+    comm_.synchronize(comm_stream_);
     RINGCAST_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(session_.stream()),
                                             static_cast<cudaEvent_t>(done_), 0));
     return;
   }
 #endif
-  const comm::TimeMark reached = comm.mark(nullptr);
+  const comm::TimeMark reached = comm_.mark(nullptr);
   if (thread_.joinable()) thread_.join();
-  comm.add_exposed(reached, comm.mark(nullptr));
+  comm_.add_exposed(reached, comm_.mark(nullptr));
   if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
 }
 

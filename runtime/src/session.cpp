@@ -1,6 +1,6 @@
 // Session: binds a rank to its communicator, device and stream. Device selection and the choice of
 // communicator (NCCL on GPUs, MPI on host memory) are comm/bootstrap's; the session owns what it
-// creates (the stream, when the caller did not hand one in).
+// creates (both communicators, the stream when the caller did not hand one in).
 #include <ringcast/comm/bootstrap.hpp>
 #include <ringcast/error.hpp>
 #include <ringcast/log.hpp>
@@ -22,17 +22,34 @@ struct Session::State {
   int size = 1;
   Device device{};
   std::string host;
-  std::unique_ptr<comm::Communicator> comm;
+  std::unique_ptr<comm::Communicator> comm, grad_comm;
   Stream stream = nullptr;
   bool owns_stream = false;
 
   ~State() {
 #if RINGCAST_WITH_CUDA
-    comm.reset();  // before the stream it may be using
+    grad_comm.reset();  // the split before its parent, both before the stream they may be using
+    comm.reset();
     if (owns_stream && stream) cudaStreamDestroy(static_cast<cudaStream_t>(stream));
 #endif
   }
 };
+
+namespace {
+
+// Session::grad_comm(): on NCCL a split of `first`; on MPI a second MpiCommunicator (its own duplicate
+// of mpi_comm). Collective.
+std::unique_ptr<comm::Communicator> gradient_communicator(MPI_Comm mpi_comm, comm::Communicator& first,
+                                                          const Device& device) {
+#if RINGCAST_WITH_CUDA
+  if (device.kind == DeviceKind::kCuda)
+    return comm::NcclCommunicator::split(static_cast<comm::NcclCommunicator&>(first));
+#endif
+  static_cast<void>(first);
+  return comm::make_communicator(mpi_comm, device);
+}
+
+}  // namespace
 
 Session::Session(std::unique_ptr<State> state) : state_(std::move(state)) {}
 Session::Session(Session&&) noexcept = default;
@@ -63,6 +80,7 @@ Session Session::from_mpi(MPI_Comm mpi_comm, Backend backend) {
   }
 #endif
   s->comm = comm::make_communicator(mpi_comm, s->device);
+  s->grad_comm = gradient_communicator(mpi_comm, *s->comm, s->device);
   log::debug("session: rank {}/{} on {} uses {} device {} and the {} communicator", s->rank, s->size, s->host,
              s->device.kind == DeviceKind::kCuda ? "CUDA" : "CPU", s->device.index, s->comm->backend_name());
   return Session(std::move(s));
@@ -81,7 +99,9 @@ Session Session::from_nccl_id(const std::array<char, 128>& unique_id, int rank, 
   RINGCAST_CUDA_CHECK(cudaSetDevice(device));
   s->device = Device{DeviceKind::kCuda, device};
   s->stream = stream;
-  s->comm = std::make_unique<comm::NcclCommunicator>(unique_id, rank, size, device);
+  auto nccl = std::make_unique<comm::NcclCommunicator>(unique_id, rank, size, device);
+  s->grad_comm = comm::NcclCommunicator::split(*nccl);
+  s->comm = std::move(nccl);
   return Session(std::move(s));
 #else
   (void)unique_id, (void)rank, (void)size, (void)device, (void)stream;
@@ -94,6 +114,7 @@ int Session::size() const { return state_->size; }
 const Device& Session::device() const { return state_->device; }
 const std::string& Session::host() const { return state_->host; }
 comm::Communicator& Session::comm() const { return *state_->comm; }
+comm::Communicator& Session::grad_comm() const { return *state_->grad_comm; }
 Stream Session::stream() const { return state_->stream; }
 
 }  // namespace ringcast

@@ -1,7 +1,8 @@
 // ringcast::Session: one rank's place in a job -- its communicator, its device and its stream.
 // Created from MPI_COMM_WORLD, from another MPI communicator, or (for frameworks that own the process
 // group, e.g. PyTorch) from an NCCL unique id + rank + size. On a machine with GPUs the local rank
-// picks the device and the communicator is NCCL; without GPUs it is MPI on host memory.
+// picks the device and the communicator is NCCL; without GPUs it is MPI on host memory. A second
+// communicator over the same ranks carries the model's gradient sums (grad_comm()).
 #pragma once
 
 #include <ringcast/comm/communicator.hpp>
@@ -36,6 +37,11 @@ class Session {
   const Device& device() const;
   const std::string& host() const;
   comm::Communicator& comm() const;
+  // The same ranks, same backend, for the model's gradient all-reduce, which runs beside the layers'
+  // own communication (its own stream on CUDA, a helper thread on the CPU): NCCL calls of one
+  // communicator must never run on two streams at once, and MPI calls on two threads at once need
+  // distinct communicators. On NCCL it is split from comm() and shares its buffers.
+  comm::Communicator& grad_comm() const;
   // The stream work is enqueued on (null on the CPU backend, or the default stream).
   Stream stream() const;
 

@@ -24,6 +24,12 @@ class NcclCommunicator final : public Communicator {
   NcclCommunicator(MPI_Comm comm, int device);
   // Collective over the `size` processes that received `id` (for embedding in another job).
   NcclCommunicator(const NcclUniqueId& id, int rank, int size, int device);
+  // Collective over the parent's ranks: a second communicator over the same ranks in the same order,
+  // for traffic that runs beside the parent's on another stream (NCCL calls of one communicator must
+  // never run on two streams at once). ncclCommSplit with splitShare = 1: it shares the parent's
+  // resources instead of allocating its own. Call it while nothing is in flight on the parent, and
+  // destroy it before the parent. Needs NCCL >= 2.18.
+  static std::unique_ptr<NcclCommunicator> split(NcclCommunicator& parent);
   ~NcclCommunicator() override;
 
   static NcclUniqueId make_unique_id();
@@ -53,6 +59,7 @@ class NcclCommunicator final : public Communicator {
 
  private:
   struct Impl;
+  explicit NcclCommunicator(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
 
