@@ -3,10 +3,13 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
 #include <sstream>
 
 namespace ringcast::launch {
 namespace {
+
+constexpr double kMiB = 1024.0 * 1024.0;
 
 // "1,3" -> {1, 3}; empty -> {}.
 template <typename T> std::vector<T> parse_list(const std::string& option, const std::string& text) {
@@ -36,6 +39,9 @@ void add_model_options(po::options_description& desc) {
       ("row-chunk", po::value<std::int64_t>()->default_value(ModelConfig{}.row_chunk),
        "rows the FFN and the attention projections run at once (FFN scratch: 6 x rows x F floats)")
       ("seed", po::value<std::uint64_t>()->default_value(0), "parameters and training data")
+      ("grad-bucket-mib",
+       po::value<double>()->default_value(static_cast<double>(ModelConfig{}.grad_bucket_bytes) / kMiB),
+       "gradients are summed over ranks in buckets of this many MiB during the backward (0: one sum at the end)")
       ("colt5", po::value<bool>()->default_value(false), "CoLT5 conditional FFN and attention (encoders)")
       ("colt5-light-heads", po::value<int>()->default_value(0), "CoLT5: heads of the light window attention (0: h/4)")
       ("colt5-window", po::value<int>()->default_value(127), "CoLT5: light attention radius")
@@ -60,6 +66,10 @@ void read_model_options(const po::variables_map& vm, const LayerShape& layer, co
   c.ffn_hidden = vm["ffn-hidden"].as<int>();
   c.row_chunk = vm["row-chunk"].as<std::int64_t>();
   c.seed = vm["seed"].as<std::uint64_t>();
+  const double bucket_mib = vm["grad-bucket-mib"].as<double>();
+  // At most 1 TiB: far beyond any model's gradients, and exact as a byte count.
+  if (!(bucket_mib >= 0 && bucket_mib <= 1 << 20)) throw UsageError("--grad-bucket-mib must be in [0, 1048576]");
+  c.grad_bucket_bytes = static_cast<std::int64_t>(std::llround(bucket_mib * kMiB));
   c.heads = layer.heads;
   c.kv_heads = layer.kv_heads;
   c.head_dim = layer.head_dim;

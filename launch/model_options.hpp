@@ -1,5 +1,5 @@
 // The model options of `train` (and anything else that builds a ringcast::Model): widths, depth, the
-// encoder/decoder kind, and the seed methods' switches (--colt5-*, --pool-*, --vcc-*), registered
+// gradient bucket size, and the seed methods' switches (--colt5-*, --pool-*, --vcc-*), registered
 // once and read back into a ModelConfig on top of the layer options.
 #pragma once
 

@@ -2,22 +2,25 @@
 // blocks; through Fp32Layer, pre-norm blocks with CoLT5 branches, VCC blocks, Pyramidion pooling
 // stages), runs the embedding, the layers, the final norm and the head (LM: chunked cross-entropy over
 // every rank's rows; encoder: mean pooling over the whole sequence and a classification head), the
-// one gradient all-reduce and the AdamW step. Layer inputs (model::attention_dtype) are the only
-// activations kept; every layer recomputes itself in backward.
+// bucketed gradient all-reduce beside the backward (grad_buckets.hpp) and the AdamW step. Layer inputs
+// (model::attention_dtype) are the only activations kept; every layer recomputes itself in backward.
 // Every buffer lives in the memory of the session's device, and so do the communicator's buffers:
 // host memory and MPI on the CPU; device memory, NCCL and the session's stream on CUDA. The host
 // touches that memory only through synchronous copies: ids in, parameters at initialisation and load,
 // the few scalars a call returns or decides on (Scalars) out, checkpoints out.
 #include "checkpoint.hpp"
 #include "colt5.hpp"
+#include "grad_buckets.hpp"
 #include "model_mixers.hpp"
 #include "model_parts.hpp"
+#include "overlap.hpp"
 #include "pyramidion.hpp"
 #include "vcc.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/layers.hpp>
 #include <ringcast/kernels/layout.hpp>
+#include <ringcast/log.hpp>
 #include <ringcast/memory.hpp>
 #include <ringcast/model.hpp>
 #include <ringcast/plan.hpp>
@@ -178,6 +181,7 @@ struct Model::State {
   model::AttentionOperators attention_ops;  // before the layers, which point into it
   ParamRef embedding, final_norm, head_w, head_b;
   std::vector<std::unique_ptr<StackLayer>> layers;
+  std::vector<std::int32_t> first_param;  // layer l declared the tensors [first_param[l], first_param[l + 1])
   Geometry input;  // the embedding's rows
 
   Floats params, grads, adam_m, adam_v, head_sink;
@@ -198,6 +202,10 @@ struct Model::State {
   DeviceBuffer ids;
   DeviceBuffer scalars_buf;  // one Scalars
   DeviceBuffer flags;        // one int32 per tensor: which gradients are not finite
+  // The gradient buckets in the order they start, and the sums running beside the backward.
+  std::vector<model::GradRegion> buckets;
+  CommOverlap grad_sums;
+  bool sums_in_flight = false;
 
   State(const Session& s, const ModelConfig& c, const SequenceShape& sh)
       : session(s),
@@ -207,7 +215,8 @@ struct Model::State {
         encoder(c.kind == ModelKind::kEncoder),
         compute(resolve_compute_dtype(c, s.device())),
         stored(model::attention_dtype(s.device())),
-        attention_ops(s, c.attention) {}
+        attention_ops(s, c.attention),
+        grad_sums(s, s.grad_comm(), CallerComm::kBusy) {}
 
   const Geometry& output() const { return layers.back()->out_geometry(); }
   bool gradient_in_place() const {
@@ -239,6 +248,11 @@ struct Model::State {
   std::span<const float> host_view(const Floats& x, std::vector<float>& copy) const;
 
   void build();
+  void plan_buckets();
+  // Starts the sums of the buckets that are ready at backward point `point` (grad_buckets.hpp), from
+  // buckets[next] on, after waiting for the previous ones; advances next.
+  void start_sums(int point, std::size_t& next);
+  void wait_sums();
   void init_parameters();
   void forward_layers(const model::RunContext& rc);
   double head(bool with_gradient);
@@ -264,6 +278,7 @@ void Model::State::build() {
     const auto add_fp32 = [&](std::unique_ptr<Layer> layer) {
       layers.push_back(std::make_unique<model::Fp32Layer>(std::move(layer), scratch, c.dim, stored));
     };
+    first_param.push_back(table.declared());
     if (c.vcc.enabled && l >= c.vcc.first_layer) {
       add_fp32(std::make_unique<model::VccBlock>(session, table, scratch, prefix, c, *g));
     } else if (c.colt5.enabled) {
@@ -279,11 +294,13 @@ void Model::State::build() {
     // Pyramidion: pooling stages after the layers the config names.
     for (std::size_t j = 0; j < c.pyramidion.pool_after.size(); ++j)
       if (c.pyramidion.pool_after[j] == l) {
+        first_param.push_back(table.declared());
         add_fp32(std::make_unique<model::PyramidionPool>(session, table, scratch, fmt::format("pool.{}.", l), c, *g,
                                                          c.pyramidion.pool_to[j]));
         g = &layers.back()->out_geometry();
       }
   }
+  first_param.push_back(table.declared());  // the end of the last layer's tensors
   final_norm = table.add("final_norm", 1, c.dim, false, Init::kOnes);
   if (encoder) {
     head_w = table.add("classifier", c.num_classes, c.dim, true, Init::kFanIn);
@@ -294,6 +311,48 @@ void Model::State::build() {
   if (!encoder) model::RowChunks::reserve(scratch, model::chunk_rows(output().rows(), c.row_chunk), c.dim);
   table.finalize();
   scratch.bind(session.device());
+}
+
+// When each gradient is final: the head's and the final norm's after forward() (point 0), a layer's
+// once its backward ran (layers.size() - l), the embedding's at the end (layers.size() + 1). The
+// parameters are not tied: no tensor gets gradient from two of these.
+void Model::State::plan_buckets() {
+  const int L = static_cast<int>(layers.size());
+  std::vector<model::GradRegion> tensors;
+  for (std::int32_t i = 0; i < table.declared(); ++i) {
+    const ParameterInfo& t = table.info(ParamRef{i});
+    int ready = 0;
+    if (i == embedding.index) ready = L + 1;
+    for (std::size_t l = 0; l < layers.size(); ++l)
+      if (i >= first_param[l] && i < first_param[l + 1]) ready = L - static_cast<int>(l);
+    tensors.push_back({t.offset, t.numel(), ready});
+  }
+  buckets = model::plan_grad_buckets(std::move(tensors), config.grad_bucket_bytes);
+  log::debug("model: {} gradient bucket(s) of up to {} bytes, summed {}", buckets.size(), config.grad_bucket_bytes,
+             grad_sums.concurrent() ? "beside the backward"
+                                    : "inline at the same points (MPI gives less than MPI_THREAD_MULTIPLE)");
+}
+
+void Model::State::start_sums(int point, std::size_t& next) {
+  const std::size_t first = next;
+  while (next < buckets.size() && buckets[next].ready <= point) ++next;
+  if (next == first) return;
+  wait_sums();
+  sums_in_flight = true;
+  grad_sums.start([this, first, last = next](Stream stream) {
+    comm::Communicator& comm = session.grad_comm();
+    for (std::size_t b = first; b < last; ++b) {
+      const comm::Buffer region{grads.data() + buckets[b].offset, static_cast<std::size_t>(buckets[b].count),
+                                DType::kF32};
+      comm.all_reduce(region, region, comm::ReduceOp::kSum, stream);
+    }
+  });
+}
+
+void Model::State::wait_sums() {
+  if (!sums_in_flight) return;
+  sums_in_flight = false;
+  grad_sums.wait();
 }
 
 Scalars Model::State::read_scalars() const {
@@ -490,6 +549,7 @@ Model::Model(const Session& session, const ModelConfig& config, const SequenceSh
                  dev.kind == DeviceKind::kCpu ? "the CPU" : "a CUDA device");
   validate_config(config, shape);
   s.build();
+  s.plan_buckets();
   const std::int64_t total = s.table.total();
   s.params = Floats(total, dev);
   s.grads = Floats(total, dev);
@@ -586,22 +646,34 @@ void Model::backward() {
   s.have_forward = false;
   const ModelConfig& c = s.config;
   // A non-finite loss (the same on every rank) has no gradient worth computing: step() refuses it.
+  // Parameters are replicated: summing the gradients over ranks, bucket by bucket as they become
+  // final, makes every rank's gradient the global one.
   if (std::isfinite(s.loss)) {
     const model::RunContext rc = s.run_context(true);
     const bool in_place = s.gradient_in_place();
     float *d_out = s.d_a.data(), *d_in = in_place ? d_out : s.d_b.data();
-    for (std::size_t l = s.layers.size(); l-- > 0;) {
-      s.layers[l]->backward(rc, s.layer_input(l), d_out, d_in);
-      std::swap(d_out, d_in);
+    const std::size_t L = s.layers.size();
+    std::size_t next = 0;
+    try {
+      s.start_sums(0, next);
+      for (std::size_t l = L; l-- > 0;) {
+        s.layers[l]->backward(rc, s.layer_input(l), d_out, d_in);
+        std::swap(d_out, d_in);
+        s.start_sums(static_cast<int>(L - l), next);
+      }
+      kernels::embedding_backward({s.input.rows(), c.dim, c.vocab, s.token_ids(), d_out,
+                                   s.grads.data() + s.table.info(s.embedding).offset},
+                                  s.ctx);
+      s.start_sums(static_cast<int>(L) + 1, next);
+      s.wait_sums();
+    } catch (...) {
+      // No sum stays in flight; the error being thrown is the one to report.
+      try {
+        s.wait_sums();
+      } catch (const std::exception&) {
+      }
+      throw;
     }
-    kernels::embedding_backward({s.input.rows(), c.dim, c.vocab, s.token_ids(), d_out,
-                                 s.grads.data() + s.table.info(s.embedding).offset},
-                                s.ctx);
-    // Parameters are replicated: one bucketed sum makes every rank's gradient the global one.
-    auto& comm = s.session.comm();
-    comm.all_reduce({s.grads.data(), static_cast<std::size_t>(s.grads.count), DType::kF32},
-                    {s.grads.data(), static_cast<std::size_t>(s.grads.count), DType::kF32}, comm::ReduceOp::kSum,
-                    s.session.stream());
   }
   s.have_gradients = true;
 }

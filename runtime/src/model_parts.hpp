@@ -38,6 +38,8 @@ class ParameterTable {
   ParamRef add(std::string name, std::int64_t rows, std::int64_t cols, bool decay, Init init);
   void finalize();
   std::int64_t total() const { return total_; }
+  // Tensors declared so far; ParamRef{i} for i below it names the i-th declared.
+  std::int32_t declared() const { return static_cast<std::int32_t>(infos_.size()); }
   std::int64_t decayed() const { return decayed_; }
   // In layout order once finalized.
   const std::vector<ParameterInfo>& infos() const { return infos_; }

@@ -1,20 +1,21 @@
 // ringcast::Model: a transformer whose attention is the distributed operator, trained data-parallel
-// over nothing but the sequence: every rank holds the same fp32 parameters and its n_loc = n / P rows
-// of each sequence, in the operator's placement order (positions()). A decoder (causal, LM head with a
-// chunked cross-entropy) or an encoder (bidirectional, mean-pooled classification head). The seed
-// methods are options of the stack: CAST through attention.clusters, CoLT5, Pyramidion and VCC
-// through their configs below (encoder stacks). Parameters live in one flat buffer (decayed tensors
-// first, then norm gains and the like), gradients in a matching one, so a step is one all-reduce and
-// two AdamW calls. Only each layer's input is kept; backward recomputes the layer, and every layer
-// shares one set of scratch (a block's norms, projections and FFN in row chunks, one attention
-// operator per layer shape), so memory per rank grows as n_loc·D·L plus one layer's working set:
-// estimate_memory(). Backends: the session's. On the CPU everything is fp32 host memory. On CUDA
-// parameters, gradients, optimizer state and the activations inside a layer are fp32 device memory
-// (the spans below point there), the kept layer inputs are bf16 (rounded once when a layer stores its
-// output; the layer's recompute reads that same value), the matrix products take bf16 inputs with fp32
+// over nothing but the sequence: every rank holds the same fp32 parameters and its n_loc = n / P
+// rows of each sequence, in the operator's placement order (positions()). A decoder (causal, LM
+// head with a chunked cross-entropy) or an encoder (bidirectional, mean-pooled classification
+// head). The seed methods are options of the stack: CAST through attention.clusters, CoLT5,
+// Pyramidion and VCC through their configs below (encoder stacks). Parameters live in one flat
+// buffer (decayed tensors first, then norm gains and the like), gradients in a matching one, summed
+// over ranks in buckets while the backward runs (grad_bucket_bytes), so a step is two AdamW calls.
+// Only each layer's input is kept; backward recomputes the layer, and every layer shares one set of
+// scratch (a block's norms, projections and FFN in row chunks, one attention operator per layer
+// shape), so memory per rank grows as n_loc·D·L plus one layer's working set: estimate_memory().
+// Backends: the session's. On the CPU everything is fp32 host memory. On CUDA parameters,
+// gradients, optimizer state and the activations inside a layer are fp32 device memory (the spans
+// below point there), the kept layer inputs are bf16 (rounded once when a layer stores its output;
+// the layer's recompute reads that same value), the matrix products take bf16 inputs with fp32
 // accumulation (compute_dtype), attention runs in bf16, and all work is enqueued on the session's
-// stream; the calls that return a value wait for it. The seed-method
-// layers (CoLT5, Pyramidion, VCC) run on the CPU backend only.
+// stream; the calls that return a value wait for it. The seed-method layers (CoLT5, Pyramidion,
+// VCC) run on the CPU backend only.
 #pragma once
 
 #include <ringcast/attention_options.hpp>
@@ -90,6 +91,11 @@ struct ModelConfig {
   // the order in which the weight gradients sum over chunks (fp32 rounding).
   std::int64_t row_chunk = 8192;
   std::uint64_t seed = 0;        // parameter initialisation, identical on every rank
+  // Gradient buckets: backward() sums the gradients over ranks in buckets of about this many bytes,
+  // each as soon as all its gradients are final, beside the backward of the earlier layers (on its
+  // own communicator, Session::grad_comm()); 0: one all-reduce of every gradient at the end. Not
+  // part of a checkpoint's identity; the sums may round differently for other bucket sizes (fp32).
+  std::int64_t grad_bucket_bytes = std::int64_t{25} << 20;
   // Inputs of the matrix products (layers.hpp: fp32 accumulation and fp32 tensors either way):
   // unset picks the backend's default, f32 on the CPU (the only choice there) and bf16 on CUDA;
   // f32 on CUDA gives exact fp32 products (attention stays bf16, its storage dtype on CUDA). Not part

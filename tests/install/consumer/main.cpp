@@ -2,6 +2,8 @@
 // tiny decoder on the CPU backend over MPI_COMM_WORLD, on seeded associative-recall sequences. Rank 0
 // prints the loss; every rank exits 1 when the loss or the gradient norm is not finite (both are
 // global values, identical on every rank). Library errors are the same on every rank; they abort.
+// Plain MPI_Init, as a host job might call it: without MPI_THREAD_MULTIPLE the model sums its gradient
+// buckets inline rather than beside the backward.
 #include <ringcast/ringcast.hpp>
 
 #include <mpi.h>
