@@ -13,7 +13,7 @@ void add_shape_options(po::options_description& desc, std::int64_t default_seq_l
       ("seq-len", po::value<std::int64_t>()->default_value(default_seq_len), "n: tokens in the whole sequence")
       ("batch", po::value<int>()->default_value(1), "sequences per step")
       ("heads", po::value<int>()->default_value(default_heads), "query heads h")
-      ("kv-heads", po::value<int>()->default_value(default_heads), "key/value heads h_kv (h % h_kv == 0)")
+      ("kv-heads", po::value<int>()->default_value(0), "key/value heads h_kv (h % h_kv == 0; 0: = h)")
       ("head-dim", po::value<int>()->default_value(default_head_dim), "head dim d (64 or 128)");
 }
 
@@ -65,7 +65,7 @@ void read_layer_options(const po::variables_map& vm, int world_size, LayerShape&
     s.ranks = vm.count("ranks") ? vm["ranks"].as<int>() : world_size;
     s.batch = vm["batch"].as<int>();
     s.heads = vm["heads"].as<int>();
-    s.kv_heads = vm["kv-heads"].as<int>();
+    s.kv_heads = vm["kv-heads"].as<int>() == 0 ? s.heads : vm["kv-heads"].as<int>();
     s.head_dim = vm["head-dim"].as<int>();
     s.dtype = vm.count("dtype") ? parse_dtype(vm["dtype"].as<std::string>()) : DType::kF32;
     s.causal = vm.count("causal") ? vm["causal"].as<bool>() : causal;
