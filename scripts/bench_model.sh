@@ -4,7 +4,8 @@
 # memory and the last loss per run in OUT/model.csv (the raw per-step CSVs and logs in OUT/raw/). A run
 # that fails (out of memory, an option the backend lacks) is a row with its status, not an abort.
 #   scale: decoder, D 1024, 8 layers, 16 heads of 64, clustered attention, needle task, at 64K, 256K
-#          and 1M tokens (PERFORMANCE.md: "full model training step at 1M tokens on one 80 GB GPU");
+#          and 1M tokens (PERFORMANCE.md: "full model training step at 1M tokens on one 80 GB GPU"),
+#          and the longest once more with tile instead of row selection;
 #   seed:  the same model as an encoder with each seed option beside its plain twin, at 64K tokens:
 #          prefix retrieval plain / CoLT5 / VCC, ListOps plain / Pyramidion (to n/4) / CAST.
 #   usage: scripts/bench_model.sh --ringcast BIN --out DIR [--ranks P] [--quick] [--backend cuda|cpu]
@@ -22,7 +23,7 @@ while [ $# -gt 0 ]; do
     --backend) backend=$2; shift ;;
     --quick) quick=1 ;;
     --tiny) tiny=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "bench_model.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -79,6 +80,9 @@ EOF
 for n in $scale_lens; do
   run scale plain needle "$n" --mode clustered $blocks
 done
+# The longest again with tile selection: per-row selection (the causal default) builds each tile's
+# union of its rows' choices, which the memory estimate does not bound (docs/launching.md).
+run scale tile-selection needle "$n" --mode clustered --selection tile $blocks
 n=$seed_len
 run seed plain prefix-recall "$n" --mode clustered $blocks
 run seed colt5 prefix-recall "$n" --mode clustered $blocks --colt5 true
