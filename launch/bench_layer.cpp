@@ -164,12 +164,7 @@ LayerTiming time_layer(const Session& session, const LayerShape& shape, const At
   const AttentionBackwardArgs bwd{x.q, x.k, x.v, x.o, x.lse, x.d_o, x.d_q, x.d_k, x.d_v, surrogates, d_surrogates};
 
   auto& comm = session.comm();
-  // Exposed communication is timed for these passes only, also when one throws.
-  struct ExposedTiming {
-    comm::Communicator& comm;
-    ExposedTiming(comm::Communicator& c, Stream compute) : comm(c) { comm.start_exposed_timing(compute); }
-    ~ExposedTiming() { comm.stop_exposed_timing(); }
-  } timing(comm, session.stream());
+  comm::ExposedTimingScope exposed({&comm}, session.stream());
   std::vector<double> fwd_s, total_s, exposed_fwd_s, exposed_total_s;
   std::uint64_t sent_fwd = 0, sent_bwd = 0;
   const double start = MPI_Wtime();
@@ -177,18 +172,18 @@ LayerTiming time_layer(const Session& session, const LayerShape& shape, const At
     synchronize(session.device(), session.stream());
     MPI_Barrier(MPI_COMM_WORLD);
     comm.reset_counters();
-    comm.take_exposed_seconds();
+    exposed.take();
     const double t0 = MPI_Wtime();
     layer.forward(fwd);
     synchronize(session.device(), session.stream());
     const double t1 = MPI_Wtime();
     sent_fwd = comm.counters().total().bytes_sent;
-    const double exposed_fwd = comm.take_exposed_seconds();
+    const double exposed_fwd = exposed.take();
     layer.backward(bwd);
     synchronize(session.device(), session.stream());
     const double t2 = MPI_Wtime();
     sent_bwd = comm.counters().total().bytes_sent - sent_fwd;
-    const double exposed_bwd = comm.take_exposed_seconds();
+    const double exposed_bwd = exposed.take();
     if (i >= warmup) {
       fwd_s.push_back(t1 - t0);
       total_s.push_back(t2 - t0);

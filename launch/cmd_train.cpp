@@ -2,8 +2,9 @@
 // decoder on associative recall, needle retrieval or a file's bytes, or an encoder with a
 // classification head on ListOps or prefix retrieval, with the seed methods as options. Every rank
 // builds the same global batches and keeps its rows (data.hpp). Rank 0 prints a progress line every
-// --log-every steps and a summary table; --output writes one row per step. Step times and peak memory
-// are the maximum over ranks; evaluation (a fixed held-out set, forward only) is outside the timing.
+// --log-every steps and a summary table; --output writes one row per step. Step times, peak memory and
+// the communication a step waited for (exposed_comm_ms: the layers' and the gradient sums') are the
+// maximum over ranks; evaluation (a fixed held-out set, forward only) is outside the timing.
 // --checkpoint writes the model, the optimizer and the data position every --checkpoint-every steps
 // and at the end; --resume continues from such a file bit-exactly (the same losses as one long run).
 #include "commands.hpp"
@@ -302,7 +303,11 @@ int train_command(const CommandLine& cmd) {
   double train_s = 0.0, peak_bytes = 0.0;
   const double tokens_per_step = static_cast<double>(shape.seq_len) * shape.batch;
   const int first_step = static_cast<int>(model.steps_taken()) + 1;
+  // The communication each step's compute waited for: the layers' (session.comm()) and the gradient
+  // sums' (grad_comm()), timed by the communicators while the steps run.
+  comm::ExposedTimingScope exposed({&session.comm(), &session.grad_comm()}, session.stream());
   for (int step = first_step; step <= t.steps; ++step) {
+    exposed.take();  // what an evaluation or a checkpoint exchanged between steps
     const double t0 = MPI_Wtime();
     local_batch(*data.train, static_cast<std::uint64_t>(step - 1) * shape.batch, shape.batch, shape.seq_len,
                 model.positions(), batch);
@@ -311,9 +316,10 @@ int train_command(const CommandLine& cmd) {
     adam.lr = learning_rate(t, step);
     model.step(adam);
     synchronize(session.device(), session.stream());  // the step's device work is part of its time
-    // The slowest rank sets the pace; one all-reduce also brings rank 0 the largest peak.
-    double slowest[2] = {MPI_Wtime() - t0, static_cast<double>(peak_allocated_bytes())};
-    MPI_Allreduce(MPI_IN_PLACE, slowest, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    // The slowest rank sets the pace; one all-reduce also brings rank 0 the largest peak and the
+    // longest exposed communication.
+    double slowest[3] = {MPI_Wtime() - t0, static_cast<double>(peak_allocated_bytes()), exposed.take()};
+    MPI_Allreduce(MPI_IN_PLACE, slowest, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     train_s += slowest[0];
     peak_bytes = slowest[1];
     const double accuracy = static_cast<double>(counts.correct) / static_cast<double>(counts.count);
@@ -328,6 +334,7 @@ int train_command(const CommandLine& cmd) {
                            .set("grad_norm", model.last_grad_norm())
                            .set("tokens_per_s", tokens_per_step / slowest[0])
                            .set("step_ms", 1e3 * slowest[0])
+                           .set("exposed_comm_ms", 1e3 * slowest[2])
                            .set("peak_memory_bytes", static_cast<std::int64_t>(slowest[1]));
     const bool eval_now = data.held_out && (step % t.eval_every == 0 || step == t.steps);
     if (eval_now) {
@@ -338,9 +345,10 @@ int train_command(const CommandLine& cmd) {
         !t.checkpoint.empty() && ((t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || step == t.steps);
     if (checkpoint_now) model.save(checkpoint_path(t.checkpoint, step), trainer.bytes());
     if (step == first_step || step % t.log_every == 0 || step == t.steps)
-      log::info("step {:>{}}/{}  loss {:.4f}  accuracy {:.3f}  lr {:.2e}  {:.0f} tokens/s  {:.1f} ms  peak {}{}", step,
-                fmt::formatted_size("{}", t.steps), t.steps, loss, accuracy, adam.lr, tokens_per_step / slowest[0],
-                1e3 * slowest[0], format_bytes(slowest[1]),
+      log::info("step {:>{}}/{}  loss {:.4f}  accuracy {:.3f}  lr {:.2e}  {:.0f} tokens/s  {:.1f} ms (comm {:.1f})  "
+                "peak {}{}",
+                step, fmt::formatted_size("{}", t.steps), t.steps, loss, accuracy, adam.lr,
+                tokens_per_step / slowest[0], 1e3 * slowest[0], 1e3 * slowest[2], format_bytes(slowest[1]),
                 eval_now ? fmt::format("  eval loss {:.4f} accuracy {:.3f}", last_eval.loss, last_eval.accuracy) : "");
   }
 

@@ -395,4 +395,18 @@ void Communicator::barrier(Stream stream) {
   record(OpKind::kBarrier, 0, 0, start, stream);
 }
 
+ExposedTimingScope::ExposedTimingScope(std::initializer_list<Communicator*> comms, Stream compute) : comms_(comms) {
+  for (Communicator* c : comms_) c->start_exposed_timing(compute);
+}
+
+ExposedTimingScope::~ExposedTimingScope() {
+  for (Communicator* c : comms_) c->stop_exposed_timing();
+}
+
+double ExposedTimingScope::take() {
+  double seconds = 0;
+  for (Communicator* c : comms_) seconds += c->take_exposed_seconds();
+  return seconds;
+}
+
 }  // namespace ringcast::comm

@@ -660,6 +660,18 @@ TYPED_TEST_P(CommSuite, ExposedTimeCountsWaitsOnTheComputeStream) {
   comm.barrier(this->stream());
   this->sync();
   EXPECT_EQ(comm.take_exposed_seconds(), 0.0);
+
+  {  // The same through a scope, which stops timing when it ends.
+    ExposedTimingScope scope({&comm}, this->stream());
+    if (r == p - 1) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    comm.barrier(this->stream());
+    this->sync();
+    const double waited = scope.take();
+    if (p > 1 && r == 0) {
+      EXPECT_GE(waited, 0.25);
+    }
+  }
+  EXPECT_FALSE(comm.mark(this->stream()).set);
 }
 
 REGISTER_TYPED_TEST_SUITE_P(CommSuite, ExchangeWithEveryPeerInListOrder, RingShiftEveryStep, AllGatherEveryDType,

@@ -18,6 +18,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <span>
 #include <string>
 #include <string_view>
@@ -219,6 +220,21 @@ class Communicator {
   std::thread::id timing_thread_;
   double exposed_s_ = 0;
   std::vector<std::pair<TimeMark, TimeMark>> pending_;  // device marks not yet resolved
+};
+
+// Exposed-time accounting on some communicators for a scope (a benchmark's or a training loop's):
+// started on construction, stopped on destruction, also when an exception leaves the scope.
+class ExposedTimingScope {
+ public:
+  ExposedTimingScope(std::initializer_list<Communicator*> comms, Stream compute);
+  ~ExposedTimingScope();
+  ExposedTimingScope(const ExposedTimingScope&) = delete;
+  ExposedTimingScope& operator=(const ExposedTimingScope&) = delete;
+  // The exposed seconds of all of them since timing started or the last take.
+  double take();
+
+ private:
+  std::vector<Communicator*> comms_;
 };
 
 }  // namespace ringcast::comm
