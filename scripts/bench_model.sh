@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Model-level measurements (issues 6 and 7): short `ringcast train` runs -- a few steps, the first one
-# warm-up -- of the full stack and of each seed method, recording the median step time, tokens/s, peak
-# memory and the last loss per run in OUT/model.csv (the raw per-step CSVs and logs in OUT/raw/). A run
-# that fails (out of memory, an option the backend lacks) is a row with its status, not an abort.
+# warm-up -- of the full stack and of each seed method, recording the median step time and the
+# communication it waited for, tokens/s, peak memory and the last loss per run in OUT/model.csv (the
+# raw per-step CSVs and logs in OUT/raw/). A run that fails (out of memory, an option the backend
+# lacks) is a row with its status, not an abort.
 #   scale: decoder, D 1024, 8 layers, 16 heads of 64, clustered attention, needle task, at 64K, 256K
 #          and 1M tokens (PERFORMANCE.md: "full model training step at 1M tokens on one 80 GB GPU"),
 #          and the longest once more with tile instead of row selection;
@@ -46,7 +47,7 @@ else
 fi
 common="--batch 1 --steps $steps --warmup-steps 1 --log-every 1 --eval-every 1000000 --backend $backend"
 
-echo "experiment,option,task,seq_len,ranks,status,step_ms,tokens_per_s,peak_memory_bytes,loss" >"$out/model.csv"
+echo "experiment,option,task,seq_len,ranks,status,step_ms,exposed_comm_ms,tokens_per_s,peak_memory_bytes,loss" >"$out/model.csv"
 run() {  # run EXPERIMENT OPTION TASK SEQ_LEN ARGS...
   local experiment=$1 option=$2 task=$3 n=$4; shift 4
   local name="$experiment-$option-$task-$n-p$ranks"
@@ -69,11 +70,12 @@ timed = rows[1:] or rows  # the first step is warm-up
 if rc != 0 or not rows:
     lines = [l.strip() for l in open(log, errors="replace") if l.strip()]
     why = next((l for l in lines if "rror" in l or "memory" in l), lines[-1] if lines else "no output")
-    print(f"{prefix},failed: {why[:160].replace(',', ';')},,,,")
+    print(f"{prefix},failed: {why[:160].replace(',', ';')},,,,,")
 else:
     med = lambda key: statistics.median(float(r[key]) for r in timed)
     peak = max(int(float(r["peak_memory_bytes"])) for r in rows)
-    print(f"{prefix},ok,{med('step_ms'):.1f},{med('tokens_per_s'):.0f},{peak},{float(rows[-1]['loss']):.4f}")
+    print(f"{prefix},ok,{med('step_ms'):.1f},{med('exposed_comm_ms'):.1f},{med('tokens_per_s'):.0f},{peak},"
+          f"{float(rows[-1]['loss']):.4f}")
 EOF
 }
 
