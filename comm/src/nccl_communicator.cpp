@@ -306,7 +306,7 @@ std::unique_ptr<NcclCommunicator> NcclCommunicator::split(NcclCommunicator& pare
   DeviceGuard guard(p.device);
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
-  config.splitShare = 1;
+  config.splitShare = 0;  // resources of its own: its kernels run beside the parent's
   // One colour: every rank joins, keyed by its parent rank, so the order is the parent's. The child
   // is non-blocking, so the split settles through its own asynchronous state (check()).
   impl->check(ncclCommSplit(p.handle(), 0, p.rank, &impl->comm, &config), "ncclCommSplit");
@@ -314,7 +314,7 @@ std::unique_ptr<NcclCommunicator> NcclCommunicator::split(NcclCommunicator& pare
   return std::unique_ptr<NcclCommunicator>(new NcclCommunicator(std::move(impl)));
 #else
   static_cast<void>(parent);
-  RINGCAST_THROW("NcclCommunicator::split needs NCCL >= 2.18 (ncclCommSplit with splitShare); this build has {}.{}",
+  RINGCAST_THROW("NcclCommunicator::split needs NCCL >= 2.18 (ncclCommSplit); this build has {}.{}",
                  NCCL_MAJOR, NCCL_MINOR);
 #endif
 }

@@ -35,22 +35,6 @@ struct Session::State {
   }
 };
 
-namespace {
-
-// Session::grad_comm(): on NCCL a split of `first`; on MPI a second MpiCommunicator (its own duplicate
-// of mpi_comm). Collective.
-std::unique_ptr<comm::Communicator> gradient_communicator(MPI_Comm mpi_comm, comm::Communicator& first,
-                                                          const Device& device) {
-#if RINGCAST_WITH_CUDA
-  if (device.kind == DeviceKind::kCuda)
-    return comm::NcclCommunicator::split(static_cast<comm::NcclCommunicator&>(first));
-#endif
-  static_cast<void>(first);
-  return comm::make_communicator(mpi_comm, device);
-}
-
-}  // namespace
-
 Session::Session(std::unique_ptr<State> state) : state_(std::move(state)) {}
 Session::Session(Session&&) noexcept = default;
 Session& Session::operator=(Session&&) noexcept = default;
@@ -80,7 +64,8 @@ Session Session::from_mpi(MPI_Comm mpi_comm, Backend backend) {
   }
 #endif
   s->comm = comm::make_communicator(mpi_comm, s->device);
-  s->grad_comm = gradient_communicator(mpi_comm, *s->comm, s->device);
+  // grad_comm(): on MPI its own duplicate, made now (cheap); on NCCL a split, made on first use.
+  if (s->device.kind == DeviceKind::kCpu) s->grad_comm = comm::make_communicator(mpi_comm, s->device);
   log::debug("session: rank {}/{} on {} uses {} device {} and the {} communicator", s->rank, s->size, s->host,
              s->device.kind == DeviceKind::kCuda ? "CUDA" : "CPU", s->device.index, s->comm->backend_name());
   return Session(std::move(s));
@@ -99,9 +84,7 @@ Session Session::from_nccl_id(const std::array<char, 128>& unique_id, int rank, 
   RINGCAST_CUDA_CHECK(cudaSetDevice(device));
   s->device = Device{DeviceKind::kCuda, device};
   s->stream = stream;
-  auto nccl = std::make_unique<comm::NcclCommunicator>(unique_id, rank, size, device);
-  s->grad_comm = comm::NcclCommunicator::split(*nccl);
-  s->comm = std::move(nccl);
+  s->comm = std::make_unique<comm::NcclCommunicator>(unique_id, rank, size, device);
   return Session(std::move(s));
 #else
   (void)unique_id, (void)rank, (void)size, (void)device, (void)stream;
@@ -114,7 +97,13 @@ int Session::size() const { return state_->size; }
 const Device& Session::device() const { return state_->device; }
 const std::string& Session::host() const { return state_->host; }
 comm::Communicator& Session::comm() const { return *state_->comm; }
-comm::Communicator& Session::grad_comm() const { return *state_->grad_comm; }
+comm::Communicator& Session::grad_comm() const {
+#if RINGCAST_WITH_CUDA
+  if (!state_->grad_comm)  // NCCL: split on first use, collectively (session.hpp)
+    state_->grad_comm = comm::NcclCommunicator::split(static_cast<comm::NcclCommunicator&>(*state_->comm));
+#endif
+  return *state_->grad_comm;
+}
 Stream Session::stream() const { return state_->stream; }
 
 }  // namespace ringcast

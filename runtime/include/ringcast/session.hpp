@@ -38,9 +38,10 @@ class Session {
   const std::string& host() const;
   comm::Communicator& comm() const;
   // The same ranks, same backend, for the model's gradient all-reduce, which runs beside the layers'
-  // own communication (its own stream on CUDA, a helper thread on the CPU): NCCL calls of one
-  // communicator must never run on two streams at once, and MPI calls on two threads at once need
-  // distinct communicators. On NCCL it is split from comm() and shares its buffers.
+  // own communication (its own stream on CUDA, a helper thread on the CPU): NCCL orders one
+  // communicator's operations whatever their streams, and MPI calls on two threads at once need
+  // distinct communicators. On NCCL it is split from comm() (resources of its own; NCCL >= 2.18) the
+  // first time it is asked for: that call is collective (Model's constructor makes it).
   comm::Communicator& grad_comm() const;
   // The stream work is enqueued on (null on the CPU backend, or the default stream).
   Stream stream() const;

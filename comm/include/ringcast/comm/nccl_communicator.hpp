@@ -25,10 +25,11 @@ class NcclCommunicator final : public Communicator {
   // Collective over the `size` processes that received `id` (for embedding in another job).
   NcclCommunicator(const NcclUniqueId& id, int rank, int size, int device);
   // Collective over the parent's ranks: a second communicator over the same ranks in the same order,
-  // for traffic that runs beside the parent's on another stream (NCCL calls of one communicator must
-  // never run on two streams at once). ncclCommSplit with splitShare = 1: it shares the parent's
-  // resources instead of allocating its own. Call it while nothing is in flight on the parent, and
-  // destroy it before the parent. Needs NCCL >= 2.18.
+  // for traffic that runs beside the parent's on another stream (NCCL orders one communicator's
+  // operations, whatever their streams). ncclCommSplit with resources of its own (splitShare = 0:
+  // a shared split would order its kernels behind the parent's). Every rank must issue the two
+  // communicators' operations in the same order. Call it while nothing is in flight on the parent,
+  // and destroy it before the parent. Needs NCCL >= 2.18.
   static std::unique_ptr<NcclCommunicator> split(NcclCommunicator& parent);
   ~NcclCommunicator() override;
 
