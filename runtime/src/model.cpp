@@ -250,7 +250,8 @@ struct Model::State {
   void build();
   void plan_buckets();
   // Starts the sums of the buckets that are ready at backward point `point` (grad_buckets.hpp), from
-  // buckets[next] on, after waiting for the previous ones; advances next.
+  // buckets[next] on, behind those in flight (CUDA: queued on the comm stream; CPU: after them);
+  // advances next.
   void start_sums(int point, std::size_t& next);
   void wait_sums();
   void init_parameters();
@@ -337,8 +338,7 @@ void Model::State::start_sums(int point, std::size_t& next) {
   const std::size_t first = next;
   while (next < buckets.size() && buckets[next].ready <= point) ++next;
   if (next == first) return;
-  wait_sums();
-  sums_in_flight = true;
+  sums_in_flight = true;  // behind the buckets in flight (CommOverlap::start)
   grad_sums.start([this, first, last = next](Stream stream) {
     comm::Communicator& comm = session.grad_comm();
     for (std::size_t b = first; b < last; ++b) {

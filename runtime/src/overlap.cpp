@@ -46,20 +46,20 @@ CommOverlap::~CommOverlap() {
 }
 
 void CommOverlap::start(std::function<void(Stream)> step) {
-  RINGCAST_CHECK(!pending_, "CommOverlap: a step is already in flight");
-  pending_ = true;
 #if RINGCAST_WITH_CUDA
-  if (comm_stream_) {
+  if (comm_stream_) {  // behind the steps in flight: the comm stream keeps their order
+    pending_ = true;
     const auto compute = static_cast<cudaStream_t>(session_.stream());
     const auto comm = static_cast<cudaStream_t>(comm_stream_);
     RINGCAST_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(ready_), compute));
     RINGCAST_CUDA_CHECK(cudaStreamWaitEvent(comm, static_cast<cudaEvent_t>(ready_), 0));
     step(comm_stream_);
     RINGCAST_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(done_), comm));
-    step_end_ = comm_.mark(comm_stream_);
     return;
   }
 #endif
+  if (pending_) wait();
+  pending_ = true;
   if (!threaded_) {
     step(nullptr);
     return;
@@ -79,8 +79,10 @@ void CommOverlap::wait() {
   pending_ = false;
 #if RINGCAST_WITH_CUDA
   if (comm_stream_) {
-    // Where the compute reaches the wait: marked before the host blocks, which may drain the compute.
-    comm_.add_exposed(comm_.mark(session_.stream()), step_end_);
+    // Where the compute reaches the wait (marked before the host blocks, which may drain the compute)
+    // and where the comm stream's work ends.
+    const comm::TimeMark reached = comm_.mark(session_.stream());
+    comm_.add_exposed(reached, comm_.mark(comm_stream_));
     // The host waits here (the compute already enqueued keeps the GPU busy) so that a failed or
     // silent peer surfaces as an Error within the communicator's timeout.
     comm_.synchronize(comm_stream_);

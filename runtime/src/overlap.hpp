@@ -6,8 +6,8 @@
 // when the calling thread keeps communicating on another communicator (the model's gradient sums
 // beside the layers' own communication); with less, the step runs inline, at the same point.
 // While the step's communicator times exposed communication, wait() adds what the compute could not
-// hide: from where the compute reached the wait to where the step ended (CUDA), or the time the
-// calling thread blocked in the join (CPU).
+// hide: from where the compute reached the wait to where the comm stream's work ended (CUDA), or the
+// time the calling thread blocked in the join (CPU).
 #pragma once
 
 #include <ringcast/session.hpp>
@@ -32,8 +32,10 @@ class CommOverlap {
   CommOverlap& operator=(const CommOverlap&) = delete;
 
   // Starts `step(stream)`, which enqueues communication on `stream` (or, on the CPU, performs it).
+  // With steps in flight, CUDA queues it behind them on the comm stream (nothing waits); the CPU
+  // waits for them first (one helper thread at a time).
   void start(std::function<void(Stream)> step);
-  // Makes the compute stream wait for the step; surfaces its errors (and, on CUDA, the
+  // Makes the compute stream wait for the steps in flight; surfaces their errors (and, on CUDA, the
   // communicator's asynchronous errors and timeout).
   void wait();
   // Whether steps run beside the compute (CUDA, or a helper thread on the CPU) rather than inline.
@@ -46,7 +48,6 @@ class CommOverlap {
   Stream comm_stream_ = nullptr;
   void* ready_ = nullptr;  // cudaEvent_t: compute work before the step is done
   void* done_ = nullptr;   // cudaEvent_t: the step is done
-  comm::TimeMark step_end_;  // where the step ends, when the communicator times exposed communication
   std::thread thread_;
   std::exception_ptr error_;
   bool pending_ = false;
