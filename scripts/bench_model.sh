@@ -84,7 +84,7 @@ for n in $scale_lens; do
 done
 # The longest again with tile selection: per-row selection (the causal default) builds each tile's
 # union of its rows' choices, which the memory estimate does not bound (docs/launching.md).
-run scale tile-selection needle "$n" --mode clustered --selection tile $blocks
+run scale tile-selection needle "${scale_lens##* }" --mode clustered --selection tile $blocks
 n=$seed_len
 run seed plain prefix-recall "$n" --mode clustered $blocks
 run seed colt5 prefix-recall "$n" --mode clustered $blocks --colt5 true

@@ -318,7 +318,7 @@ def cmd_validate(a):
                         "measured_fwd_ms": m_f, "predicted_fwd_ms": 1e3 * t_f,
                         "measured_fwd_bwd_ms": m_fb, "predicted_fwd_bwd_ms": 1e3 * t_fb,
                         "predicted_compute_ms": 1e3 * comp, "predicted_exposed_comm_ms": 1e3 * (t_fb - comp),
-                        "measured_exposed_comm_ms": float(r["exposed_fwd_bwd_ms_max"]),
+                        "measured_exposed_comm_ms": float(r.get("exposed_fwd_bwd_ms_max") or "nan"),
                         "ratio": 1e3 * t_fb / m_fb, "compute_share": share,
                         "links": "none (one rank)" if p == 1 else link.source})
     if not out:

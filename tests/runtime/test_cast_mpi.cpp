@@ -647,7 +647,6 @@ TEST_P(Cast, MatchesTheFloat64ReferenceOfTheSameAlgorithm) {
   // The table's size: a list per (element, tile, KV head), each with a cluster page at least.
   EXPECT_GT(sh.table.units, 0);
   EXPECT_GE(sh.table.total, sh.table.units);
-  EXPECT_GE(static_cast<double>(sh.table.max), sh.table.mean());
   // What every row of this rank attended, in global terms.
   const std::map<std::int64_t, Seen> seen = seen_by_row(pr, sh.entries);
   for (int b = 0; b < s.batch; ++b)

@@ -492,7 +492,6 @@ TEST_P(Clustered, AttendedEntriesCoverEveryVisibleKeyOnce) {
   EXPECT_EQ(table.units, s.batch * ((n_loc + kernels::kQueryTile - 1) / kernels::kQueryTile) * s.kv_heads);
   EXPECT_GE(table.total, exact_pages);
   EXPECT_GE(table.total, table.units);
-  EXPECT_GE(static_cast<double>(table.max), table.mean());
   // coverage[(b, tile, kv_head)][row][key position]
   const std::int64_t tiles = (n_loc + kernels::kQueryTile - 1) / kernels::kQueryTile;
   std::vector<std::uint8_t> cover(std::size_t(s.batch) * tiles * s.kv_heads * kernels::kQueryTile * s.seq_len, 0);

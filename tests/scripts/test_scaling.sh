@@ -49,7 +49,7 @@ for exp, n_of in (("strong", lambda p: 2048), ("weak", lambda p: 512 * p)):
             check(0 <= f[t + "_min"] <= f[t + "_median"] <= f[t + "_max"], f"{name}: {t} min/median/max {r}")
         check(f["exposed_fwd_bwd_ms_max"] <= f["fwd_bwd_ms_max"], f"{name}: more exposed communication than time")
         if p == 1:  # only the layer's own checks and local copies go through the communicator
-            check(f["exposed_fwd_bwd_ms_median"] <= 0.05 * f["fwd_bwd_ms_median"],
+            check(f["exposed_fwd_bwd_ms_median"] <= max(0.05 * f["fwd_bwd_ms_median"], 5.0),
                   f"{name}: exposed communication on one rank")
         check(f["tflops_fwd"] > 0 and f["tflops_fwd_bwd"] > 0 and int(r["peak_memory_bytes"]) > 0, f"{name}: {r}")
         sent = f["bytes_sent_fwd"] + f["bytes_sent_bwd"]

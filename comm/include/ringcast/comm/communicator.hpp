@@ -8,7 +8,7 @@
 // Checks: local arguments always; the _v operations always agree their counts across ranks (a small
 // metadata all-gather); the uniform collectives do so when RINGCAST_COMM_VALIDATE=1 at construction.
 // Every cross-rank check is symmetric: all ranks see all metadata and throw the same Error.
-// Exposed communication time (for the benches): how long this rank's compute waits for communication,
+// Exposed communication time (benches, training steps): how long this rank's compute waits for communication,
 // off until start_exposed_timing.
 #pragma once
 
@@ -16,6 +16,7 @@
 #include <ringcast/tensor.hpp>
 
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
@@ -158,8 +159,9 @@ class Communicator {
   // (device backend), or the calling thread blocks in it (host backend: calls from the thread that
   // started timing; a helper thread running communication beside the compute counts nothing). Code
   // that runs communication beside the compute adds what its join leaves exposed: add_exposed(mark
-  // where the compute reaches the join, mark where the communication ends). Calls only from the thread
-  // that started timing.
+  // where the compute reaches the join, mark where the communication ends). Start, stop, take and
+  // add from the thread that started timing; marks made on other threads come back unset (host
+  // backend). Device marks are kept until the next take: take once per step or pass.
   void start_exposed_timing(Stream compute);
   void stop_exposed_timing();
   // The exposed seconds since timing started or the last take; waits for the timed device work.
@@ -215,7 +217,7 @@ class Communicator {
   Counters counters_;
   bool validate_ = false;
   // Exposed-time accounting.
-  bool timing_ = false;
+  std::atomic<bool> timing_ = false;  // read by helper threads' calls
   Stream compute_ = nullptr;
   std::thread::id timing_thread_;
   double exposed_s_ = 0;
@@ -223,7 +225,8 @@ class Communicator {
 };
 
 // Exposed-time accounting on some communicators for a scope (a benchmark's or a training loop's):
-// started on construction, stopped on destruction, also when an exception leaves the scope.
+// started on construction, stopped on destruction, also when an exception leaves the scope (then a
+// failure to read the device marks is logged, not thrown).
 class ExposedTimingScope {
  public:
   ExposedTimingScope(std::initializer_list<Communicator*> comms, Stream compute);
