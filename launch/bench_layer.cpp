@@ -226,20 +226,14 @@ void set_layer_columns(Report::Row& row, const Session& session, const LayerShap
       .set("head_dim", std::int64_t{s.head_dim})
       .set("dtype", std::string(dtype_name(s.dtype)))
       .set("causal", std::string(s.causal ? "yes" : "no"))
-      .set("device", std::string(session.device().kind == DeviceKind::kCuda ? "cuda" : "cpu"))
-      .set("fwd_ms_min", 1e3 * t.fwd_s.min)
-      .set("fwd_ms_median", 1e3 * t.fwd_s.median)
-      .set("fwd_ms_max", 1e3 * t.fwd_s.max)
-      .set("fwd_bwd_ms_min", 1e3 * t.fwd_bwd_s.min)
-      .set("fwd_bwd_ms_median", 1e3 * t.fwd_bwd_s.median)
-      .set("fwd_bwd_ms_max", 1e3 * t.fwd_bwd_s.max)
-      .set("exposed_fwd_ms_min", 1e3 * t.exposed_fwd_s.min)
-      .set("exposed_fwd_ms_median", 1e3 * t.exposed_fwd_s.median)
-      .set("exposed_fwd_ms_max", 1e3 * t.exposed_fwd_s.max)
-      .set("exposed_fwd_bwd_ms_min", 1e3 * t.exposed_fwd_bwd_s.min)
-      .set("exposed_fwd_bwd_ms_median", 1e3 * t.exposed_fwd_bwd_s.median)
-      .set("exposed_fwd_bwd_ms_max", 1e3 * t.exposed_fwd_bwd_s.max)
-      .set("attention_flops_fwd", plan.attention_flops_fwd)
+      .set("device", std::string(session.device().kind == DeviceKind::kCuda ? "cuda" : "cpu"));
+  for (const auto& [prefix, seconds] : {std::pair{"fwd_ms", t.fwd_s}, std::pair{"fwd_bwd_ms", t.fwd_bwd_s},
+                                        std::pair{"exposed_fwd_ms", t.exposed_fwd_s},
+                                        std::pair{"exposed_fwd_bwd_ms", t.exposed_fwd_bwd_s}})
+    row.set(fmt::format("{}_min", prefix), 1e3 * seconds.min)
+        .set(fmt::format("{}_median", prefix), 1e3 * seconds.median)
+        .set(fmt::format("{}_max", prefix), 1e3 * seconds.max);
+  row.set("attention_flops_fwd", plan.attention_flops_fwd)
       .set("tflops_fwd", plan.attention_flops_fwd / t.fwd_s.max / 1e12)
       .set("tflops_fwd_bwd", 3.5 * plan.attention_flops_fwd / t.fwd_bwd_s.max / 1e12)
       .set("bytes_sent_fwd", t.bytes_sent_fwd)
