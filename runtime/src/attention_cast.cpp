@@ -486,7 +486,7 @@ class SurrogateMode final : public DistributedAttention::Mode {
     const int d = shape.head_dim, cp = options.coarse_pages;
     const std::int64_t rows = std::int64_t{shape.batch} * g_.local_blocks, slots = base_.n_loc;
     float* send = gather_send_.as<float>();
-    const auto field = [&](int f, int g, std::int64_t row) { return send + ((f * shape.kv_heads + g) * rows + row) * d; };
+    const auto field = [&](int f, int g, std::int64_t row) { return send + ((g * kFields + f) * rows + row) * d; };
     std::vector<std::int32_t> totals(static_cast<std::size_t>(shape.kv_heads * rows), 0);
     for (int b = 0; b < shape.batch; ++b) {
       float* keys = cluster_keys_.as<float>() + unit(b, 0) * slots * d;
@@ -528,8 +528,10 @@ class SurrogateMode final : public DistributedAttention::Mode {
   // Step 3: every rank's coarse summaries and member counts (clusters may be partly filled); the
   // host keeps them with the selection queries for steps 4-6.
   void gather_coarse() {
-    all_gather_coarse(session.comm(), ctx, g_, kFields, gather_send_.as<float>(), gather_recv_.as<float>(),
-                      [this](int b, int g) { return coarse(b, g, 0); });
+    all_gather_coarse(session.comm(), ctx.stream, g_, kFields, 0, shape.kv_heads, gather_send_.as<float>(),
+                      gather_recv_.as<float>());
+    unpack_coarse(ctx, g_, kFields, 0, shape.kv_heads, gather_recv_.as<float>(),
+                  [this](int b, int g) { return coarse(b, g, 0); });
     const std::int64_t rows = std::int64_t{shape.batch} * g_.local_blocks, per_rank = shape.kv_heads * rows;
     session.comm().all_gather({count_send_.data(), static_cast<std::size_t>(per_rank), DType::kI32},
                               {count_recv_.data(), static_cast<std::size_t>(g_.p * per_rank), DType::kI32},

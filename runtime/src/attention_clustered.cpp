@@ -1,8 +1,9 @@
 // The `clustered` attention mode (DESIGN.md §4.1-4.2, docs/clustered-design.md), `clusters = blocks`
 // (surrogate clusters: attention_cast.cpp), contiguous placement. Forward, per layer: summarise the
-// local K/V, all-gather the coarse summaries, pick remote coarse blocks (top-R) per (batch element,
-// KV head), exchange the halo and the requests, then fetch each (element, KV head)'s blocks while the
-// previous one's summaries and selection compute; build one table per element and attend. The pools,
+// local K/V; all-gather each KV head's coarse summaries while the previous head picks remote coarse
+// blocks (top-R) for every batch element; exchange the halo and the requests, then fetch each
+// (element, KV head)'s blocks while the previous one's summaries and selection compute; build one
+// table per element and attend. The pools,
 // layouts and tables stay for the backward, which folds the page summaries' gradients into their
 // pages, returns halo and fetched pages' gradients to their owners and reduce-scatters the coarse
 // summaries' gradients. Summaries, selection and their pools are fp32 on both backends; on CUDA the
@@ -122,7 +123,10 @@ class ClusteredMode final : public DistributedAttention::Mode {
     gather_recv_ = allocate(g_.p * gather_send_.bytes());
     coarse_ = allocate(sh.batch * sh.kv_heads * kFields * base_.num_blocks() * d * sizeof(float));
     bounds_ = allocate(2 * base_.page_summary_pages() * g_.page_elems * sizeof(float));
-    resident_counts_ = allocate(base_.page_summary_pages() * o.page_size * sizeof(std::int32_t));
+    const kernels::SummaryShape arrived{1, (base_.resident_pages() - base_.local_pages()) * o.page_size, 1,
+                                        sh.head_dim, o.page_size, o.coarse_pages};
+    arrived_sums_ = allocate(kFields * arrived.page_rows() * sh.head_dim * sizeof(float));
+    arrived_counts_ = allocate(arrived.num_pages() * sizeof(std::int32_t));
     block_key_counts_.assign(static_cast<std::size_t>(base_.num_blocks()), static_cast<std::int32_t>(o.coarse_block()));
     // Gradients one (element, KV head) receives, twice: one unit lands while the next one travels.
     stage_ = allocate(2 * g_.unit_stage_elems(limit) * sizeof(float));
@@ -158,8 +162,8 @@ class ClusteredMode final : public DistributedAttention::Mode {
   void forward(const AttentionForwardArgs& a) override {
     const Fp32Inputs in = fp32_inputs(a);
     summarize_local(in.k, in.v);
-    gather_coarse();
-    for (int b = 0; b < shape.batch; ++b) plan_element(a, b);
+    select_remote(a);
+    for (int b = 0; b < shape.batch; ++b) lay_out_element(a, b);
     const ElementLayouts layouts = elements_layouts();
     ClusteredTransfer t(session.comm(), ctx, g_, storage_view(),
                         {requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t)}, {}, shape.dtype);
@@ -360,49 +364,69 @@ class ClusteredMode final : public DistributedAttention::Mode {
         ctx);
   }
 
-  // Step 2: every rank's coarse summaries. Sent as [kFields][kv_heads][B * local_blocks][d]; counts do
-  // not travel (every block is whole: block_keys() keys).
-  void gather_coarse() {
+  // Steps 2-3, pipelined over KV heads: head g + 1's coarse summaries are all-gathered (CommOverlap)
+  // while head g's rank-level top-R computes for every element (select_remote_blocks: a host result, it
+  // decides the messages). They travel as [kv_heads][kFields][B * local_blocks][d]; counts do not
+  // (every block is whole: block_keys() keys).
+  void select_remote(const AttentionForwardArgs& a) {
     const std::int64_t d = shape.head_dim, rows = std::int64_t{shape.batch} * g_.local_blocks;
     const std::int64_t br = summary_.block_rows();
     for (int f = 0; f < kFields; ++f)
-      strided_copy(ctx, field(block_sums_, br, f), field(gather_send_, rows, f),
-                   {{shape.kv_heads, br * d, rows * d}, {rows * d, 1, 1}});
-    all_gather_coarse(session.comm(), ctx, g_, kFields, gather_send_.as<float>(), gather_recv_.as<float>(),
-                      [this](int b, int g) { return coarse(b, g, 0); });
+      strided_copy(ctx, field(block_sums_, br, f), gather_send_.as<float>() + f * rows * d,
+                   {{shape.kv_heads, br * d, kFields * rows * d}, {rows * d, 1, 1}});
+    const auto gather = [this](int g) {
+      overlap_.start([this, g](Stream stream) {
+        all_gather_coarse(session.comm(), stream, g_, kFields, g, g + 1, gather_send_.as<float>(),
+                          gather_recv_.as<float>());
+      });
+    };
+    for (ElementPool& e : elements_) e.remote.assign(static_cast<std::size_t>(shape.kv_heads), {});
+    gather(0);
+    for (int g = 0; g < shape.kv_heads; ++g) {
+      overlap_.wait();
+      if (g + 1 < shape.kv_heads) gather(g + 1);
+      unpack_coarse(ctx, g_, kFields, g, g + 1, gather_recv_.as<float>(), [this](int b, int h) { return coarse(b, h, 0); });
+      for (int b = 0; b < shape.batch; ++b) {
+        const kernels::SummaryRows blocks{coarse(b, g, kMeanK), coarse(b, g, kMin), coarse(b, g, kMax)};
+        elements_[b].remote[g] = kernels::select_remote_blocks({&base_, sel_, queries(a, b, g), blocks}, ctx);
+      }
+    }
   }
 
-  // Step 4 (choice) and the pool's shape: top-R per KV head, fetch capacity = the most any head
-  // fetches, local pages packed, everything else zero until the transfers fill it.
-  void plan_element(const AttentionForwardArgs& a, int b) {
+  // Step 4's pool for element b: fetch capacity = the most any KV head fetches; the local pages packed
+  // from the caller's K/V into the storage pool, every other page zero until the transfers and the
+  // summaries fill it (the padding must be zeros, not NaN). On CUDA the fp32 pool gets the same zeros
+  // but not the local pages: the forward reads their summaries (summarize_local's), never them.
+  void lay_out_element(const AttentionForwardArgs& a, int b) {
     ElementPool& e = elements_[b];
-    e.remote.clear();
-    e.layouts.clear();
     std::int64_t capacity = 0;
-    for (int g = 0; g < shape.kv_heads; ++g) {
-      const kernels::SummaryRows rows{coarse(b, g, kMeanK), coarse(b, g, kMin), coarse(b, g, kMax)};
-      e.remote.push_back(kernels::select_remote_blocks({&base_, sel_, queries(a, b, g), rows}, ctx));
-      capacity = std::max<std::int64_t>(capacity, static_cast<std::int64_t>(e.remote.back().fetch.size()));
-    }
-    for (int g = 0; g < shape.kv_heads; ++g) {
+    for (const kernels::RemoteSelection& r : e.remote)
+      capacity = std::max<std::int64_t>(capacity, static_cast<std::int64_t>(r.fetch.size()));
+    e.layouts.clear();
+    for (const kernels::RemoteSelection& r : e.remote) {
       kernels::ClusteredLayout L = base_;
-      L.fetched = e.remote[g].fetch;
+      L.fetched = r.fetch;
       L.fetch_capacity = capacity;
       e.layouts.push_back(std::move(L));
     }
-    const kernels::ClusteredLayout& L0 = e.layouts.front();
-    e.shape = {1, shape.local_len(), shape.heads, shape.kv_heads, shape.head_dim, options.page_size, L0.num_pages()};
-    // The caller's K/V into the storage pool (the padding must be zeros, not NaN); on CUDA the local
-    // pages then into the fp32 pool (which held the fp32 inputs until now: summarize_local has read them).
+    e.shape = {1,           shape.local_len(),   shape.heads, shape.kv_heads, shape.head_dim, options.page_size,
+               e.layouts.front().num_pages()};
     const std::size_t elt = dtype_size(shape.dtype);
     const std::int64_t tokens = shape.local_len() * shape.kv_heads * shape.head_dim;
-    kernels::fill_zero(kv_pool(b, 0, 0), 2 * g_.pool_elems * elt, ctx);
+    zero_past_local(b, storage_view(), elt);
     for (int kv = 0; kv < 2; ++kv)
       pack_to_pool(static_cast<const char*>((kv ? a.v : a.k).data) + b * tokens * elt, shape.dtype, kv_pool(b, 0, kv),
                    1, shape.kv_heads, shape.head_dim, local_seg_, options.page_size, ctx, {e.shape.num_pages, 0});
-    if (shape.dtype == DType::kF32) return;
-    kernels::fill_zero(pool(pools_, b, 0, 0), 2 * g_.pool_elems * sizeof(float), ctx);
-    convert_pages(b, 0, shape.kv_heads, 0, L0.local_pages(), false);
+    if (shape.dtype != DType::kF32) zero_past_local(b, pool_view(pools_), sizeof(float));
+  }
+
+  // Every page of element b's pools in `view` (elements of `elt` bytes) but the local ones, zeroed.
+  void zero_past_local(int b, const PoolView& view, std::size_t elt) const {
+    const kernels::ClusteredLayout& L = elements_[b].layouts.front();  // every head's pool has its shape
+    const std::int64_t first = L.halo_first_page() * g_.page_elems;
+    const auto bytes = static_cast<std::size_t>((L.num_pages() - L.halo_first_page()) * g_.page_elems) * elt;
+    for (int g = 0; g < shape.kv_heads; ++g)
+      for (int kv = 0; kv < 2; ++kv) kernels::fill_zero(static_cast<char*>(view(b, g, kv)) + first * elt, bytes, ctx);
   }
 
   // The queries selection reads for element b, KV head g, in fp32: the caller's on the CPU backend;
@@ -425,8 +449,8 @@ class ClusteredMode final : public DistributedAttention::Mode {
   }
 
   // The keys and values in fp32: the caller's on the CPU backend, converted copies on CUDA. These live
-  // in the fp32 pool (at least as large), which plan_element() fills only after summarize_local() has
-  // read them.
+  // in the fp32 pool (at least as large), whose local pages the forward does not otherwise use and which
+  // lay_out_element() zeroes elsewhere only after summarize_local() has read them.
   Fp32Inputs fp32_inputs(const AttentionForwardArgs& a) const {
     if (shape.dtype == DType::kF32) return {a.k.as<const float>(), a.v.as<const float>()};
     const std::int64_t kv_elems = std::int64_t{shape.batch} * shape.local_len() * shape.kv_heads * shape.head_dim;
@@ -446,19 +470,10 @@ class ClusteredMode final : public DistributedAttention::Mode {
     const std::int64_t d = shape.head_dim, pages = e.shape.num_pages;
     float* k = pool(pools_, b, g, 0);
     float* v = pool(pools_, b, g, 1);
-    // The pages that arrived (halo, fetched) into the fp32 pool; then the page summaries of every
-    // resident page, from the pool itself, written where the pool keeps them.
-    convert_pages(b, g, 1, L.halo_first_page(), L.resident_pages() - L.halo_first_page(), false);
     const std::int64_t summary_rows = L.page_summary_pages() * ps;
     float* k_min = bounds_.as<float>();
     float* k_max = k_min + summary_rows * d;
-    kernels::page_summaries({resident_shape(L),
-                             k,
-                             v,
-                             {k + L.page_summary_first_page() * g_.page_elems,
-                              v + L.page_summary_first_page() * g_.page_elems, k_min, k_max,
-                              resident_counts_.as<std::int32_t>()}},
-                            ctx);
+    resident_summaries(b, g, k_min);
     for (int kv = 0; kv < 2; ++kv)
       strided_copy(ctx, coarse(b, g, kv ? kMeanV : kMeanK),
                    (kv ? v : k) + L.coarse_summary_first_page() * g_.page_elems, {{L.num_blocks() * d, 1, 1}});
@@ -477,6 +492,43 @@ class ClusteredMode final : public DistributedAttention::Mode {
     sp.usable_offsets = e.remote[g].usable_offsets;
     sp.usable = e.remote[g].usable;
     e.tables->select(g, sp);
+  }
+
+  // The page summaries of element b, KV head g's resident pages: the mean keys and values where the
+  // pool keeps them, the key minima and maxima at k_min (maxima after them, one row per summary row of
+  // the pool; rows past the resident pages zero). The local pages' come from summarize_local(); the
+  // arrived ones (halo, fetched) are computed from the pool, into which they are converted first (CUDA).
+  void resident_summaries(int b, int g, float* k_min) {
+    const kernels::ClusteredLayout& L = elements_[b].layouts[g];
+    const std::int64_t d = shape.head_dim, ps = options.page_size;
+    const std::int64_t rows = L.page_summary_pages() * ps;
+    float* k = pool(pools_, b, g, 0);
+    float* means = k + L.page_summary_first_page() * g_.page_elems;  // the values' at + pool_elems
+    // Pages [first, first + pages) from summaries at src, one field every field_stride floats.
+    const auto place = [&](const float* src, std::int64_t field_stride, std::int64_t first, std::int64_t pages) {
+      strided_copy(ctx, src + kMeanK * field_stride, means + first * d, {{2, field_stride, g_.pool_elems}, {pages * d, 1, 1}});
+      strided_copy(ctx, src + kMin * field_stride, k_min + first * d, {{2, field_stride, rows * d}, {pages * d, 1, 1}});
+    };
+    const std::int64_t pr = summary_.page_rows();
+    place(field(page_sums_, pr, kMeanK) + (g * pr + b * summary_.num_pages()) * d, shape.kv_heads * pr * d, 0,
+          L.local_pages());
+    const std::int64_t arrived = L.resident_pages() - L.halo_first_page();
+    if (arrived > 0) {
+      convert_pages(b, g, 1, L.halo_first_page(), arrived, false);
+      const kernels::SummaryShape s{1, arrived * ps, 1, shape.head_dim, options.page_size, options.coarse_pages};
+      const std::int64_t ar = s.page_rows();
+      const std::int64_t at = L.halo_first_page() * g_.page_elems;
+      float* sums = arrived_sums_.as<float>();
+      kernels::page_summaries({s,
+                               k + at,
+                               pool(pools_, b, g, 1) + at,
+                               {sums + kMeanK * ar * d, sums + kMeanV * ar * d, sums + kMin * ar * d,
+                                sums + kMax * ar * d, arrived_counts_.as<std::int32_t>()}},
+                              ctx);
+      place(sums, ar * d, L.halo_first_page(), arrived);
+    }
+    const auto padding = static_cast<std::size_t>((rows - L.resident_pages()) * d) * sizeof(float);
+    for (float* bound : {k_min, k_min + rows * d}) kernels::fill_zero(bound + L.resident_pages() * d, padding, ctx);
   }
 
   // Step 6 for element b: the table over every head's selection, then the attention.
@@ -601,7 +653,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
   std::vector<ServedRequests> served_;  // per ring step: the blocks the rank r - s fetched from this rank
   CommOverlap overlap_;
   DeviceBuffer pools_, own_d_pools_, key_bias_, page_sums_, page_counts_, block_sums_, block_counts_, gather_send_,
-      gather_recv_, coarse_, bounds_, resident_counts_, stage_, d_q_, d_block_sums_, d_page_sums_, scatter_send_,
+      gather_recv_, coarse_, bounds_, arrived_sums_, arrived_counts_, stage_, d_q_, d_block_sums_, d_page_sums_, scatter_send_,
       scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_;
   // CUDA only: the storage pools (kv_pool), one KV head group's fp32 queries (in d_q_) and the key
   // bias built on the host.

@@ -136,15 +136,21 @@ class ClusteredTransfer {
   DType dtype_;
 };
 
-// Ring all-gather of the coarse summaries (DESIGN.md §4.1 step 3): send holds this rank's
-// [fields][kv_heads][batch * local_blocks][head_dim] f32, recv p times that; afterwards dst(b, g)
-// holds [fields][num_blocks][head_dim] of the whole sequence, blocks in global order.
 // What both cluster kinds need of the options: contiguous placement, pages of at most 64 keys.
 // Throws Error otherwise.
 void check_clustered_support(const LayerShape& sh, const AttentionOptions& o);
 
-void all_gather_coarse(comm::Communicator& comm, const kernels::ExecContext& ctx, const ClusterGeometry& geo,
-                       int fields, const float* send, float* recv, const std::function<float*(int b, int g)>& dst);
+// Ring all-gather of the coarse summaries (DESIGN.md §4.1 step 3), in two steps so that one KV head
+// group's collective can run beside another's selection. send holds this rank's
+// [kv_heads][fields][batch * local_blocks][head_dim] f32, recv p times that. all_gather_coarse moves
+// KV heads [g0, g1) (communication, on `stream`): recv + g0 * p * per_head receives
+// [p][g1 - g0][fields][batch * local_blocks][head_dim]. unpack_coarse then writes, for g in [g0, g1),
+// dst(b, g) = [fields][num_blocks][head_dim] of the whole sequence, blocks in global order (compute,
+// on ctx's stream).
+void all_gather_coarse(comm::Communicator& comm, Stream stream, const ClusterGeometry& geo, int fields, int g0, int g1,
+                       const float* send, float* recv);
+void unpack_coarse(const kernels::ExecContext& ctx, const ClusterGeometry& geo, int fields, int g0, int g1,
+                   const float* recv, const std::function<float*(int b, int g)>& dst);
 // The reverse for gradients (§4.2), in two steps so that the communication can run beside other work:
 // pack src(b, g, kv) [num_blocks][head_dim] (kv 0: mean key, 1: mean value) into send, p parts of
 // [2][kv_heads][batch * local_blocks][head_dim] (compute, on ctx's stream); then sum the parts over the

@@ -28,16 +28,23 @@ void strided_copy(const kernels::ExecContext& ctx, const float* src, float* dst,
   kernels::copy_strided(c, ctx);
 }
 
-void all_gather_coarse(comm::Communicator& comm, const kernels::ExecContext& ctx, const ClusterGeometry& geo,
-                       int fields, const float* send, float* recv, const std::function<float*(int b, int g)>& dst) {
+void all_gather_coarse(comm::Communicator& comm, Stream stream, const ClusterGeometry& geo, int fields, int g0, int g1,
+                       const float* send, float* recv) {
+  const std::int64_t per_head = fields * geo.batch * geo.local_blocks * geo.head_dim;
+  const auto count = static_cast<std::size_t>((g1 - g0) * per_head);
+  comm.all_gather({send + g0 * per_head, count, DType::kF32}, {recv + g0 * geo.p * per_head, geo.p * count, DType::kF32},
+                  stream);
+}
+
+void unpack_coarse(const kernels::ExecContext& ctx, const ClusterGeometry& geo, int fields, int g0, int g1,
+                   const float* recv, const std::function<float*(int b, int g)>& dst) {
   const std::int64_t d = geo.head_dim, lb = geo.local_blocks, rows = geo.batch * lb;
-  const std::int64_t per_rank = fields * geo.kv_heads * rows * d;
-  comm.all_gather({send, static_cast<std::size_t>(per_rank), DType::kF32},
-                  {recv, static_cast<std::size_t>(geo.p * per_rank), DType::kF32}, ctx.stream);
+  const std::int64_t per_head = fields * rows * d, per_rank = (g1 - g0) * per_head;
+  const float* group = recv + g0 * geo.p * per_head;
   for (int b = 0; b < geo.batch; ++b)
-    for (int g = 0; g < geo.kv_heads; ++g)
-      strided_copy(ctx, recv + (g * rows + b * lb) * d, dst(b, g),
-                   {{fields, geo.kv_heads * rows * d, geo.p * lb * d}, {geo.p, per_rank, lb * d}, {lb * d, 1, 1}});
+    for (int g = g0; g < g1; ++g)
+      strided_copy(ctx, group + (g - g0) * per_head + b * lb * d, dst(b, g),
+                   {{fields, rows * d, geo.p * lb * d}, {geo.p, per_rank, lb * d}, {lb * d, 1, 1}});
 }
 
 void pack_coarse_gradients(const kernels::ExecContext& ctx, const ClusterGeometry& geo,

@@ -310,7 +310,9 @@ std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o
   bytes += (1 + p) * kFields * hk * loc_rows * d * kF32;                    // gather send, recv
   bytes += b * hk * kFields * base.num_blocks() * d * kF32;                 // coarse
   bytes += 2 * base.page_summary_pages() * page_elems * kF32;               // bounds
-  bytes += base.page_summary_pages() * ps * kI32;                           // resident_counts
+  const kernels::SummaryShape arrived{1, (base.resident_pages() - base.local_pages()) * ps, 1, sh.head_dim, o.page_size,
+                                      o.coarse_pages};
+  bytes += kFields * arrived.page_rows() * d * kF32 + arrived.num_pages() * kI32;  // arrived sums, counts
   // Two stage slots (double-buffered over units), each the gradients one (element, KV head) gets
   // back: the halo's two blocks and at most min(limit, local blocks) from every peer.
   const std::int64_t stage_blocks = p > 1 ? 2 + (p - 1) * std::min(limit, base.local_blocks()) : 0;
