@@ -17,12 +17,14 @@
 // kernels (fp32; bf16 / fp16 inputs converted once per call); the attention reads storage-dtype
 // copies. The host holds the cluster metadata: members and counts (downloaded after the assignment),
 // the rows' order and the tables built from them. Joint forward, host waits per layer: the members;
-// the coarse summaries, block counts and selection queries; the fetch's request exchange; the pool
-// counts, cluster summaries and bounds the selection reads (uploads follow on an idle stream). Cast
-// forward: the members. Backward: none but the fetch's and the collectives'.
+// the coarse summaries, block counts and selection queries; the fetch's request exchange; per
+// (element, KV head) the pool counts, cluster summaries and bounds its selection reads, while the next
+// unit's blocks travel (CommOverlap; uploads follow on an idle stream). Cast forward: the members.
+// Backward: none but the collectives' and the gradient returns' (pipelined over units like the fetch).
 #include "attention_cast.hpp"
 #include "attention_internal.hpp"
 #include "clustered_internal.hpp"
+#include "overlap.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/cast.hpp>
@@ -73,7 +75,8 @@ void upload(DeviceBuffer& dst, const std::vector<T>& src, const kernels::ExecCon
 class SurrogateMode final : public DistributedAttention::Mode {
  public:
   SurrogateMode(const Session& s, const LayerShape& sh, const AttentionOptions& o)
-      : Mode(s, sh, o), c_(o.resolved_surrogate_clusters(sh)), joint_(o.combine == ClusterCombine::kJoint) {
+      : Mode(s, sh, o), c_(o.resolved_surrogate_clusters(sh)), joint_(o.combine == ClusterCombine::kJoint),
+        overlap_(s) {
     check_clustered_support(sh, o);
     const std::int64_t d = sh.head_dim, n = sh.local_len(), ps = o.page_size;
     cast_ = {sh.batch, n, sh.heads, sh.kv_heads, sh.head_dim, c_, o.page_size};
@@ -278,6 +281,8 @@ class SurrogateMode final : public DistributedAttention::Mode {
     page_counts_ = allocate(units * max_resident_ * sizeof(std::int32_t));
     page_counts_host_.resize(static_cast<std::size_t>(units * max_resident_));
     bounds_ = allocate(units * 2 * max_resident_ * d * sizeof(float));
+    bounds_host_.resize(bounds_.bytes() / sizeof(float));
+    page_sums_host_.resize(static_cast<std::size_t>(units * max_resident_ * d));
     cluster_keys_ = allocate(sh.batch * sh.kv_heads * base_.n_loc * d * sizeof(float));
     const std::int64_t rows = sh.batch * g_.local_blocks;
     gather_send_ = allocate(kFields * sh.kv_heads * rows * d * sizeof(float));
@@ -288,8 +293,9 @@ class SurrogateMode final : public DistributedAttention::Mode {
     block_counts_host_.resize(static_cast<std::size_t>(units * num_blocks_));
     scatter_recv_ = allocate(2 * sh.kv_heads * rows * d * sizeof(float));
     scatter_send_ = allocate(g_.p * scatter_recv_.bytes());
-    // A requester fetches at most min(R, local_blocks) of this rank's blocks per (element, KV head).
-    stage_ = allocate(g_.unit_stage_elems(o.remote_blocks) * sizeof(float));
+    // A requester fetches at most min(R, local_blocks) of this rank's blocks per (element, KV head);
+    // twice: one unit's gradients land while the next unit's travel.
+    stage_ = allocate(2 * g_.unit_stage_elems(o.remote_blocks) * sizeof(float));
     requests_ = allocate(request_scratch_ints(g_, o.remote_blocks) * sizeof(std::int32_t));
     order_ = allocate(units * n * sizeof(std::int32_t));
     inverse_ = allocate(order_.bytes());
@@ -443,12 +449,16 @@ class SurrogateMode final : public DistributedAttention::Mode {
     summarize_blocks(in);
     gather_coarse();
     for (int b = 0; b < shape.batch; ++b) plan_element(in, b);
-    ClusteredTransfer t(session.comm(), ctx, g_, pool_view(pools_),
-                        {requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t)},
-                        [this](int b, int g) { return page_counts(b, g); });
-    t.fetch_blocks(elements_layouts(), served_);
-    complete_pools();
-    for (int b = 0; b < shape.batch; ++b) select_and_build(b);
+    const ElementLayouts layouts = elements_layouts();
+    fetcher(ctx).exchange_requests(layouts, served_);
+    // Pipelined over (element, KV head) units: one unit's blocks travel while the previous unit's pool
+    // is completed and its clusters are selected on the host.
+    fetch_overlapped(overlap_, [this](const kernels::ExecContext& c) { return fetcher(c); }, ctx, layouts, served_,
+                     [this](int b, int g) {
+                       complete_pool(b, g);
+                       select_clusters(b, g);
+                       if (g + 1 == shape.kv_heads) build_table(b);
+                     });
     upload(key_bias_, key_bias_host_, ctx);
     for (int b = 0; b < shape.batch; ++b) attend(a, b);
   }
@@ -567,6 +577,7 @@ class SurrogateMode final : public DistributedAttention::Mode {
   void plan_element(const Fp32Inputs& in, int b) {
     Element& e = elements_[b];
     e.layouts.clear();
+    e.selections.clear();
     std::vector<std::vector<std::int64_t>> fetch;
     std::int64_t capacity = 0;
     for (int g = 0; g < shape.kv_heads; ++g) {
@@ -592,33 +603,35 @@ class SurrogateMode final : public DistributedAttention::Mode {
     }
   }
 
-  // After the fetch: the fetched clusters' bounds and the coarse summaries in every pool; then the
-  // host reads what selection needs: pool counts, cluster summaries (keys) and bounds.
-  void complete_pools() {
+  // The forward's transfers on ctx (which must outlive it): blocks travel with their clusters'
+  // summaries and counts.
+  ClusteredTransfer fetcher(const kernels::ExecContext& c) const {
+    return ClusteredTransfer(session.comm(), c, g_, pool_view(pools_),
+                             {requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t)},
+                             [this](int b, int g) { return page_counts(b, g); });
+  }
+
+  // After unit (b, g)'s fetch: its fetched clusters' bounds and the coarse summaries in its pool; then
+  // the host reads what its selection needs: pool counts, cluster summaries (keys) and bounds.
+  void complete_pool(int b, int g) {
     const int ps = options.page_size, d = shape.head_dim;
-    for (int b = 0; b < shape.batch; ++b)
-      for (int g = 0; g < shape.kv_heads; ++g) {
-        const kernels::ClusteredLayout& L = elements_[b].layouts[static_cast<std::size_t>(g)];
-        float* k = pool(pools_, b, g, 0);
-        float* v = pool(pools_, b, g, 1);
-        const std::int64_t first = L.fetched_first_page();
-        kernels::page_key_bounds({L.fetched_pages(), ps, d, k + first * g_.page_elems, page_counts(b, g) + first,
-                                  bounds(b, g, 0) + first * d, bounds(b, g, 1) + first * d},
-                                 ctx);
-        const std::int64_t coarse_keys = L.coarse_summary_first_page() * g_.page_elems;
-        strided_copy(ctx, coarse(b, g, kMeanK), k + coarse_keys, {{num_blocks_ * d, 1, 1}});
-        strided_copy(ctx, coarse(b, g, kMeanV), v + coarse_keys, {{num_blocks_ * d, 1, 1}});
-      }
-    download(page_counts_host_, page_counts_, ctx);
-    download(bounds_host_, bounds_, ctx);
-    page_sums_host_.resize(static_cast<std::size_t>(shape.batch * shape.kv_heads * max_resident_ * d));
-    for (int b = 0; b < shape.batch; ++b)
-      for (int g = 0; g < shape.kv_heads; ++g) {
-        const kernels::ClusteredLayout& L = elements_[b].layouts[static_cast<std::size_t>(g)];
-        copy_to_host(page_sums_host_.data() + unit(b, g) * max_resident_ * d,
-                     pool(pools_, b, g, 0) + L.page_summary_first_page() * g_.page_elems,
-                     L.resident_pages() * d * sizeof(float), session.device(), ctx.stream);
-      }
+    const kernels::ClusteredLayout& L = elements_[b].layouts[static_cast<std::size_t>(g)];
+    float* k = pool(pools_, b, g, 0);
+    float* v = pool(pools_, b, g, 1);
+    const std::int64_t first = L.fetched_first_page();
+    kernels::page_key_bounds({L.fetched_pages(), ps, d, k + first * g_.page_elems, page_counts(b, g) + first,
+                              bounds(b, g, 0) + first * d, bounds(b, g, 1) + first * d},
+                             ctx);
+    const std::int64_t coarse_keys = L.coarse_summary_first_page() * g_.page_elems;
+    strided_copy(ctx, coarse(b, g, kMeanK), k + coarse_keys, {{num_blocks_ * d, 1, 1}});
+    strided_copy(ctx, coarse(b, g, kMeanV), v + coarse_keys, {{num_blocks_ * d, 1, 1}});
+    const std::int64_t u = unit(b, g);
+    copy_to_host(page_counts_host_.data() + u * max_resident_, page_counts(b, g), max_resident_ * sizeof(std::int32_t),
+                 session.device(), ctx.stream);
+    copy_to_host(bounds_host_.data() + u * 2 * max_resident_ * d, bounds(b, g, 0),
+                 2 * max_resident_ * d * sizeof(float), session.device(), ctx.stream);
+    copy_to_host(page_sums_host_.data() + u * max_resident_ * d, k + L.page_summary_first_page() * g_.page_elems,
+                 L.resident_pages() * d * sizeof(float), session.device(), ctx.stream);
   }
 
   std::vector<SurrogateHead> surrogate_heads(int b) const {
@@ -631,20 +644,22 @@ class SurrogateMode final : public DistributedAttention::Mode {
     return heads;
   }
 
-  // Steps 5-6 for element b on the host: cluster selection, the table (uploaded) and the key bias.
-  void select_and_build(int b) {
+  // Step 5 for unit (b, g) on the host: its key bias and its cluster selection (KV heads in order).
+  void select_clusters(int b, int g) {
     Element& e = elements_[b];
-    e.selections.clear();
     const int ps = options.page_size, d = shape.head_dim;
-    for (int g = 0; g < shape.kv_heads; ++g) {
-      const kernels::ClusteredLayout& L = e.layouts[static_cast<std::size_t>(g)];
-      kernels::fill_summary_key_bias(L, host_page_counts(b, g), host_block_counts(b, g),
-                                     {key_bias_host_.data() + key_bias_offset(b) + g * e.shape.num_pages * ps,
-                                      static_cast<std::size_t>(e.shape.num_pages * ps)});
-      SurrogateSelectionParams p = selection_params(b, g, L);
-      p.pages = {page_sums_host_.data() + unit(b, g) * max_resident_ * d, host_bounds(b, g, 0), host_bounds(b, g, 1)};
-      e.selections.push_back(select_surrogate_clusters(p));
-    }
+    const kernels::ClusteredLayout& L = e.layouts[static_cast<std::size_t>(g)];
+    kernels::fill_summary_key_bias(L, host_page_counts(b, g), host_block_counts(b, g),
+                                   {key_bias_host_.data() + key_bias_offset(b) + g * e.shape.num_pages * ps,
+                                    static_cast<std::size_t>(e.shape.num_pages * ps)});
+    SurrogateSelectionParams p = selection_params(b, g, L);
+    p.pages = {page_sums_host_.data() + unit(b, g) * max_resident_ * d, host_bounds(b, g, 0), host_bounds(b, g, 1)};
+    e.selections.push_back(select_surrogate_clusters(p));
+  }
+
+  // Step 6 for element b: the table over every KV head's selection, uploaded.
+  void build_table(int b) {
+    Element& e = elements_[b];
     e.table = build_surrogate_table(surrogate_heads(b), sel_.unit);
     e.tables.emplace(e.table, e.shape, session.device(), ctx.stream);
   }
@@ -707,8 +722,24 @@ class SurrogateMode final : public DistributedAttention::Mode {
       kernels::attention_backward(p, ctx);
       permute(inverse_, b, d_q_rows_.data(), d_q_.as<float>() + b * q_elems_per_element(), DType::kF32);
     }
-    ClusteredTransfer t(session.comm(), ctx, g_, pool_view(d_pools_));
-    t.return_all_gradients(elements_layouts(), served_, {stage_.as<float>(), stage_.bytes() / sizeof(float)});
+    // The coarse summaries' gradients are complete now: packed here, summed over the ranks in the first
+    // overlapped step. Pipelined over (element, KV head) units: unit u's fetched clusters' gradients
+    // travel home (and the peers' for this rank's clusters land in a stage slot) while the previous
+    // unit's landed gradients are added.
+    pack_coarse_gradients(
+        ctx, g_,
+        [this](int b, int g, int kv) {
+          return pool(d_pools_, b, g, kv) +
+                 elements_[b].layouts[static_cast<std::size_t>(g)].coarse_summary_first_page() * g_.page_elems;
+        },
+        scatter_send_.as<float>());
+    return_overlapped(
+        overlap_, [this](const kernels::ExecContext& c) { return ClusteredTransfer(session.comm(), c, g_, pool_view(d_pools_)); },
+        ctx, elements_layouts(), served_, {stage_.as<float>(), stage_.bytes() / sizeof(float)},
+        [this](Stream stream) {
+          reduce_scatter_coarse(session.comm(), stream, g_, scatter_send_.as<float>(), scatter_recv_.as<float>());
+        },
+        [](int, int) {});
     coarse_to_clusters();
     // The local clusters' summary gradients, complete now, in the summaries' own layout.
     for (int b = 0; b < shape.batch; ++b) {
@@ -732,17 +763,9 @@ class SurrogateMode final : public DistributedAttention::Mode {
     }
   }
 
-  // The coarse summaries' gradients, summed over the ranks into each block's owner, then to the
-  // block's clusters: d R_cl += count_cl / count_block * d R_block (the count-weighted mean).
+  // The coarse summaries' gradients, summed over the ranks into each block's owner (scatter_recv_),
+  // to the block's clusters: d R_cl += count_cl / count_block * d R_block (the count-weighted mean).
   void coarse_to_clusters() {
-    pack_coarse_gradients(
-        ctx, g_,
-        [this](int b, int g, int kv) {
-          return pool(d_pools_, b, g, kv) +
-                 elements_[b].layouts[static_cast<std::size_t>(g)].coarse_summary_first_page() * g_.page_elems;
-        },
-        scatter_send_.as<float>());
-    reduce_scatter_coarse(session.comm(), ctx.stream, g_, scatter_send_.as<float>(), scatter_recv_.as<float>());
     const int d = shape.head_dim;
     const std::int64_t rows = std::int64_t{shape.batch} * g_.local_blocks;
     const float* recv = scatter_recv_.as<const float>();
@@ -1014,6 +1037,7 @@ class SurrogateMode final : public DistributedAttention::Mode {
   std::int64_t num_blocks_ = 0, max_resident_ = 0;
   std::vector<Element> elements_;
   std::vector<ServedRequests> served_;
+  CommOverlap overlap_;    // the forward's fetches and the backward's returns, beside compute
   DeviceBuffer requests_;  // request lists in flight (ClusteredTransfer)
   DeviceBuffer pools_, d_pools_, attn_pools_, key_bias_, page_counts_, bounds_, cluster_keys_, gather_send_,
       gather_recv_, count_send_, count_recv_, coarse_, scatter_send_, scatter_recv_, stage_, order_, inverse_,

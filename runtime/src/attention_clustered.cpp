@@ -169,22 +169,12 @@ class ClusteredMode final : public DistributedAttention::Mode {
                         {requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t)}, {}, shape.dtype);
     t.exchange_halo(layouts);
     t.exchange_requests(layouts, served_);
-    // Pipelined over (element, KV head) units: one unit's fetched blocks travel (CommOverlap: its own
-    // stream, or a helper thread on the CPU) while the previous unit's summaries and selection compute.
-    const int units = shape.batch * shape.kv_heads;
-    const auto fetch = [&](int u) {
-      overlap_.start([this, &layouts, u](Stream stream) {
-        const kernels::ExecContext comm_ctx{ctx.device, stream};
-        ClusteredTransfer(session.comm(), comm_ctx, g_, storage_view(), {}, {}, shape.dtype)
-            .transfer_blocks(layouts, served_, u / shape.kv_heads, u % shape.kv_heads);
-      });
+    // Pipelined over (element, KV head) units: one unit's fetched blocks travel while the previous
+    // unit's summaries and selection compute.
+    const TransferOn transfer = [this](const kernels::ExecContext& c) {
+      return ClusteredTransfer(session.comm(), c, g_, storage_view(), {}, {}, shape.dtype);
     };
-    fetch(0);
-    for (int u = 0; u < units; ++u) {
-      overlap_.wait();
-      if (u + 1 < units) fetch(u + 1);
-      select_head(a, u / shape.kv_heads, u % shape.kv_heads);
-    }
+    fetch_overlapped(overlap_, transfer, ctx, layouts, served_, [&](int b, int g) { select_head(a, b, g); });
     for (int b = 0; b < shape.batch; ++b) attend(a, b);
   }
 
@@ -198,28 +188,15 @@ class ClusteredMode final : public DistributedAttention::Mode {
     // Pipelined over (element, KV head) units: unit u's halo and fetched gradients travel home (and
     // the peers' for this rank's blocks land in a stage slot) while the next unit's page-summary
     // gradients fold into its pages and the previous unit's landed gradients are added.
-    const ElementLayouts layouts = elements_layouts();
-    const int units = shape.batch * shape.kv_heads;
-    const std::size_t slot = stage_.bytes() / sizeof(float) / 2;
-    const auto stage = [&](int u) { return std::span<float>(stage_.as<float>() + (u % 2) * slot, slot); };
-    std::vector<ClusteredTransfer::Landing> landed[2];
-    const auto send_back = [&](int u) {
-      overlap_.start([this, &layouts, &landed, &stage, u](Stream stream) {
-        if (u == 0) reduce_scatter_coarse(session.comm(), stream, g_, scatter_send_.as<float>(), scatter_recv_.as<float>());
-        const kernels::ExecContext comm_ctx{ctx.device, stream};
-        landed[u % 2] = ClusteredTransfer(session.comm(), comm_ctx, g_, pool_view(d_pools()))
-                            .return_gradients(layouts, served_, u / shape.kv_heads, u % shape.kv_heads, stage(u));
-      });
+    const TransferOn transfer = [this](const kernels::ExecContext& c) {
+      return ClusteredTransfer(session.comm(), c, g_, pool_view(d_pools()));
     };
-    const ClusteredTransfer local(session.comm(), ctx, g_, pool_view(d_pools()));
-    fold_summaries(0, 0);
-    send_back(0);
-    for (int u = 0; u < units; ++u) {
-      if (u + 1 < units) fold_summaries((u + 1) / shape.kv_heads, (u + 1) % shape.kv_heads);
-      overlap_.wait();
-      if (u + 1 < units) send_back(u + 1);
-      local.add_landed(landed[u % 2], stage(u));
-    }
+    return_overlapped(
+        overlap_, transfer, ctx, elements_layouts(), served_, {stage_.as<float>(), stage_.bytes() / sizeof(float)},
+        [this](Stream stream) {
+          reduce_scatter_coarse(session.comm(), stream, g_, scatter_send_.as<float>(), scatter_recv_.as<float>());
+        },
+        [this](int b, int g) { fold_summaries(b, g); });
     coarse_backward();
     // The local pages now hold the complete dK, dV: written out in the caller's dtype.
     const std::size_t tokens = std::size_t(shape.local_len()) * shape.kv_heads * shape.head_dim * dtype_size(shape.dtype);

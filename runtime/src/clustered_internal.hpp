@@ -11,6 +11,7 @@
 #pragma once
 
 #include "attention_internal.hpp"
+#include "overlap.hpp"
 
 #include <ringcast/comm/communicator.hpp>
 #include <ringcast/kernels/selection.hpp>
@@ -91,8 +92,6 @@ class ClusteredTransfer {
   // answers to what the peers asked for (b, g), in one grouped exchange. Units are independent, so a
   // caller may move one while it computes on another.
   void transfer_blocks(const ElementLayouts& layouts, const std::vector<ServedRequests>& served, int b, int g);
-  // exchange_requests, then transfer_blocks for every (element, KV head).
-  void fetch_blocks(const ElementLayouts& layouts, std::vector<ServedRequests>& served);
   // A received block's gradient: stage slot -> element, head, first local pool page.
   struct Landing {
     int b, g;
@@ -106,9 +105,6 @@ class ClusteredTransfer {
   std::vector<Landing> return_gradients(const ElementLayouts& layouts, const std::vector<ServedRequests>& served,
                                         int b, int g, std::span<float> stage);
   void add_landed(const std::vector<Landing>& landings, std::span<const float> stage) const;
-  // return_gradients then add_landed for every (element, KV head) in turn.
-  void return_all_gradients(const ElementLayouts& layouts, const std::vector<ServedRequests>& served,
-                            std::span<float> stage);
 
  private:
   // The block at pool page `page` of (b, g): its K, V pages and, with block_summaries, its page
@@ -135,6 +131,26 @@ class ClusteredTransfer {
   CountView counts_;
   DType dtype_;
 };
+
+// How a mode builds its ClusteredTransfer (over the pools and counts it moves) on a context that
+// outlives the transfer.
+using TransferOn = std::function<ClusteredTransfer(const kernels::ExecContext&)>;
+
+// Forward, after exchange_requests, pipelined over (element, KV head) units through `overlap`: unit
+// u + 1's blocks travel (transfer_blocks on the comm stream, or a helper thread on the CPU) while
+// compute(b, g) runs for unit u, once u's blocks have landed. The first unit's transfer is exposed.
+void fetch_overlapped(CommOverlap& overlap, const TransferOn& transfer, const kernels::ExecContext& ctx,
+                      const ElementLayouts& layouts, const std::vector<ServedRequests>& served,
+                      const std::function<void(int b, int g)>& compute);
+// Backward, after the attention backward, pipelined likewise: unit u's gradients travel home
+// (return_gradients; first(stream) joins the first step, e.g. the coarse summaries' reduce-scatter)
+// while prepare(b, g) runs for unit u + 1 (before its step starts) and the peers' gradients that
+// landed for unit u - 1 are added on ctx. stage: two slots of unit_stage_elems() (one lands while the
+// next travels).
+void return_overlapped(CommOverlap& overlap, const TransferOn& transfer, const kernels::ExecContext& ctx,
+                       const ElementLayouts& layouts, const std::vector<ServedRequests>& served,
+                       std::span<float> stage, const std::function<void(Stream)>& first,
+                       const std::function<void(int b, int g)>& prepare);
 
 // What both cluster kinds need of the options: contiguous placement, pages of at most 64 keys.
 // Throws Error otherwise.

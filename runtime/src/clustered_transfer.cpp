@@ -204,12 +204,6 @@ void ClusteredTransfer::transfer_blocks(const ElementLayouts& layouts, const std
   comm_.exchange(sends, recvs, ctx_.stream);
 }
 
-void ClusteredTransfer::fetch_blocks(const ElementLayouts& layouts, std::vector<ServedRequests>& served) {
-  exchange_requests(layouts, served);
-  for (int b = 0; b < g_.batch; ++b)
-    for (int g = 0; g < g_.kv_heads; ++g) transfer_blocks(layouts, served, b, g);
-}
-
 std::vector<ClusteredTransfer::Landing> ClusteredTransfer::return_gradients(const ElementLayouts& layouts,
                                                                            const std::vector<ServedRequests>& served,
                                                                            int b, int g, std::span<float> stage) {
@@ -237,10 +231,50 @@ std::vector<ClusteredTransfer::Landing> ClusteredTransfer::return_gradients(cons
   return landings;
 }
 
-void ClusteredTransfer::return_all_gradients(const ElementLayouts& layouts, const std::vector<ServedRequests>& served,
-                                             std::span<float> stage) {
-  for (int b = 0; b < g_.batch; ++b)
-    for (int g = 0; g < g_.kv_heads; ++g) add_landed(return_gradients(layouts, served, b, g, stage), stage);
+void fetch_overlapped(CommOverlap& overlap, const TransferOn& transfer, const kernels::ExecContext& ctx,
+                      const ElementLayouts& layouts, const std::vector<ServedRequests>& served,
+                      const std::function<void(int b, int g)>& compute) {
+  const int heads = static_cast<int>(layouts.front().size());
+  const int units = static_cast<int>(layouts.size()) * heads;
+  const auto fetch = [&](int u) {
+    overlap.start([&transfer, &ctx, &layouts, &served, heads, u](Stream stream) {
+      const kernels::ExecContext comm_ctx{ctx.device, stream};
+      transfer(comm_ctx).transfer_blocks(layouts, served, u / heads, u % heads);
+    });
+  };
+  fetch(0);
+  for (int u = 0; u < units; ++u) {
+    overlap.wait();
+    if (u + 1 < units) fetch(u + 1);
+    compute(u / heads, u % heads);
+  }
+}
+
+void return_overlapped(CommOverlap& overlap, const TransferOn& transfer, const kernels::ExecContext& ctx,
+                       const ElementLayouts& layouts, const std::vector<ServedRequests>& served,
+                       std::span<float> stage, const std::function<void(Stream)>& first,
+                       const std::function<void(int b, int g)>& prepare) {
+  const int heads = static_cast<int>(layouts.front().size());
+  const int units = static_cast<int>(layouts.size()) * heads;
+  const std::size_t slot = stage.size() / 2;
+  const auto slot_of = [&](int u) { return stage.subspan((u % 2) * slot, slot); };
+  std::vector<ClusteredTransfer::Landing> landed[2];
+  const auto send_back = [&](int u) {
+    overlap.start([&, u](Stream stream) {
+      if (u == 0) first(stream);
+      const kernels::ExecContext comm_ctx{ctx.device, stream};
+      landed[u % 2] = transfer(comm_ctx).return_gradients(layouts, served, u / heads, u % heads, slot_of(u));
+    });
+  };
+  const ClusteredTransfer local = transfer(ctx);
+  prepare(0, 0);
+  send_back(0);
+  for (int u = 0; u < units; ++u) {
+    if (u + 1 < units) prepare((u + 1) / heads, (u + 1) % heads);
+    overlap.wait();
+    if (u + 1 < units) send_back(u + 1);
+    local.add_landed(landed[u % 2], slot_of(u));
+  }
 }
 
 }  // namespace ringcast
