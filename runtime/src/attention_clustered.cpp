@@ -1,24 +1,22 @@
 // The `clustered` attention mode (DESIGN.md §4.1-4.2, docs/clustered-design.md), `clusters = blocks`
-// (surrogate clusters: attention_cast.cpp), contiguous placement. Forward, per layer: summarise the
-// local K/V; all-gather each KV head's coarse summaries while the previous head picks remote coarse
-// blocks (top-R) for every batch element; exchange the halo and the requests, then fetch each
-// (element, KV head)'s blocks while the previous one's summaries and selection compute; build one
-// table per element and attend. The pools,
-// layouts and tables stay for the backward, which folds the page summaries' gradients into their
-// pages, returns halo and fetched pages' gradients to their owners and reduce-scatters the coarse
-// summaries' gradients. Summaries, selection and their pools are fp32 on both backends; on CUDA the
-// bf16 / fp16 keys and values are converted once per forward and the queries one KV head group at
-// a time where selection reads them, the pages also live in a storage-dtype pool (what the attention
-// reads and the blocks travel in; converted region by region), and selection and tables stay on the
-// device (clustered_tables.hpp). Pool buffers hold every batch element at the
-// largest capacity; element b's pool is [2 (K, V)][kv_heads][num_pages_b][page_size][head_dim] at its
-// start. Workspace by phase: on CUDA the fp32 pool is read by the forward only (the attention reads the
-// storage pool), so the backward's fp32 gradient pool is the same buffer; the CPU's fp32 pool is the
-// storage pool and has a gradient pool of its own. dK, dV are finished in the gradient pool's local
-// pages and dQ in a buffer of the mode's, and written to the caller's outputs last: the backward reads
-// q, k, v before it writes any gradient, so the gradients may overwrite them (in place). On
-// CUDA the fp32 dQ buffer holds the forward's selection slots and one KV head group's queries,
-// converted where selection reads them.
+// (surrogate clusters: attention_cast.cpp), contiguous placement. Forward, per layer: summarise the local
+// K/V; all-gather each KV head's coarse summaries while the previous head picks remote coarse blocks
+// (top-R) for every batch element, and the halo beside the last head's; exchange the requests, then fetch
+// each (element, KV head)'s blocks while the previous one's summaries and selection compute; build one
+// table per element and attend. The pools, layouts and tables stay for the backward, which folds the page
+// summaries' gradients into their pages, returns halo and fetched pages' gradients to their owners and
+// reduce-scatters the coarse summaries' gradients. Summaries, selection and their pools are fp32 on both
+// backends; on CUDA the bf16 / fp16 keys and values are converted once per forward and the queries one KV
+// head group at a time where selection reads them, the pages also live in a storage-dtype pool (what the
+// attention reads and the blocks travel in; converted region by region), and selection and tables stay on
+// the device (clustered_tables.hpp). Pool buffers hold every batch element at the largest capacity; element
+// b's pool is [2 (K, V)][kv_heads][num_pages_b][page_size][head_dim] at its start. Workspace by phase: on
+// CUDA the fp32 pool is read by the forward only (the attention reads the storage pool), so the backward's
+// fp32 gradient pool is the same buffer; the CPU's fp32 pool is the storage pool and has a gradient pool of
+// its own. dK, dV are finished in the gradient pool's local pages and dQ in a buffer of the mode's, and
+// written to the caller's outputs last: the backward reads q, k, v before it writes any gradient, so the
+// gradients may overwrite them (in place). On CUDA the fp32 dQ buffer holds the forward's selection slots
+// and one KV head group's queries, converted where selection reads them.
 #include "attention_internal.hpp"
 #include "clustered_internal.hpp"
 #include "clustered_tables.hpp"
@@ -131,6 +129,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     // Gradients one (element, KV head) receives, twice: one unit lands while the next one travels.
     stage_ = allocate(2 * g_.unit_stage_elems(limit) * sizeof(float));
     requests_ = allocate(request_scratch_ints(g_, base_.fetch_capacity) * sizeof(std::int32_t));
+    halo_stage_ = allocate(halo_stage_elems(g_) * dtype_size(sh.dtype));
     d_block_sums_ = allocate(2 * sh.kv_heads * summary_.block_rows() * d * sizeof(float));
     d_page_sums_ = allocate(2 * sh.kv_heads * summary_.page_rows() * d * sizeof(float));
     scatter_send_ = allocate(g_.p * 2 * sh.kv_heads * loc_rows * d * sizeof(float));
@@ -165,10 +164,9 @@ class ClusteredMode final : public DistributedAttention::Mode {
     select_remote(a);
     for (int b = 0; b < shape.batch; ++b) lay_out_element(a, b);
     const ElementLayouts layouts = elements_layouts();
-    ClusteredTransfer t(session.comm(), ctx, g_, storage_view(),
-                        {requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t)}, {}, shape.dtype);
-    t.exchange_halo(layouts);
-    t.exchange_requests(layouts, served_);
+    ClusteredTransfer(session.comm(), ctx, g_, storage_view(),
+                      {requests_.as<std::int32_t>(), requests_.bytes() / sizeof(std::int32_t)}, {}, shape.dtype)
+        .exchange_requests(layouts, served_);
     // Pipelined over (element, KV head) units: one unit's fetched blocks travel while the previous
     // unit's summaries and selection compute.
     const TransferOn transfer = [this](const kernels::ExecContext& c) {
@@ -343,8 +341,9 @@ class ClusteredMode final : public DistributedAttention::Mode {
 
   // Steps 2-3, pipelined over KV heads: head g + 1's coarse summaries are all-gathered (CommOverlap)
   // while head g's rank-level top-R computes for every element (select_remote_blocks: a host result, it
-  // decides the messages). They travel as [kv_heads][kFields][B * local_blocks][d]; counts do not
-  // (every block is whole: block_keys() keys).
+  // decides the messages); the halo travels (into halo_stage_) beside the last head's. The summaries
+  // travel as [kv_heads][kFields][B * local_blocks][d]; counts do not (every block is whole:
+  // block_keys() keys).
   void select_remote(const AttentionForwardArgs& a) {
     const std::int64_t d = shape.head_dim, rows = std::int64_t{shape.batch} * g_.local_blocks;
     const std::int64_t br = summary_.block_rows();
@@ -359,20 +358,30 @@ class ClusteredMode final : public DistributedAttention::Mode {
     };
     for (ElementPool& e : elements_) e.remote.assign(static_cast<std::size_t>(shape.kv_heads), {});
     gather(0);
+    const auto halo = [this, &a] {
+      overlap_.start([this, &a](Stream stream) {
+        exchange_halo(session.comm(), stream, g_, shape.dtype, a.k.data, a.v.data, halo_stage_.data());
+      });
+    };
     for (int g = 0; g < shape.kv_heads; ++g) {
       overlap_.wait();
-      if (g + 1 < shape.kv_heads) gather(g + 1);
+      if (g + 1 < shape.kv_heads) {
+        gather(g + 1);
+      } else {
+        halo();
+      }
       unpack_coarse(ctx, g_, kFields, g, g + 1, gather_recv_.as<float>(), [this](int b, int h) { return coarse(b, h, 0); });
       for (int b = 0; b < shape.batch; ++b) {
         const kernels::SummaryRows blocks{coarse(b, g, kMeanK), coarse(b, g, kMin), coarse(b, g, kMax)};
         elements_[b].remote[g] = kernels::select_remote_blocks({&base_, sel_, queries(a, b, g), blocks}, ctx);
       }
     }
+    overlap_.wait();  // the halo
   }
 
   // Step 4's pool for element b: fetch capacity = the most any KV head fetches; the local pages packed
-  // from the caller's K/V into the storage pool, every other page zero until the transfers and the
-  // summaries fill it (the padding must be zeros, not NaN). On CUDA the fp32 pool gets the same zeros
+  // from the caller's K/V and the halo from its stage into the storage pool, every other page zero until
+  // the fetch and the summaries fill it (the padding must be zeros, not NaN). On CUDA the fp32 pool gets the same zeros
   // but not the local pages: the forward reads their summaries (summarize_local's), never them.
   void lay_out_element(const AttentionForwardArgs& a, int b) {
     ElementPool& e = elements_[b];
@@ -394,6 +403,16 @@ class ClusteredMode final : public DistributedAttention::Mode {
     for (int kv = 0; kv < 2; ++kv)
       pack_to_pool(static_cast<const char*>((kv ? a.v : a.k).data) + b * tokens * elt, shape.dtype, kv_pool(b, 0, kv),
                    1, shape.kv_heads, shape.head_dim, local_seg_, options.page_size, ctx, {e.shape.num_pages, 0});
+    const kernels::ClusteredLayout& L = e.layouts.front();
+    const Segments block{1, options.coarse_block(), options.coarse_pages, {}};
+    for (int side = 0; side < 2; ++side) {
+      const std::int64_t id = side ? L.halo_after : L.halo_before;
+      if (id < 0) continue;
+      for (int kv = 0; kv < 2; ++kv)
+        pack_to_pool(halo_stage_.as<char>() + halo_stage_block(g_, side, b, kv) * elt, shape.dtype, kv_pool(b, 0, kv),
+                     1, shape.kv_heads, shape.head_dim, block, options.page_size, ctx,
+                     {e.shape.num_pages, L.block_pool_page(id)});
+    }
     if (shape.dtype != DType::kF32) zero_past_local(b, pool_view(pools_), sizeof(float));
   }
 
@@ -631,7 +650,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
   CommOverlap overlap_;
   DeviceBuffer pools_, own_d_pools_, key_bias_, page_sums_, page_counts_, block_sums_, block_counts_, gather_send_,
       gather_recv_, coarse_, bounds_, arrived_sums_, arrived_counts_, stage_, d_q_, d_block_sums_, d_page_sums_, scatter_send_,
-      scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_;
+      scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_, halo_stage_;
   // CUDA only: the storage pools (kv_pool), one KV head group's fp32 queries (in d_q_) and the key
   // bias built on the host.
   DeviceBuffer attn_pools_;

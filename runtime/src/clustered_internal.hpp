@@ -83,8 +83,6 @@ class ClusteredTransfer {
                     PoolView pools, std::span<std::int32_t> requests = {}, CountView counts = {},
                     DType pool_dtype = DType::kF32);
 
-  // Forward: the previous rank's last block (and, bidirectional, the next rank's first) into the halo.
-  void exchange_halo(const ElementLayouts& layouts);
   // Forward, before any block moves: P - 1 ring-shift steps of request counts and request ids
   // (synchronous); served[s - 1] keeps what rank r - s asks of this rank, also for the backward.
   void exchange_requests(const ElementLayouts& layouts, std::vector<ServedRequests>& served);
@@ -131,6 +129,17 @@ class ClusteredTransfer {
   CountView counts_;
   DType dtype_;
 };
+
+// Forward, blocks mode: every element's halo -- the previous rank's last coarse block (and,
+// bidirectional, the next rank's first), K and V of every KV head -- in one grouped exchange on `stream`,
+// sent straight from the caller's k, v ([B, n_loc, kv_heads, head_dim] in `dtype`, where a block of all
+// KV heads is contiguous) into `stage`, halo_stage_elems() elements of `dtype` (none on one rank):
+// [sides (before; bidirectional: after)][B][2 (K, V)][coarse block][kv_heads][head_dim].
+// halo_stage_block() finds one.
+std::int64_t halo_stage_elems(const ClusterGeometry& geo);
+std::int64_t halo_stage_block(const ClusterGeometry& geo, int side, int b, int kv);  // element offset
+void exchange_halo(comm::Communicator& comm, Stream stream, const ClusterGeometry& geo, DType dtype, const void* k,
+                   const void* v, void* stage);
 
 // How a mode builds its ClusteredTransfer (over the pools and counts it moves) on a context that
 // outlives the transfer.

@@ -144,19 +144,34 @@ void ClusteredTransfer::shift_ints(std::span<const std::int32_t> send, std::span
   copy_to_host(recv.data(), in, recv.size_bytes(), ctx_.device, ctx_.stream);
 }
 
-void ClusteredTransfer::exchange_halo(const ElementLayouts& layouts) {
-  RINGCAST_CHECK(g_.halo, "clustered mode: exchange_halo() with a geometry that has no halo");
+std::int64_t halo_stage_elems(const ClusterGeometry& geo) {
+  return geo.p > 1 ? halo_stage_block(geo, geo.causal ? 1 : 2, 0, 0) : 0;
+}
+
+std::int64_t halo_stage_block(const ClusterGeometry& geo, int side, int b, int kv) {
+  return ((std::int64_t{side} * geo.batch + b) * 2 + kv) * geo.kv_heads * geo.block_elems;
+}
+
+void exchange_halo(comm::Communicator& comm, Stream stream, const ClusterGeometry& geo, DType dtype, const void* k,
+                   const void* v, void* stage) {
+  RINGCAST_CHECK(geo.halo, "clustered mode: exchange_halo() with a geometry that has no halo");
+  const std::int64_t block = geo.kv_heads * geo.block_elems;  // one coarse block, every KV head
+  const std::int64_t element = geo.local_blocks * block;
+  const std::size_t elt = dtype_size(dtype);
+  const bool before = geo.r > 0, after = !geo.causal && geo.r + 1 < geo.p;
   std::vector<comm::SendOp> sends;
   std::vector<comm::RecvOp> recvs;
-  for (int b = 0; b < g_.batch; ++b)
-    for (int g = 0; g < g_.kv_heads; ++g) {
-      const kernels::ClusteredLayout& L = layouts[b][g];
-      if (g_.r + 1 < g_.p) send_block(sends, g_.r + 1, b, g, L, (g_.local_blocks - 1) * g_.coarse_pages, true);
-      if (!g_.causal && g_.r > 0) send_block(sends, g_.r - 1, b, g, L, 0, true);
-      if (L.halo_before >= 0) recv_block(recvs, g_.r - 1, b, g, L, L.block_pool_page(L.halo_before));
-      if (L.halo_after >= 0) recv_block(recvs, g_.r + 1, b, g, L, L.block_pool_page(L.halo_after));
+  for (int b = 0; b < geo.batch; ++b)
+    for (int kv = 0; kv < 2; ++kv) {
+      const char* tokens = static_cast<const char*>(kv ? v : k) + b * element * elt;
+      const auto slot = [&](int side) { return static_cast<char*>(stage) + halo_stage_block(geo, side, b, kv) * elt; };
+      const auto n = static_cast<std::size_t>(block);
+      if (geo.r + 1 < geo.p) sends.push_back({geo.r + 1, {tokens + (element - block) * elt, n, dtype}});
+      if (!geo.causal && geo.r > 0) sends.push_back({geo.r - 1, {tokens, n, dtype}});
+      if (before) recvs.push_back({geo.r - 1, {slot(0), n, dtype}});
+      if (after) recvs.push_back({geo.r + 1, {slot(1), n, dtype}});
     }
-  comm_.exchange(sends, recvs, ctx_.stream);
+  comm.exchange(sends, recvs, stream);
 }
 
 void ClusteredTransfer::exchange_requests(const ElementLayouts& layouts, std::vector<ServedRequests>& served) {

@@ -318,6 +318,7 @@ std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o
   const std::int64_t stage_blocks = p > 1 ? 2 + (p - 1) * std::min(limit, base.local_blocks()) : 0;
   bytes += 2 * stage_blocks * 2 * block_elems * kF32;                       // stage
   bytes += 2 * b * hk * (1 + base.fetch_capacity) * kI32;                   // requests
+  bytes += p > 1 ? (sh.causal ? 1 : 2) * b * 2 * block_elems * hk * e : 0;   // halo stage
   bytes += (p + 1) * 2 * hk * loc_rows * d * kF32;                          // scatter send, recv
   bytes += base.n_loc * kI32;                                               // q_pos
   const kernels::AttentionShape widest{1, base.n_loc, sh.heads, sh.kv_heads, sh.head_dim, o.page_size, max_pages};
