@@ -733,9 +733,11 @@ class SurrogateMode final : public DistributedAttention::Mode {
                  elements_[b].layouts[static_cast<std::size_t>(g)].coarse_summary_first_page() * g_.page_elems;
         },
         scatter_send_.as<float>());
+    const TransferOn transfer = [this](const kernels::ExecContext& c) {
+      return ClusteredTransfer(session.comm(), c, g_, pool_view(d_pools_));
+    };
     return_overlapped(
-        overlap_, [this](const kernels::ExecContext& c) { return ClusteredTransfer(session.comm(), c, g_, pool_view(d_pools_)); },
-        ctx, elements_layouts(), served_, {stage_.as<float>(), stage_.bytes() / sizeof(float)},
+        overlap_, transfer, ctx, elements_layouts(), served_, {stage_.as<float>(), stage_.bytes() / sizeof(float)},
         [this](Stream stream) {
           reduce_scatter_coarse(session.comm(), stream, g_, scatter_send_.as<float>(), scatter_recv_.as<float>());
         },

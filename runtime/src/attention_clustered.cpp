@@ -370,7 +370,8 @@ class ClusteredMode final : public DistributedAttention::Mode {
       } else {
         halo();
       }
-      unpack_coarse(ctx, g_, kFields, g, g + 1, gather_recv_.as<float>(), [this](int b, int h) { return coarse(b, h, 0); });
+      unpack_coarse(ctx, g_, kFields, g, g + 1, gather_recv_.as<float>(),
+                    [this](int b, int h) { return coarse(b, h, 0); });
       for (int b = 0; b < shape.batch; ++b) {
         const kernels::SummaryRows blocks{coarse(b, g, kMeanK), coarse(b, g, kMin), coarse(b, g, kMax)};
         elements_[b].remote[g] = kernels::select_remote_blocks({&base_, sel_, queries(a, b, g), blocks}, ctx);
@@ -381,8 +382,9 @@ class ClusteredMode final : public DistributedAttention::Mode {
 
   // Step 4's pool for element b: fetch capacity = the most any KV head fetches; the local pages packed
   // from the caller's K/V and the halo from its stage into the storage pool, every other page zero until
-  // the fetch and the summaries fill it (the padding must be zeros, not NaN). On CUDA the fp32 pool gets the same zeros
-  // but not the local pages: the forward reads their summaries (summarize_local's), never them.
+  // the fetch and the summaries fill it (the padding must be zeros, not NaN). On CUDA the fp32 pool gets
+  // the same zeros but not the local pages: the forward reads their summaries (summarize_local's), never
+  // them.
   void lay_out_element(const AttentionForwardArgs& a, int b) {
     ElementPool& e = elements_[b];
     std::int64_t capacity = 0;
@@ -395,15 +397,14 @@ class ClusteredMode final : public DistributedAttention::Mode {
       L.fetch_capacity = capacity;
       e.layouts.push_back(std::move(L));
     }
-    e.shape = {1,           shape.local_len(),   shape.heads, shape.kv_heads, shape.head_dim, options.page_size,
-               e.layouts.front().num_pages()};
+    const kernels::ClusteredLayout& L = e.layouts.front();  // every head's pool has its shape
+    e.shape = {1, shape.local_len(), shape.heads, shape.kv_heads, shape.head_dim, options.page_size, L.num_pages()};
     const std::size_t elt = dtype_size(shape.dtype);
     const std::int64_t tokens = shape.local_len() * shape.kv_heads * shape.head_dim;
     zero_past_local(b, storage_view(), elt);
     for (int kv = 0; kv < 2; ++kv)
       pack_to_pool(static_cast<const char*>((kv ? a.v : a.k).data) + b * tokens * elt, shape.dtype, kv_pool(b, 0, kv),
                    1, shape.kv_heads, shape.head_dim, local_seg_, options.page_size, ctx, {e.shape.num_pages, 0});
-    const kernels::ClusteredLayout& L = e.layouts.front();
     const Segments block{1, options.coarse_block(), options.coarse_pages, {}};
     for (int side = 0; side < 2; ++side) {
       const std::int64_t id = side ? L.halo_after : L.halo_before;
@@ -469,7 +470,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     const std::int64_t summary_rows = L.page_summary_pages() * ps;
     float* k_min = bounds_.as<float>();
     float* k_max = k_min + summary_rows * d;
-    resident_summaries(b, g, k_min);
+    resident_summaries(b, g, k_min, k_max);
     for (int kv = 0; kv < 2; ++kv)
       strided_copy(ctx, coarse(b, g, kv ? kMeanV : kMeanK),
                    (kv ? v : k) + L.coarse_summary_first_page() * g_.page_elems, {{L.num_blocks() * d, 1, 1}});
@@ -491,19 +492,19 @@ class ClusteredMode final : public DistributedAttention::Mode {
   }
 
   // The page summaries of element b, KV head g's resident pages: the mean keys and values where the
-  // pool keeps them, the key minima and maxima at k_min (maxima after them, one row per summary row of
-  // the pool; rows past the resident pages zero). The local pages' come from summarize_local(); the
-  // arrived ones (halo, fetched) are computed from the pool, into which they are converted first (CUDA).
-  void resident_summaries(int b, int g, float* k_min) {
+  // pool keeps them, the key minima and maxima at k_min and k_max (one row per summary row of the pool;
+  // rows past the resident pages zero). The local pages' come from summarize_local(); the arrived ones
+  // (halo, fetched) are computed from the pool, into which they are converted first (CUDA).
+  void resident_summaries(int b, int g, float* k_min, float* k_max) {
     const kernels::ClusteredLayout& L = elements_[b].layouts[g];
     const std::int64_t d = shape.head_dim, ps = options.page_size;
-    const std::int64_t rows = L.page_summary_pages() * ps;
     float* k = pool(pools_, b, g, 0);
     float* means = k + L.page_summary_first_page() * g_.page_elems;  // the values' at + pool_elems
     // Pages [first, first + pages) from summaries at src, one field every field_stride floats.
     const auto place = [&](const float* src, std::int64_t field_stride, std::int64_t first, std::int64_t pages) {
-      strided_copy(ctx, src + kMeanK * field_stride, means + first * d, {{2, field_stride, g_.pool_elems}, {pages * d, 1, 1}});
-      strided_copy(ctx, src + kMin * field_stride, k_min + first * d, {{2, field_stride, rows * d}, {pages * d, 1, 1}});
+      const CopyDim row{pages * d, 1, 1};
+      strided_copy(ctx, src + kMeanK * field_stride, means + first * d, {{2, field_stride, g_.pool_elems}, row});
+      strided_copy(ctx, src + kMin * field_stride, k_min + first * d, {{2, field_stride, k_max - k_min}, row});
     };
     const std::int64_t pr = summary_.page_rows();
     place(field(page_sums_, pr, kMeanK) + (g * pr + b * summary_.num_pages()) * d, shape.kv_heads * pr * d, 0,
@@ -523,8 +524,8 @@ class ClusteredMode final : public DistributedAttention::Mode {
                               ctx);
       place(sums, ar * d, L.halo_first_page(), arrived);
     }
-    const auto padding = static_cast<std::size_t>((rows - L.resident_pages()) * d) * sizeof(float);
-    for (float* bound : {k_min, k_min + rows * d}) kernels::fill_zero(bound + L.resident_pages() * d, padding, ctx);
+    const auto padding = static_cast<std::size_t>(k_max - k_min - L.resident_pages() * d) * sizeof(float);
+    for (float* bound : {k_min, k_max}) kernels::fill_zero(bound + L.resident_pages() * d, padding, ctx);
   }
 
   // Step 6 for element b: the table over every head's selection, then the attention.
@@ -649,8 +650,8 @@ class ClusteredMode final : public DistributedAttention::Mode {
   std::vector<ServedRequests> served_;  // per ring step: the blocks the rank r - s fetched from this rank
   CommOverlap overlap_;
   DeviceBuffer pools_, own_d_pools_, key_bias_, page_sums_, page_counts_, block_sums_, block_counts_, gather_send_,
-      gather_recv_, coarse_, bounds_, arrived_sums_, arrived_counts_, stage_, d_q_, d_block_sums_, d_page_sums_, scatter_send_,
-      scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_, halo_stage_;
+      gather_recv_, coarse_, bounds_, arrived_sums_, arrived_counts_, stage_, d_q_, d_block_sums_, d_page_sums_,
+      scatter_send_, scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_, halo_stage_;
   // CUDA only: the storage pools (kv_pool), one KV head group's fp32 queries (in d_q_) and the key
   // bias built on the host.
   DeviceBuffer attn_pools_;

@@ -32,8 +32,8 @@ void all_gather_coarse(comm::Communicator& comm, Stream stream, const ClusterGeo
                        const float* send, float* recv) {
   const std::int64_t per_head = fields * geo.batch * geo.local_blocks * geo.head_dim;
   const auto count = static_cast<std::size_t>((g1 - g0) * per_head);
-  comm.all_gather({send + g0 * per_head, count, DType::kF32}, {recv + g0 * geo.p * per_head, geo.p * count, DType::kF32},
-                  stream);
+  comm.all_gather({send + g0 * per_head, count, DType::kF32},
+                  {recv + g0 * geo.p * per_head, geo.p * count, DType::kF32}, stream);
 }
 
 void unpack_coarse(const kernels::ExecContext& ctx, const ClusterGeometry& geo, int fields, int g0, int g1,
