@@ -55,9 +55,11 @@ void plan_surrogate(const LayerShape& shape, const AttentionOptions& o, const Si
   }
   const std::int64_t cp = o.coarse_pages, blocks_loc = c / cp, blocks_total = z.p * blocks_loc;
   const std::int64_t cap = z.p > 1 ? std::min<std::int64_t>(o.remote_blocks, blocks_total - blocks_loc) : 0;
-  const std::int64_t summaries = peers * units * blocks_loc * (4 * z.d * z.e + 4);  // + the block's count
+  // Everything travels in fp32: the pools the blocks leave from are fp32 on both backends (on CUDA an
+  // attention copy in the storage dtype sits beside them).
+  const std::int64_t summaries = peers * units * blocks_loc * (4 * z.d * kF32 + 4);  // + the block's count
   const std::int64_t requests = z.p > 1 ? units * (peers + cap) * 4 : 0;
-  const std::int64_t block = cp * ps * z.d * z.e * 2 + cp * 2 * z.d * z.e + cp * 4;  // K,V, page summaries, counts
+  const std::int64_t block = (cp * ps * z.d * 2 + cp * 2 * z.d) * kF32 + cp * 4;  // K,V, page summaries, counts
   plan.bytes_sent_fwd = summaries + requests + units * cap * block;
   const std::int64_t block_grad = (cp * ps * z.d * 2 + cp * 2 * z.d) * kF32;
   plan.bytes_sent_bwd = units * cap * block_grad + units * (blocks_total - blocks_loc) * 2 * z.d * kF32;
@@ -67,7 +69,7 @@ void plan_surrogate(const LayerShape& shape, const AttentionOptions& o, const Si
   const double page_summaries = (cp - 1) + std::max<std::int64_t>(0, std::min<std::int64_t>(o.top_k, o.coarse_k) * cp - o.top_k);
   plan.keys_per_query = std::min(ps + selected + page_summaries + static_cast<double>(blocks_total),
                                  exact_keys_per_query(shape));
-  const std::int64_t pools = units * (c + cap * cp) * ps * z.d * z.e * 2;
+  const std::int64_t pools = units * (c + cap * cp) * ps * z.d * 2 * (kF32 + (z.e < kF32 ? z.e : 0));
   plan.activation_bytes = local_io + affinities + clusters + pools + units * blocks_total * 4 * z.d * kF32 +
                           z.b * (z.n_loc / kQueryTile) * z.hk * (o.top_k + 8) * 48;  // + block tables
 }
@@ -116,7 +118,8 @@ LayerPlan plan_layer(const LayerShape& shape, const AttentionOptions& o) {
       // rank and received by another; a rank whose blocks are popular sends more than the mean).
       const std::int64_t block = o.coarse_block();
       const std::int64_t blocks_total = z.n / block, blocks_loc = z.n_loc / block;
-      const std::int64_t summary = 4 * z.d * z.e;  // mean k, mean v, min, max (blocks are whole: no counts)
+      // mean k, mean v, min, max, fp32 on both backends (blocks are whole: no counts)
+      const std::int64_t summary = 4 * z.d * kF32;
       const std::int64_t block_kv = block * z.d * z.e * 2;
       const std::int64_t fetch = o.resolved_remote_cap();
       const std::int64_t cap = z.p > 1 ? std::min<std::int64_t>(shape.causal ? fetch : o.remote_blocks,

@@ -7,6 +7,7 @@
 
 #include <ringcast/attention.hpp>
 #include <ringcast/memory.hpp>
+#include <ringcast/plan.hpp>
 #include <ringcast/session.hpp>
 
 #include "test_util.hpp"
@@ -20,6 +21,7 @@
 #include <cstdio>
 #include <initializer_list>
 #include <span>
+#include <string_view>
 #include <vector>
 
 namespace ringcast::test {
@@ -141,6 +143,22 @@ inline void expect_same_run(const LayerResults& gpu, const LayerResults& cpu) {
   expect_close("dQ (bf16) vs CPU", gpu.d_q, to_double(cpu.d_q), 2e-2);
   expect_close("dK (bf16) vs CPU", gpu.d_k, to_double(cpu.d_k), 2e-2);
   expect_close("dV (bf16) vs CPU", gpu.d_v, to_double(cpu.d_v), 2e-2);
+}
+
+// The bytes a layer sent and received, forward and backward, averaged over the ranks, within
+// `ringcast plan`'s figures for the same shape and storage dtype (the clustered modes' are upper
+// bounds of that mean: they assume every unit fetches its cap).
+inline void expect_within_plan(const LayerShape& shape, const AttentionOptions& options, const comm::OpCounters& fwd,
+                               const comm::OpCounters& bwd) {
+  double mean[4] = {double(fwd.bytes_sent), double(fwd.bytes_received), double(bwd.bytes_sent),
+                    double(bwd.bytes_received)};
+  MPI_Allreduce(MPI_IN_PLACE, mean, 4, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+  const LayerPlan plan = plan_layer(shape, options);
+  const std::string_view dtype = dtype_name(shape.dtype);
+  EXPECT_LE(mean[0] / shape.ranks, plan.bytes_sent_fwd) << "forward bytes sent, " << dtype;
+  EXPECT_LE(mean[1] / shape.ranks, plan.bytes_recv_fwd) << "forward bytes received, " << dtype;
+  EXPECT_LE(mean[2] / shape.ranks, plan.bytes_sent_bwd) << "backward bytes sent, " << dtype;
+  EXPECT_LE(mean[3] / shape.ranks, plan.bytes_recv_bwd) << "backward bytes received, " << dtype;
 }
 
 }  // namespace ringcast::test

@@ -9,7 +9,8 @@
 // sums: relative 1e-6), far below the gaps between the planted clusters' scores, so the attended
 // entries must be equal too. Outputs then differ by bf16 rounding of the attention inputs and
 // products (relative ~4e-3 per rounding): O, LSE <= 1e-2; dQ, dK, dV, dS (sums of more rounded
-// terms) <= 2e-2, as in test_clustered_gpu.cpp.
+// terms) <= 2e-2, as in test_clustered_gpu.cpp. Everything travels from fp32 pools on both backends:
+// the same bytes, within `ringcast plan`'s bf16 figures.
 #include "device_array.hpp"
 #include "layer_compare.hpp"
 #include "test_util.hpp"
@@ -118,6 +119,7 @@ struct Shard {
   test::LayerResults results;
   std::vector<float> d_s;
   std::vector<std::int32_t> members;
+  comm::OpCounters fwd, bwd;
 };
 
 Shard run_layer(const Session& session, const Problem& pr, DType dtype) {
@@ -129,12 +131,16 @@ Shard run_layer(const Session& session, const Problem& pr, DType dtype) {
   const test::Tensor tds(session, DType::kF32, std::vector<float>(pr.s.size(), 0.0f), {s.kv_heads, pr.c, s.head_dim});
   AttentionForwardArgs fwd = t.forward_args();
   fwd.surrogates = ts.view();
+  session.comm().reset_counters();
   layer.forward(fwd);
+  const comm::OpCounters sent_fwd = session.comm().counters().total();
   AttentionBackwardArgs bwd = t.backward_args();
   bwd.surrogates = ts.view();
   bwd.d_surrogates = tds.view();
+  session.comm().reset_counters();
   layer.backward(bwd);
-  return {test::LayerResults(t, layer, session.stream()), tds.read(session.stream()), layer.cluster_members()};
+  return {test::LayerResults(t, layer, session.stream()), tds.read(session.stream()), layer.cluster_members(),
+          sent_fwd, session.comm().counters().total()};
 }
 
 class CastModeGpu : public ::testing::TestWithParam<Case> {};
@@ -151,6 +157,12 @@ TEST_P(CastModeGpu, ClustersAndAttendsLikeTheCpuAndMatchesItsResults) {
   test::expect_same_run(gpu.results, cpu.results);
   if (HasFatalFailure()) return;
   test::expect_close("dS vs CPU", gpu.d_s, test::to_double(cpu.d_s), 2e-2);
+  // Blocks, summaries and gradients travel from the fp32 pools on both backends: the same bytes.
+  EXPECT_EQ(gpu.fwd.bytes_sent, cpu.fwd.bytes_sent) << "forward bytes sent";
+  EXPECT_EQ(gpu.bwd.bytes_sent, cpu.bwd.bytes_sent) << "backward bytes sent";
+  LayerShape bf16 = pr.shape;
+  bf16.dtype = DType::kBF16;
+  test::expect_within_plan(bf16, pr.options, gpu.fwd, gpu.bwd);
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -7,7 +7,8 @@
 // bf16 rounding (the summary keys and the products). Bounds: O and LSE relative error <= 1e-2,
 // dQ / dK / dV <= 2e-2. Bytes: the same messages, but the forward's halo and fetched blocks travel in
 // bf16 on CUDA (fp32 on the CPU), so with P > 1 the forward sends less than the CPU's and more than
-// half of it (summaries and requests are the same); the backward's (fp32 gradients) are equal.
+// half of it (summaries and requests are the same); the backward's (fp32 gradients) are equal; and
+// the mean over ranks is within `ringcast plan`'s bf16 figures.
 // Memory: on both backends the layer's workspace is at most what plan's attention_workspace_bytes()
 // estimates for that device (the CUDA mode's fp32 gradient pool reuses its fp32 pool).
 #include "device_array.hpp"
@@ -128,6 +129,9 @@ TEST_P(ClusteredGpu, AttendsToTheCpuEntriesAndMatchesItsResults) {
   }
   EXPECT_EQ(gpu.bwd.bytes_sent, cpu.bwd.bytes_sent) << "backward bytes sent";
   EXPECT_EQ(gpu.bwd.bytes_received, cpu.bwd.bytes_received) << "backward bytes received";
+  LayerShape bf16 = pr.shape;
+  bf16.dtype = DType::kBF16;
+  test::expect_within_plan(bf16, pr.options, gpu.fwd, gpu.bwd);
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -51,6 +51,13 @@ TEST(RuntimePlan, ClusteredIsAFewPercentOfRingAtOneMillionTokens) {
   const LayerShape s = shape_1m();
   AttentionOptions ring, clustered;
   clustered.mode = AttentionMode::kClustered;
+  ring.check_inputs = clustered.check_inputs = false;
+  // Forward, causal, at the fetch cap (2R = 16 blocks per KV head): the coarse summaries (mean key,
+  // mean value, min, max: fp32 whatever the storage dtype), one halo block, request counts and ids,
+  // and the fetched blocks (K and V in bf16).
+  const std::int64_t units = 16, blocks_loc = 256, peers = 3, cap = 16, block_kv = 1024 * 128 * 2 * 2;
+  EXPECT_EQ(plan_layer(s, clustered).bytes_sent_fwd, peers * units * blocks_loc * 4 * 128 * 4 + units * block_kv +
+                                                         units * (peers + cap) * 4 + units * cap * block_kv);
   const double ratio = static_cast<double>(plan_layer(s, clustered).bytes_sent_fwd) / plan_layer(s, ring).bytes_sent_fwd;
   EXPECT_LT(ratio, 0.05) << "clustered/ring bytes " << ratio;
   // Keys per query: window 384ish + 16 pages of 64 + n/1024 summaries (DESIGN.md: about 2.4K at 1M).
@@ -71,10 +78,11 @@ TEST(RuntimePlan, SurrogateClustersJointAndCast) {
   EXPECT_EQ(surrogate_shape(s, o), expected_shape);
   const std::int64_t units = 16, blocks_loc = 4096 / 16, peers = 3, cap = 8;
   // Joint: coarse summaries and block counts, request counts and ids, fetched blocks with their page
-  // summaries and counts; back: fp32 block and page-summary gradients, coarse gradients.
-  const std::int64_t block = 16 * 64 * 128 * 2 * 2 + 16 * 2 * 128 * 2 + 16 * 4;
+  // summaries and counts, all from the fp32 pools whatever the storage dtype; back: fp32 block and
+  // page-summary gradients, coarse gradients.
+  const std::int64_t block = (16 * 64 * 128 * 2 + 16 * 2 * 128) * 4 + 16 * 4;
   const LayerPlan joint = plan_layer(s, o);
-  EXPECT_EQ(joint.bytes_sent_fwd, peers * units * blocks_loc * (4 * 128 * 2 + 4) + units * (peers + cap) * 4 +
+  EXPECT_EQ(joint.bytes_sent_fwd, peers * units * blocks_loc * (4 * 128 * 4 + 4) + units * (peers + cap) * 4 +
                                       units * cap * block);
   EXPECT_EQ(joint.bytes_sent_bwd, units * cap * (16 * 64 * 128 * 2 + 16 * 2 * 128) * 4 +
                                       units * (4 * blocks_loc - blocks_loc) * 2 * 128 * 4);
