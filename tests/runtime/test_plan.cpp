@@ -42,6 +42,8 @@ TEST(RuntimePlan, UlyssesAndAllGather) {
   o.mode = AttentionMode::kUlysses;
   const std::int64_t q = std::int64_t{1} * (1 << 18) * 16 * 128 * 2, kv = q / 4;
   EXPECT_EQ(plan_layer(s, o).bytes_sent_fwd, 3 * (2 * q + 2 * kv + std::int64_t{1} * (1 << 18) * 16 * 4) / 4);
+  // Backward: dO in bf16 to the head shards, fp32 dQ, dK, dV back.
+  EXPECT_EQ(plan_layer(s, o).bytes_sent_bwd, 3 * (q + 2 * q + 2 * 2 * kv) / 4);
   o.mode = AttentionMode::kAllGather;
   EXPECT_EQ(plan_layer(s, o).bytes_sent_fwd, 3 * 2 * kv);
   EXPECT_EQ(plan_layer(s, o).bytes_sent_bwd, 3 * 2 * 2 * kv);
@@ -58,6 +60,10 @@ TEST(RuntimePlan, ClusteredIsAFewPercentOfRingAtOneMillionTokens) {
   const std::int64_t units = 16, blocks_loc = 256, peers = 3, cap = 16, block_kv = 1024 * 128 * 2 * 2;
   EXPECT_EQ(plan_layer(s, clustered).bytes_sent_fwd, peers * units * blocks_loc * 4 * 128 * 4 + units * block_kv +
                                                          units * (peers + cap) * 4 + units * cap * block_kv);
+  // Backward, all fp32 whatever the storage dtype: dK, dV of the fetched and halo blocks home, and the
+  // reduce-scatter of the coarse summaries' (mean key, mean value) gradients.
+  EXPECT_EQ(plan_layer(s, clustered).bytes_sent_bwd,
+            units * (cap + 1) * 1024 * 128 * 4 * 2 + units * peers * blocks_loc * 2 * 128 * 4);
   const double ratio = static_cast<double>(plan_layer(s, clustered).bytes_sent_fwd) / plan_layer(s, ring).bytes_sent_fwd;
   EXPECT_LT(ratio, 0.05) << "clustered/ring bytes " << ratio;
   // Keys per query: window 384ish + 16 pages of 64 + n/1024 summaries (DESIGN.md: about 2.4K at 1M).
