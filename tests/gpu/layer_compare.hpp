@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <initializer_list>
+#include <random>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -64,6 +65,42 @@ class Tensor {
   std::size_t count_;
   DeviceBuffer buf_;
   TensorView view_;
+};
+
+// One layer's problem, the same on every rank: its shape (B = 2, this world's ranks), options, and the
+// global inputs [B, n, heads, head_dim].
+struct LayerProblem {
+  LayerShape shape;
+  AttentionOptions options;
+  std::vector<float> q, k, v, d_o;
+
+  LayerProblem(std::int64_t seq_len, int heads, int kv_heads, int head_dim, bool causal) {
+    shape.seq_len = seq_len;
+    shape.ranks = world_size();
+    shape.batch = 2;
+    shape.heads = heads;
+    shape.kv_heads = kv_heads;
+    shape.head_dim = head_dim;
+    shape.causal = causal;
+  }
+  // `count` values, multiples of 1/16 in [-1/4, 1/4]: exact in bf16 (both backends start from the same
+  // values), and sums of their products are exact in fp32 whatever the order.
+  static std::vector<float> grid_values(std::size_t count, std::mt19937_64& rng) {
+    std::uniform_int_distribution<int> grid(-4, 4);
+    std::vector<float> x(count);
+    for (float& e : x) e = static_cast<float>(grid(rng)) / 16.0f;
+    return x;
+  }
+  std::size_t tokens(int heads) const {
+    return static_cast<std::size_t>(shape.batch) * shape.seq_len * heads * shape.head_dim;
+  }
+  // q, k, v, d_o all grid values.
+  void draw_grid(std::mt19937_64& rng) {
+    q = grid_values(tokens(shape.heads), rng);
+    k = grid_values(tokens(shape.kv_heads), rng);
+    v = grid_values(tokens(shape.kv_heads), rng);
+    d_o = grid_values(tokens(shape.heads), rng);
+  }
 };
 
 // This rank's rows of a global [B, n, width] tensor, at the layer's positions.

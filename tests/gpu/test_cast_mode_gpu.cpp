@@ -32,8 +32,6 @@
 namespace ringcast {
 namespace {
 
-using test::world_size;
-
 struct Case {
   std::string name;
   ClusterCombine combine;
@@ -45,25 +43,17 @@ struct Case {
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
-struct Problem {
-  LayerShape shape;
-  AttentionOptions options;
-  std::vector<float> q, k, v, d_o, s;  // global [B, n, heads, d]; surrogates [kv_heads, c, d]
+struct Problem : test::LayerProblem {
+  using LayerProblem::LayerProblem;
+  std::vector<float> s;  // surrogates [kv_heads, c, d]
   int c = 0;
 };
 
 // n = 1536 (not a power of two): clusters of 64 (the only page size of the CUDA attention kernels),
 // c = 1536 / (64 P) per rank, coarse blocks of 2.
 Problem make_problem(const Case& cs) {
-  Problem pr;
-  LayerShape& s = pr.shape;
-  s.seq_len = 1536;
-  s.ranks = world_size();
-  s.batch = 2;
-  s.heads = cs.heads;
-  s.kv_heads = cs.kv_heads;
-  s.head_dim = cs.head_dim;
-  s.causal = false;
+  Problem pr(1536, cs.heads, cs.kv_heads, cs.head_dim, /*causal=*/false);
+  const LayerShape& s = pr.shape;
   AttentionOptions& o = pr.options;
   o.mode = AttentionMode::kClustered;
   o.clusters = ClusterKind::kSurrogate;
@@ -79,9 +69,8 @@ Problem make_problem(const Case& cs) {
   pr.c = o.resolved_surrogate_clusters(s);
   const std::int64_t n = s.seq_len, n_loc = s.local_len(), d = s.head_dim;
   std::mt19937_64 rng(4099 + cs.head_dim + 13 * cs.heads + 7 * static_cast<int>(cs.combine));
-  std::uniform_int_distribution<int> grid(-4, 4), noise(-1, 1);
-  pr.s.resize(static_cast<std::size_t>(s.kv_heads) * pr.c * d);
-  for (float& x : pr.s) x = static_cast<float>(grid(rng)) / 16.0f;
+  std::uniform_int_distribution<int> noise(-1, 1);
+  pr.s = test::LayerProblem::grid_values(static_cast<std::size_t>(s.kv_heads) * pr.c * d, rng);
   // Token j of rank r, element b, KV head g: surrogate target[(b * ranks + r) * kv_heads + g][j], the
   // same for its key and every query head of the group; page_size tokens per surrogate of the rank.
   std::vector<std::vector<int>> target;
@@ -108,10 +97,8 @@ Problem make_problem(const Case& cs) {
   };
   pr.q = planted(s.heads);
   pr.k = planted(s.kv_heads);
-  pr.v.resize(pr.k.size());
-  for (float& x : pr.v) x = static_cast<float>(grid(rng)) / 16.0f;
-  pr.d_o.resize(pr.q.size());
-  for (float& x : pr.d_o) x = static_cast<float>(grid(rng)) / 16.0f;
+  pr.v = test::LayerProblem::grid_values(pr.k.size(), rng);
+  pr.d_o = test::LayerProblem::grid_values(pr.q.size(), rng);
   return pr;
 }
 

@@ -32,8 +32,6 @@
 namespace ringcast {
 namespace {
 
-using test::world_size;
-
 struct Case {
   std::string name;
   bool causal;
@@ -44,23 +42,9 @@ struct Case {
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
-struct Problem {
-  LayerShape shape;
-  AttentionOptions options;
-  std::vector<float> q, k, v, d_o;  // global, [B, n, heads, d]
-};
-
 // n = 4096: 16 coarse blocks of 4 pages of 64 keys; 1024 rows per rank at P = 4.
-Problem make_problem(const Case& c) {
-  Problem pr;
-  LayerShape& s = pr.shape;
-  s.seq_len = 4096;
-  s.ranks = world_size();
-  s.batch = 2;
-  s.heads = c.heads;
-  s.kv_heads = c.kv_heads;
-  s.head_dim = c.head_dim;
-  s.causal = c.causal;
+test::LayerProblem make_problem(const Case& c) {
+  test::LayerProblem pr(4096, c.heads, c.kv_heads, c.head_dim, c.causal);
   AttentionOptions& o = pr.options;
   o.mode = AttentionMode::kClustered;
   o.selection = c.unit;
@@ -73,16 +57,7 @@ Problem make_problem(const Case& c) {
   o.coarse_k = 2;
   o.remote_blocks = 2;
   std::mt19937_64 rng(977 + c.head_dim + 7 * c.heads);
-  std::uniform_int_distribution<int> grid(-4, 4);
-  const auto draw = [&](int heads) {
-    std::vector<float> x(static_cast<std::size_t>(s.batch) * s.seq_len * heads * s.head_dim);
-    for (float& e : x) e = static_cast<float>(grid(rng)) / 16.0f;
-    return x;
-  };
-  pr.q = draw(s.heads);
-  pr.k = draw(s.kv_heads);
-  pr.v = draw(s.kv_heads);
-  pr.d_o = draw(s.heads);
+  pr.draw_grid(rng);
   return pr;
 }
 
@@ -91,7 +66,7 @@ struct Shard {
   comm::OpCounters fwd, bwd;
 };
 
-Shard run_layer(const Session& session, const Problem& pr, DType dtype) {
+Shard run_layer(const Session& session, const test::LayerProblem& pr, DType dtype) {
   LayerShape s = pr.shape;
   s.dtype = dtype;
   DistributedAttention layer(session, s, pr.options);
@@ -110,7 +85,7 @@ class ClusteredGpu : public ::testing::TestWithParam<Case> {};
 
 TEST_P(ClusteredGpu, AttendsToTheCpuEntriesAndMatchesItsResults) {
   RINGCAST_SKIP_WITHOUT_CUDA();
-  const Problem pr = make_problem(GetParam());
+  const test::LayerProblem pr = make_problem(GetParam());
   const Session cpu_session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCpu);
   const Session gpu_session = Session::from_mpi(MPI_COMM_WORLD, Backend::kCuda);
   const Shard cpu = run_layer(cpu_session, pr, DType::kF32);
