@@ -166,10 +166,15 @@ struct LayerResults {
         d_v(t.d_v.read(stream)), entries(layer.attended_entries()) {}
 };
 
-// The CUDA run attends to exactly the CPU run's entries (a fatal failure when the counts differ), and
-// its outputs and gradients (bf16) are within 1e-2 (O, LSE) and 2e-2 (dQ, dK, dV) of the CPU's.
+// The CUDA run attends to exactly the CPU run's entries, and its outputs and gradients (bf16) are
+// within 1e-2 (O, LSE) and 2e-2 (dQ, dK, dV) of the CPU's. When the entry counts differ on any rank,
+// a fatal failure on every rank: they leave the test together (a rank returning alone would leave the
+// others waiting in the test's collectives).
 inline void expect_same_run(const LayerResults& gpu, const LayerResults& cpu) {
+  int counts_differ = gpu.entries.size() != cpu.entries.size();
+  MPI_Allreduce(MPI_IN_PLACE, &counts_differ, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
   ASSERT_EQ(gpu.entries.size(), cpu.entries.size()) << "the backends attend to different numbers of entries";
+  ASSERT_EQ(counts_differ, 0) << "on another rank, the backends attend to different numbers of entries";
   std::size_t differ = 0;
   for (std::size_t i = 0; i < cpu.entries.size(); ++i) differ += !same_entry(gpu.entries[i], cpu.entries[i]);
   std::printf("    %zu attended entries, %zu differ\n", cpu.entries.size(), differ);
