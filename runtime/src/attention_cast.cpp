@@ -1039,7 +1039,6 @@ class SurrogateMode final : public DistributedAttention::Mode {
   std::int64_t num_blocks_ = 0, max_resident_ = 0;
   std::vector<Element> elements_;
   std::vector<ServedRequests> served_;
-  CommOverlap overlap_;    // the forward's fetches and the backward's returns, beside compute
   DeviceBuffer requests_;  // request lists in flight (ClusteredTransfer)
   DeviceBuffer pools_, d_pools_, attn_pools_, key_bias_, page_counts_, bounds_, cluster_keys_, gather_send_,
       gather_recv_, count_send_, count_recv_, coarse_, scatter_send_, scatter_recv_, stage_, order_, inverse_,
@@ -1053,6 +1052,9 @@ class SurrogateMode final : public DistributedAttention::Mode {
   DeviceBuffer q_gathered_, d_q_gathered_, intra_o_, d_intra_, intra_lse_, k_pages_, v_pages_, d_k_pages_, d_v_pages_,
       summary_send_, summary_recv_, merged_, global_sums_, d_global_sums_, d_merged_, first_slot_;
   DeviceBuffer attn_q_, attn_d_o_, attn_kv_, o32_;  // storage-dtype attention inputs, fp32 O / dO (non-fp32 dtype)
+  // The forward's fetches and the backward's returns, beside compute. Last, so destroyed first: when an
+  // error unwinds a pipeline, the step still in flight is waited for before the buffers it uses are freed.
+  CommOverlap overlap_;
 };
 
 }  // namespace

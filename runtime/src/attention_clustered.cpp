@@ -648,7 +648,6 @@ class ClusteredMode final : public DistributedAttention::Mode {
   std::vector<std::int32_t> block_key_counts_;
   std::vector<ElementPool> elements_;
   std::vector<ServedRequests> served_;  // per ring step: the blocks the rank r - s fetched from this rank
-  CommOverlap overlap_;
   DeviceBuffer pools_, own_d_pools_, key_bias_, page_sums_, page_counts_, block_sums_, block_counts_, gather_send_,
       gather_recv_, coarse_, bounds_, arrived_sums_, arrived_counts_, stage_, d_q_, d_block_sums_, d_page_sums_,
       scatter_send_, scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_, halo_stage_;
@@ -657,6 +656,9 @@ class ClusteredMode final : public DistributedAttention::Mode {
   DeviceBuffer attn_pools_;
   float* q_group_ = nullptr;
   std::vector<float> key_bias_host_;
+  // Last, so destroyed first: when an error unwinds a pipeline, the step still in flight is waited for
+  // before the buffers and host lists it uses are freed.
+  CommOverlap overlap_;
 };
 
 }  // namespace
