@@ -1,6 +1,7 @@
 // CPU attention backward (FlashAttention-2 recomputation), fp32, in three passes with no atomics:
 //   1. D = rowsum(dO * O) per (b, head, row), into the shared part of the workspace;
-//   2. dQ: threads take (batch, query tile, head) items and walk the unit's entries;
+//   2. dQ: threads take (batch, query tile, head) items and walk the unit's entries (runs of entries
+//      over consecutive pages as one, tile_math.hpp: entry_run);
 //   3. dK, dV: threads take (kv_head, page) items and walk the transposed table's refs to that page,
 //      over every query head of the group, so each page's gradient has exactly one writer.
 // Both gradient passes recompute P = exp(scale * Q K^T + bias - LSE) and dS = P * (dO V^T - D), over
@@ -13,14 +14,14 @@
 namespace ringcast::kernels::cpu {
 namespace {
 
-// Shared: D [B, heads, n_q]. Per thread: P and dS [kQueryTile, page_size]; two accumulators: dQ and
+// Shared: D [B, heads, n_q]. Per thread: P and dS [kQueryTile, kRunKeys]; two accumulators: dQ and
 // dS K of gathered rows (pass 2), or dK, dV [page_size, head_dim] (pass 3; page_size <= kQueryTile);
 // gathered Q and dO rows [kQueryTile, head_dim].
 ScratchLayout backward_layout(const AttentionShape& s) {
   using L = ScratchLayout;
   ScratchLayout layout;
   layout.shared_floats = static_cast<std::size_t>(s.batch) * s.heads * s.seq_q;
-  layout.floats_per_thread = 2 * L::round_up(std::size_t{kQueryTile} * s.page_size) +
+  layout.floats_per_thread = 2 * L::round_up(std::size_t{kQueryTile} * kRunKeys) +
                              4 * L::round_up(std::size_t{kQueryTile} * s.head_dim);
   return layout;
 }
@@ -34,7 +35,7 @@ struct BackwardScratch {
   float* d_o_rows;
 
   BackwardScratch(float* base, const AttentionShape& shape) {
-    const std::size_t tile_page = ScratchLayout::round_up(std::size_t{kQueryTile} * shape.page_size);
+    const std::size_t tile_page = ScratchLayout::round_up(std::size_t{kQueryTile} * kRunKeys);
     const std::size_t tile_dim = ScratchLayout::round_up(std::size_t{kQueryTile} * shape.head_dim);
     p = base;
     ds = p + tile_page;
@@ -84,24 +85,23 @@ struct BlockInputs {
 };
 
 // One row block (RowBlock) of one (entry, head): P into w.p and dS into w.ds, block row i at row i
-// (stride page_size; rows past n and rows with LSE = -inf get 0). q, d_o point at the tile's row 0 of
+// (stride key_count; rows past n and rows with LSE = -inf get 0). q, d_o point at the tile's row 0 of
 // the head; lse, delta at its row 0 in [B, heads, n].
 BlockInputs probs_and_dscores(const Problem& pb, const BlockEntry& e, std::int64_t kvh, const RowBlock& blk,
                               const float* q, const float* d_o, const float* k, const float* v, const float* lse,
                               const float* delta, const std::int32_t* q_pos, const BackwardScratch& w) {
   const int d = pb.shape.head_dim;
-  const int ps = pb.shape.page_size;
   const int kc = e.key_count;
   const KeyMeta* meta = pb.key_meta(e);
   const float* key_bias = pb.key_bias_of(e, kvh);
   BlockInputs in{};
   in.q = block_rows(blk, q, pb.ld(), w.q_rows, d, in.ld);
   in.d_o = block_rows(blk, d_o, pb.ld(), w.d_o_rows, d, in.ld);
-  gemm(false, true, blk.m, kc, d, pb.scale, in.q, in.ld, k, d, 0.f, w.p, ps);
-  gemm(false, true, blk.m, kc, d, 1.f, in.d_o, in.ld, v, d, 0.f, w.ds, ps);
+  gemm(false, true, blk.m, kc, d, pb.scale, in.q, in.ld, k, d, 0.f, w.p, kc);
+  gemm(false, true, blk.m, kc, d, 1.f, in.d_o, in.ld, v, d, 0.f, w.ds, kc);
   for (int i = 0; i < blk.m; ++i) {
-    float* p_row = w.p + std::int64_t{i} * ps;
-    float* ds_row = w.ds + std::int64_t{i} * ps;
+    float* p_row = w.p + std::int64_t{i} * kc;
+    float* ds_row = w.ds + std::int64_t{i} * kc;
     int m = 0;
     if (i < blk.n && lse[blk.index[i]] != kNegInf) {
       const int r = blk.index[i];
@@ -145,8 +145,11 @@ void d_q_item(const Problem& pb, const Grads& g, float* d_q, std::int64_t b, std
 
   std::fill(w.acc0, w.acc0 + std::size_t(rows) * d, 0.f);
   const std::int64_t u = pb.unit(b, tile, kvh);
-  for (std::int64_t i = pb.table.offsets[u]; i < pb.table.offsets[u + 1]; ++i) {
-    const BlockEntry& e = pb.table.entries[i];
+  const std::int64_t end = pb.table.offsets[u + 1];
+  for (std::int64_t i = pb.table.offsets[u]; i < end;) {
+    const EntryRun run = entry_run(pb.table.entries, i, end, s.page_size);
+    i += run.count;
+    const BlockEntry& e = run.entry;
     const EntryRows er(e, rows);
     if (er.count == 0) continue;
     const float* k = pb.k + pb.page_offset(kvh, e.page);
@@ -156,10 +159,10 @@ void d_q_item(const Problem& pb, const Grads& g, float* d_q, std::int64_t b, std
                         pb.q_pos + t0, w);
       // dQ += dS K (the softmax scale is applied once, at the store)
       if (blk.in_place) {
-        gemm(false, false, blk.m, d, e.key_count, 1.f, w.ds, s.page_size, k, d, 1.f,
+        gemm(false, false, blk.m, d, e.key_count, 1.f, w.ds, e.key_count, k, d, 1.f,
              w.acc0 + std::int64_t{blk.index[0]} * d, d);
       } else {
-        gemm(false, false, blk.m, d, e.key_count, 1.f, w.ds, s.page_size, k, d, 0.f, w.acc1, d);
+        gemm(false, false, blk.m, d, e.key_count, 1.f, w.ds, e.key_count, k, d, 0.f, w.acc1, d);
         scatter_add_tile_rows(w.acc0, d, w.acc1, blk.index, blk.n, d);
       }
     });
@@ -197,8 +200,8 @@ void d_kv_item(const Problem& pb, const Grads& g, const TransposedTable& tt, flo
         const BlockInputs in = probs_and_dscores(pb, e, kvh, blk, pb.q + row0, g.d_o + row0, k, v, g.lse + stat0,
                                                  g.delta + stat0, pb.q_pos + t0, w);
         // dV += P^T dO, dK += dS^T Q (scale applied at the store)
-        gemm(true, false, e.key_count, d, blk.m, 1.f, w.p, ps, in.d_o, in.ld, 1.f, d_v_acc, d);
-        gemm(true, false, e.key_count, d, blk.m, 1.f, w.ds, ps, in.q, in.ld, 1.f, d_k_acc, d);
+        gemm(true, false, e.key_count, d, blk.m, 1.f, w.p, e.key_count, in.d_o, in.ld, 1.f, d_v_acc, d);
+        gemm(true, false, e.key_count, d, blk.m, 1.f, w.ds, e.key_count, in.q, in.ld, 1.f, d_k_acc, d);
       });
     }
   }

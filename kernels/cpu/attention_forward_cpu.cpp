@@ -1,8 +1,9 @@
 // CPU attention forward: blockwise online softmax (FlashAttention), fp32. OpenMP threads take
-// (batch, query tile, head) items; per entry, S = scale * Q_rows K_page^T and O_rows += P V_page are
-// cblas_sgemm calls over the rows the entry's mask sets (tile_math.hpp, for_each_row_block: in place
-// when they are contiguous whole-tile rows, else gathered into blocks and scatter-added back), and the
-// masked softmax update between them is a vectorized row loop. Each thread keeps S, the O accumulator, the row statistics and the compact
+// (batch, query tile, head) items; per entry, or per run of entries over consecutive pages
+// (tile_math.hpp, entry_run), S = scale * Q_rows K^T and O_rows += P V are cblas_sgemm calls over the
+// rows the entry's mask sets (for_each_row_block: in place when they are contiguous whole-tile rows,
+// else gathered into blocks and scatter-added back), and the masked softmax update between them is a
+// vectorized row loop. Each thread keeps S, the O accumulator, the row statistics and the compact
 // blocks in its own slice of the workspace; outputs are written once per item, so no two threads
 // share a row.
 #include "attention_cpu.hpp"
@@ -13,12 +14,12 @@
 namespace ringcast::kernels::cpu {
 namespace {
 
-// Per thread: S / P [kQueryTile, page_size]; O accumulator, gathered Q rows and P V of gathered rows,
+// Per thread: S / P [kQueryTile, kRunKeys]; O accumulator, gathered Q rows and P V of gathered rows,
 // each [kQueryTile, head_dim]; row max, row sum.
 ScratchLayout forward_layout(const AttentionShape& s) {
   using L = ScratchLayout;
   ScratchLayout layout;
-  layout.floats_per_thread = L::round_up(std::size_t{kQueryTile} * s.page_size) +
+  layout.floats_per_thread = L::round_up(std::size_t{kQueryTile} * kRunKeys) +
                              3 * L::round_up(std::size_t{kQueryTile} * s.head_dim) + 2 * L::round_up(kQueryTile);
   return layout;
 }
@@ -34,7 +35,7 @@ struct ForwardScratch {
   ForwardScratch(float* base, const AttentionShape& shape) {
     const std::size_t tile_dim = ScratchLayout::round_up(std::size_t{kQueryTile} * shape.head_dim);
     s = base;
-    acc = s + ScratchLayout::round_up(std::size_t{kQueryTile} * shape.page_size);
+    acc = s + ScratchLayout::round_up(std::size_t{kQueryTile} * kRunKeys);
     q_rows = acc + tile_dim;
     pv_rows = q_rows + tile_dim;
     row_max = pv_rows + tile_dim;
@@ -48,9 +49,7 @@ void online_softmax_row(float* s, const BlockEntry& e, const KeyMeta* meta, cons
                         std::int32_t q_pos, float& row_max, float& row_sum, float* acc_row, int head_dim) {
   const int kc = e.key_count;
   const int n = row_logits(s, e, meta, key_bias, r, q_pos);
-  float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-  for (int j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  const float mx = max_of(s, n);
   if (mx == kNegInf) {  // the row sees no key of this entry
     std::fill(s, s + kc, 0.f);
     return;
@@ -90,8 +89,12 @@ void forward_item(const Problem& pb, float* o, float* lse, std::int64_t b, std::
   std::fill(w.row_sum, w.row_sum + rows, 0.f);
 
   const std::int64_t u = pb.unit(b, tile, kvh);
-  for (std::int64_t i = pb.table.offsets[u]; i < pb.table.offsets[u + 1]; ++i) {
-    const BlockEntry& e = pb.table.entries[i];
+  const std::int64_t end = pb.table.offsets[u + 1];
+  for (std::int64_t i = pb.table.offsets[u]; i < end;) {
+    const EntryRun run = entry_run(pb.table.entries, i, end, ps);
+    i += run.count;
+    const BlockEntry& e = run.entry;
+    const int kc = e.key_count;  // S, P rows are kc apart
     const EntryRows er(e, rows);
     if (er.count == 0) continue;
     const KeyMeta* meta = pb.key_meta(e);
@@ -101,16 +104,16 @@ void forward_item(const Problem& pb, float* o, float* lse, std::int64_t b, std::
     for_each_row_block(er, pb.table.rows_vary, [&](const RowBlock& blk) {
       std::int64_t lda = 0;
       const float* q_rows = block_rows(blk, q, ld, w.q_rows, d, lda);
-      gemm(false, true, blk.m, e.key_count, d, pb.scale, q_rows, lda, k, d, 0.f, w.s, ps);
+      gemm(false, true, blk.m, kc, d, pb.scale, q_rows, lda, k, d, 0.f, w.s, kc);
       for (int i = 0; i < blk.n; ++i) {
         const int r = blk.index[i];
-        online_softmax_row(w.s + std::int64_t{i} * ps, e, meta, key_bias, r, q_pos[r], w.row_max[r], w.row_sum[r],
+        online_softmax_row(w.s + std::int64_t{i} * kc, e, meta, key_bias, r, q_pos[r], w.row_max[r], w.row_sum[r],
                            w.acc + std::int64_t{r} * d, d);
       }
       if (blk.in_place) {
-        gemm(false, false, blk.m, d, e.key_count, 1.f, w.s, ps, v, d, 1.f, w.acc + std::int64_t{blk.index[0]} * d, d);
+        gemm(false, false, blk.m, d, kc, 1.f, w.s, kc, v, d, 1.f, w.acc + std::int64_t{blk.index[0]} * d, d);
       } else {
-        gemm(false, false, blk.m, d, e.key_count, 1.f, w.s, ps, v, d, 0.f, w.pv_rows, d);
+        gemm(false, false, blk.m, d, kc, 1.f, w.s, kc, v, d, 0.f, w.pv_rows, d);
         scatter_add_tile_rows(w.acc, d, w.pv_rows, blk.index, blk.n, d);
       }
     });

@@ -42,6 +42,22 @@ inline float fast_exp(float x) {
   return x < kLo ? 0.0f : p * two_n;
 }
 
+// max(x[0, n)), -inf when n = 0; NaNs are passed over, as std::max(m, NaN) does. Eight independent
+// running maxima: one chain (a reduction GCC does not vectorize without -ffast-math) waits a max's
+// latency per key.
+inline float max_of(const float* x, int n) {
+  constexpr int kLanes = 8;
+  float lane[kLanes];
+  std::fill(lane, lane + kLanes, -std::numeric_limits<float>::infinity());
+  int j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] = std::max(lane[l], x[j + l]);
+  for (; j < n; ++j) lane[0] = std::max(lane[0], x[j]);
+  float m = lane[0];
+  for (int l = 1; l < kLanes; ++l) m = std::max(m, lane[l]);
+  return m;
+}
+
 inline bool row_bit(const std::uint64_t (&mask)[2], int r) { return (mask[r >> 6] >> (r & 63)) & 1u; }
 
 // The tile rows an entry reaches among the tile's `rows` valid rows, in increasing order.
@@ -115,6 +131,38 @@ inline void scatter_add_tile_rows(float* dst, std::int64_t ld, const float* src,
 #pragma omp simd
     for (int c = 0; c < cols; ++c) d[c] += x[c];
   }
+}
+
+// A run of a unit's entries computed as one: consecutive entries that read consecutive whole pages of
+// the pool (contiguous keys) with the same rows, flags and bias and no per-key masks (a dense or
+// windowed table's pages) become one entry of up to kRunKeys keys, so each product is one wider
+// cblas_sgemm (OpenBLAS runs 128 x 64 x 64 products far below its rate at 512 keys). `entry` is the
+// first entry with key_count = the run's keys (its key_pos0 and the pool's key_bias stay valid: the
+// keys are consecutive); `count` entries of the table are consumed. Runs depend on the table alone, so
+// a row's result still never depends on data after it.
+inline constexpr int kRunKeys = 512;
+
+struct EntryRun {
+  BlockEntry entry;
+  std::int64_t count;
+};
+
+inline EntryRun entry_run(const BlockEntry* entries, std::int64_t i, std::int64_t end, int page_size) {
+  EntryRun run{entries[i], 1};
+  BlockEntry& r = run.entry;
+  const auto plain = [](const BlockEntry& e) { return e.key_meta < 0 && e.key_mask == ~std::uint64_t{0}; };
+  if (!plain(r)) return run;
+  for (; i + run.count < end && r.key_count % page_size == 0 && r.key_count + page_size <= kRunKeys; ++run.count) {
+    const BlockEntry& last = entries[i + run.count - 1];
+    const BlockEntry& next = entries[i + run.count];
+    const bool continues = plain(next) && next.page == last.page + 1 && next.flags == r.flags &&
+                           next.bias == r.bias && next.row_mask[0] == r.row_mask[0] &&
+                           next.row_mask[1] == r.row_mask[1] &&
+                           (!(r.flags & kEntryCausal) || next.key_pos0 == last.key_pos0 + page_size);
+    if (!continues) break;
+    r.key_count += next.key_count;
+  }
+  return run;
 }
 
 // Geometry and inputs of one call, and the addressing of tiles, pages and rows.
