@@ -48,13 +48,14 @@ CommOverlap::~CommOverlap() {
 void CommOverlap::start(std::function<void(Stream)> step) {
 #if RINGCAST_WITH_CUDA
   if (comm_stream_) {  // behind the steps in flight: the comm stream keeps their order
-    pending_ = true;
     const auto compute = static_cast<cudaStream_t>(session_.stream());
     const auto comm = static_cast<cudaStream_t>(comm_stream_);
     RINGCAST_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(ready_), compute));
     RINGCAST_CUDA_CHECK(cudaStreamWaitEvent(comm, static_cast<cudaEvent_t>(ready_), 0));
     step(comm_stream_);
     RINGCAST_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(done_), comm));
+    // Only once enqueued: a step that threw leaves nothing for wait() (the destructor drains the stream).
+    pending_ = true;
     return;
   }
 #endif
