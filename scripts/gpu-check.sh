@@ -6,10 +6,11 @@
 # to LOG_DIR (default build-gpu/gpu-check), one file per step, and a summary is printed last.
 #   usage: scripts/gpu-check.sh [LOG_DIR]
 #   env: CUDA_ARCH (default 90), JOBS, BENCH=quick|full|off, PROFILE=1|0, CPU_TESTS=1|0 (CI runs those),
-#        PHASES: a comma list of build, tests, checks, bench, scaling, model, maxlen (default: all but
-#        maxlen). One device call may run 10 minutes: run the phases over several calls, e.g.
-#        PHASES=build,tests then PHASES=build,checks,bench,scaling then PHASES=build,model (the build
-#        is incremental on a machine still warm; build is always needed to find the binary).
+#        PHASES: a comma list of build, tests, checks, bench, scaling, model, maxlen, maxlen-sparse
+#        (default: all but the two maxlen phases). One device call may run 10 minutes: run the phases
+#        over several calls, e.g. PHASES=build,tests then PHASES=build,checks,bench,scaling then
+#        PHASES=build,model, PHASES=build,maxlen (the build is incremental on a machine still warm;
+#        build is always needed to find the binary).
 # Dependencies the machine lacks travel as Debian packages in .gpu-deps/ (scripts/gpu-env.sh); a tree
 # copied without .git names its commit in .git-commit (git rev-parse --short=12 HEAD > .git-commit).
 set -uo pipefail
@@ -87,8 +88,13 @@ phase bench && [ "$bench" != off ] && step bench-selection bench_selection
 phase model && step bench-model scripts/bench_model.sh --ringcast "$build/bin/ringcast" --out "$log_dir/model" \
   $([ "$bench" = quick ] && echo --quick)
 # The unified-view paper's "40x": the longest layer one GPU runs, plain materialized attention vs ours.
+# Exact mode: trials past 200 s stop the search (1M tokens takes about 3 minutes), so the phase fits one
+# 10-minute device call and the row says "at least"; maxlen-sparse: the clustered mode to its memory limit.
 phase maxlen && step bench-maxlen python3 scripts/bench_maxlen.py --ringcast "$build/bin/ringcast" \
-  --out "$log_dir/maxlen.csv"
+  --timeout 200 --out "$log_dir/maxlen.csv"
+phase maxlen-sparse && step bench-maxlen-sparse python3 scripts/bench_maxlen.py --ringcast "$build/bin/ringcast" \
+  --mode clustered --methods ringcast --start 1048576 --resolution 262144 --timeout 240 \
+  --out "$log_dir/maxlen-clustered.csv"
 
 echo
 echo "== gpu-check summary ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short=12 HEAD 2>/dev/null || cat .git-commit 2>/dev/null))"
