@@ -84,6 +84,26 @@ struct BlockInputs {
   std::int64_t ld;
 };
 
+// Row r of one entry: its scores p[0, key_count) and dP = dO V^T in ds become P = exp(logit - LSE) and
+// dS = P * (dP - D), 0 past the keys it sees; all 0 for a row that is not live (no such row, or one
+// that saw no key: LSE = -inf).
+RINGCAST_ROW_LOOP void probs_and_dscores_row(float* p, float* ds, const BlockEntry& e, const KeyMeta* meta,
+                                             const float* key_bias, bool live, int r, std::int32_t q_pos,
+                                             float row_lse, float row_delta) {
+  int m = 0;
+  if (live) {
+    m = row_logits(p, e, meta, key_bias, r, q_pos);
+#pragma omp simd
+    for (int j = 0; j < m; ++j) {
+      const float pj = fast_exp(p[j] - row_lse);
+      p[j] = pj;
+      ds[j] = pj * (ds[j] - row_delta);
+    }
+  }
+  std::fill(p + m, p + e.key_count, 0.f);
+  std::fill(ds + m, ds + e.key_count, 0.f);
+}
+
 // One row block (RowBlock) of one (entry, head): P into w.p and dS into w.ds, block row i at row i
 // (stride key_count; rows past n and rows with LSE = -inf get 0). q, d_o point at the tile's row 0 of
 // the head; lse, delta at its row 0 in [B, heads, n].
@@ -100,23 +120,10 @@ BlockInputs probs_and_dscores(const Problem& pb, const BlockEntry& e, std::int64
   gemm(false, true, blk.m, kc, d, pb.scale, in.q, in.ld, k, d, 0.f, w.p, kc);
   gemm(false, true, blk.m, kc, d, 1.f, in.d_o, in.ld, v, d, 0.f, w.ds, kc);
   for (int i = 0; i < blk.m; ++i) {
-    float* p_row = w.p + std::int64_t{i} * kc;
-    float* ds_row = w.ds + std::int64_t{i} * kc;
-    int m = 0;
-    if (i < blk.n && lse[blk.index[i]] != kNegInf) {
-      const int r = blk.index[i];
-      m = row_logits(p_row, e, meta, key_bias, r, q_pos[r]);
-      const float row_lse = lse[r];
-      const float row_delta = delta[r];
-#pragma omp simd
-      for (int j = 0; j < m; ++j) {
-        const float pj = fast_exp(p_row[j] - row_lse);
-        p_row[j] = pj;
-        ds_row[j] = pj * (ds_row[j] - row_delta);
-      }
-    }
-    std::fill(p_row + m, p_row + kc, 0.f);
-    std::fill(ds_row + m, ds_row + kc, 0.f);
+    const bool live = i < blk.n && lse[blk.index[i]] != kNegInf;
+    const int r = live ? blk.index[i] : 0;
+    probs_and_dscores_row(w.p + std::int64_t{i} * kc, w.ds + std::int64_t{i} * kc, e, meta, key_bias, live, r,
+                          q_pos[r], lse[r], delta[r]);
   }
   return in;
 }

@@ -19,6 +19,18 @@
 
 namespace ringcast::kernels::cpu {
 
+// The softmax row loops (tile_math's row_logits, max_of and fast_exp inlined into them) compiled twice
+// on x86-64 with GCC, for the baseline and for x86-64-v3 (AVX2, FMA), the version chosen once at load
+// time by the CPU that runs them (function multiversioning): twice the vector width and fused
+// multiply-adds where the CPU has them, a library that still runs where it has not. Elsewhere (other
+// architectures, other compilers) the baseline build alone. The two versions round differently (FMA),
+// so results are reproducible on one CPU type, as with OpenBLAS, which picks its kernels the same way.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RINGCAST_ROW_LOOP __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define RINGCAST_ROW_LOOP
+#endif
+
 // exp(x) to about 1e-7 relative on [-87.3, 88.3], 0 below (so exp(-inf) = 0, a masked key), NaN
 // kept. Plain arithmetic so that the softmax loops vectorize, which libm's expf does not without
 // -ffast-math (the sources that use it build with -fno-trapping-math, see CMakeLists.txt).
