@@ -20,12 +20,12 @@
 namespace ringcast::kernels::cpu {
 
 // The softmax row loops (tile_math's row_logits, max_of and fast_exp inlined into them) compiled twice
-// on x86-64 with GCC, for the baseline and for x86-64-v3 (AVX2, FMA), the version chosen once at load
-// time by the CPU that runs them (function multiversioning): twice the vector width and fused
-// multiply-adds where the CPU has them, a library that still runs where it has not. Elsewhere (other
-// architectures, other compilers) the baseline build alone. The two versions round differently (FMA),
+// on x86-64 with GCC 11 or later, for the baseline and for x86-64-v3 (AVX2, FMA), the version chosen
+// once at load time by the CPU that runs them (function multiversioning): twice the vector width and
+// fused multiply-adds where the CPU has them, a library that still runs where it has not. Elsewhere
+// (other architectures, other compilers) the baseline build alone. The two versions round differently (FMA),
 // so results are reproducible on one CPU type, as with OpenBLAS, which picks its kernels the same way.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define RINGCAST_ROW_LOOP __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define RINGCAST_ROW_LOOP
