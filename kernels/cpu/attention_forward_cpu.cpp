@@ -45,8 +45,9 @@ struct ForwardScratch {
 
 // Softmax update of row r with the scores in s[0, key_count): turns them into P (0 for keys the row
 // does not see), rescales the row's accumulator when its running max grows.
-RINGCAST_ROW_LOOP void online_softmax_row(float* s, const BlockEntry& e, const KeyMeta* meta, const float* key_bias, int r,
-                        std::int32_t q_pos, float& row_max, float& row_sum, float* acc_row, int head_dim) {
+RINGCAST_ROW_LOOP void online_softmax_row(float* s, const BlockEntry& e, const KeyMeta* meta, const float* key_bias,
+                                          int r, std::int32_t q_pos, float& row_max, float& row_sum, float* acc_row,
+                                          int head_dim) {
   const int kc = e.key_count;
   const int n = row_logits(s, e, meta, key_bias, r, q_pos);
   const float mx = max_of(s, n);
