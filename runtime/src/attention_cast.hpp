@@ -6,7 +6,7 @@
 // (q * c + cl) / coarse_pages; there is no halo. Clusters hold count <= page_size members in slots
 // [0, count); a count of 0 (an empty cluster) takes part nowhere. Ties in every top-k break toward
 // the lower global id. Host code over host copies of the cluster metadata, summaries and selection
-// queries (attention_cast.cpp downloads them on CUDA); activations never pass through here.
+// queries (attention_cast_joint.cpp downloads them on CUDA); activations never pass through here.
 #pragma once
 
 #include <ringcast/attention.hpp>

@@ -1,5 +1,5 @@
 // The `clustered` attention mode (DESIGN.md §4.1-4.2, docs/clustered-design.md), `clusters = blocks`
-// (surrogate clusters: attention_cast.cpp), contiguous placement. Forward, per layer: summarise the local
+// (surrogate clusters: attention_cast_mode.hpp), contiguous placement. Forward, per layer: summarise the local
 // K/V; all-gather each KV head's coarse summaries while the previous head picks remote coarse blocks
 // (top-R) for every batch element, and the halo beside the last head's; exchange the requests, then fetch
 // each (element, KV head)'s blocks while the previous one's summaries and selection compute; build one

@@ -1,4 +1,4 @@
-// Cluster operations of the clustered mode with surrogate clusters (runtime/src/attention_cast.cpp;
+// Cluster operations of the clustered mode with surrogate clusters (runtime/src/attention_cast_*.cpp;
 // DESIGN.md §4.1, docs/clustered-design.md "Surrogate clusters"), so that the mode touches activations
 // only through kernels (its rows move between token order, cluster order and cluster pages by
 // row_gather.hpp): key bounds of partly filled pages; coarse blocks of clusters; selection queries of
