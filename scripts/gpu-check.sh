@@ -83,6 +83,13 @@ bench_selection() {
     "$build/bin/ringcast" bench kernels --pattern selection-row --seq 65536 --heads 64 --kv-heads 4 --k 16 --repeats 5
 }
 phase bench && [ "$bench" != off ] && step bench-selection bench_selection
+# The pipelines an RTX 4090 runs (shared memory capped at its 99 KB per block: d = 128 forward 2 stages,
+# backward 1) beside this GPU's own, same shape, forward + backward: what the shallower pipelines cost.
+bench_4090_pipelines() {
+  local args=(bench kernels --seq 65536 --heads 16 --pattern dense-causal --backward --repeats 5)
+  "$build/bin/ringcast" "${args[@]}" && RINGCAST_CUDA_SMEM_LIMIT=101376 "$build/bin/ringcast" "${args[@]}"
+}
+phase bench && [ "$bench" != off ] && step bench-4090-pipelines bench_4090_pipelines
 # The model at 64K-1M tokens (D 1024, 8 layers, 16 heads) and each seed option beside the plain stack
 # (issues 6 and 7): step time, tokens/s, peak memory; one GPU, one rank.
 phase model && step bench-model scripts/bench_model.sh --ringcast "$build/bin/ringcast" --out "$log_dir/model" \

@@ -11,7 +11,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "attention_launch.hpp"
 
@@ -53,11 +55,31 @@ AttentionArgs backward_args(const AttentionBackwardParams& p) {
   return a;
 }
 
+namespace {
+
+// RINGCAST_CUDA_SMEM_LIMIT, read once: bytes of shared memory per block that the pipelines may use
+// below the device's own opt-in limit; 0 where unset.
+int smem_cap() {
+  static const int cap = [] {
+    const char* env = std::getenv("RINGCAST_CUDA_SMEM_LIMIT");
+    if (env == nullptr || *env == '\0') return 0;
+    char* end = nullptr;
+    const long bytes = std::strtol(env, &end, 10);
+    RINGCAST_CHECK(*end == '\0' && bytes > 0 && bytes <= (1L << 30),
+                   "RINGCAST_CUDA_SMEM_LIMIT={}: expected a positive number of bytes", env);
+    return static_cast<int>(bytes);
+  }();
+  return cap;
+}
+
+}  // namespace
+
 int pick_stages(const char* kernel, std::size_t (*bytes)(int), int max_stages) {
   int device = 0;
   int limit = 0;
   RINGCAST_CUDA_CHECK(cudaGetDevice(&device));
   RINGCAST_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (smem_cap() > 0) limit = std::min(limit, smem_cap());
   for (int stages = max_stages; stages > 1; --stages) {
     if (bytes(stages) <= static_cast<std::size_t>(limit)) return stages;
   }

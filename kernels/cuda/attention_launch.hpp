@@ -17,7 +17,8 @@ AttentionArgs forward_args(const AttentionForwardParams& p);
 AttentionArgs backward_args(const AttentionBackwardParams& p);
 
 // Pipeline depth for a kernel whose shared memory is bytes(stages): the largest stages <= max_stages
-// that fits the device's per-block opt-in limit; throws when even one stage does not fit.
+// that fits the device's per-block opt-in limit, or RINGCAST_CUDA_SMEM_LIMIT (bytes) where that is
+// lower (101376 makes an H100 run the pipelines of an RTX 4090); throws when even one stage does not fit.
 int pick_stages(const char* kernel, std::size_t (*bytes)(int), int max_stages);
 
 // Raises the kernel's dynamic shared memory limit to `bytes` (needed above 48 KB).
