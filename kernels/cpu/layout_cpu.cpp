@@ -4,8 +4,8 @@
 #include "layout_cpu.hpp"
 
 #include <ringcast/error.hpp>
+#include <ringcast/storage_bits.hpp>
 
-#include <bit>
 #include <cstring>
 
 namespace ringcast::kernels::cpu {
@@ -13,8 +13,7 @@ namespace {
 
 float load(const void* base, std::int64_t i, DType t) {
   if (t == DType::kF32) return static_cast<const float*>(base)[i];
-  const std::uint32_t bits = std::uint32_t{static_cast<const std::uint16_t*>(base)[i]} << 16;  // bf16
-  return std::bit_cast<float>(bits);
+  return bf16_value(static_cast<const std::uint16_t*>(base)[i]);
 }
 
 void store(void* base, std::int64_t i, DType t, float x, bool accumulate) {
@@ -23,12 +22,7 @@ void store(void* base, std::int64_t i, DType t, float x, bool accumulate) {
     *p = accumulate ? *p + x : x;
     return;
   }
-  // bf16, round to nearest even (NaN stays NaN).
-  const std::uint32_t bits = std::bit_cast<std::uint32_t>(x);
-  std::uint16_t out;
-  if ((bits & 0x7fffffffu) > 0x7f800000u) out = static_cast<std::uint16_t>((bits >> 16) | 0x40u);
-  else out = static_cast<std::uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-  static_cast<std::uint16_t*>(base)[i] = out;
+  static_cast<std::uint16_t*>(base)[i] = bf16_bits(x);  // bf16
 }
 
 }  // namespace

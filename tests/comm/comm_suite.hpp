@@ -9,12 +9,12 @@
 
 #include <ringcast/comm/communicator.hpp>
 #include <ringcast/error.hpp>
+#include <ringcast/storage_bits.hpp>
 
 #include <gtest/gtest.h>
 #include <mpi.h>
 
 #include <algorithm>
-#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -60,29 +60,13 @@ inline double sample(DType t, std::uint64_t k) {
   return 1.0;
 }
 
-inline std::uint16_t to_half_bits(float f) {  // exact for the values sample() makes
-  if (f == 0.0f) return 0;
-  const std::uint32_t sign = f < 0 ? 0x8000u : 0u;
-  int e = 0;
-  const float m = std::frexp(std::fabs(f), &e);  // |f| = m * 2^e, m in [0.5, 1)
-  const auto mantissa = static_cast<std::uint32_t>((m * 2.0f - 1.0f) * 1024.0f);
-  return static_cast<std::uint16_t>(sign | static_cast<std::uint32_t>(e - 1 + 15) << 10 | mantissa);
-}
-
-inline float from_half_bits(std::uint16_t h) {
-  const int e = (h >> 10) & 0x1f;
-  const float m = static_cast<float>(h & 0x3ff) / 1024.0f;
-  const float v = e == 0 ? std::ldexp(m, -14) : std::ldexp(1.0f + m, e - 15);
-  return (h & 0x8000) ? -v : v;
-}
-
 inline void store(DType t, double v, std::byte* dst) {
   auto put = [&](auto x) { std::memcpy(dst, &x, sizeof(x)); };
   switch (t) {
     case DType::kF32: put(static_cast<float>(v)); break;
     case DType::kF64: put(v); break;
-    case DType::kBF16: put(static_cast<std::uint16_t>(std::bit_cast<std::uint32_t>(static_cast<float>(v)) >> 16)); break;
-    case DType::kF16: put(to_half_bits(static_cast<float>(v))); break;
+    case DType::kBF16:
+    case DType::kF16: put(storage_bits(static_cast<float>(v), t)); break;
     case DType::kI32: put(static_cast<std::int32_t>(v)); break;
     case DType::kI64: put(static_cast<std::int64_t>(v)); break;
     case DType::kU8: put(static_cast<std::uint8_t>(static_cast<std::int64_t>(v) & 0xff)); break;
@@ -97,8 +81,8 @@ inline double load(DType t, const std::byte* src) {
   switch (t) {
     case DType::kF32: return get(float{});
     case DType::kF64: return get(double{});
-    case DType::kBF16: return std::bit_cast<float>(static_cast<std::uint32_t>(get(std::uint16_t{})) << 16);
-    case DType::kF16: return from_half_bits(get(std::uint16_t{}));
+    case DType::kBF16:
+    case DType::kF16: return storage_value(get(std::uint16_t{}), t);
     case DType::kI32: return get(std::int32_t{});
     case DType::kI64: return static_cast<double>(get(std::int64_t{}));
     case DType::kU8: return get(std::uint8_t{});

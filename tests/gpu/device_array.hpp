@@ -5,8 +5,8 @@
 #pragma once
 
 #include <ringcast/kernels/attention.hpp>
+#include <ringcast/storage_bits.hpp>
 
-#include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -34,7 +34,7 @@ inline void cuda_require(cudaError_t e, const char* what) {
 
 // Every element rounded to the nearest bf16 value (kept as fp32): the inputs both backends see.
 inline std::vector<float> bf16_values(std::vector<float> x) {
-  for (float& v : x) v = __bfloat162float(__float2bfloat16_rn(v));
+  for (float& v : x) v = bf16_value(bf16_bits(v));
   return x;
 }
 

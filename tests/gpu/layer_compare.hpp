@@ -9,10 +9,10 @@
 #include <ringcast/memory.hpp>
 #include <ringcast/plan.hpp>
 #include <ringcast/session.hpp>
+#include <ringcast/storage_bits.hpp>
 
 #include "test_util.hpp"
 
-#include <cuda_bf16.h>
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -43,9 +43,9 @@ class Tensor {
       buf_.copy_from_host(host.data(), host.size() * sizeof(float));
       return;
     }
-    std::vector<__nv_bfloat16> b(host.size());
-    for (std::size_t i = 0; i < host.size(); ++i) b[i] = __float2bfloat16_rn(host[i]);
-    buf_.copy_from_host(b.data(), b.size() * sizeof(__nv_bfloat16));
+    std::vector<std::uint16_t> b(host.size());
+    for (std::size_t i = 0; i < host.size(); ++i) b[i] = storage_bits(host[i], dtype);
+    buf_.copy_from_host(b.data(), b.size() * sizeof(std::uint16_t));
   }
   const TensorView& view() const { return view_; }
   std::vector<float> read(Stream stream) const {
@@ -54,9 +54,9 @@ class Tensor {
       buf_.copy_to_host(out.data(), out.size() * sizeof(float), 0, stream);
       return out;
     }
-    std::vector<__nv_bfloat16> b(count_);
-    buf_.copy_to_host(b.data(), b.size() * sizeof(__nv_bfloat16), 0, stream);
-    for (std::size_t i = 0; i < count_; ++i) out[i] = __bfloat162float(b[i]);
+    std::vector<std::uint16_t> b(count_);
+    buf_.copy_to_host(b.data(), b.size() * sizeof(std::uint16_t), 0, stream);
+    for (std::size_t i = 0; i < count_; ++i) out[i] = storage_value(b[i], dtype_);
     return out;
   }
 

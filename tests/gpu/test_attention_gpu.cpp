@@ -9,9 +9,8 @@
 
 #include <ringcast/kernels/attention.hpp>
 #include <ringcast/kernels/block_table.hpp>
+#include <ringcast/storage_bits.hpp>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -73,30 +72,8 @@ class DeviceBuffer {
   std::size_t bytes_;
 };
 
-// Round-to-nearest storage conversions on the host (the kernels' inputs and the emulation's P and O).
-std::uint16_t to_bits(float x, DType t) {
-  if (t == DType::kBF16) {
-    const __nv_bfloat16 h = __float2bfloat16_rn(x);
-    std::uint16_t bits;
-    std::memcpy(&bits, static_cast<const void*>(&h), 2);
-    return bits;
-  }
-  const __half h = __float2half_rn(x);
-  std::uint16_t bits;
-  std::memcpy(&bits, static_cast<const void*>(&h), 2);
-  return bits;
-}
-float from_bits(std::uint16_t bits, DType t) {
-  if (t == DType::kBF16) {
-    __nv_bfloat16 h;
-    std::memcpy(static_cast<void*>(&h), &bits, 2);
-    return __bfloat162float(h);
-  }
-  __half h;
-  std::memcpy(static_cast<void*>(&h), &bits, 2);
-  return __half2float(h);
-}
-double round_to(double x, DType t) { return from_bits(to_bits(static_cast<float>(x), t), t); }
+// Round to the nearest value of the storage dtype (the kernels' inputs and the emulation's P and O).
+double round_to(double x, DType t) { return storage_value(storage_bits(static_cast<float>(x), t), t); }
 
 struct Stored {
   std::vector<std::uint16_t> bits;  // what the device reads
@@ -107,8 +84,8 @@ Stored store(const std::vector<float>& x, DType t) {
   s.bits.resize(x.size());
   s.value.resize(x.size());
   for (std::size_t i = 0; i < x.size(); ++i) {
-    s.bits[i] = to_bits(x[i], t);
-    s.value[i] = from_bits(s.bits[i], t);
+    s.bits[i] = storage_bits(x[i], t);
+    s.value[i] = storage_value(s.bits[i], t);
   }
   return s;
 }
@@ -199,7 +176,7 @@ std::vector<double> widen(const std::vector<float>& x) { return {x.begin(), x.en
 
 std::vector<double> storage_to_f64(const std::vector<std::uint16_t>& bits, DType t) {
   std::vector<double> out(bits.size());
-  for (std::size_t i = 0; i < bits.size(); ++i) out[i] = from_bits(bits[i], t);
+  for (std::size_t i = 0; i < bits.size(); ++i) out[i] = storage_value(bits[i], t);
   return out;
 }
 

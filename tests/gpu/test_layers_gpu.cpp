@@ -83,10 +83,10 @@ void expect_bf16(const std::string& what, const std::vector<T>& gpu, const Vec& 
   expect_near(what + " (emulation " + std::to_string(emu_err) + ")", gpu, ref, std::min(kBf16Tol, 2.0 * emu_err));
 }
 
-double bf16_value(double x) { return __bfloat162float(__float2bfloat16_rn(static_cast<float>(x))); }
+double round_bf16(double x) { return bf16_value(bf16_bits(static_cast<float>(x))); }
 
 Vec bf16_rounded(Vec x) {
-  for (double& v : x) v = bf16_value(v);
+  for (double& v : x) v = round_bf16(v);
   return x;
 }
 
@@ -561,7 +561,7 @@ CeReference ce_reference(const CeCase& c, const CeInputs& in, bool bf16) {
       d[j] = in.loss_scale * (std::exp(z[j] - lse) - (j == target ? 1.0 : 0.0));
     for (std::int64_t j = 0; j < c.vocab; ++j) {
       r.d_bias[j] += d[j];
-      const double dj = bf16 ? bf16_value(d[j]) : d[j];
+      const double dj = bf16 ? round_bf16(d[j]) : d[j];
       for (int k = 0; k < c.dim; ++k) {
         r.d_h[row * c.dim + k] += dj * w[j * c.dim + k];
         r.d_w[j * c.dim + k] += dj * h[row * c.dim + k];
