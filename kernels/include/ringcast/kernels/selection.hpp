@@ -58,7 +58,6 @@ struct ClusteredLayout {
   std::int64_t num_pages() const { return coarse_summary_first_page() + coarse_summary_pages(); }
 
   bool is_local_block(std::int64_t block) const;
-  bool is_resident_block(std::int64_t block) const { return block_pool_page(block) >= 0; }
   // First pool page of a resident block, or -1.
   std::int64_t block_pool_page(std::int64_t block) const;
   // Pool page of a resident global page, or -1.
