@@ -6,6 +6,7 @@
 // rounded to o_dtype). Key masks and per-key biases (kEntryKeyBias) are drawn by random_block_table;
 // dense tables exercise the kernels' mask-free path for whole pages. Skips when no CUDA device exists.
 #include "attention_reference.hpp"
+#include "device_array.hpp"
 
 #include <ringcast/kernels/attention.hpp>
 #include <ringcast/kernels/block_table.hpp>
@@ -29,48 +30,6 @@ using kernels::AttentionShape;
 using kernels::BlockEntry;
 using kernels::HostBlockTable;
 using kernels::KeyMeta;
-
-bool have_device() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-#define SKIP_WITHOUT_DEVICE() \
-  if (!have_device()) GTEST_SKIP() << "no CUDA device"
-
-void cuda_ok(cudaError_t e, const char* what) {
-  ASSERT_EQ(e, cudaSuccess) << what << ": " << cudaGetErrorString(e);
-}
-
-// A device buffer filled from / read back into host vectors. Poisoned with 0xFF bytes (NaN) at birth.
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(std::size_t bytes) : bytes_(bytes) {
-    cuda_ok(cudaMalloc(&ptr_, std::max<std::size_t>(bytes, 16)), "cudaMalloc");
-    cuda_ok(cudaMemset(ptr_, 0xFF, bytes_), "cudaMemset");
-  }
-  template <typename T>
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size() * sizeof(T)) {
-    cuda_ok(cudaMemcpy(ptr_, host.data(), bytes_, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() { cudaFree(ptr_); }
-
-  template <typename T>
-  std::vector<T> download() const {
-    std::vector<T> host(bytes_ / sizeof(T));
-    cuda_ok(cudaMemcpy(host.data(), ptr_, bytes_, cudaMemcpyDeviceToHost), "cudaMemcpy D2H");
-    return host;
-  }
-  template <typename T>
-  T* as() const { return static_cast<T*>(ptr_); }
-  void* get() const { return ptr_; }
-
- private:
-  void* ptr_ = nullptr;
-  std::size_t bytes_;
-};
 
 // Round to the nearest value of the storage dtype (the kernels' inputs and the emulation's P and O).
 double round_to(double x, DType t) { return storage_value(storage_bits(static_cast<float>(x), t), t); }
@@ -222,12 +181,18 @@ void run_case(const Case& c) {
   const std::vector<double> key_bias64 = widen(key_bias);
   const float scale = 1.f / std::sqrt(static_cast<float>(s.head_dim));
 
-  DeviceBuffer dq_in(q.bits), dk_in(k.bits), dv_in(v.bits), ddo(d_o.bits), dpos(q_pos), dkey_bias(key_bias);
-  DeviceBuffer doffsets(table.offsets), dentries(table.entries);
-  DeviceBuffer dmeta(table.key_meta.empty() ? std::vector<KeyMeta>(1) : table.key_meta);
-  DeviceBuffer dtoffsets(transposed.offsets);
-  DeviceBuffer drefs(transposed.refs.empty() ? std::vector<kernels::PageRef>(1) : transposed.refs);
-  DeviceBuffer d_out(nq * dtype_size(c.o_dtype)), d_lse(nlse * sizeof(float));
+  const DeviceArray<std::uint16_t> dq_in(q.bits), dk_in(k.bits), dv_in(v.bits), ddo(d_o.bits);
+  const DeviceArray<std::int32_t> dpos(q_pos);
+  const DeviceArray<float> dkey_bias(key_bias);
+  const DeviceArray<std::int64_t> doffsets(table.offsets), dtoffsets(transposed.offsets);
+  const DeviceArray<BlockEntry> dentries(table.entries);
+  const DeviceArray<KeyMeta> dmeta(table.key_meta.empty() ? std::vector<KeyMeta>(1) : table.key_meta);
+  const DeviceArray<kernels::PageRef> drefs(transposed.refs.empty() ? std::vector<kernels::PageRef>(1)
+                                                                    : transposed.refs);
+  // O in its dtype (one of the two is empty), LSE.
+  const bool o_f32 = c.o_dtype == DType::kF32;
+  const DeviceArray<float> d_out32(o_f32 ? nq : 0), d_lse(nlse);
+  const DeviceArray<std::uint16_t> d_out16(o_f32 ? 0 : nq);
 
   const kernels::ExecContext ctx{{DeviceKind::kCuda, 0}, nullptr};
   kernels::AttentionForwardParams p;
@@ -238,22 +203,21 @@ void run_case(const Case& c) {
   p.q = dq_in.get();
   p.k_pages = dk_in.get();
   p.v_pages = dv_in.get();
-  p.q_pos = dpos.as<std::int32_t>();
-  p.key_bias = dkey_bias.as<float>();
-  p.table = {doffsets.as<std::int64_t>(), dentries.as<BlockEntry>(),
-             table.key_meta.empty() ? nullptr : dmeta.as<KeyMeta>(), static_cast<std::int64_t>(table.entries.size())};
-  p.o = d_out.get();
-  p.lse = d_lse.as<float>();
+  p.q_pos = dpos.get();
+  p.key_bias = dkey_bias.get();
+  p.table = {doffsets.get(), dentries.get(), table.key_meta.empty() ? nullptr : dmeta.get(),
+             static_cast<std::int64_t>(table.entries.size())};
+  p.o = o_f32 ? static_cast<void*>(d_out32.get()) : static_cast<void*>(d_out16.get());
+  p.lse = d_lse.get();
   ASSERT_EQ(kernels::attention_forward_workspace_bytes(s, ctx), 0u);
   kernels::attention_forward(p, ctx);
-  cuda_ok(cudaDeviceSynchronize(), "forward");
+  cuda_require(cudaDeviceSynchronize(), "forward");
 
   const ReferenceProblem pr{s, scale, &table, q_pos, q.value, k.value, v.value, key_bias64};
   const ReferenceOutputs ref = reference_attention_forward(pr);
   const std::vector<double> emu = emulate_forward(pr, table, c.dtype, c.o_dtype);
-  const std::vector<double> o = c.o_dtype == DType::kF32 ? widen(d_out.download<float>())
-                                                         : storage_to_f64(d_out.download<std::uint16_t>(), c.o_dtype);
-  const std::vector<float> lse = d_lse.download<float>();
+  const std::vector<double> o = o_f32 ? widen(d_out32.download()) : storage_to_f64(d_out16.download(), c.o_dtype);
+  const std::vector<float> lse = d_lse.download();
   const double err_o = relative_error(o, ref.o);
   const double err_emu = relative_error(emu, ref.o);
   const double err_lse = relative_error(lse, ref.lse);
@@ -264,34 +228,33 @@ void run_case(const Case& c) {
 
   // Backward; with accumulate the gradients land on top of random prior values.
   const std::size_t ws = kernels::attention_backward_workspace_bytes(s, ctx);
-  DeviceBuffer workspace(ws);
-  DeviceBuffer g_q(nq * sizeof(float)), g_k(nkv * sizeof(float)), g_v(nkv * sizeof(float));
+  const DeviceArray<std::uint8_t> workspace(ws);
+  DeviceArray<float> g_q(nq), g_k(nkv), g_v(nkv);
   std::vector<float> prior_q, prior_k, prior_v;
   if (c.accumulate) {
     prior_q = random_normal(nq, seed + 5);
     prior_k = random_normal(nkv, seed + 6);
     prior_v = random_normal(nkv, seed + 7);
-    cuda_ok(cudaMemcpy(g_q.get(), prior_q.data(), nq * 4, cudaMemcpyHostToDevice), "prior dQ");
-    cuda_ok(cudaMemcpy(g_k.get(), prior_k.data(), nkv * 4, cudaMemcpyHostToDevice), "prior dK");
-    cuda_ok(cudaMemcpy(g_v.get(), prior_v.data(), nkv * 4, cudaMemcpyHostToDevice), "prior dV");
+    g_q.upload(prior_q);
+    g_k.upload(prior_k);
+    g_v.upload(prior_v);
   }
   kernels::AttentionBackwardParams bp;
   bp.fwd = p;
   bp.d_o = ddo.get();
-  bp.transposed = {dtoffsets.as<std::int64_t>(), drefs.as<kernels::PageRef>(),
-                   static_cast<std::int64_t>(transposed.refs.size())};
-  bp.d_q = g_q.as<float>();
-  bp.d_k_pages = g_k.as<float>();
-  bp.d_v_pages = g_v.as<float>();
+  bp.transposed = {dtoffsets.get(), drefs.get(), static_cast<std::int64_t>(transposed.refs.size())};
+  bp.d_q = g_q.get();
+  bp.d_k_pages = g_k.get();
+  bp.d_v_pages = g_v.get();
   bp.accumulate = c.accumulate;
   bp.workspace = workspace.get();
   bp.workspace_bytes = ws;
   kernels::attention_backward(bp, ctx);
-  cuda_ok(cudaDeviceSynchronize(), "backward");
+  cuda_require(cudaDeviceSynchronize(), "backward");
 
   const ReferenceGradients gref = reference_attention_backward(pr, d_o.value);
-  auto grad = [&](const DeviceBuffer& buf, const std::vector<float>& prior) {
-    std::vector<double> x = widen(buf.download<float>());
+  auto grad = [&](const DeviceArray<float>& buf, const std::vector<float>& prior) {
+    std::vector<double> x = widen(buf.download());
     for (std::size_t i = 0; i < prior.size(); ++i) x[i] -= prior[i];
     return x;
   };
@@ -317,7 +280,7 @@ RandomTableOptions sparse(int max_entries, double keep) {
 }
 
 TEST(AttentionGpu, DenseNonCausal) {
-  SKIP_WITHOUT_DEVICE();
+  RINGCAST_SKIP_WITHOUT_CUDA();
   run_case({.name = "dense d64 bf16", .batch = 2, .seq_q = 300, .heads = 4, .kv_heads = 2, .head_dim = 64,
             .pattern = Pattern::kDense});
   run_case({.name = "dense d128 f16", .seq_q = 257, .heads = 2, .kv_heads = 2, .head_dim = 128,
@@ -325,7 +288,7 @@ TEST(AttentionGpu, DenseNonCausal) {
 }
 
 TEST(AttentionGpu, DenseCausal) {
-  SKIP_WITHOUT_DEVICE();
+  RINGCAST_SKIP_WITHOUT_CUDA();
   run_case({.name = "causal d128 bf16", .seq_q = 383, .heads = 2, .kv_heads = 1, .head_dim = 128,
             .pattern = Pattern::kDenseCausal});
   run_case({.name = "causal d64 f16", .batch = 2, .seq_q = 129, .heads = 4, .kv_heads = 4, .head_dim = 64,
@@ -333,13 +296,13 @@ TEST(AttentionGpu, DenseCausal) {
 }
 
 TEST(AttentionGpu, SlidingWindow) {
-  SKIP_WITHOUT_DEVICE();
+  RINGCAST_SKIP_WITHOUT_CUDA();
   run_case({.name = "window d128 bf16", .seq_q = 700, .heads = 2, .kv_heads = 1, .head_dim = 128,
             .pattern = Pattern::kWindow});
 }
 
 TEST(AttentionGpu, RandomSparseGqa) {
-  SKIP_WITHOUT_DEVICE();
+  RINGCAST_SKIP_WITHOUT_CUDA();
   for (int group : {1, 2, 4, 8}) {
     for (int d : {64, 128}) {
       run_case({.name = "random g" + std::to_string(group) + " d" + std::to_string(d), .batch = 2, .seq_q = 250,
@@ -351,7 +314,7 @@ TEST(AttentionGpu, RandomSparseGqa) {
 }
 
 TEST(AttentionGpu, SummaryPagesWithKeyMeta) {
-  SKIP_WITHOUT_DEVICE();
+  RINGCAST_SKIP_WITHOUT_CUDA();
   RandomTableOptions o = sparse(5, 0.9);
   o.key_meta_fraction = 0.5;
   run_case({.name = "keymeta d64", .seq_q = 200, .heads = 4, .kv_heads = 2, .head_dim = 64, .random = o,
@@ -361,7 +324,7 @@ TEST(AttentionGpu, SummaryPagesWithKeyMeta) {
 }
 
 TEST(AttentionGpu, KeyMasksAndKeyBiases) {
-  SKIP_WITHOUT_DEVICE();
+  RINGCAST_SKIP_WITHOUT_CUDA();
   RandomTableOptions o = sparse(6, 0.8);
   o.key_mask_fraction = 0.6;
   o.key_bias_fraction = 0.6;
@@ -380,7 +343,7 @@ TEST(AttentionGpu, KeyMasksAndKeyBiases) {
 // Whole pages seen by every row (the mask-free path) mixed in one unit with masked, causal,
 // partial, key-masked and key-biased pages; every tile row exists (seq_q a multiple of 128) and not.
 TEST(AttentionGpu, WholePagesMixedWithMaskedPages) {
-  SKIP_WITHOUT_DEVICE();
+  RINGCAST_SKIP_WITHOUT_CUDA();
   RandomTableOptions o;
   o.min_entries = 2;
   o.max_entries = 8;
@@ -399,7 +362,7 @@ TEST(AttentionGpu, WholePagesMixedWithMaskedPages) {
 }
 
 TEST(AttentionGpu, EmptyRowsAndEmptyUnits) {
-  SKIP_WITHOUT_DEVICE();
+  RINGCAST_SKIP_WITHOUT_CUDA();
   RandomTableOptions o = sparse(3, 0.3);
   o.min_entries = 0;
   run_case({.name = "empty rows d64", .batch = 2, .seq_q = 333, .heads = 2, .kv_heads = 1, .head_dim = 64,
@@ -409,7 +372,7 @@ TEST(AttentionGpu, EmptyRowsAndEmptyUnits) {
 }
 
 TEST(AttentionGpu, Fp32Output) {
-  SKIP_WITHOUT_DEVICE();
+  RINGCAST_SKIP_WITHOUT_CUDA();
   run_case({.name = "o f32 d128", .seq_q = 190, .heads = 4, .kv_heads = 1, .head_dim = 128,
             .o_dtype = DType::kF32, .random = sparse(4, 0.8), .num_pages = 5});
   run_case({.name = "o f32 d64 f16", .seq_q = 64, .heads = 2, .kv_heads = 1, .head_dim = 64, .dtype = DType::kF16,
@@ -417,7 +380,7 @@ TEST(AttentionGpu, Fp32Output) {
 }
 
 TEST(AttentionGpu, BackwardAccumulates) {
-  SKIP_WITHOUT_DEVICE();
+  RINGCAST_SKIP_WITHOUT_CUDA();
   run_case({.name = "accumulate d128", .seq_q = 260, .heads = 4, .kv_heads = 2, .head_dim = 128,
             .random = sparse(5, 0.8), .num_pages = 6, .accumulate = true});
   run_case({.name = "accumulate d64 causal", .seq_q = 200, .heads = 2, .kv_heads = 1, .head_dim = 64,
@@ -425,7 +388,7 @@ TEST(AttentionGpu, BackwardAccumulates) {
 }
 
 TEST(AttentionGpu, MergeByLse) {
-  SKIP_WITHOUT_DEVICE();
+  RINGCAST_SKIP_WITHOUT_CUDA();
   const std::uint64_t seed = std::random_device{}();
   SCOPED_TRACE("seed " + std::to_string(seed));
   kernels::MergeParams m;
@@ -440,13 +403,13 @@ TEST(AttentionGpu, MergeByLse) {
   // Rows where one side, or both, saw nothing.
   for (std::size_t r = 0; r < nl; r += 5) l_a[r] = kernels::kNegInf;
   for (std::size_t r = 0; r < nl; r += 7) l_b[r] = kernels::kNegInf;
-  DeviceBuffer d_oa(o_a), d_ob(o_b), d_la(l_a), d_lb(l_b);
-  m.o_acc = d_oa.as<float>();
-  m.lse_acc = d_la.as<float>();
-  m.o_part = d_ob.as<float>();
-  m.lse_part = d_lb.as<float>();
+  const DeviceArray<float> d_oa(o_a), d_ob(o_b), d_la(l_a), d_lb(l_b);
+  m.o_acc = d_oa.get();
+  m.lse_acc = d_la.get();
+  m.o_part = d_ob.get();
+  m.lse_part = d_lb.get();
   kernels::merge_by_lse(m, {{DeviceKind::kCuda, 0}, nullptr});
-  cuda_ok(cudaDeviceSynchronize(), "merge");
+  cuda_require(cudaDeviceSynchronize(), "merge");
 
   std::vector<double> ref_o(no), ref_l(nl);
   for (std::int64_t b = 0; b < m.batch; ++b) {
@@ -465,8 +428,8 @@ TEST(AttentionGpu, MergeByLse) {
       }
     }
   }
-  EXPECT_LE(relative_error(d_oa.download<float>(), ref_o), 1e-6);
-  EXPECT_LE(relative_error(d_la.download<float>(), ref_l), 1e-6);
+  EXPECT_LE(relative_error(d_oa.download(), ref_o), 1e-6);
+  EXPECT_LE(relative_error(d_la.download(), ref_l), 1e-6);
 }
 
 }  // namespace
