@@ -130,7 +130,8 @@ class SurrogateJointMode final : public SurrogateMode {
   std::vector<AttendedEntry> attended_entries() const override {
     check_forward("attended_entries");
     std::vector<AttendedEntry> out;
-    for (int b = 0; b < shape.batch; ++b) append_surrogate_entries(out, b, surrogate_heads(b), elements_[b].table, positions);
+    for (int b = 0; b < shape.batch; ++b)
+      append_surrogate_entries(out, b, surrogate_heads(b), elements_[b].table, positions);
     return out;
   }
 

@@ -156,18 +156,44 @@ struct LayerTensors {
   }
 };
 
-// What a run left in the layer's outputs, read back as fp32, and what it attended.
+// The communicator's counters of one forward and of one backward of `layer`, each pass counted alone.
+struct PassCounters {
+  comm::OpCounters fwd, bwd;
+};
+inline PassCounters run_counted(const Session& session, DistributedAttention& layer, const AttentionForwardArgs& fwd,
+                                const AttentionBackwardArgs& bwd) {
+  session.comm().reset_counters();
+  layer.forward(fwd);
+  const comm::OpCounters sent_fwd = session.comm().counters().total();
+  session.comm().reset_counters();
+  layer.backward(bwd);
+  return {sent_fwd, session.comm().counters().total()};
+}
+
+// What a run left in the layer's outputs, read back as fp32, and (clustered modes) what it attended.
 struct LayerResults {
   std::vector<float> o, lse, d_q, d_k, d_v;
   std::vector<AttendedEntry> entries;
 
-  LayerResults(const LayerTensors& t, const DistributedAttention& layer, Stream stream)
+  LayerResults(const LayerTensors& t, Stream stream)
       : o(t.o.read(stream)), lse(t.lse.read(stream)), d_q(t.d_q.read(stream)), d_k(t.d_k.read(stream)),
-        d_v(t.d_v.read(stream)), entries(layer.attended_entries()) {}
+        d_v(t.d_v.read(stream)) {}
+  LayerResults(const LayerTensors& t, const DistributedAttention& layer, Stream stream) : LayerResults(t, stream) {
+    entries = layer.attended_entries();
+  }
 };
 
-// The CUDA run attends to exactly the CPU run's entries, and its outputs and gradients (bf16) are
-// within 1e-2 (O, LSE) and 2e-2 (dQ, dK, dV) of the CPU's. When the entry counts differ on any rank,
+// The CUDA run's outputs and gradients (bf16) within 1e-2 (O, LSE) and 2e-2 (dQ, dK, dV) of the CPU's.
+inline void expect_same_outputs(const LayerResults& gpu, const LayerResults& cpu) {
+  expect_close("O (bf16) vs CPU", gpu.o, to_double(cpu.o), 1e-2);
+  expect_close("LSE vs CPU", gpu.lse, to_double(cpu.lse), 1e-2);
+  expect_close("dQ (bf16) vs CPU", gpu.d_q, to_double(cpu.d_q), 2e-2);
+  expect_close("dK (bf16) vs CPU", gpu.d_k, to_double(cpu.d_k), 2e-2);
+  expect_close("dV (bf16) vs CPU", gpu.d_v, to_double(cpu.d_v), 2e-2);
+}
+
+// The CUDA run attends to exactly the CPU run's entries, and its outputs and gradients are the CPU's
+// (expect_same_outputs). When the entry counts differ on any rank,
 // a fatal failure on every rank: they leave the test together (a rank returning alone would leave the
 // others waiting in the test's collectives).
 inline void expect_same_run(const LayerResults& gpu, const LayerResults& cpu) {
@@ -179,12 +205,7 @@ inline void expect_same_run(const LayerResults& gpu, const LayerResults& cpu) {
   for (std::size_t i = 0; i < cpu.entries.size(); ++i) differ += !same_entry(gpu.entries[i], cpu.entries[i]);
   std::printf("    %zu attended entries, %zu differ\n", cpu.entries.size(), differ);
   EXPECT_EQ(differ, 0u) << "selections or tables differ between CUDA and the CPU backend";
-
-  expect_close("O (bf16) vs CPU", gpu.o, to_double(cpu.o), 1e-2);
-  expect_close("LSE vs CPU", gpu.lse, to_double(cpu.lse), 1e-2);
-  expect_close("dQ (bf16) vs CPU", gpu.d_q, to_double(cpu.d_q), 2e-2);
-  expect_close("dK (bf16) vs CPU", gpu.d_k, to_double(cpu.d_k), 2e-2);
-  expect_close("dV (bf16) vs CPU", gpu.d_v, to_double(cpu.d_v), 2e-2);
+  expect_same_outputs(gpu, cpu);
 }
 
 // The bytes a layer sent and received, forward and backward, averaged over the ranks, within

@@ -118,16 +118,12 @@ Shard run_layer(const Session& session, const Problem& pr, DType dtype) {
   const test::Tensor tds(session, DType::kF32, std::vector<float>(pr.s.size(), 0.0f), {s.kv_heads, pr.c, s.head_dim});
   AttentionForwardArgs fwd = t.forward_args();
   fwd.surrogates = ts.view();
-  session.comm().reset_counters();
-  layer.forward(fwd);
-  const comm::OpCounters sent_fwd = session.comm().counters().total();
   AttentionBackwardArgs bwd = t.backward_args();
   bwd.surrogates = ts.view();
   bwd.d_surrogates = tds.view();
-  session.comm().reset_counters();
-  layer.backward(bwd);
+  const test::PassCounters bytes = test::run_counted(session, layer, fwd, bwd);
   return {test::LayerResults(t, layer, session.stream()), tds.read(session.stream()), layer.cluster_members(),
-          sent_fwd, session.comm().counters().total()};
+          bytes.fwd, bytes.bwd};
 }
 
 class CastModeGpu : public ::testing::TestWithParam<Case> {};

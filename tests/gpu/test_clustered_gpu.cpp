@@ -73,12 +73,8 @@ Shard run_layer(const Session& session, const test::LayerProblem& pr, DType dtyp
   const auto built = static_cast<std::int64_t>(layer.workspace_bytes());
   EXPECT_GE(attention_workspace_bytes(s, pr.options, session.device().kind), built) << dtype_name(dtype);
   const test::LayerTensors t(session, s, layer.positions(), pr.q, pr.k, pr.v, pr.d_o);
-  session.comm().reset_counters();
-  layer.forward(t.forward_args());
-  const comm::OpCounters fwd = session.comm().counters().total();
-  session.comm().reset_counters();
-  layer.backward(t.backward_args());
-  return {test::LayerResults(t, layer, session.stream()), fwd, session.comm().counters().total()};
+  const test::PassCounters bytes = test::run_counted(session, layer, t.forward_args(), t.backward_args());
+  return {test::LayerResults(t, layer, session.stream()), bytes.fwd, bytes.bwd};
 }
 
 class ClusteredGpu : public ::testing::TestWithParam<Case> {};

@@ -46,8 +46,8 @@ test::LayerProblem make_problem(const Case& c) {
 }
 
 struct Shard {
-  std::vector<float> o, lse, d_q, d_k, d_v;
-  comm::OpCounters fwd, bwd;
+  test::LayerResults results;
+  test::PassCounters bytes;
 };
 
 Shard run_layer(const Session& session, const test::LayerProblem& pr, DType dtype) {
@@ -55,14 +55,8 @@ Shard run_layer(const Session& session, const test::LayerProblem& pr, DType dtyp
   s.dtype = dtype;
   DistributedAttention layer(session, s, pr.options);
   const test::LayerTensors t(session, s, layer.positions(), pr.q, pr.k, pr.v, pr.d_o);
-  session.comm().reset_counters();
-  layer.forward(t.forward_args());
-  const comm::OpCounters fwd = session.comm().counters().total();
-  session.comm().reset_counters();
-  layer.backward(t.backward_args());
-  const Stream st = session.stream();
-  return {t.o.read(st), t.lse.read(st), t.d_q.read(st), t.d_k.read(st), t.d_v.read(st), fwd,
-          session.comm().counters().total()};
+  const test::PassCounters bytes = test::run_counted(session, layer, t.forward_args(), t.backward_args());
+  return {test::LayerResults(t, session.stream()), bytes};
 }
 
 class ExactGpu : public ::testing::TestWithParam<Case> {};
@@ -75,19 +69,15 @@ TEST_P(ExactGpu, MatchesTheCpuBackendAndSendsWhatThePlanSays) {
   const Shard cpu = run_layer(cpu_session, pr, DType::kF32);
   const Shard gpu = run_layer(gpu_session, pr, DType::kBF16);
 
-  test::expect_close("O (bf16) vs CPU", gpu.o, test::to_double(cpu.o), 1e-2);
-  test::expect_close("LSE vs CPU", gpu.lse, test::to_double(cpu.lse), 1e-2);
-  test::expect_close("dQ (bf16) vs CPU", gpu.d_q, test::to_double(cpu.d_q), 2e-2);
-  test::expect_close("dK (bf16) vs CPU", gpu.d_k, test::to_double(cpu.d_k), 2e-2);
-  test::expect_close("dV (bf16) vs CPU", gpu.d_v, test::to_double(cpu.d_v), 2e-2);
+  test::expect_same_outputs(gpu.results, cpu.results);
 
   LayerShape bf16 = pr.shape;
   bf16.dtype = DType::kBF16;
   const LayerPlan plan = plan_layer(bf16, pr.options);
-  EXPECT_EQ(gpu.fwd.bytes_sent, static_cast<std::uint64_t>(plan.bytes_sent_fwd)) << "forward bytes sent";
-  EXPECT_EQ(gpu.fwd.bytes_received, static_cast<std::uint64_t>(plan.bytes_recv_fwd)) << "forward bytes received";
-  EXPECT_EQ(gpu.bwd.bytes_sent, static_cast<std::uint64_t>(plan.bytes_sent_bwd)) << "backward bytes sent";
-  EXPECT_EQ(gpu.bwd.bytes_received, static_cast<std::uint64_t>(plan.bytes_recv_bwd)) << "backward bytes received";
+  EXPECT_EQ(gpu.bytes.fwd.bytes_sent, static_cast<std::uint64_t>(plan.bytes_sent_fwd)) << "forward bytes sent";
+  EXPECT_EQ(gpu.bytes.fwd.bytes_received, static_cast<std::uint64_t>(plan.bytes_recv_fwd)) << "forward bytes received";
+  EXPECT_EQ(gpu.bytes.bwd.bytes_sent, static_cast<std::uint64_t>(plan.bytes_sent_bwd)) << "backward bytes sent";
+  EXPECT_EQ(gpu.bytes.bwd.bytes_received, static_cast<std::uint64_t>(plan.bytes_recv_bwd)) << "backward bytes received";
 }
 
 INSTANTIATE_TEST_SUITE_P(

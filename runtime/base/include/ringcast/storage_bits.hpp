@@ -51,6 +51,8 @@ inline float fp16_value(std::uint16_t bits) {
 
 // t: kBF16 or kF16.
 inline std::uint16_t storage_bits(float x, DType t) { return t == DType::kBF16 ? bf16_bits(x) : fp16_bits(x); }
-inline float storage_value(std::uint16_t bits, DType t) { return t == DType::kBF16 ? bf16_value(bits) : fp16_value(bits); }
+inline float storage_value(std::uint16_t bits, DType t) {
+  return t == DType::kBF16 ? bf16_value(bits) : fp16_value(bits);
+}
 
 }  // namespace ringcast
