@@ -13,7 +13,7 @@
 #include "clustered_internal.hpp"
 #include "overlap.hpp"
 
-#include <ringcast/error.hpp>
+#include <ringcast/kernels/cluster_ops.hpp>
 #include <ringcast/kernels/layout.hpp>
 #include <ringcast/kernels/row_gather.hpp>
 

@@ -5,7 +5,7 @@
 #include "attention_cast_mode.hpp"
 #include "clustered_internal.hpp"
 
-#include <ringcast/error.hpp>
+#include <ringcast/kernels/cluster_ops.hpp>
 #include <ringcast/kernels/layout.hpp>
 #include <ringcast/kernels/row_gather.hpp>
 

@@ -18,7 +18,6 @@
 #include "attention_internal.hpp"
 
 #include <ringcast/kernels/cast.hpp>
-#include <ringcast/kernels/cluster_ops.hpp>
 
 #include <cstdint>
 #include <memory>
