@@ -15,6 +15,7 @@
 
 #include <ringcast/kernels/attention.hpp>
 #include <ringcast/kernels/block_table.hpp>
+#include <ringcast/kernels/selection.hpp>
 #include <ringcast/storage_bits.hpp>
 
 #include <cuda_runtime_api.h>
@@ -50,9 +51,34 @@ using kernels::kQueryTile;
 
 // ---- tables ----------------------------------------------------------------------------------------
 
+// The problem a pattern runs: per-row-grouped puts each token's G = heads / kv_heads query heads as
+// consecutive rows of their KV head (the clustered mode's order under GQA with per-row selection,
+// runtime/src/grouped_rows.hpp), so the kernel sees seq * G rows of kv_heads heads, each row at its
+// token's position, and a tile's list is the union of 128 / G tokens' choices.
+struct Layout {
+  AttentionShape tokens;  // the problem: seq tokens of `heads` query heads
+  AttentionShape kernel;  // what the kernel runs
+  int group = 1;          // kernel rows per token
+  std::vector<std::int32_t> q_pos;  // [kernel.seq_q]
+};
+
+Layout make_layout(int batch, std::int64_t seq, int heads, int kv_heads, int head_dim, const std::string& pattern) {
+  Layout l;
+  l.tokens = make_shape(batch, seq, heads, kv_heads, head_dim);
+  l.group = pattern == "per-row-grouped" ? kernels::grouped_rows_per_token(heads, kv_heads) : 1;
+  RINGCAST_CHECK(l.group == (pattern == "per-row-grouped" ? heads / kv_heads : 1),
+                 "bench kernels: per-row-grouped needs heads / kv_heads a power of two <= {}, got {}", kQueryTile,
+                 heads / kv_heads);
+  l.kernel = make_shape(batch, seq * l.group, heads / l.group, kv_heads, head_dim);
+  l.kernel.num_pages = l.tokens.num_pages;  // the keys are the tokens'
+  for (const std::int32_t p : positions(seq)) l.q_pos.insert(l.q_pos.end(), static_cast<std::size_t>(l.group), p);
+  return l;
+}
+
 struct Tables {
-  HostBlockTable table;
-  std::vector<std::int32_t> row_pages;  // per-row: [kv_heads, seq, k] chosen pages, -1 padded
+  HostBlockTable table;        // the kernel's
+  HostBlockTable token_table;  // per-row-grouped: the same choices over 128-token tiles (what the dumps describe)
+  std::vector<std::int32_t> row_pages;  // per-row: [kv_heads, seq, k] chosen pages of batch element 0, -1 padded
 };
 
 // Distinct random draws from [0, n): all of them when n <= k.
@@ -71,77 +97,101 @@ std::vector<std::int32_t> choose(std::mt19937_64& rng, std::int64_t n, int k) {
   return out;
 }
 
-// The tile's own pages (the causal diagonal): every existing row, causal position mask.
-void add_diagonal(HostBlockTable& t, const AttentionShape& s, std::int64_t tile) {
-  const int rows = kernels::tile_rows(s, tile);
-  const std::int64_t first = tile * kQueryTile / kPageSize;
-  const std::int64_t last = (tile * kQueryTile + rows - 1) / kPageSize;
-  for (std::int64_t page = first; page <= last; ++page) {
+// The causal diagonal of attention tile `tile` (tokens [t0, t0 + count) of `group` rows each): the
+// pages from its 128-token tile's first token to its own last one, every row, causal position mask.
+void add_diagonal(HostBlockTable& t, std::int64_t seq, std::int64_t tile, int group) {
+  const std::int64_t t0 = tile * (kQueryTile / group);
+  const std::int64_t count = std::min<std::int64_t>(kQueryTile / group, seq - t0);
+  const auto mask = kernels::full_row_mask(static_cast<int>(count * group));
+  for (std::int64_t page = t0 / kQueryTile * kQueryTile / kPageSize; page <= (t0 + count - 1) / kPageSize; ++page) {
     BlockEntry e{};
-    const auto mask = kernels::full_row_mask(rows);
     e.row_mask[0] = mask[0];
     e.row_mask[1] = mask[1];
     e.page = static_cast<std::int32_t>(page);
     e.key_pos0 = static_cast<std::int32_t>(page * kPageSize);
-    e.key_count = static_cast<std::int32_t>(std::min<std::int64_t>(kPageSize, s.seq_q - page * kPageSize));
+    e.key_count = static_cast<std::int32_t>(std::min<std::int64_t>(kPageSize, seq - page * kPageSize));
     e.key_meta = -1;
     e.flags = kernels::kEntryCausal;
     t.entries.push_back(e);
   }
 }
 
-Tables build_tables(const AttentionShape& s, const std::string& pattern, int k, std::uint64_t seed,
-                    const std::vector<std::int32_t>& q_pos) {
+// Per-row choices: for every (batch element, KV head, token) k distinct pages among those entirely
+// before the token's 128-token tile (fewer where there are fewer), -1 padded: [B, kv_heads, seq, k].
+std::vector<std::int32_t> draw_row_choices(const AttentionShape& s, int k, std::mt19937_64& rng) {
+  std::vector<std::int32_t> out(static_cast<std::size_t>(s.batch * s.kv_heads * s.seq_q * k), -1);
+  for (std::int64_t row = 0; row < s.batch * s.kv_heads * s.seq_q; ++row) {
+    const std::int64_t token = row % s.seq_q;
+    const std::vector<std::int32_t> pages = choose(rng, token / kQueryTile * kQueryTile / kPageSize, k);
+    std::copy(pages.begin(), pages.end(), out.begin() + row * k);
+  }
+  return out;
+}
+
+// The table of per-row choices with `group` rows per token: each chosen page once per attention
+// tile, with the rows of the tokens that chose it, then the diagonal.
+HostBlockTable per_row_table(const AttentionShape& s, const std::vector<std::int32_t>& choices, int k, int group) {
+  HostBlockTable t;
+  const std::int64_t per_tile = kQueryTile / group, tiles = (s.seq_q + per_tile - 1) / per_tile;
+  for (int b = 0; b < s.batch; ++b)
+    for (std::int64_t tile = 0; tile < tiles; ++tile)
+      for (int kvh = 0; kvh < s.kv_heads; ++kvh) {
+        const std::int64_t t0 = tile * per_tile, count = std::min(per_tile, s.seq_q - t0);
+        std::vector<std::array<std::uint64_t, 2>> masks(static_cast<std::size_t>(t0 / kPageSize), {0, 0});
+        for (std::int64_t i = 0; i < count; ++i) {
+          const std::int32_t* chosen = choices.data() + ((std::int64_t{b} * s.kv_heads + kvh) * s.seq_q + t0 + i) * k;
+          for (int j = 0; j < k && chosen[j] >= 0; ++j)
+            for (std::int64_t r = i * group; r < (i + 1) * group; ++r)
+              masks[chosen[j]][r / 64] |= std::uint64_t{1} << (r % 64);
+        }
+        for (std::size_t page = 0; page < masks.size(); ++page) {
+          if (!(masks[page][0] | masks[page][1])) continue;
+          BlockEntry e{};
+          e.row_mask[0] = masks[page][0];
+          e.row_mask[1] = masks[page][1];
+          e.page = static_cast<std::int32_t>(page);
+          e.key_pos0 = static_cast<std::int32_t>(page * kPageSize);
+          e.key_count = kPageSize;
+          e.key_meta = -1;
+          t.entries.push_back(e);
+        }
+        add_diagonal(t, s.seq_q, tile, group);
+        t.offsets.push_back(static_cast<std::int64_t>(t.entries.size()));
+      }
+  return t;
+}
+
+Tables build_tables(const Layout& l, const std::string& pattern, int k, std::uint64_t seed) {
   Tables out;
+  const AttentionShape& s = l.kernel;
   if (pattern == "dense" || pattern == "dense-causal") {
     const kernels::KeyRange keys{0, s.seq_q, 0};
-    out.table = kernels::dense_table(s, {&keys, 1}, q_pos, pattern == "dense-causal");
+    out.table = kernels::dense_table(s, {&keys, 1}, l.q_pos, pattern == "dense-causal");
     return out;
   }
   std::mt19937_64 rng(seed);
-  HostBlockTable& t = out.table;
-  const bool per_row = pattern == "per-row";
-  if (per_row) out.row_pages.assign(static_cast<std::size_t>(s.kv_heads * s.seq_q * k), -1);
+  if (pattern == "per-row" || pattern == "per-row-grouped") {
+    const std::vector<std::int32_t> choices = draw_row_choices(l.tokens, k, rng);
+    out.row_pages.assign(choices.begin(), choices.begin() + l.tokens.kv_heads * l.tokens.seq_q * k);
+    out.table = per_row_table(l.tokens, choices, k, l.group);
+    if (l.group > 1) out.token_table = per_row_table(l.tokens, choices, k, 1);
+    return out;
+  }
+  HostBlockTable& t = out.table;  // random pages: k per tile, every row
   for (std::int64_t u = 0; u < s.num_units(); ++u) {
-    const int kvh = static_cast<int>(u % s.kv_heads);
     const std::int64_t tile = (u / s.kv_heads) % s.num_tiles();
-    const std::int64_t before = tile * kQueryTile / kPageSize;  // pages entirely before the tile
-    if (!per_row) {
-      for (const std::int32_t page : choose(rng, before, k)) {
-        BlockEntry e{};
-        const auto mask = kernels::full_row_mask(kernels::tile_rows(s, tile));
-        e.row_mask[0] = mask[0];
-        e.row_mask[1] = mask[1];
-        e.page = page;
-        e.key_pos0 = page * kPageSize;
-        e.key_count = kPageSize;
-        e.key_meta = -1;
-        t.entries.push_back(e);
-      }
-    } else {
-      // Each row picks its own k pages; the tile's entries are their union, each with the rows that chose it.
-      std::vector<std::array<std::uint64_t, 2>> masks(static_cast<std::size_t>(before), {0, 0});
-      const bool record = u < s.kv_heads * s.num_tiles();  // batch element 0 (all share the dump layout)
-      for (int r = 0; r < kernels::tile_rows(s, tile); ++r) {
-        const std::vector<std::int32_t> pages = choose(rng, before, k);
-        for (std::size_t i = 0; i < pages.size(); ++i) {
-          masks[pages[i]][r / 64] |= std::uint64_t{1} << (r % 64);
-          if (record) out.row_pages[(kvh * s.seq_q + tile * kQueryTile + r) * k + i] = pages[i];
-        }
-      }
-      for (std::int64_t page = 0; page < before; ++page) {
-        if (!(masks[page][0] | masks[page][1])) continue;
-        BlockEntry e{};
-        e.row_mask[0] = masks[page][0];
-        e.row_mask[1] = masks[page][1];
-        e.page = static_cast<std::int32_t>(page);
-        e.key_pos0 = static_cast<std::int32_t>(page * kPageSize);
-        e.key_count = kPageSize;
-        e.key_meta = -1;
-        t.entries.push_back(e);
-      }
+    for (const std::int32_t page : choose(rng, tile * kQueryTile / kPageSize, k)) {
+      BlockEntry e{};
+      const auto mask = kernels::full_row_mask(kernels::tile_rows(s, tile));
+      e.row_mask[0] = mask[0];
+      e.row_mask[1] = mask[1];
+      e.page = page;
+      e.key_pos0 = page * kPageSize;
+      e.key_count = kPageSize;
+      e.key_meta = -1;
+      t.entries.push_back(e);
     }
-    add_diagonal(t, s, tile);
+    add_diagonal(t, s.seq_q, tile, 1);
     t.offsets.push_back(static_cast<std::int64_t>(t.entries.size()));
   }
   return out;
@@ -170,8 +220,10 @@ double attended_pairs(const HostBlockTable& t, const AttentionShape& s, const st
 
 // ---- .npy dumps ----------------------------------------------------------------------------------
 
-void dump_tables(const std::string& dir, const Tables& t, const AttentionShape& s, int k) {
-  const HostBlockTable& table = t.table;
+// pages.npy: each (batch element, 128-token tile, KV head)'s pages; rows.npy: the per-row choices.
+void dump_tables(const std::string& dir, const Tables& t, const Layout& l, int k) {
+  const HostBlockTable& table = l.group > 1 ? t.token_table : t.table;
+  const AttentionShape& s = l.tokens;
   std::int64_t width = 0;
   for (std::int64_t u = 0; u < s.num_units(); ++u) width = std::max(width, table.offsets[u + 1] - table.offsets[u]);
   std::vector<std::int32_t> pages(static_cast<std::size_t>(s.num_units() * width), -1);
@@ -247,10 +299,11 @@ double rel_error(const std::vector<float>& x, const std::vector<float>& ref) {
 double check_small(const BenchKernelsOptions& opt, DType dtype) {
   const int group = opt.heads / opt.kv_heads;
   const int kv_heads = std::min(opt.kv_heads, 2);
-  const AttentionShape s = make_shape(1, std::min<std::int64_t>(opt.seq, 1000), kv_heads * group, kv_heads,
-                                      opt.head_dim);
-  std::vector<std::int32_t> pos = positions(s.seq_q);
-  Problem p(s, dtype, build_tables(s, opt.pattern, opt.k, opt.seed, pos), pos, opt.backward);
+  const Layout l =
+      make_layout(1, std::min<std::int64_t>(opt.seq, 1000), kv_heads * group, kv_heads, opt.head_dim, opt.pattern);
+  const AttentionShape& s = l.kernel;
+  const std::vector<std::int32_t>& pos = l.q_pos;
+  Problem p(s, dtype, build_tables(l, opt.pattern, opt.k, opt.seed), pos, opt.backward);
 
   std::mt19937_64 rng(opt.seed + 17);
   std::normal_distribution<float> normal;
@@ -318,9 +371,9 @@ double check_small(const BenchKernelsOptions& opt, DType dtype) {
 int bench_kernels(const BenchKernelsOptions& opt) {
   const bool selection = opt.pattern == "selection-tile" || opt.pattern == "selection-row";
   RINGCAST_CHECK(opt.pattern == "dense" || opt.pattern == "dense-causal" || opt.pattern == "random-pages" ||
-                     opt.pattern == "per-row" || selection,
+                     opt.pattern == "per-row" || opt.pattern == "per-row-grouped" || selection,
                  "bench kernels: unknown pattern '{}' (dense | dense-causal | random-pages | per-row | "
-                 "selection-tile | selection-row)",
+                 "per-row-grouped | selection-tile | selection-row)",
                  opt.pattern);
   RINGCAST_CHECK(opt.dtype == "bf16" || opt.dtype == "f16", "bench kernels: dtype must be bf16 or f16");
   RINGCAST_CHECK(opt.repeats >= 1 && opt.warmup >= 0 && opt.k >= 1, "bench kernels: bad repeats/warmup/k");
@@ -336,10 +389,11 @@ int bench_kernels(const BenchKernelsOptions& opt) {
   const double err = check_small(opt, dtype);
   const bool ok = err <= 2e-2;
 
-  const AttentionShape s = make_shape(opt.batch, opt.seq, opt.heads, opt.kv_heads, opt.head_dim);
-  std::vector<std::int32_t> pos = positions(s.seq_q);
-  Tables tables = build_tables(s, opt.pattern, opt.k, opt.seed, pos);
-  if (!opt.dump_dir.empty()) dump_tables(opt.dump_dir, tables, s, opt.k);
+  const Layout l = make_layout(opt.batch, opt.seq, opt.heads, opt.kv_heads, opt.head_dim, opt.pattern);
+  const AttentionShape& s = l.kernel;
+  const std::vector<std::int32_t>& pos = l.q_pos;
+  Tables tables = build_tables(l, opt.pattern, opt.k, opt.seed);
+  if (!opt.dump_dir.empty()) dump_tables(opt.dump_dir, tables, l, opt.k);
   const double pairs = attended_pairs(tables.table, s, pos);
   const double avg_entries = static_cast<double>(tables.table.entries.size()) / static_cast<double>(s.num_units());
   Problem p(s, dtype, std::move(tables), pos, opt.backward);
@@ -364,14 +418,16 @@ int bench_kernels(const BenchKernelsOptions& opt) {
 
   const double fwd_tflops = fwd_flops / (fwd_ms * 1e-3) / 1e12;
   const double fb_tflops = 3.5 * fwd_flops / (fb_ms * 1e-3) / 1e12;
-  const std::string shape = fmt::format("B{} n{} h{}/{} d{}", s.batch, s.seq_q, s.heads, s.kv_heads, s.head_dim);
+  // The problem's shape (tokens, query heads), whatever row order the kernel ran; entries per kernel tile.
+  const AttentionShape& t = l.tokens;
+  const std::string shape = fmt::format("B{} n{} h{}/{} d{}", t.batch, t.seq_q, t.heads, t.kv_heads, t.head_dim);
   fmt::print("# ringcast bench kernels on {} ({} SMs), {}\n", prop.name, prop.multiProcessorCount, opt.dtype);
-  fmt::print("{:<28} {:<13} {:>4} {:>9} {:>10} {:>9} {:>12} {:>9} {:>9} {}\n", "shape", "pattern", "k", "entries",
+  fmt::print("{:<28} {:<16} {:>4} {:>9} {:>10} {:>9} {:>12} {:>9} {:>9} {}\n", "shape", "pattern", "k", "entries",
              "fwd_ms", "fwd_TF/s", "fwd+bwd_ms", "f+b_TF/s", "error", "check");
-  fmt::print("{:<28} {:<13} {:>4} {:>9.1f} {:>10.3f} {:>9.1f} {:>12.3f} {:>9.1f} {:>9.2e} {}\n", shape, opt.pattern,
+  fmt::print("{:<28} {:<16} {:>4} {:>9.1f} {:>10.3f} {:>9.1f} {:>12.3f} {:>9.1f} {:>9.2e} {}\n", shape, opt.pattern,
              opt.k, avg_entries, fwd_ms, fwd_tflops, fb_ms, fb_tflops, err, ok ? "OK" : "WRONG");
   fmt::print("csv,ringcast,{},{},{},{},{},{},{},{},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.3e},{}\n", opt.pattern,
-             s.batch, s.seq_q, s.heads, s.kv_heads, s.head_dim, opt.k, opt.dtype, avg_entries, pairs, fwd_ms,
+             t.batch, t.seq_q, t.heads, t.kv_heads, t.head_dim, opt.k, opt.dtype, avg_entries, pairs, fwd_ms,
              fwd_tflops, fb_ms, fb_tflops, err, ok ? "OK" : "WRONG");
   return ok ? 0 : 1;
 }

@@ -38,6 +38,8 @@ kernels::SelectionOptions selection_options(const BenchKernelsOptions& opt) {
   kernels::SelectionOptions o;
   o.causal = true;
   o.unit = opt.pattern == "selection-row" ? kernels::SelectUnit::kRow : kernels::SelectUnit::kTile;
+  // The clustered mode's row order: per-row selection runs the GQA group's heads as a tile's rows.
+  if (o.unit == kernels::SelectUnit::kRow) o.rows_per_token = kernels::grouped_rows_per_token(opt.heads, opt.kv_heads);
   o.score = kernels::SelectScore::kBound;
   o.top_k = opt.k;
   o.coarse_k = kCoarseK;
@@ -169,7 +171,7 @@ struct DeviceTable {
 
   DeviceTable(const kernels::ClusteredLayout& L, int kv_heads, const kernels::SelectionOptions& o)
       : layouts(static_cast<std::size_t>(kv_heads), L), options(o),
-        offsets((L.num_tiles() * kv_heads + 1) * sizeof(std::int64_t)) {}
+        offsets((kernels::attention_tiles(L, o) * kv_heads + 1) * sizeof(std::int64_t)) {}
   void build(const DeviceSelection& sel, const kernels::ExecContext& ctx) {
     kernels::DeviceTableStorage out{offsets.as<std::int64_t>()};
     if (entries) out = {offsets.as<std::int64_t>(), entries->as<BlockEntry>(), size.entries,
@@ -297,8 +299,10 @@ int bench_selection(const BenchKernelsOptions& opt, DType dtype, const cudaDevic
   table.build(sel, ctx);  // sizes the buffers
   const double table_ms = median_wall_ms(opt.warmup, opt.repeats, [&] { table.build(sel, ctx); });
 
-  // The attention over that table: storage-dtype pools of L.num_pages() pages per KV head.
-  AttentionShape s = make_shape(1, n, heads, kv_heads, d);
+  // The attention over that table: storage-dtype pools of L.num_pages() pages per KV head; with
+  // grouped rows (o.rows_per_token = G) n * G rows of kv_heads heads, each at its token's position.
+  const int group = o.rows_per_token;
+  AttentionShape s = make_shape(1, n * group, heads / group, kv_heads, d);
   s.num_pages = L.num_pages();
   const std::size_t pool_elems = static_cast<std::size_t>(kv_heads * s.num_pages * kPageSize * d);
   const DeviceArray q16(n * heads * d * 2), k16(pool_elems * 2), v16(pool_elems * 2), o16(n * heads * d * 2),
@@ -313,7 +317,8 @@ int bench_selection(const BenchKernelsOptions& opt, DType dtype, const cudaDevic
   for (int g = 0; g < kv_heads; ++g)
     kernels::fill_summary_key_bias(L, page_counts, block_counts, {bias.data() + g * per_head, per_head});
   const DeviceArray key_bias = DeviceArray::from(bias);
-  const std::vector<std::int32_t> pos = positions(n);
+  std::vector<std::int32_t> pos;
+  for (const std::int32_t p : positions(n)) pos.insert(pos.end(), static_cast<std::size_t>(group), p);
   const DeviceArray q_pos = DeviceArray::from(pos);
   kernels::AttentionForwardParams fwd;
   fwd.shape = s;
@@ -336,8 +341,9 @@ int bench_selection(const BenchKernelsOptions& opt, DType dtype, const cudaDevic
   const std::string shape = fmt::format("B1 n{} h{}/{} d{}", n, heads, kv_heads, d);
   const std::string unit = o.unit == kernels::SelectUnit::kRow ? "row" : "tile";
   fmt::print("# ringcast bench kernels --pattern {} on {} ({} SMs), {}: causal, bound score, top_k {} per {}, "
-             "coarse_k {}, window {}; selection = summaries + select + table (device path)\n",
-             opt.pattern, prop.name, prop.multiProcessorCount, opt.dtype, o.top_k, unit, o.coarse_k, o.window);
+             "coarse_k {}, window {}, {} row(s) per token in a kernel tile; selection = summaries + select + table "
+             "(device path)\n",
+             opt.pattern, prop.name, prop.multiProcessorCount, opt.dtype, o.top_k, unit, o.coarse_k, o.window, group);
   fmt::print("{:<28} {:>4} {:>9} {:>13} {:>10} {:>9} {:>13} {:>13} {:>9} {:>7} {}\n", "shape", "k", "entries",
              "summaries_ms", "select_ms", "table_ms", "selection_ms", "attention_ms", "sel/attn", "#wrong", "check");
   fmt::print("{:<28} {:>4} {:>9.1f} {:>13.3f} {:>10.3f} {:>9.3f} {:>13.3f} {:>13.3f} {:>8.1f}% {:>7} {}\n", shape,

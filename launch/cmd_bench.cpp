@@ -22,8 +22,9 @@ int kernels_main(const CommandLine& cmd, int rank) {
       ("heads", po::value(&o.heads)->default_value(o.heads), "query heads")
       ("kv-heads", po::value(&o.kv_heads)->default_value(o.kv_heads), "KV heads")
       ("head-dim", po::value(&o.head_dim)->default_value(o.head_dim), "64 or 128")
-      ("pattern", po::value(&o.pattern)->default_value(o.pattern), "dense | dense-causal | random-pages | per-row")
-      ("k", po::value(&o.k)->default_value(o.k), "random-pages: pages per tile; per-row: pages per row")
+      ("pattern", po::value(&o.pattern)->default_value(o.pattern),
+       "dense | dense-causal | random-pages | per-row | per-row-grouped | selection-tile | selection-row")
+      ("k", po::value(&o.k)->default_value(o.k), "random-pages: pages per tile; per-row(-grouped): pages per row")
       ("seed", po::value(&o.seed)->default_value(o.seed), "seed of inputs and page choices")
       ("warmup", po::value(&o.warmup)->default_value(o.warmup), "untimed runs")
       ("repeats", po::value(&o.repeats)->default_value(o.repeats), "timed runs (median)")

@@ -18,7 +18,9 @@ Options:
                       --backward --dump DIR)
     --out DIR         results: table.md, results.csv, env.txt, and the dumped page lists
     --quick           small shapes (seconds): 8K dense, 128K random pages, 8K per-row
-    --only NAMES      comma-separated subset of: dense, dense-causal, random-pages, random-pages-gqa, per-row
+    --only NAMES      comma-separated subset of: dense, dense-causal, random-pages, random-pages-gqa, per-row,
+                      per-row-grouped (the same choices with the GQA group's heads of a token as consecutive
+                      rows of a tile, the clustered mode's order; its FlexAttention row is per-row's)
     --no-baselines    ringcast rows only
     --repeats N       timed runs per measurement (median), default 10 (5 with --quick)
 """
@@ -56,6 +58,7 @@ def configs(quick):
             Config("random-pages", "random-pages", 131072, 8, 8),
             Config("random-pages-gqa", "random-pages", 131072, 8, 4, backward=False),
             Config("per-row", "per-row", 8192, 64, 4),
+            Config("per-row-grouped", "per-row-grouped", 8192, 64, 4),
         ]
     return [
         Config("dense", "dense", 65536, 16, 16),
@@ -63,6 +66,7 @@ def configs(quick):
         Config("random-pages", "random-pages", 1 << 20, 8, 8),
         Config("random-pages-gqa", "random-pages", 1 << 20, 8, 4, backward=False),
         Config("per-row", "per-row", 65536, 64, 4),
+        Config("per-row-grouped", "per-row-grouped", 65536, 64, 4),
     ]
 
 
@@ -172,10 +176,11 @@ def flex_rows(torch, np, cfg, dump_dir, repeats):
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda().repeat_interleave(group, dim=0)[None]
         return t(num), t(idx)
 
-    partial_num, partial_idx = pack(diagonal if cfg.pattern != "per-row" else valid)
-    full_num, full_idx = pack(offdiag) if cfg.pattern != "per-row" else (None, None)
+    per_row = cfg.pattern.startswith("per-row")
+    partial_num, partial_idx = pack(valid if per_row else diagonal)
+    full_num, full_idx = (None, None) if per_row else pack(offdiag)
 
-    if cfg.pattern == "per-row":
+    if per_row:
         rows_sel = torch.from_numpy(np.load(os.path.join(dump_dir, "rows.npy"))).cuda()  # [kv_heads, seq, k]
         chosen = torch.zeros(cfg.kv_heads, cfg.seq, n_kv_blocks + 1, dtype=torch.bool, device="cuda")
         chosen.scatter_(2, torch.where(rows_sel < 0, n_kv_blocks, rows_sel).long(), True)
@@ -251,7 +256,8 @@ def main():
         dump = os.path.join(args.out, "pages", cfg.name)
         ours = run_ringcast(args.ringcast, cfg, dump, repeats)
         rows = [ours]
-        if not args.no_baselines:
+        # per-row-grouped draws per-row's choices (same seed): FlexAttention's row would repeat per-row's.
+        if not args.no_baselines and cfg.pattern != "per-row-grouped":
             try:
                 if cfg.pattern.startswith("dense"):
                     rows += sdpa_rows(torch, cfg, repeats)

@@ -159,7 +159,7 @@ def rates_from_file(path, mode, heads, head_dim, seq_len):
     with open(path) as f:
         text = f.read()
     if "csv,ringcast," in text:
-        want = ("random-pages", "per-row") if mode == "clustered" else ("dense", "dense-causal")
+        want = ("random-pages", "per-row", "per-row-grouped") if mode == "clustered" else ("dense", "dense-causal")
         for line in text.splitlines():
             if line.startswith("csv,ringcast,"):
                 cols = line.split(",")

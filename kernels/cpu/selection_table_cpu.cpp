@@ -6,6 +6,7 @@
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/selection.hpp>
 
+#include <algorithm>
 #include <array>
 #include <map>
 
@@ -14,7 +15,14 @@ namespace {
 
 using RowMask = std::array<std::uint64_t, 2>;
 
-void add_row(RowMask& m, int r) { m[r >> 6] |= std::uint64_t{1} << (r & 63); }
+// Rows [r0, r0 + count) of a tile, count a power of two <= 128 and r0 a multiple of it.
+void add_rows(RowMask& m, int r0, int count) {
+  if (count >= 64) {
+    for (int w = r0 >> 6; w < (r0 + count) >> 6; ++w) m[w] = ~std::uint64_t{0};
+    return;
+  }
+  m[r0 >> 6] |= ((std::uint64_t{1} << count) - 1) << (r0 & 63);
+}
 bool none(const RowMask& m) { return (m[0] | m[1]) == 0; }
 RowMask minus(const RowMask& a, const RowMask& b) { return {a[0] & ~b[0], a[1] & ~b[1]}; }
 
@@ -28,31 +36,36 @@ BlockEntry make_entry(std::int64_t page, const RowMask& rows, int page_size) {
   return e;
 }
 
+// Attention tile `tile` (selection.hpp, SelectionOptions::rows_per_token): its tokens [t0, t1) of
+// the rank (global positions) with G rows each, inside selection tile tile / G.
 void append_tile(HostBlockTable& t, const ClusteredLayout& L, const SelectionOptions& opt,
                  const ClusteredSelection& sel, std::int64_t tile) {
-  const TileGeometry g = tile_geometry(L, opt, tile);
+  const int G = opt.rows_per_token;
+  const TileGeometry g = tile_geometry(L, opt, tile / G);
   const int ps = L.page_size;
-  const int rows = static_cast<int>(g.t1 - g.t0);
-  const std::array<std::uint64_t, 2> full = full_row_mask(rows);
+  const std::int64_t t0 = L.first_pos + tile * (kQueryTile / G);
+  const int tokens = static_cast<int>(std::min<std::int64_t>(kQueryTile / G, L.first_pos + L.n_loc - t0));
+  const std::array<std::uint64_t, 2> full = full_row_mask(tokens * G);
   const bool row_units = sel.unit == SelectUnit::kRow;
 
-  // Window: every row, the causal mask cuts it per row.
+  // Window: every row, the causal mask cuts it per row (pages past the tile's last token see no row).
   std::map<std::int64_t, bool> window_blocks;  // blocks holding window pages (ordered set)
   for (std::int64_t page = g.window_lo / ps; page * ps < g.window_hi; ++page) {
+    window_blocks[page / L.coarse_pages] = true;
+    if (opt.causal && page * ps >= t0 + tokens) continue;
     const std::int64_t pool = L.page_pool_page(page);
     RINGCAST_CHECK(pool >= 0, "clustered table: window page {} of tile {} is not resident (halo missing?)", page, tile);
     BlockEntry e = make_entry(pool, full, ps);
     e.key_pos0 = static_cast<std::int32_t>(page * ps);
     e.flags = opt.causal ? kEntryCausal : 0u;
     t.entries.push_back(e);
-    window_blocks[page / L.coarse_pages] = true;
   }
 
   // Selected pages (global page -> pool page, rows) and the rows that chose from each block.
   std::map<std::int64_t, std::pair<std::int64_t, RowMask>> selected;
   std::map<std::int64_t, RowMask> chose_from;
-  for (int r = 0; r < (row_units ? rows : 1); ++r) {
-    const std::int64_t u = row_units ? tile * kQueryTile + r : tile;
+  for (int r = 0; r < (row_units ? tokens : 1); ++r) {
+    const std::int64_t u = row_units ? t0 - L.first_pos + r : tile / G;
     for (std::int64_t i = sel.page_offsets[u]; i < sel.page_offsets[u + 1]; ++i) {
       const std::int64_t global = L.pool_page_global(sel.pages[i]);
       RINGCAST_CHECK(global >= 0 && g.page_eligible(global, ps), "clustered table: unit {} selected pool page {}, "
@@ -61,8 +74,8 @@ void append_tile(HostBlockTable& t, const ClusteredLayout& L, const SelectionOpt
       pool = sel.pages[i];
       RowMask& block_rows = chose_from[global / L.coarse_pages];
       if (row_units) {
-        add_row(mask, r);
-        add_row(block_rows, r);
+        add_rows(mask, r * G, G);
+        add_rows(block_rows, r * G, G);
       } else {
         mask = full;
         block_rows = full;
@@ -126,8 +139,11 @@ HostBlockTable build_clustered_table(std::span<const ClusteredLayout> layouts, c
                    "clustered table: the selection of KV head {} has {} units, expected {}", g,
                    selections[g].page_offsets.size() - 1, units);
   }
+  const int G = options.rows_per_token;
+  RINGCAST_CHECK(G >= 1 && G <= kQueryTile && (G & (G - 1)) == 0,
+                 "clustered table: rows_per_token must be a power of two in [1, {}], got {}", kQueryTile, G);
   HostBlockTable t;
-  for (std::int64_t tile = 0; tile < first.num_tiles(); ++tile) {
+  for (std::int64_t tile = 0; tile < attention_tiles(first, options); ++tile) {
     for (std::size_t g = 0; g < layouts.size(); ++g) {
       append_tile(t, layouts[g], options, selections[g], tile);
       t.offsets.push_back(static_cast<std::int64_t>(t.entries.size()));

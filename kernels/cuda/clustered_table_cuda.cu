@@ -38,8 +38,8 @@ struct HeadArgs {
 struct TableArgs {
   LayoutArgs L;
   const HeadArgs* heads;  // [kv_heads]
-  std::int64_t tiles, global_pages, resident_pages, page_summary_first, page_summary_pages, coarse_summary_first;
-  int kv_heads, top_k;
+  std::int64_t global_pages, resident_pages, page_summary_first, page_summary_pages, coarse_summary_first;
+  int kv_heads, top_k, rows_per_token;
   int bitmap_words, summary_words, mask_capacity;
   bool rows;
   std::int64_t* entry_counts;  // counting pass: [units]
@@ -62,6 +62,13 @@ __device__ RowMask full_rows(int rows) {
           rows >= 128 ? ~std::uint64_t{0} : rows > 64 ? (std::uint64_t{1} << (rows - 64)) - 1 : 0};
 }
 
+// The rows of token t of a tile with g rows per token (g a power of two <= 128).
+__device__ RowMask token_rows(int t, int g) {
+  if (g >= 64) return {t * g < 64 ? ~std::uint64_t{0} : 0, t * g + g > 64 ? ~std::uint64_t{0} : 0};
+  const std::uint64_t bits = ((std::uint64_t{1} << g) - 1) << ((t * g) & 63);
+  return t * g < 64 ? RowMask{bits, 0} : RowMask{0, bits};
+}
+
 // Shared state of one unit.
 struct Unit {
   const TableArgs& a;
@@ -73,6 +80,8 @@ struct Unit {
   RowMask* masks;         // rows that selected each selected page, by rank
   RowMask full;
   std::int64_t window_first, window_end;  // window pages [first, end)
+  std::int64_t window_entries;            // causal: those that start before the tile's last token ends
+  std::int64_t first_unit;                // row mode: the tile's first token (rank-local), else its selection tile
 
   __device__ bool selected(std::int64_t page) const { return (bits[page >> 5] >> (page & 31)) & 1u; }
   __device__ int rank(std::int64_t page) const {
@@ -109,11 +118,11 @@ struct Unit {
 
 __device__ void report_error(const TableArgs& a) { atomicCAS(a.error, 0, 1); }
 
-// Visits the (selection unit, pool page) pairs of the tile's rows (or of the tile).
+// Visits the (selection unit, pool page) pairs of the tile's tokens (or of its selection tile); the
+// unit's index in the tile is its token's.
 template <typename F>
-__device__ void for_each_selected(const TableArgs& a, const HeadArgs& h, std::int64_t tile, int rows, F&& f) {
-  const int units = a.rows ? rows : 1;
-  const std::int64_t first_unit = a.rows ? tile * kQueryTile : tile;
+__device__ void for_each_selected(const TableArgs& a, const HeadArgs& h, std::int64_t first_unit, int tokens, F&& f) {
+  const int units = a.rows ? tokens : 1;
   for (int i = threadIdx.x; i < units * a.top_k; i += blockDim.x) {
     const int r = i / a.top_k, j = i % a.top_k;
     const std::int64_t u = first_unit + r;
@@ -171,25 +180,30 @@ __global__ void __launch_bounds__(kThreads) clustered_table_kernel(const TableAr
   using BlockScan = cub::BlockScan<int, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
 
+  // Attention tile `tile`: tokens [t0, t0 + tokens) of G rows each, in selection tile tile / G.
   const std::int64_t unit = blockIdx.x;
   const std::int64_t tile = unit / a.kv_heads;
+  const int G = a.rows_per_token;
   const HeadArgs& h = a.heads[unit % a.kv_heads];
-  Unit U{a, h, Geometry(a.L, tile)};
+  Unit U{a, h, Geometry(a.L, tile / G)};
   U.masks = reinterpret_cast<RowMask*>(smem);
   U.bits = reinterpret_cast<std::uint32_t*>(U.masks + a.mask_capacity);
   U.prefix = reinterpret_cast<std::int32_t*>(U.bits + a.bitmap_words);
   U.sbits = reinterpret_cast<std::uint32_t*>(U.prefix + a.bitmap_words);
-  const std::int64_t t0 = a.L.first_pos + tile * kQueryTile;
-  const int rows = static_cast<int>(min(t0 + kQueryTile, a.L.first_pos + a.L.n_loc) - t0);
-  U.full = full_rows(rows);
+  const std::int64_t t0 = a.L.first_pos + tile * (kQueryTile / G);
+  const int tokens = static_cast<int>(min(t0 + kQueryTile / G, a.L.first_pos + a.L.n_loc) - t0);
+  U.full = full_rows(tokens * G);
   const std::int64_t ps = a.L.page_size;
   U.window_first = U.g.window_lo / ps;
   U.window_end = (U.g.window_hi + ps - 1) / ps;
+  U.window_entries =
+      (a.L.causal ? min(U.window_end, (t0 + tokens + ps - 1) / ps) : U.window_end) - U.window_first;
+  U.first_unit = a.rows ? t0 - a.L.first_pos : tile / G;
 
   for (int w = threadIdx.x; w < a.bitmap_words; w += blockDim.x) U.bits[w] = 0;
   for (int w = threadIdx.x; w < a.summary_words; w += blockDim.x) U.sbits[w] = 0;
   __syncthreads();
-  for_each_selected(a, h, tile, rows, [&](int, std::int32_t pool) {
+  for_each_selected(a, h, U.first_unit, tokens, [&](int, std::int32_t pool) {
     const std::int64_t page = U.global_page(pool);
     if (page < 0 || !U.g.keys_eligible(page * ps, ps)) return report_error(a);
     atomicOr(&U.bits[page >> 5], 1u << (page & 31));
@@ -210,17 +224,17 @@ __global__ void __launch_bounds__(kThreads) clustered_table_kernel(const TableAr
   }
   for (int i = threadIdx.x; i < total; i += blockDim.x) U.masks[i] = RowMask{0, 0};
   __syncthreads();
-  for_each_selected(a, h, tile, rows, [&](int r, std::int32_t pool) {
+  for_each_selected(a, h, U.first_unit, tokens, [&](int t, std::int32_t pool) {
     const std::int64_t page = U.global_page(pool);
     if (page < 0 || !U.g.keys_eligible(page * ps, ps)) return;
     RowMask& m = U.masks[U.rank(page)];
     if (!a.rows) {
       m = U.full;
-    } else if (r < 64) {
-      atomicOr(reinterpret_cast<unsigned long long*>(&m.lo), 1ull << r);
-    } else {
-      atomicOr(reinterpret_cast<unsigned long long*>(&m.hi), 1ull << (r - 64));
+      return;
     }
+    const RowMask rows = token_rows(t, G);
+    if (rows.lo != 0) atomicOr(reinterpret_cast<unsigned long long*>(&m.lo), rows.lo);
+    if (rows.hi != 0) atomicOr(reinterpret_cast<unsigned long long*>(&m.hi), rows.hi);
   });
   // Page-summary pages to visit: those of window blocks and of blocks rows chose pages from.
   const auto mark_block = [&](std::int64_t block) {
@@ -242,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) clustered_table_kernel(const TableAr
   }
   __syncthreads();
 
-  const std::int64_t window_count = U.window_end - U.window_first;
+  const std::int64_t window_count = U.window_entries;
   const std::int64_t base = kWrite ? a.entry_offsets[unit] : 0;
   if (kWrite) {
     for (std::int64_t i = threadIdx.x; i < window_count; i += blockDim.x) {
@@ -360,7 +374,11 @@ TableSize build_clustered_table_on_device(std::span<const ClusteredLayout> layou
   const auto stream = static_cast<cudaStream_t>(stream_handle);
   const ClusteredLayout& L = layouts.front();
   const int kv_heads = static_cast<int>(layouts.size());
-  const std::int64_t units = L.num_tiles() * kv_heads;
+  RINGCAST_CHECK(options.rows_per_token >= 1 && options.rows_per_token <= kQueryTile &&
+                     (options.rows_per_token & (options.rows_per_token - 1)) == 0,
+                 "clustered table on CUDA: rows_per_token must be a power of two in [1, {}], got {}", kQueryTile,
+                 options.rows_per_token);
+  const std::int64_t units = attention_tiles(L, options) * kv_heads;
 
   // Per-head maps, one after the other in one scratch: block -> pool page, pool block -> block.
   std::vector<std::int32_t> maps;
@@ -385,7 +403,6 @@ TableSize build_clustered_table_on_device(std::span<const ClusteredLayout> layou
   TableArgs a{};
   a.L = detail::layout_args(L, options);
   a.heads = d_heads.get();
-  a.tiles = L.num_tiles();
   a.global_pages = L.num_blocks() * L.coarse_pages;
   a.resident_pages = L.resident_pages();
   a.page_summary_first = L.page_summary_first_page();
@@ -393,6 +410,7 @@ TableSize build_clustered_table_on_device(std::span<const ClusteredLayout> layou
   a.coarse_summary_first = L.coarse_summary_first_page();
   a.kv_heads = kv_heads;
   a.top_k = options.top_k;
+  a.rows_per_token = options.rows_per_token;
   a.rows = options.unit == SelectUnit::kRow;
   a.bitmap_words = static_cast<int>((a.global_pages + 31) / 32);
   a.summary_words = static_cast<int>((a.page_summary_pages + 31) / 32);

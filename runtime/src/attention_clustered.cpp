@@ -16,10 +16,14 @@
 // its own. dK, dV are finished in the gradient pool's local pages and dQ in a buffer of the mode's, and
 // written to the caller's outputs last: the backward reads q, k, v before it writes any gradient, so the
 // gradients may overwrite them (in place). On CUDA the fp32 dQ buffer holds the forward's selection slots
-// and one KV head group's queries, converted where selection reads them.
+// and one KV head group's queries, converted where selection reads them. Under GQA with per-row
+// selection the attention runs on grouped rows (grouped_rows.hpp: a token's G heads consecutive rows of
+// their KV head): each element's Q, O, dO and LSE are permuted into a buffer of the mode's around the
+// kernel calls, and dQ leaves the fp32 buffer for the caller's in token order.
 #include "attention_internal.hpp"
 #include "clustered_internal.hpp"
 #include "clustered_tables.hpp"
+#include "grouped_rows.hpp"
 #include "overlap.hpp"
 
 #include <ringcast/error.hpp>
@@ -63,7 +67,11 @@ enum Field { kMeanK, kMeanV, kMin, kMax, kFields };
 
 class ClusteredMode final : public DistributedAttention::Mode {
  public:
-  ClusteredMode(const Session& s, const LayerShape& sh, const AttentionOptions& o) : Mode(s, sh, o), overlap_(s) {
+  ClusteredMode(const Session& s, const LayerShape& sh, const AttentionOptions& o)
+      : Mode(s, sh, o),
+        rows_(sh.local_len(), sh.heads, sh.kv_heads, sh.head_dim,
+              GroupedRows::group_for(sh.heads, sh.kv_heads, o.resolved_selection(sh) == SelectionUnit::kRow)),
+        overlap_(s) {
     check_clustered_support(sh, o);
     const std::int64_t window = sh.causal ? o.window_before : o.window_bidir;
     RINGCAST_CHECK(window >= 0 && window <= o.coarse_block(),
@@ -92,6 +100,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
     sel_.window = static_cast<int>(sh.causal ? window : 2 * window);
     sel_.remote_blocks = o.remote_blocks;
     sel_.remote_cap = o.resolved_remote_cap();
+    sel_.rows_per_token = rows_.group();
 
     base_.page_size = o.page_size;
     base_.coarse_pages = o.coarse_pages;
@@ -134,9 +143,12 @@ class ClusteredMode final : public DistributedAttention::Mode {
     d_page_sums_ = allocate(2 * sh.kv_heads * summary_.page_rows() * d * sizeof(float));
     scatter_send_ = allocate(g_.p * 2 * sh.kv_heads * loc_rows * d * sizeof(float));
     scatter_recv_ = allocate(2 * sh.kv_heads * loc_rows * d * sizeof(float));
-    q_pos_ = allocate(positions.size() * sizeof(std::int32_t));
-    q_pos_.copy_from_host(positions.data(), positions.size() * sizeof(std::int32_t), 0, ctx.stream);
-    const kernels::AttentionShape widest{1, sh.local_len(), sh.heads, sh.kv_heads, sh.head_dim, o.page_size, max_pages};
+    const std::vector<std::int32_t> row_pos = rows_.row_positions(positions);
+    q_pos_ = allocate(row_pos.size() * sizeof(std::int32_t));
+    q_pos_.copy_from_host(row_pos.data(), row_pos.size() * sizeof(std::int32_t), 0, ctx.stream);
+    const kernels::AttentionShape widest = rows_.attention_shape(o.page_size, max_pages);
+    // Grouped rows: one element's Q, O, dO in the attention's row order, and its LSE.
+    if (rows_.grouped()) grouped_ = allocate(grouped_bytes(3) + sh.local_len() * sh.heads * sizeof(float));
     fwd_ws_ = allocate(kernels::attention_forward_workspace_bytes(widest, ctx));
     bwd_ws_ = allocate(kernels::attention_backward_workspace_bytes(widest, ctx));
     const std::int64_t units = sel_.unit == kernels::SelectUnit::kRow ? sh.local_len() : base_.num_tiles();
@@ -205,8 +217,15 @@ class ClusteredMode final : public DistributedAttention::Mode {
                          shape.dtype, 1, shape.kv_heads, shape.head_dim, local_seg_, options.page_size, ctx,
                          {s.num_pages, 0});
     }
-    const std::int64_t q_elems = std::int64_t{shape.batch} * shape.local_len() * shape.heads * shape.head_dim;
-    kernels::copy_strided(kernels::StridedCopy::flat(d_q_.data(), DType::kF32, a.d_q.data, shape.dtype, q_elems), ctx);
+    const std::int64_t q_elems = shape.local_len() * shape.heads * shape.head_dim;
+    if (!rows_.grouped()) {
+      kernels::copy_strided(
+          kernels::StridedCopy::flat(d_q_.data(), DType::kF32, a.d_q.data, shape.dtype, shape.batch * q_elems), ctx);
+      return;
+    }
+    for (int b = 0; b < shape.batch; ++b)
+      rows_.to_tokens(d_q_.as<float>() + b * q_elems, DType::kF32,
+                      static_cast<char*>(a.d_q.data) + b * q_elems * dtype_size(shape.dtype), shape.dtype, ctx);
   }
 
   TableEntries table_entries() const override {
@@ -219,23 +238,35 @@ class ClusteredMode final : public DistributedAttention::Mode {
   // The host tables translated from pool pages to global pages and blocks: exact entries on resident
   // pages are window pages when the tile's window overlaps them (selected pages are eligible, hence
   // outside it); summary entries become one record per key taken, with its KeyMeta row mask if any.
+  // Grouped rows: each attention tile's entries are reported in its selection tile's terms (row r of
+  // the mask: the tile's token r), so one selection tile may list a page once per attention tile.
   std::vector<AttendedEntry> attended_entries() const override {
     RINGCAST_CHECK(elements_.front().tables->built(), "clustered mode: attended_entries() needs a forward() first");
     const std::int64_t ps = options.page_size;
+    const int G = rows_.group();
     std::vector<AttendedEntry> out;
     for (int b = 0; b < shape.batch; ++b) {
       const ElementPool& e = elements_[b];
       const kernels::HostBlockTable table = e.tables->host_table();
-      const std::int64_t tiles = e.layouts.front().num_tiles();
+      const std::int64_t tiles = kernels::attention_tiles(e.layouts.front(), sel_);
       for (std::int64_t tile = 0; tile < tiles; ++tile)
         for (int g = 0; g < shape.kv_heads; ++g) {
           const kernels::ClusteredLayout& L = e.layouts[g];
-          const kernels::TileGeometry geo = kernels::tile_geometry(L, sel_, tile);
+          const kernels::TileGeometry geo = kernels::tile_geometry(L, sel_, tile / G);
           const std::int64_t unit = tile * shape.kv_heads + g;
+          // Tile rows to token rows of the selection tile: row t * G (head 0 of token t) gives token t.
+          const auto set_rows = [&](AttendedEntry& a, std::uint64_t lo, std::uint64_t hi) {
+            a.row_mask[0] = a.row_mask[1] = 0;
+            for (int t = 0; t < kernels::kQueryTile / G; ++t) {
+              const int r = t * G, token = static_cast<int>(tile % G) * (kernels::kQueryTile / G) + t;
+              if ((((r < 64 ? lo : hi) >> (r & 63)) & 1u) != 0)
+                a.row_mask[token >> 6] |= std::uint64_t{1} << (token & 63);
+            }
+          };
           AttendedEntry a;
           a.batch = b;
-          a.tile = tile;
-          a.first_row_pos = positions[static_cast<std::size_t>(tile * kernels::kQueryTile)];
+          a.tile = tile / G;
+          a.first_row_pos = positions[static_cast<std::size_t>(tile / G * kernels::kQueryTile)];
           a.kv_head = g;
           for (std::int64_t i = table.offsets[unit]; i < table.offsets[unit + 1]; ++i) {
             const kernels::BlockEntry& x = table.entries[i];
@@ -244,8 +275,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
               a.global_id = L.pool_page_global(x.page);
               const bool window = a.global_id * ps < geo.window_hi && (a.global_id + 1) * ps > geo.window_lo;
               a.kind = window ? AttendedKind::kWindow : AttendedKind::kSelected;
-              a.row_mask[0] = x.row_mask[0];
-              a.row_mask[1] = x.row_mask[1];
+              set_rows(a, x.row_mask[0], x.row_mask[1]);
               out.push_back(a);
               continue;
             }
@@ -257,8 +287,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
               if (!((x.key_mask >> j) & 1u)) continue;
               a.global_id = coarse ? first_key + j : L.pool_page_global(first_key + j);
               const std::uint64_t* rows = x.key_meta >= 0 ? table.key_meta[x.key_meta + j].row_mask : x.row_mask;
-              a.row_mask[0] = rows[0] & x.row_mask[0];
-              a.row_mask[1] = rows[1] & x.row_mask[1];
+              set_rows(a, rows[0] & x.row_mask[0], rows[1] & x.row_mask[1]);
               out.push_back(a);
             }
           }
@@ -398,7 +427,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
       e.layouts.push_back(std::move(L));
     }
     const kernels::ClusteredLayout& L = e.layouts.front();  // every head's pool has its shape
-    e.shape = {1, shape.local_len(), shape.heads, shape.kv_heads, shape.head_dim, options.page_size, L.num_pages()};
+    e.shape = rows_.attention_shape(options.page_size, L.num_pages());
     const std::size_t elt = dtype_size(shape.dtype);
     const std::int64_t tokens = shape.local_len() * shape.kv_heads * shape.head_dim;
     zero_past_local(b, storage_view(), elt);
@@ -540,15 +569,40 @@ class ClusteredMode final : public DistributedAttention::Mode {
       convert_pages(b, 0, shape.kv_heads, L.page_summary_first_page(), L.num_pages() - L.page_summary_first_page(),
                     true);
     }
-    kernels::AttentionForwardParams p = params(a.q, b);
     const std::int64_t rows = shape.local_len() * shape.heads, d = shape.head_dim;
+    void* o = static_cast<char*>(a.o.data) + b * rows * d * dtype_size(shape.dtype);
+    float* lse = a.lse.as<float>() + b * rows;
+    kernels::AttentionForwardParams p = params(element_rows(a.q.data, b), b);
     p.o_dtype = shape.dtype;
-    p.o = static_cast<char*>(a.o.data) + b * rows * d * dtype_size(shape.dtype);
-    p.lse = a.lse.as<float>() + b * rows;
+    p.o = o;
+    p.lse = lse;
+    if (rows_.grouped()) {
+      rows_.to_grouped(p.q, shape.dtype, grouped(0), shape.dtype, ctx);
+      p.q = grouped(0);
+      p.o = grouped(1);
+      p.lse = grouped_lse();
+    }
     p.workspace = fwd_ws_.data();
     p.workspace_bytes = fwd_ws_.bytes();
     kernels::attention_forward(p, ctx);
+    if (rows_.grouped()) {
+      rows_.to_tokens(grouped(1), shape.dtype, o, shape.dtype, ctx);
+      rows_.lse_to_tokens(grouped_lse(), lse, ctx);
+    }
   }
+
+  // Element b's query-shaped rows (Q, O, dO) in a [B, n_loc, heads, d] tensor of the storage dtype.
+  const void* element_rows(const void* data, int b) const {
+    return static_cast<const char*>(data) +
+           std::int64_t{b} * shape.local_len() * shape.heads * shape.head_dim * dtype_size(shape.dtype);
+  }
+  // Grouped rows (rows_.grouped()): buffer i of three element-sized [n_loc * heads, d] buffers of the
+  // storage dtype, and the element's LSE after them.
+  std::size_t grouped_bytes(int count) const {
+    return count * static_cast<std::size_t>(shape.local_len() * shape.heads * shape.head_dim) * dtype_size(shape.dtype);
+  }
+  void* grouped(int i) const { return grouped_.as<char>() + grouped_bytes(i); }
+  float* grouped_lse() const { return reinterpret_cast<float*>(grouped_.as<char>() + grouped_bytes(3)); }
 
   // The resident pages of one KV head's pool, read as a sequence of whole pages of one head.
   kernels::SummaryShape resident_shape(const kernels::ClusteredLayout& L) const {
@@ -562,14 +616,14 @@ class ClusteredMode final : public DistributedAttention::Mode {
     return key_bias_host_.data() + std::int64_t{b} * g_.pool_elems / shape.head_dim;
   }
 
-  kernels::AttentionForwardParams params(const TensorView& q, int b) const {
+  // Element b's attention over its pool, reading queries q in the attention's row order.
+  kernels::AttentionForwardParams params(const void* q, int b) const {
     const ElementPool& e = elements_[b];
     kernels::AttentionForwardParams p;
     p.shape = e.shape;
     p.dtype = shape.dtype;
     p.softmax_scale = 1.0f / std::sqrt(static_cast<float>(shape.head_dim));
-    p.q = static_cast<const char*>(q.data) +
-          std::int64_t{b} * shape.local_len() * shape.heads * shape.head_dim * dtype_size(shape.dtype);
+    p.q = q;
     p.k_pages = kv_pool(b, 0, 0);
     p.v_pages = kv_pool(b, 0, 1);
     p.q_pos = q_pos_.as<const std::int32_t>();
@@ -582,13 +636,21 @@ class ClusteredMode final : public DistributedAttention::Mode {
   void attend_backward(const AttentionBackwardArgs& a, int b) {
     const ElementPool& e = elements_[b];
     const std::int64_t rows = shape.local_len() * shape.heads, d = shape.head_dim;
-    const std::size_t elt = dtype_size(shape.dtype);
     kernels::AttentionBackwardParams p;
-    p.fwd = params(a.q, b);
+    p.fwd = params(element_rows(a.q.data, b), b);
     p.fwd.o_dtype = shape.dtype;
-    p.fwd.o = static_cast<char*>(a.o.data) + b * rows * d * elt;
+    p.fwd.o = static_cast<char*>(a.o.data) + b * rows * d * dtype_size(shape.dtype);
     p.fwd.lse = a.lse.as<float>() + b * rows;
-    p.d_o = static_cast<const char*>(a.d_o.data) + b * rows * d * elt;
+    p.d_o = element_rows(a.d_o.data, b);
+    if (rows_.grouped()) {
+      const void* from[3] = {p.fwd.q, p.fwd.o, p.d_o};
+      for (int i = 0; i < 3; ++i) rows_.to_grouped(from[i], shape.dtype, grouped(i), shape.dtype, ctx);
+      rows_.lse_to_grouped(p.fwd.lse, grouped_lse(), ctx);
+      p.fwd.q = grouped(0);
+      p.fwd.o = grouped(1);
+      p.d_o = grouped(2);
+      p.fwd.lse = grouped_lse();
+    }
     p.transposed = e.tables->transposed();
     p.d_q = d_q_.as<float>() + b * rows * d;
     p.d_k_pages = pool(d_pools(), b, 0, 0);
@@ -640,6 +702,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
       }
   }
 
+  GroupedRows rows_;  // the attention's row order (grouped under GQA with per-row selection)
   ClusterGeometry g_;
   kernels::SelectionOptions sel_;
   kernels::ClusteredLayout base_;  // this rank's layout with no fetched block and the largest capacity
@@ -650,7 +713,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
   std::vector<ServedRequests> served_;  // per ring step: the blocks the rank r - s fetched from this rank
   DeviceBuffer pools_, own_d_pools_, key_bias_, page_sums_, page_counts_, block_sums_, block_counts_, gather_send_,
       gather_recv_, coarse_, bounds_, arrived_sums_, arrived_counts_, stage_, d_q_, d_block_sums_, d_page_sums_,
-      scatter_send_, scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_, halo_stage_;
+      scatter_send_, scatter_recv_, q_pos_, fwd_ws_, bwd_ws_, requests_, halo_stage_, grouped_;
   // CUDA only: the storage pools (kv_pool), one KV head group's fp32 queries (in d_q_) and the key
   // bias built on the host.
   DeviceBuffer attn_pools_;

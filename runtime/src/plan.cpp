@@ -2,6 +2,7 @@
 // per layer, summed over the batch.
 #include "attention_internal.hpp"
 #include "clustered_tables.hpp"
+#include "grouped_rows.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/attention.hpp>
@@ -272,12 +273,19 @@ kernels::ClusteredLayout clustered_base(const LayerShape& sh, const AttentionOpt
   return base;
 }
 
+// The attention's row order of the clustered mode (attention_clustered.cpp): grouped under GQA with
+// per-row selection.
+GroupedRows clustered_rows(const LayerShape& sh, const AttentionOptions& o) {
+  return {sh.local_len(), sh.heads, sh.kv_heads, sh.head_dim,
+          GroupedRows::group_for(sh.heads, sh.kv_heads, o.resolved_selection(sh) == SelectionUnit::kRow)};
+}
+
 // The tables of one clustered forward of rank r (clustered_tables.cpp), bounded per element. Entries
-// per (tile, KV head): the window's pages and two more on each side, the selected pages, the summary
-// pages that hold partly selected blocks' page summaries, and every coarse-summary page; summary pages
-// carry page_size KeyMeta records. A tile's lists are the union of `choosers` different choices
-// (1: the rows of a tile agree, as tile selection makes them; up to kQueryTile with row selection),
-// at most the resident pages and blocks there are.
+// per (attention tile, KV head): the window's pages and two more on each side, the selected pages, the
+// summary pages that hold partly selected blocks' page summaries, and every coarse-summary page;
+// summary pages carry page_size KeyMeta records. A tile's lists are the union of `choosers` different
+// choices (1: the tokens of a tile agree, as tile selection makes them; up to its kQueryTile / G
+// tokens with row selection), at most the resident pages and blocks there are.
 std::int64_t clustered_table_bytes(const LayerShape& sh, const AttentionOptions& o, int r, std::int64_t choosers) {
   const kernels::ClusteredLayout base = clustered_base(sh, o, r);
   const std::int64_t ps = o.page_size, hk = sh.kv_heads;
@@ -286,7 +294,7 @@ std::int64_t clustered_table_bytes(const LayerShape& sh, const AttentionOptions&
   const std::int64_t summary_pages = (blocks * o.coarse_pages + ps - 1) / ps + 1 + base.coarse_summary_pages();
   const std::int64_t selected = std::min(choosers * o.top_k, base.resident_pages());
   const std::int64_t per_unit = (window + kQueryTile) / ps + 4 + selected + summary_pages;
-  const std::int64_t tile_units = base.num_tiles() * hk;
+  const std::int64_t tile_units = clustered_rows(sh, o).attention_shape(o.page_size, 0).num_tiles() * hk;
   const std::int64_t table = (tile_units + 1) * kI64 + tile_units * per_unit * (kEntry + kRef) +
                              tile_units * summary_pages * ps * kMeta + (hk * base.num_pages() + 1) * kI64;
   return sh.batch * table;
@@ -323,8 +331,10 @@ std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o
   bytes += 2 * b * hk * (1 + base.fetch_capacity) * kI32;                   // requests
   bytes += p > 1 ? (sh.causal ? 1 : 2) * b * 2 * block_elems * hk * e : 0;   // halo stage
   bytes += (p + 1) * 2 * hk * loc_rows * d * kF32;                          // scatter send, recv
-  bytes += base.n_loc * kI32;                                               // q_pos
-  const kernels::AttentionShape widest{1, base.n_loc, sh.heads, sh.kv_heads, sh.head_dim, o.page_size, max_pages};
+  const GroupedRows rows = clustered_rows(sh, o);
+  bytes += base.n_loc * rows.group() * kI32;                                // q_pos
+  if (rows.grouped()) bytes += (3 * e * d + kF32) * base.n_loc * sh.heads;  // grouped Q, O, dO; LSE
+  const kernels::AttentionShape widest = rows.attention_shape(o.page_size, max_pages);
   bytes += kernel_workspace(widest, device);
   const std::int64_t units = o.resolved_selection(sh) == SelectionUnit::kRow ? base.n_loc : base.num_tiles();
   // The fp32 dQ; on CUDA it holds every element's selection slots and one KV head group's queries in
@@ -347,8 +357,9 @@ std::int64_t row_union_extra_bytes(const LayerShape& shape, const AttentionOptio
       o.resolved_selection(shape) != SelectionUnit::kRow)
     return 0;
   std::int64_t most = 0;
+  const std::int64_t tokens_per_tile = kQueryTile / clustered_rows(shape, o).group();
   for (int r = 0; r < shape.ranks; ++r)
-    most = std::max(most, clustered_table_bytes(shape, o, r, kQueryTile) - clustered_table_bytes(shape, o, r, 1));
+    most = std::max(most, clustered_table_bytes(shape, o, r, tokens_per_tile) - clustered_table_bytes(shape, o, r, 1));
   return most;
 }
 

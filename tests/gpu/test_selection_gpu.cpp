@@ -438,6 +438,17 @@ void run_config(const Config& c, std::uint64_t seed) {
   shape.page_size = c.page_size;
   shape.num_pages = layouts.front().num_pages();
   expect_device_tables(c.label, layouts, c.opt, views, gpu_table, shape);
+  // The grouped row order of GQA with per-row selection (SelectionOptions::rows_per_token): the same
+  // selections, each token's G heads as consecutive rows of 128 / G-token tiles.
+  const int group = c.heads / c.kv_heads;
+  if (c.opt.unit == SelectUnit::kRow && group > 1 && (group & (group - 1)) == 0) {
+    SelectionOptions grouped = c.opt;
+    grouped.rows_per_token = group;
+    shape.seq_q = n_loc * group;
+    shape.heads = c.kv_heads;
+    expect_device_tables(c.label + " grouped rows", layouts, grouped, views,
+                         build_clustered_table(layouts, grouped, gpu_sel), shape);
+  }
 }
 
 constexpr SelectUnit kRow = SelectUnit::kRow;

@@ -39,6 +39,8 @@ struct Config {
   SelectionUnit unit;
   ScoreKind score;
   std::string name;
+  int heads = 4;
+  int kv_heads = 2;  // GQA 2; with row selection the operator's attention tiles hold 128 / G tokens
 };
 
 struct Problem {
@@ -54,8 +56,8 @@ Problem make_problem(const Config& c, std::uint64_t seed, std::int64_t n = 768, 
   s.seq_len = n;
   s.ranks = world_size();
   s.batch = batch;
-  s.heads = 4;
-  s.kv_heads = 2;  // GQA 2
+  s.heads = c.heads;
+  s.kv_heads = c.kv_heads;
   s.head_dim = 64;
   s.dtype = DType::kF32;
   s.causal = c.causal;
@@ -401,11 +403,17 @@ INSTANTIATE_TEST_SUITE_P(Attention, Clustered,
                                            Config{true, SelectionUnit::kTile, ScoreKind::kBound, "causal_tile"},
                                            Config{false, SelectionUnit::kTile, ScoreKind::kBound, "bidirectional_tile"},
                                            Config{false, SelectionUnit::kRow, ScoreKind::kMean,
-                                                  "bidirectional_row_mean"}),
+                                                  "bidirectional_row_mean"},
+                                           Config{true, SelectionUnit::kRow, ScoreKind::kBound, "causal_row_gqa4", 4,
+                                                  1},
+                                           Config{false, SelectionUnit::kRow, ScoreKind::kBound,
+                                                  "bidirectional_row_gqa8", 8, 1}),
                          [](const auto& info) { return info.param.name; });
 INSTANTIATE_TEST_SUITE_P(Attention, ClusteredCausal,
                          ::testing::Values(Config{true, SelectionUnit::kRow, ScoreKind::kBound, "causal_row"},
-                                           Config{true, SelectionUnit::kTile, ScoreKind::kBound, "causal_tile"}),
+                                           Config{true, SelectionUnit::kTile, ScoreKind::kBound, "causal_tile"},
+                                           Config{true, SelectionUnit::kRow, ScoreKind::kBound, "causal_row_gqa4", 4,
+                                                  1}),
                          [](const auto& info) { return info.param.name; });
 
 // The gradients are the derivatives of the layer: central differences of the float64 layer (tables
@@ -483,13 +491,15 @@ TEST_P(Clustered, AttendedEntriesCoverEveryVisibleKeyOnce) {
   layer.forward({view(q, s.heads), view(k, s.kv_heads), view(v, s.kv_heads), view(o, s.heads),
                  TensorView::contiguous(lse.data(), DType::kF32, {s.batch, s.heads, n_loc}, session.device())});
   const auto entries = layer.attended_entries();
-  // The table's size: one list per (element, tile, KV head), each holding at least one page; every
-  // window or selected page attended is one entry of its tile's list.
+  // The table's size: one list per (element, attention tile, KV head), each holding at least one page;
+  // every window or selected page attended is one entry of its tile's list. With row selection under
+  // GQA an attention tile is 128 / G tokens, each token's G heads (grouped_rows.hpp).
   const TableEntries table = layer.table_entries();
   const std::int64_t exact_pages = std::count_if(entries.begin(), entries.end(), [](const AttendedEntry& e) {
     return e.kind == AttendedKind::kWindow || e.kind == AttendedKind::kSelected;
   });
-  EXPECT_EQ(table.units, s.batch * ((n_loc + kernels::kQueryTile - 1) / kernels::kQueryTile) * s.kv_heads);
+  const std::int64_t group = pr.options.resolved_selection(s) == SelectionUnit::kRow ? s.heads / s.kv_heads : 1;
+  EXPECT_EQ(table.units, s.batch * ((n_loc * group + kernels::kQueryTile - 1) / kernels::kQueryTile) * s.kv_heads);
   EXPECT_GE(table.total, exact_pages);
   EXPECT_GE(table.total, table.units);
   // coverage[(b, tile, kv_head)][row][key position]

@@ -60,7 +60,9 @@ enum class AttendedKind : std::int32_t { kWindow = 0, kSelected = 1, kPageSummar
 // (position first_row_pos + r) sees it; causal: row t sees only the page's keys at positions <= t.
 // clusters = surrogate: pages are clusters, global_id = rank * c + cluster (a block: that id divided
 // by coarse_pages), their keys the members cluster_members() lists; kWindow is a row's own cluster
-// (CAST intra-cluster attention). Tiles are still 128 consecutive local rows.
+// (CAST intra-cluster attention). Tiles are still 128 consecutive local rows. (Under GQA with per-row
+// selection the kernel's tiles hold 128 / G tokens, each with its G query heads; their entries are
+// reported here in their 128-row tile's terms, so such a tile lists a page once per kernel tile.)
 struct AttendedEntry {
   int batch = 0;
   std::int64_t tile = 0;           // rank-local tile of kQueryTile (128) rows
@@ -75,6 +77,8 @@ struct AttendedEntry {
 // The size of the latest forward()'s block table over this rank's (batch element, query tile, KV head)
 // units: a unit's entries are the pages and summary pages its tile attends. With per-row selection a
 // tile's list is the union of its rows' choices, so the figures show how far a tile's rows agree.
+// Under GQA (G = heads / kv_heads > 1, a power of two) a per-row selection tile is 128 / G tokens,
+// each token's G query heads its rows (NSA's layout), so the union is over 128 / G tokens.
 struct TableEntries {
   std::int64_t units = 0;
   std::int64_t total = 0;  // entries over all units

@@ -54,8 +54,9 @@ LayerPlan plan_layer(const LayerShape& shape, const AttentionOptions& options);
 std::int64_t attention_workspace_bytes(const LayerShape& shape, const AttentionOptions& options, DeviceKind device);
 
 // Clustered mode with row selection: what the tables of the rank that needs the most could take
-// beyond attention_workspace_bytes() if no two rows of a tile chose alike (each row's top_k pages and
-// coarse_k blocks its own, up to the resident pages and blocks). 0 for other modes and selections.
+// beyond attention_workspace_bytes() if no two tokens of a kernel tile chose alike (each token's top_k
+// pages and coarse_k blocks its own, up to the resident pages and blocks; a tile holds 128 / G tokens
+// under GQA, see TableEntries). 0 for other modes and selections.
 // `ringcast run` reports the union a run actually built (table_entries_mean / _max).
 std::int64_t row_union_extra_bytes(const LayerShape& shape, const AttentionOptions& options);
 

@@ -78,6 +78,13 @@ struct SelectionOptions {
   int window = 256;        // causal: pages overlapping [t0 - window, t1); bidirectional: window / 2 each side
   int remote_blocks = 8;   // R (step 4)
   int remote_cap = 16;     // causal: at most this many fetched blocks (2R by default)
+  // Rows of the attention's query tiles per query token, read by the table builders only. 1: tile T
+  // is the 128 tokens of selection tile T, one query head. G (a power of two <= kQueryTile; GQA group
+  // size, row mode): the token's G query heads of the KV head are consecutive rows (row t * G + j is
+  // token t's head j, NSA's layout), so attention tile T holds the 128 / G tokens from local token
+  // T * 128 / G on, every head of a token sees what the token selected, and a tile's list is the union
+  // of fewer tokens' choices. Window and eligibility stay those of the selection tile (T / G).
+  int rows_per_token = 1;
 };
 
 // Where tile T's rows [t0, t1) look (global positions): window pages overlap [window_lo, window_hi);
@@ -160,9 +167,22 @@ struct ClusteredSelection {
 };
 ClusteredSelection select_pages(const SelectionParams& p, const ExecContext& ctx);
 
+// The rows_per_token of per-row selection over `heads` query heads sharing `kv_heads` KV heads, as the
+// clustered mode runs it: G = heads / kv_heads when that is a power of two <= kQueryTile, else 1.
+inline int grouped_rows_per_token(int heads, int kv_heads) {
+  const int g = heads / kv_heads;
+  return g > 1 && g <= kQueryTile && (g & (g - 1)) == 0 ? g : 1;
+}
+
+// The attention tiles of a rank's table: ceil(n_loc * rows_per_token / kQueryTile).
+inline std::int64_t attention_tiles(const ClusteredLayout& layout, const SelectionOptions& options) {
+  return (layout.n_loc * options.rows_per_token + kQueryTile - 1) / kQueryTile;
+}
+
 // Step 6: the forward table of one batch element over its pool, units (tile * kv_heads + kv_head)
-// with layouts[g] and selections[g] of KV head g (one pool shape for all). Per tile, in order: window
-// pages (kEntryCausal when causal), selected pages (row mask: the rows that chose them), page-summary
+// with layouts[g] and selections[g] of KV head g (one pool shape for all); attention_tiles() tiles.
+// Per tile, in order: window pages (kEntryCausal when causal; with rows_per_token > 1 causal, none
+// that starts after the tile's last token), selected pages (row mask: the rows that chose them), page-summary
 // entries and coarse-summary entries (kEntryKeyBias, key_mask: the keys they stand for; KeyMeta row
 // masks where rows of the tile see different keys), so every key a row may see counts once.
 HostBlockTable build_clustered_table(std::span<const ClusteredLayout> layouts, const SelectionOptions& options,
