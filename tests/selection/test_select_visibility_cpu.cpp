@@ -9,6 +9,8 @@
 #include <cstdio>
 #include <functional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "attention_reference.hpp"
 #include "clustered_pipeline.hpp"
@@ -215,6 +217,66 @@ TEST(SelectVisibility, EveryVisibleKeyCountsOnceAndWeightsAddUp) {
 }
 
 // Global page ids of a unit's selection.
+// What one tile row reads through the entries of unit u of `table`: per key (pool page, key) the bias
+// the kernel adds (entry bias, KeyMeta bias, whether the pool's key bias applies), as the kernel reads
+// them (row masks, key masks, KeyMeta, causal positions against the row's position), in table order.
+using ReadKey = std::tuple<std::int32_t, int, float, float, bool>;
+std::vector<ReadKey> keys_read(const kernels::HostBlockTable& table, std::int64_t u, int row, std::int64_t pos) {
+  const auto bit = [](const std::uint64_t(&m)[2], int i) { return (m[i / 64] >> (i % 64)) & 1u; };
+  std::vector<ReadKey> out;
+  for (std::int64_t i = table.offsets[u]; i < table.offsets[u + 1]; ++i) {
+    const kernels::BlockEntry& e = table.entries[i];
+    if (!bit(e.row_mask, row)) continue;
+    for (int j = 0; j < e.key_count; ++j) {
+      if (!((e.key_mask >> j) & 1u) || ((e.flags & kernels::kEntryCausal) && e.key_pos0 + j > pos)) continue;
+      const kernels::KeyMeta* meta = e.key_meta >= 0 ? &table.key_meta[std::size_t(e.key_meta + j)] : nullptr;
+      if (meta && !bit(meta->row_mask, row)) continue;
+      out.emplace_back(e.page, j, e.bias, meta ? meta->bias : 0.f, (e.flags & kernels::kEntryKeyBias) != 0);
+    }
+  }
+  return out;
+}
+
+// SelectionOptions::rows_per_token = G (the clustered mode under GQA with per-row selection): each of
+// token t's G rows of its 128 / G-token tile reads exactly the keys, biases and order that row t of
+// the 128-token tile reads with one row per token, for every G up to 128, causal and bidirectional,
+// at ranks with a halo, fetched blocks and a partial last tile.
+TEST(SelectVisibility, GroupedRowsReadWhatTheirTokenReads) {
+  // 576 tokens per rank at P = 4 (4.5 tiles) in 64-key blocks of two 32-key pages.
+  const ClusteredProblem pr = make_problem(2304, 4, 2, 32, 2, 33);
+  const GlobalSummaries gs(pr);
+  for (const bool causal : {true, false}) {
+    SelectionOptions opt = options(causal, SelectUnit::kRow);
+    opt.window = 64;
+    for (int r : {0, 2}) {
+      const RankRun run = run_rank(pr, gs, 4, r, opt, false);
+      const ClusteredLayout& L = run.layouts.front();
+      for (const int group : {2, 8, 64, 128}) {
+        SCOPED_TRACE(describe(opt, 4, r) + " G=" + std::to_string(group));
+        SelectionOptions grouped = opt;
+        grouped.rows_per_token = group;
+        const kernels::HostBlockTable table = kernels::build_clustered_table(run.layouts, grouped, run.selections);
+        const std::int64_t tiles = kernels::attention_tiles(L, grouped);
+        ASSERT_EQ(table.offsets.size(), std::size_t(tiles * pr.kv_heads + 1));
+        for (std::int64_t tile = 0; tile < tiles; ++tile)
+          for (int g = 0; g < pr.kv_heads; ++g)
+            for (int row = 0; row < kernels::kQueryTile; ++row) {
+              const std::int64_t t = tile * (kernels::kQueryTile / group) + row / group;  // rank-local token
+              const std::int64_t pos = L.first_pos + t;
+              const std::vector<ReadKey> got = keys_read(table, tile * pr.kv_heads + g, row, pos);
+              if (t >= L.n_loc) {
+                ASSERT_TRUE(got.empty()) << "row " << row << " of tile " << tile << " has no token";
+                continue;
+              }
+              const std::int64_t u = t / kernels::kQueryTile * pr.kv_heads + g;
+              ASSERT_EQ(got, keys_read(run.table, u, int(t % kernels::kQueryTile), pos))
+                  << "token " << t << ", head " << row % group << " of its group, KV head " << g;
+            }
+      }
+    }
+  }
+}
+
 std::vector<std::int64_t> global_pages(const RankRun& run, int g, std::int64_t u) {
   const kernels::ClusteredSelection& s = run.selections[std::size_t(g)];
   std::vector<std::int64_t> pages;
