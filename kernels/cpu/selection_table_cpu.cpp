@@ -2,7 +2,8 @@
 // and KV head, entries for the window, the selected pages, the page summaries and the coarse
 // summaries, so that each key a row may see is counted once, at one resolution. Summary entries are
 // built per summary page from per-key row masks: one entry with a key_mask when every taken key is
-// seen by the same rows, KeyMeta row masks otherwise. Host code, backend-independent.
+// seen by the same rows, KeyMeta row masks otherwise. With rows_per_token = G each tile row is one
+// (token, head in group) pair and a token's G rows share its entries. Host code, backend-independent.
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/selection.hpp>
 
@@ -36,8 +37,8 @@ BlockEntry make_entry(std::int64_t page, const RowMask& rows, int page_size) {
   return e;
 }
 
-// Attention tile `tile` (selection.hpp, SelectionOptions::rows_per_token): its tokens [t0, t1) of
-// the rank (global positions) with G rows each, inside selection tile tile / G.
+// Attention tile `tile` (selection.hpp, SelectionOptions::rows_per_token): its tokens [t0, t0 + tokens)
+// (global positions) with G rows each, inside selection tile tile / G.
 void append_tile(HostBlockTable& t, const ClusteredLayout& L, const SelectionOptions& opt,
                  const ClusteredSelection& sel, std::int64_t tile) {
   const int G = opt.rows_per_token;
