@@ -15,6 +15,7 @@
 
 #include <ringcast/kernels/attention.hpp>
 #include <ringcast/kernels/block_table.hpp>
+#include <ringcast/kernels/grouped_rows.hpp>
 #include <ringcast/kernels/selection.hpp>
 #include <ringcast/storage_bits.hpp>
 
@@ -53,7 +54,7 @@ using kernels::kQueryTile;
 
 // The problem a pattern runs: per-row-grouped puts each token's G = heads / kv_heads query heads as
 // consecutive rows of their KV head (the clustered mode's order under GQA with per-row selection,
-// runtime/src/grouped_rows.hpp), so the kernel sees seq * G rows of kv_heads heads, each row at its
+// kernels/grouped_rows.hpp), so the kernel sees seq * G rows of kv_heads heads, each row at its
 // token's position, and a tile's list is the union of 128 / G tokens' choices.
 struct Layout {
   AttentionShape tokens;  // the problem: seq tokens of `heads` query heads
@@ -414,6 +415,24 @@ int bench_kernels(const BenchKernelsOptions& opt) {
       kernels::attention_backward(p.bwd, ctx);
     });
   }
+  // per-row-grouped: what the clustered mode adds around the forward, timed alone -- Q from token order
+  // to grouped order, O and LSE back (kernels/grouped_rows.hpp), every batch element.
+  double perm_ms = NAN;
+  if (l.group > 1) {
+    const AttentionShape& t = l.tokens;
+    const kernels::GroupedRows rows(t.seq_q, t.heads, t.kv_heads, t.head_dim, l.group);
+    const DeviceArray q_tokens(p.elems_q() * 2), o_tokens(p.elems_q() * 2), lse_tokens(p.rows() * 4);
+    const std::int64_t elems = t.seq_q * t.heads * t.head_dim, stats = t.seq_q * t.heads;
+    perm_ms = median_ms(opt.warmup, opt.repeats, stream, [&] {
+      for (int b = 0; b < t.batch; ++b) {
+        rows.to_grouped(q_tokens.as<std::uint16_t>() + b * elems, dtype, p.q.as<std::uint16_t>() + b * elems, dtype,
+                        ctx);
+        rows.to_tokens(p.o.as<std::uint16_t>() + b * elems, dtype, o_tokens.as<std::uint16_t>() + b * elems, dtype,
+                       ctx);
+        rows.lse_to_tokens(p.lse.as<float>() + b * stats, lse_tokens.as<float>() + b * stats, ctx);
+      }
+    });
+  }
   RINGCAST_CUDA_CHECK(cudaStreamDestroy(stream));
 
   const double fwd_tflops = fwd_flops / (fwd_ms * 1e-3) / 1e12;
@@ -422,13 +441,13 @@ int bench_kernels(const BenchKernelsOptions& opt) {
   const AttentionShape& t = l.tokens;
   const std::string shape = fmt::format("B{} n{} h{}/{} d{}", t.batch, t.seq_q, t.heads, t.kv_heads, t.head_dim);
   fmt::print("# ringcast bench kernels on {} ({} SMs), {}\n", prop.name, prop.multiProcessorCount, opt.dtype);
-  fmt::print("{:<28} {:<16} {:>4} {:>9} {:>10} {:>9} {:>12} {:>9} {:>9} {}\n", "shape", "pattern", "k", "entries",
-             "fwd_ms", "fwd_TF/s", "fwd+bwd_ms", "f+b_TF/s", "error", "check");
-  fmt::print("{:<28} {:<16} {:>4} {:>9.1f} {:>10.3f} {:>9.1f} {:>12.3f} {:>9.1f} {:>9.2e} {}\n", shape, opt.pattern,
-             opt.k, avg_entries, fwd_ms, fwd_tflops, fb_ms, fb_tflops, err, ok ? "OK" : "WRONG");
-  fmt::print("csv,ringcast,{},{},{},{},{},{},{},{},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.3e},{}\n", opt.pattern,
-             t.batch, t.seq_q, t.heads, t.kv_heads, t.head_dim, opt.k, opt.dtype, avg_entries, pairs, fwd_ms,
-             fwd_tflops, fb_ms, fb_tflops, err, ok ? "OK" : "WRONG");
+  fmt::print("{:<28} {:<16} {:>4} {:>9} {:>10} {:>9} {:>12} {:>9} {:>9} {:>5} {:>8}\n", "shape", "pattern", "k",
+             "entries", "fwd_ms", "fwd_TF/s", "fwd+bwd_ms", "f+b_TF/s", "error", "check", "perm_ms");
+  fmt::print("{:<28} {:<16} {:>4} {:>9.1f} {:>10.3f} {:>9.1f} {:>12.3f} {:>9.1f} {:>9.2e} {:>5} {:>8.3f}\n", shape,
+             opt.pattern, opt.k, avg_entries, fwd_ms, fwd_tflops, fb_ms, fb_tflops, err, ok ? "OK" : "WRONG", perm_ms);
+  fmt::print("csv,ringcast,{},{},{},{},{},{},{},{},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.3e},{},{:.6g}\n",
+             opt.pattern, t.batch, t.seq_q, t.heads, t.kv_heads, t.head_dim, opt.k, opt.dtype, avg_entries, pairs,
+             fwd_ms, fwd_tflops, fb_ms, fb_tflops, err, ok ? "OK" : "WRONG", perm_ms);
   return ok ? 0 : 1;
 }
 

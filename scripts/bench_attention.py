@@ -88,10 +88,11 @@ def run_ringcast(exe, cfg, dump_dir, repeats):
     rows = [line for line in out.stdout.splitlines() if line.startswith("csv,")]
     if out.returncode not in (0, 1) or not rows:
         raise RuntimeError(f"ringcast bench kernels failed ({out.returncode})")
-    # csv,ringcast,pattern,batch,seq,heads,kv_heads,d,k,dtype,entries,pairs,fwd_ms,fwd_tf,fb_ms,fb_tf,err,check
+    # csv,ringcast,pattern,batch,seq,heads,kv_heads,d,k,dtype,entries,pairs,fwd_ms,fwd_tf,fb_ms,fb_tf,err,check,
+    # perm_ms (per-row-grouped: the clustered mode's permutations around the forward, timed alone; else nan)
     f = next(csv.reader(io.StringIO(rows[-1])))
     return {"impl": "ringcast", "entries": float(f[10]), "pairs": float(f[11]), "fwd_ms": float(f[12]),
-            "fb_ms": float(f[14]), "error": float(f[16]), "check": f[17]}
+            "fb_ms": float(f[14]), "error": float(f[16]), "check": f[17], "perm_ms": float(f[18])}
 
 
 # ---- PyTorch baselines ----------------------------------------------------------------------------
@@ -275,7 +276,9 @@ def main():
               "| entries/tile | check |")
     lines = [header, "|" + "---|" * 9]
     for cfg, r in table:
-        lines.append(f"| {cfg.name} | {cfg.seq}, {cfg.heads}/{cfg.kv_heads}, {cfg.head_dim} | {r['impl']} "
+        perm = r.get("perm_ms", float("nan"))
+        impl = r["impl"] + (f" (+ {perm:.2f} ms permutations)" if not math.isnan(perm) else "")
+        lines.append(f"| {cfg.name} | {cfg.seq}, {cfg.heads}/{cfg.kv_heads}, {cfg.head_dim} | {impl} "
                      f"| {r['fwd_ms']:.3f} | {tflops(r, cfg.head_dim, 'fwd_ms'):.1f} "
                      f"| {r['fb_ms']:.3f} | {tflops(r, cfg.head_dim, 'fb_ms'):.1f} "
                      f"| {r.get('entries', float('nan')):.1f} "
@@ -287,11 +290,12 @@ def main():
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["config", "seq", "heads", "kv_heads", "head_dim", "impl", "fwd_ms", "fwd_tflops", "fb_ms",
-                    "fb_tflops", "pairs", "entries", "error", "check"])
+                    "fb_tflops", "pairs", "entries", "error", "check", "perm_ms"])
         for cfg, r in table:
             w.writerow([cfg.name, cfg.seq, cfg.heads, cfg.kv_heads, cfg.head_dim, r["impl"], r["fwd_ms"],
                         tflops(r, cfg.head_dim, "fwd_ms"), r["fb_ms"], tflops(r, cfg.head_dim, "fb_ms"),
-                        r["pairs"], r.get("entries", ""), r.get("error", ""), r.get("check", "")])
+                        r["pairs"], r.get("entries", ""), r.get("error", ""), r.get("check", ""),
+                        r.get("perm_ms", "")])
     with open(os.path.join(args.out, "env.txt"), "w") as f:
         f.write(f"host: {platform.node()}\npython: {sys.version.split()[0]}\ncommand: {' '.join(sys.argv)}\n")
         if torch is not None:

@@ -17,16 +17,16 @@
 // written to the caller's outputs last: the backward reads q, k, v before it writes any gradient, so the
 // gradients may overwrite them (in place). On CUDA the fp32 dQ buffer holds the forward's selection slots
 // and one KV head group's queries, converted where selection reads them. Under GQA with per-row
-// selection the attention runs on grouped rows (grouped_rows.hpp: a token's G heads consecutive rows of
-// their KV head): each element's Q, O, dO and LSE are permuted into a buffer of the mode's around the
-// kernel calls, and dQ leaves the fp32 buffer for the caller's in token order.
+// selection the attention runs on grouped rows (kernels/grouped_rows.hpp: a token's G heads are
+// consecutive rows of their KV head): each element's Q, O, dO and LSE are permuted into a buffer of
+// the mode's around the kernel calls, and dQ leaves the fp32 buffer for the caller's in token order.
 #include "attention_internal.hpp"
 #include "clustered_internal.hpp"
 #include "clustered_tables.hpp"
-#include "grouped_rows.hpp"
 #include "overlap.hpp"
 
 #include <ringcast/error.hpp>
+#include <ringcast/kernels/grouped_rows.hpp>
 #include <ringcast/kernels/selection.hpp>
 #include <ringcast/kernels/summaries.hpp>
 
@@ -70,7 +70,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
   ClusteredMode(const Session& s, const LayerShape& sh, const AttentionOptions& o)
       : Mode(s, sh, o),
         rows_(sh.local_len(), sh.heads, sh.kv_heads, sh.head_dim,
-              GroupedRows::group_for(sh.heads, sh.kv_heads, o.resolved_selection(sh) == SelectionUnit::kRow)),
+              kernels::GroupedRows::group_for(sh.heads, sh.kv_heads, o.resolved_selection(sh) == SelectionUnit::kRow)),
         overlap_(s) {
     check_clustered_support(sh, o);
     const std::int64_t window = sh.causal ? o.window_before : o.window_bidir;
@@ -702,7 +702,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
       }
   }
 
-  GroupedRows rows_;  // the attention's row order (grouped under GQA with per-row selection)
+  kernels::GroupedRows rows_;  // the attention's row order (grouped under GQA with per-row selection)
   ClusterGeometry g_;
   kernels::SelectionOptions sel_;
   kernels::ClusteredLayout base_;  // this rank's layout with no fetched block and the largest capacity

@@ -2,10 +2,10 @@
 // per layer, summed over the batch.
 #include "attention_internal.hpp"
 #include "clustered_tables.hpp"
-#include "grouped_rows.hpp"
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/attention.hpp>
+#include <ringcast/kernels/grouped_rows.hpp>
 #include <ringcast/kernels/selection.hpp>
 #include <ringcast/kernels/summaries.hpp>
 #include <ringcast/plan.hpp>
@@ -275,9 +275,9 @@ kernels::ClusteredLayout clustered_base(const LayerShape& sh, const AttentionOpt
 
 // The attention's row order of the clustered mode (attention_clustered.cpp): grouped under GQA with
 // per-row selection.
-GroupedRows clustered_rows(const LayerShape& sh, const AttentionOptions& o) {
+kernels::GroupedRows clustered_rows(const LayerShape& sh, const AttentionOptions& o) {
   return {sh.local_len(), sh.heads, sh.kv_heads, sh.head_dim,
-          GroupedRows::group_for(sh.heads, sh.kv_heads, o.resolved_selection(sh) == SelectionUnit::kRow)};
+          kernels::GroupedRows::group_for(sh.heads, sh.kv_heads, o.resolved_selection(sh) == SelectionUnit::kRow)};
 }
 
 // The tables of one clustered forward of rank r (clustered_tables.cpp), bounded per element. Entries
@@ -331,7 +331,7 @@ std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o
   bytes += 2 * b * hk * (1 + base.fetch_capacity) * kI32;                   // requests
   bytes += p > 1 ? (sh.causal ? 1 : 2) * b * 2 * block_elems * hk * e : 0;   // halo stage
   bytes += (p + 1) * 2 * hk * loc_rows * d * kF32;                          // scatter send, recv
-  const GroupedRows rows = clustered_rows(sh, o);
+  const kernels::GroupedRows rows = clustered_rows(sh, o);
   bytes += base.n_loc * rows.group() * kI32;                                // q_pos
   if (rows.grouped()) bytes += (3 * e * d + kF32) * base.n_loc * sh.heads;  // grouped Q, O, dO; LSE
   const kernels::AttentionShape widest = rows.attention_shape(o.page_size, max_pages);

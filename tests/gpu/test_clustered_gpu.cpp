@@ -117,7 +117,7 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"bidirectional_tile_bound_d64", false, SelectionUnit::kTile, ScoreKind::kBound, 4, 4, 64},
                       Case{"bidirectional_row_mean_gqa2_d128", false, SelectionUnit::kRow, ScoreKind::kMean, 4, 2,
                            128},
-                      // Grouped rows with 16 tokens of 8 heads per tile (grouped_rows.hpp).
+                      // Grouped rows with 16 tokens of 8 heads per tile (kernels/grouped_rows.hpp).
                       Case{"causal_row_bound_gqa8_d128", true, SelectionUnit::kRow, ScoreKind::kBound, 8, 1, 128}),
     [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
 

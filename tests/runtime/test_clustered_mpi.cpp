@@ -493,7 +493,7 @@ TEST_P(Clustered, AttendedEntriesCoverEveryVisibleKeyOnce) {
   const auto entries = layer.attended_entries();
   // The table's size: one list per (element, attention tile, KV head), each holding at least one page;
   // every window or selected page attended is one entry of its tile's list. With row selection under
-  // GQA an attention tile is 128 / G tokens, each token's G heads (grouped_rows.hpp).
+  // GQA an attention tile is 128 / G tokens, each token's G heads (kernels/grouped_rows.hpp).
   const TableEntries table = layer.table_entries();
   const std::int64_t exact_pages = std::count_if(entries.begin(), entries.end(), [](const AttendedEntry& e) {
     return e.kind == AttendedKind::kWindow || e.kind == AttendedKind::kSelected;

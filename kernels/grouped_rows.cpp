@@ -1,20 +1,19 @@
-// GroupedRows (grouped_rows.hpp): the permutations as kernels::copy_strided calls on either backend.
-#include "grouped_rows.hpp"
-
+// GroupedRows (grouped_rows.hpp): the permutations as copy_strided calls on either backend.
 #include <ringcast/error.hpp>
+#include <ringcast/kernels/grouped_rows.hpp>
 #include <ringcast/kernels/layout.hpp>
 #include <ringcast/kernels/selection.hpp>
 
 #include <array>
 
-namespace ringcast {
+namespace ringcast::kernels {
 namespace {
 
 // A 4-d copy over `shape` with the given strides (elements) on each side.
-kernels::StridedCopy copy4(std::array<std::int64_t, 4> shape, std::array<std::int64_t, 4> src_strides,
+StridedCopy copy4(std::array<std::int64_t, 4> shape, std::array<std::int64_t, 4> src_strides,
                            std::array<std::int64_t, 4> dst_strides, const void* src, DType src_dtype, void* dst,
                            DType dst_dtype) {
-  kernels::StridedCopy c;
+  StridedCopy c;
   c.ndim = 4;
   for (int i = 0; i < 4; ++i) {
     c.shape[i] = shape[i];
@@ -37,10 +36,10 @@ GroupedRows::GroupedRows(std::int64_t tokens, int heads, int kv_heads, int head_
 }
 
 int GroupedRows::group_for(int heads, int kv_heads, bool row_selection) {
-  return row_selection ? kernels::grouped_rows_per_token(heads, kv_heads) : 1;
+  return row_selection ? grouped_rows_per_token(heads, kv_heads) : 1;
 }
 
-kernels::AttentionShape GroupedRows::attention_shape(int page_size, std::int64_t num_pages) const {
+AttentionShape GroupedRows::attention_shape(int page_size, std::int64_t num_pages) const {
   return {1, tokens_ * group_, heads_ / group_, kv_heads_, head_dim_, page_size, num_pages};
 }
 
@@ -54,35 +53,35 @@ std::vector<std::int32_t> GroupedRows::row_positions(std::span<const std::int32_
 // Element (token t, KV head k, head j in group, e): token order at t * heads + (k * G + j), grouped
 // order at (t * G + j) * kv_heads + k, times head_dim.
 void GroupedRows::to_grouped(const void* src, DType src_dtype, void* dst, DType dst_dtype,
-                             const kernels::ExecContext& ctx) const {
+                             const ExecContext& ctx) const {
   const std::int64_t d = head_dim_, g = group_, kv = kv_heads_;
-  kernels::copy_strided(copy4({tokens_, kv, g, d}, {heads_ * d, g * d, d, 1}, {g * kv * d, d, kv * d, 1}, src,
+  copy_strided(copy4({tokens_, kv, g, d}, {heads_ * d, g * d, d, 1}, {g * kv * d, d, kv * d, 1}, src,
                               src_dtype, dst, dst_dtype),
                         ctx);
 }
 
 void GroupedRows::to_tokens(const void* src, DType src_dtype, void* dst, DType dst_dtype,
-                            const kernels::ExecContext& ctx) const {
+                            const ExecContext& ctx) const {
   const std::int64_t d = head_dim_, g = group_, kv = kv_heads_;
-  kernels::copy_strided(copy4({tokens_, kv, g, d}, {g * kv * d, d, kv * d, 1}, {heads_ * d, g * d, d, 1}, src,
+  copy_strided(copy4({tokens_, kv, g, d}, {g * kv * d, d, kv * d, 1}, {heads_ * d, g * d, d, 1}, src,
                               src_dtype, dst, dst_dtype),
                         ctx);
 }
 
 // LSE (KV head k, head j in group, token t): token order at (k * G + j) * tokens + t, grouped order
 // at k * tokens * G + t * G + j.
-void GroupedRows::lse_to_grouped(const float* src, float* dst, const kernels::ExecContext& ctx) const {
+void GroupedRows::lse_to_grouped(const float* src, float* dst, const ExecContext& ctx) const {
   const std::int64_t g = group_, n = tokens_;
-  kernels::copy_strided(copy4({kv_heads_, g, n, 1}, {g * n, n, 1, 1}, {n * g, 1, g, 1}, src, DType::kF32, dst,
+  copy_strided(copy4({kv_heads_, g, n, 1}, {g * n, n, 1, 1}, {n * g, 1, g, 1}, src, DType::kF32, dst,
                               DType::kF32),
                         ctx);
 }
 
-void GroupedRows::lse_to_tokens(const float* src, float* dst, const kernels::ExecContext& ctx) const {
+void GroupedRows::lse_to_tokens(const float* src, float* dst, const ExecContext& ctx) const {
   const std::int64_t g = group_, n = tokens_;
-  kernels::copy_strided(copy4({kv_heads_, g, n, 1}, {n * g, 1, g, 1}, {g * n, n, 1, 1}, src, DType::kF32, dst,
+  copy_strided(copy4({kv_heads_, g, n, 1}, {n * g, 1, g, 1}, {g * n, n, 1, 1}, src, DType::kF32, dst,
                               DType::kF32),
                         ctx);
 }
 
-}  // namespace ringcast
+}  // namespace ringcast::kernels
