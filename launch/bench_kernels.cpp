@@ -425,10 +425,12 @@ int bench_kernels(const BenchKernelsOptions& opt) {
     const std::int64_t elems = t.seq_q * t.heads * t.head_dim, stats = t.seq_q * t.heads;
     perm_ms = median_ms(opt.warmup, opt.repeats, stream, [&] {
       for (int b = 0; b < t.batch; ++b) {
-        rows.to_grouped(q_tokens.as<std::uint16_t>() + b * elems, dtype, p.q.as<std::uint16_t>() + b * elems, dtype,
-                        ctx);
-        rows.to_tokens(p.o.as<std::uint16_t>() + b * elems, dtype, o_tokens.as<std::uint16_t>() + b * elems, dtype,
-                       ctx);
+        if (rows.moves_rows()) {  // with one KV head the rows are in place, as in the mode
+          rows.to_grouped(q_tokens.as<std::uint16_t>() + b * elems, dtype, p.q.as<std::uint16_t>() + b * elems,
+                          dtype, ctx);
+          rows.to_tokens(p.o.as<std::uint16_t>() + b * elems, dtype, o_tokens.as<std::uint16_t>() + b * elems, dtype,
+                         ctx);
+        }
         rows.lse_to_tokens(p.lse.as<float>() + b * stats, lse_tokens.as<float>() + b * stats, ctx);
       }
     });

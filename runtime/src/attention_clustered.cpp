@@ -19,7 +19,8 @@
 // and one KV head group's queries, converted where selection reads them. Under GQA with per-row
 // selection the attention runs on grouped rows (kernels/grouped_rows.hpp: a token's G heads are
 // consecutive rows of their KV head): each element's Q, O, dO and LSE are permuted into a buffer of
-// the mode's around the kernel calls, and dQ leaves the fp32 buffer for the caller's in token order.
+// the mode's around the kernel calls, and dQ leaves the fp32 buffer for the caller's in token order
+// (with one KV head only the LSE moves: the rows are already in that order).
 #include "attention_internal.hpp"
 #include "clustered_internal.hpp"
 #include "clustered_tables.hpp"
@@ -147,8 +148,8 @@ class ClusteredMode final : public DistributedAttention::Mode {
     q_pos_ = allocate(row_pos.size() * sizeof(std::int32_t));
     q_pos_.copy_from_host(row_pos.data(), row_pos.size() * sizeof(std::int32_t), 0, ctx.stream);
     const kernels::AttentionShape widest = rows_.attention_shape(o.page_size, max_pages);
-    // Grouped rows: one element's Q, O, dO in the attention's row order, and its LSE.
-    if (rows_.grouped()) grouped_ = allocate(grouped_bytes(3) + sh.local_len() * sh.heads * sizeof(float));
+    // Grouped rows: one element's Q, O, dO in the attention's row order (when they move), and its LSE.
+    if (rows_.grouped()) grouped_ = allocate(moved_bytes(3) + sh.local_len() * sh.heads * sizeof(float));
     fwd_ws_ = allocate(kernels::attention_forward_workspace_bytes(widest, ctx));
     bwd_ws_ = allocate(kernels::attention_backward_workspace_bytes(widest, ctx));
     const std::int64_t units = sel_.unit == kernels::SelectUnit::kRow ? sh.local_len() : base_.num_tiles();
@@ -218,7 +219,7 @@ class ClusteredMode final : public DistributedAttention::Mode {
                          {s.num_pages, 0});
     }
     const std::int64_t q_elems = shape.local_len() * shape.heads * shape.head_dim;
-    if (!rows_.grouped()) {
+    if (!rows_.moves_rows()) {
       kernels::copy_strided(
           kernels::StridedCopy::flat(d_q_.data(), DType::kF32, a.d_q.data, shape.dtype, shape.batch * q_elems), ctx);
       return;
@@ -576,19 +577,17 @@ class ClusteredMode final : public DistributedAttention::Mode {
     p.o_dtype = shape.dtype;
     p.o = o;
     p.lse = lse;
-    if (rows_.grouped()) {
-      rows_.to_grouped(p.q, shape.dtype, grouped(0), shape.dtype, ctx);
-      p.q = grouped(0);
-      p.o = grouped(1);
-      p.lse = grouped_lse();
+    if (rows_.moves_rows()) {
+      rows_.to_grouped(p.q, shape.dtype, moved(0), shape.dtype, ctx);
+      p.q = moved(0);
+      p.o = moved(1);
     }
+    if (rows_.grouped()) p.lse = grouped_lse();
     p.workspace = fwd_ws_.data();
     p.workspace_bytes = fwd_ws_.bytes();
     kernels::attention_forward(p, ctx);
-    if (rows_.grouped()) {
-      rows_.to_tokens(grouped(1), shape.dtype, o, shape.dtype, ctx);
-      rows_.lse_to_tokens(grouped_lse(), lse, ctx);
-    }
+    if (rows_.moves_rows()) rows_.to_tokens(moved(1), shape.dtype, o, shape.dtype, ctx);
+    if (rows_.grouped()) rows_.lse_to_tokens(grouped_lse(), lse, ctx);
   }
 
   // Element b's query-shaped rows (Q, O, dO) in a [B, n_loc, heads, d] tensor of the storage dtype.
@@ -596,13 +595,14 @@ class ClusteredMode final : public DistributedAttention::Mode {
     return static_cast<const char*>(data) +
            std::int64_t{b} * shape.local_len() * shape.heads * shape.head_dim * dtype_size(shape.dtype);
   }
-  // Grouped rows (rows_.grouped()): buffer i of three element-sized [n_loc * heads, d] buffers of the
-  // storage dtype, and the element's LSE after them.
-  std::size_t grouped_bytes(int count) const {
-    return count * static_cast<std::size_t>(shape.local_len() * shape.heads * shape.head_dim) * dtype_size(shape.dtype);
+  // Grouped rows (rows_.grouped()): when rows move, buffer i of three element-sized [n_loc * heads, d]
+  // buffers of the storage dtype (Q, O, dO); then the element's LSE.
+  std::size_t moved_bytes(int count) const {
+    const auto elems = static_cast<std::size_t>(shape.local_len() * shape.heads * shape.head_dim);
+    return rows_.moves_rows() ? count * elems * dtype_size(shape.dtype) : 0;
   }
-  void* grouped(int i) const { return grouped_.as<char>() + grouped_bytes(i); }
-  float* grouped_lse() const { return reinterpret_cast<float*>(grouped_.as<char>() + grouped_bytes(3)); }
+  void* moved(int i) const { return grouped_.as<char>() + moved_bytes(i); }
+  float* grouped_lse() const { return reinterpret_cast<float*>(grouped_.as<char>() + moved_bytes(3)); }
 
   // The resident pages of one KV head's pool, read as a sequence of whole pages of one head.
   kernels::SummaryShape resident_shape(const kernels::ClusteredLayout& L) const {
@@ -642,13 +642,15 @@ class ClusteredMode final : public DistributedAttention::Mode {
     p.fwd.o = static_cast<char*>(a.o.data) + b * rows * d * dtype_size(shape.dtype);
     p.fwd.lse = a.lse.as<float>() + b * rows;
     p.d_o = element_rows(a.d_o.data, b);
-    if (rows_.grouped()) {
+    if (rows_.moves_rows()) {
       const void* from[3] = {p.fwd.q, p.fwd.o, p.d_o};
-      for (int i = 0; i < 3; ++i) rows_.to_grouped(from[i], shape.dtype, grouped(i), shape.dtype, ctx);
+      for (int i = 0; i < 3; ++i) rows_.to_grouped(from[i], shape.dtype, moved(i), shape.dtype, ctx);
+      p.fwd.q = moved(0);
+      p.fwd.o = moved(1);
+      p.d_o = moved(2);
+    }
+    if (rows_.grouped()) {
       rows_.lse_to_grouped(p.fwd.lse, grouped_lse(), ctx);
-      p.fwd.q = grouped(0);
-      p.fwd.o = grouped(1);
-      p.d_o = grouped(2);
       p.fwd.lse = grouped_lse();
     }
     p.transposed = e.tables->transposed();

@@ -333,7 +333,8 @@ std::int64_t clustered_workspace(const LayerShape& sh, const AttentionOptions& o
   bytes += (p + 1) * 2 * hk * loc_rows * d * kF32;                          // scatter send, recv
   const kernels::GroupedRows rows = clustered_rows(sh, o);
   bytes += base.n_loc * rows.group() * kI32;                                // q_pos
-  if (rows.grouped()) bytes += (3 * e * d + kF32) * base.n_loc * sh.heads;  // grouped Q, O, dO; LSE
+  // Grouped rows: Q, O, dO when they move; the LSE.
+  bytes += ((rows.moves_rows() ? 3 * e * d : 0) + (rows.grouped() ? kF32 : 0)) * base.n_loc * sh.heads;
   const kernels::AttentionShape widest = rows.attention_shape(o.page_size, max_pages);
   bytes += kernel_workspace(widest, device);
   const std::int64_t units = o.resolved_selection(sh) == SelectionUnit::kRow ? base.n_loc : base.num_tiles();

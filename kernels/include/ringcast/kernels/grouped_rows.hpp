@@ -28,12 +28,17 @@ class GroupedRows {
 
   int group() const { return group_; }
   bool grouped() const { return group_ > 1; }
+  // Whether query-shaped rows move: grouped over more than one KV head. With one KV head row
+  // t * G + j of the grouped order is token t's head j, where token order has it already; only the
+  // LSE ([heads, tokens] against [tokens * G]) moves.
+  bool moves_rows() const { return grouped() && kv_heads_ > 1; }
   // The attention's shape over an element's pool of num_pages pages (batch 1).
   AttentionShape attention_shape(int page_size, std::int64_t num_pages) const;
   // The query positions of the attention's rows: each token's position G times.
   std::vector<std::int32_t> row_positions(std::span<const std::int32_t> token_positions) const;
 
-  // Query-shaped rows (Q, O, dO, dQ) of one element, token order to grouped order and back.
+  // Query-shaped rows (Q, O, dO, dQ) of one element, token order to grouped order and back (a plain
+  // copy when !moves_rows()).
   void to_grouped(const void* src, DType src_dtype, void* dst, DType dst_dtype, const ExecContext& ctx) const;
   void to_tokens(const void* src, DType src_dtype, void* dst, DType dst_dtype, const ExecContext& ctx) const;
   // LSE of one element, fp32.
