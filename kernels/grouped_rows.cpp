@@ -9,22 +9,23 @@
 namespace ringcast::kernels {
 namespace {
 
-// A 4-d copy over `shape` with the given strides (elements) on each side.
-StridedCopy copy4(std::array<std::int64_t, 4> shape, std::array<std::int64_t, 4> src_strides,
-                           std::array<std::int64_t, 4> dst_strides, const void* src, DType src_dtype, void* dst,
-                           DType dst_dtype) {
+using Dims = std::array<std::int64_t, 4>;
+
+// One copy over `shape` from a layout with strides `from` to one with strides `to` (elements).
+void copy_4d(const Dims& shape, const Dims& from, const Dims& to, const void* src, DType src_dtype, void* dst,
+             DType dst_dtype, const ExecContext& ctx) {
   StridedCopy c;
   c.ndim = 4;
   for (int i = 0; i < 4; ++i) {
     c.shape[i] = shape[i];
-    c.src_strides[i] = src_strides[i];
-    c.dst_strides[i] = dst_strides[i];
+    c.src_strides[i] = from[i];
+    c.dst_strides[i] = to[i];
   }
   c.src = src;
   c.src_dtype = src_dtype;
   c.dst = dst;
   c.dst_dtype = dst_dtype;
-  return c;
+  copy_strided(c, ctx);
 }
 
 }  // namespace
@@ -55,33 +56,27 @@ std::vector<std::int32_t> GroupedRows::row_positions(std::span<const std::int32_
 void GroupedRows::to_grouped(const void* src, DType src_dtype, void* dst, DType dst_dtype,
                              const ExecContext& ctx) const {
   const std::int64_t d = head_dim_, g = group_, kv = kv_heads_;
-  copy_strided(copy4({tokens_, kv, g, d}, {heads_ * d, g * d, d, 1}, {g * kv * d, d, kv * d, 1}, src,
-                              src_dtype, dst, dst_dtype),
-                        ctx);
+  copy_4d({tokens_, kv, g, d}, {heads_ * d, g * d, d, 1}, {g * kv * d, d, kv * d, 1}, src, src_dtype, dst, dst_dtype,
+          ctx);
 }
 
 void GroupedRows::to_tokens(const void* src, DType src_dtype, void* dst, DType dst_dtype,
                             const ExecContext& ctx) const {
   const std::int64_t d = head_dim_, g = group_, kv = kv_heads_;
-  copy_strided(copy4({tokens_, kv, g, d}, {g * kv * d, d, kv * d, 1}, {heads_ * d, g * d, d, 1}, src,
-                              src_dtype, dst, dst_dtype),
-                        ctx);
+  copy_4d({tokens_, kv, g, d}, {g * kv * d, d, kv * d, 1}, {heads_ * d, g * d, d, 1}, src, src_dtype, dst, dst_dtype,
+          ctx);
 }
 
 // LSE (KV head k, head j in group, token t): token order at (k * G + j) * tokens + t, grouped order
 // at k * tokens * G + t * G + j.
 void GroupedRows::lse_to_grouped(const float* src, float* dst, const ExecContext& ctx) const {
   const std::int64_t g = group_, n = tokens_;
-  copy_strided(copy4({kv_heads_, g, n, 1}, {g * n, n, 1, 1}, {n * g, 1, g, 1}, src, DType::kF32, dst,
-                              DType::kF32),
-                        ctx);
+  copy_4d({kv_heads_, g, n, 1}, {g * n, n, 1, 1}, {n * g, 1, g, 1}, src, DType::kF32, dst, DType::kF32, ctx);
 }
 
 void GroupedRows::lse_to_tokens(const float* src, float* dst, const ExecContext& ctx) const {
   const std::int64_t g = group_, n = tokens_;
-  copy_strided(copy4({kv_heads_, g, n, 1}, {n * g, 1, g, 1}, {g * n, n, 1, 1}, src, DType::kF32, dst,
-                              DType::kF32),
-                        ctx);
+  copy_4d({kv_heads_, g, n, 1}, {n * g, 1, g, 1}, {g * n, n, 1, 1}, src, DType::kF32, dst, DType::kF32, ctx);
 }
 
 }  // namespace ringcast::kernels
