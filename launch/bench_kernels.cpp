@@ -72,7 +72,7 @@ Layout make_layout(int batch, std::int64_t seq, int heads, int kv_heads, int hea
                  heads / kv_heads);
   l.kernel = make_shape(batch, seq * l.group, heads / l.group, kv_heads, head_dim);
   l.kernel.num_pages = l.tokens.num_pages;  // the keys are the tokens'
-  for (const std::int32_t p : positions(seq)) l.q_pos.insert(l.q_pos.end(), static_cast<std::size_t>(l.group), p);
+  l.q_pos = kernels::GroupedRows(seq, heads, kv_heads, head_dim, l.group).row_positions(positions(seq));
   return l;
 }
 

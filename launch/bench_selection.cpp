@@ -9,6 +9,7 @@
 
 #include <ringcast/error.hpp>
 #include <ringcast/kernels/block_table.hpp>
+#include <ringcast/kernels/grouped_rows.hpp>
 #include <ringcast/kernels/selection.hpp>
 #include <ringcast/kernels/selection_device.hpp>
 #include <ringcast/kernels/summaries.hpp>
@@ -317,8 +318,7 @@ int bench_selection(const BenchKernelsOptions& opt, DType dtype, const cudaDevic
   for (int g = 0; g < kv_heads; ++g)
     kernels::fill_summary_key_bias(L, page_counts, block_counts, {bias.data() + g * per_head, per_head});
   const DeviceArray key_bias = DeviceArray::from(bias);
-  std::vector<std::int32_t> pos;
-  for (const std::int32_t p : positions(n)) pos.insert(pos.end(), static_cast<std::size_t>(group), p);
+  const std::vector<std::int32_t> pos = kernels::GroupedRows(n, heads, kv_heads, d, group).row_positions(positions(n));
   const DeviceArray q_pos = DeviceArray::from(pos);
   kernels::AttentionForwardParams fwd;
   fwd.shape = s;
